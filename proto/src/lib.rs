@@ -1,0 +1,163 @@
+//! Wire protocol (agent <-> ingest) and public gRPC API (ingest -> emergency departments).
+//!
+//! Generated from `proto/` with protox + tonic-prost-build; this crate adds the constants both
+//! sides must agree on and the small pure helpers around them (sequence ranges, error codes).
+
+#![allow(clippy::doc_lazy_continuation)]
+
+/// Generated types of the public API and the shared data model.
+pub mod telemetry {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("ambulance.telemetry.v1");
+    }
+}
+
+/// Generated types of the agent <-> ingest protocol.
+pub mod wire {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("ambulance.wire.v1");
+    }
+}
+
+pub mod seq;
+pub mod wfdb;
+#[cfg(feature = "ops")]
+pub mod ops;
+
+pub use telemetry::v1 as model;
+
+/// Encoded `FileDescriptorSet` of every .proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+/// ALPN protocol id of the agent <-> ingest protocol; the version is part of the id so an
+/// incompatible peer fails the handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"ambulance-relay/1";
+
+/// Version carried in Hello/HelloAck.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest encoded frame either side accepts (one frame per QUIC stream).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// Largest control message (Hello with many stream descriptors, Acks).
+pub const MAX_CONTROL_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// QUIC application error codes the ingest uses when it closes a connection. They travel to the
+/// agent, which logs them, so each names one cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Orderly shutdown.
+    Normal = 0,
+    /// A frame or control message could not be decoded or is inconsistent.
+    Malformed = 1,
+    /// A frame exceeded the size bound.
+    FrameTooLarge = 2,
+    /// Hello missing, late or of an unsupported protocol version.
+    BadHandshake = 3,
+    /// The Hello claimed another vehicle than the certificate names.
+    IdentityMismatch = 4,
+    /// The certificate carries no usable vehicle id.
+    BadIdentity = 5,
+    /// The ingest is shutting down.
+    ServerShutdown = 6,
+    /// The ingest cannot store right now.
+    Overloaded = 7,
+}
+
+impl CloseCode {
+    pub fn as_u32(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_u64(code: u64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Normal,
+            1 => Self::Malformed,
+            2 => Self::FrameTooLarge,
+            3 => Self::BadHandshake,
+            4 => Self::IdentityMismatch,
+            5 => Self::BadIdentity,
+            6 => Self::ServerShutdown,
+            7 => Self::Overloaded,
+            _ => return None,
+        })
+    }
+
+    /// Short snake_case name, used as a bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Malformed => "malformed",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::BadHandshake => "bad_handshake",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::BadIdentity => "bad_identity",
+            Self::ServerShutdown => "server_shutdown",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Whether `id` is acceptable as a vehicle id: it becomes a metric label, a file name and a key,
+/// so it is short and plain.
+pub fn is_valid_vehicle_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn close_codes_round_trip() {
+        for code in 0..8u64 {
+            let c = CloseCode::from_u64(code).unwrap();
+            assert_eq!(c.as_u32() as u64, code);
+        }
+        assert_eq!(CloseCode::from_u64(99), None);
+    }
+
+    #[test]
+    fn vehicle_ids() {
+        assert!(is_valid_vehicle_id("amb-17.north_2"));
+        assert!(!is_valid_vehicle_id(""));
+        assert!(!is_valid_vehicle_id("a b"));
+        assert!(!is_valid_vehicle_id("x/../y"));
+        assert!(!is_valid_vehicle_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn descriptor_set_contains_services() {
+        let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let services: Vec<&str> = fds
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().filter_map(|s| s.name.as_deref()))
+            .collect();
+        assert_eq!(services, vec!["Telemetry"]);
+    }
+
+    #[test]
+    fn frame_round_trip() {
+        let frame = model::Frame {
+            stream_id: 3,
+            seq: 41,
+            capture_time_ns: 1_700_000_000_000_000_000,
+            payload: Some(model::frame::Payload::Waveform(model::WaveformChunk {
+                first_sample_index: 14_400,
+                sample_count: 2,
+                samples: vec![995, 1011, -3, 32767],
+            })),
+        };
+        let bytes = frame.encode_to_vec();
+        assert_eq!(model::Frame::decode(bytes.as_slice()).unwrap(), frame);
+    }
+}

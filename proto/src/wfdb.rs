@@ -1,0 +1,600 @@
+//! PhysioNet WFDB records: header parsing, reading formats 212 and 16, writing format 16.
+//!
+//! It lives here because both ends need it: the agent replays records and the ED subscriber
+//! writes what it received back out. Specification: WFDB "header(5)" and "signal(5)".
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Refuse records whose samples would not fit comfortably in memory on a router.
+pub const MAX_RECORD_SAMPLES: usize = 200_000_000;
+/// Format 16's "no sample here" value, written for every sample the relay never received.
+pub const INVALID_SAMPLE_16: i32 = -32768;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WfdbError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("header {path} line {line}: {msg}")]
+    Header {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("signal format {0} is not supported (supported: 16, 212)")]
+    UnsupportedFormat(u32),
+    #[error("record {0}: {1}")]
+    Record(String, String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalSpec {
+    pub file_name: String,
+    pub format: u32,
+    pub byte_offset: u64,
+    pub gain: f64,
+    pub baseline: i32,
+    pub units: String,
+    pub adc_resolution: u32,
+    pub adc_zero: i32,
+    pub initial_value: Option<i32>,
+    pub checksum: Option<i16>,
+    pub block_size: u32,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub record_name: String,
+    pub sampling_frequency: f64,
+    pub samples_per_signal: Option<u64>,
+    pub signals: Vec<SignalSpec>,
+    pub comments: Vec<String>,
+}
+
+/// A whole record in memory: `samples` interleaved, sample 0 of every signal, then sample 1...
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub header: Header,
+    pub samples: Vec<i32>,
+    pub samples_per_signal: usize,
+}
+
+impl Record {
+    pub fn num_signals(&self) -> usize {
+        self.header.signals.len()
+    }
+
+    /// WFDB checksum of signal `s`: the sum of its samples modulo 2^16, as i16.
+    pub fn checksum(&self, s: usize) -> i16 {
+        checksum(self.samples.iter().skip(s).step_by(self.num_signals().max(1)).copied())
+    }
+}
+
+pub fn checksum(samples: impl Iterator<Item = i32>) -> i16 {
+    samples.fold(0i16, |acc, v| acc.wrapping_add(v as i16))
+}
+
+fn header_err(path: &Path, line: usize, msg: impl Into<String>) -> WfdbError {
+    WfdbError::Header {
+        path: path.to_owned(),
+        line,
+        msg: msg.into(),
+    }
+}
+
+/// Parses header text. Comment lines (`#`) and blank lines may appear anywhere.
+pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
+    let mut comments = Vec::new();
+    let mut lines = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let t = raw.trim();
+        if let Some(c) = t.strip_prefix('#') {
+            comments.push(c.trim().to_owned());
+        } else if !t.is_empty() {
+            lines.push((i + 1, t));
+        }
+    }
+    let (rec_line_no, rec_line) = *lines
+        .first()
+        .ok_or_else(|| header_err(path, 0, "no record line"))?;
+    let mut f = rec_line.split_whitespace();
+    let name_field = f.next().unwrap_or_default();
+    if name_field.contains('/') {
+        return Err(header_err(path, rec_line_no, "multi-segment records are not supported"));
+    }
+    let nsig: usize = f
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| header_err(path, rec_line_no, "missing or invalid number of signals"))?;
+    let fs_field = f.next().unwrap_or("250");
+    let fs_str = fs_field.split(['/', '(']).next().unwrap_or(fs_field);
+    let sampling_frequency: f64 = fs_str
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .ok_or_else(|| header_err(path, rec_line_no, format!("bad sampling frequency {fs_field:?}")))?;
+    let samples_per_signal = match f.next() {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|_| header_err(path, rec_line_no, format!("bad sample count {s:?}")))?,
+        ),
+        None => None,
+    };
+    if lines.len() < 1 + nsig {
+        return Err(header_err(
+            path,
+            rec_line_no,
+            format!("{nsig} signals announced, {} signal lines found", lines.len() - 1),
+        ));
+    }
+    let mut signals = Vec::with_capacity(nsig);
+    for &(no, line) in &lines[1..1 + nsig] {
+        signals.push(parse_signal_line(line, path, no)?);
+    }
+    Ok(Header {
+        record_name: name_field.to_owned(),
+        sampling_frequency,
+        samples_per_signal,
+        signals,
+        comments,
+    })
+}
+
+fn parse_signal_line(line: &str, path: &Path, no: usize) -> Result<SignalSpec, WfdbError> {
+    let mut f = line.splitn(9, char::is_whitespace).filter(|s| !s.is_empty());
+    let file_name = f
+        .next()
+        .ok_or_else(|| header_err(path, no, "missing file name"))?
+        .to_owned();
+    let fmt_field = f.next().ok_or_else(|| header_err(path, no, "missing format"))?;
+    let (fmt_main, byte_offset) = match fmt_field.split_once('+') {
+        Some((a, b)) => (
+            a,
+            b.parse()
+                .map_err(|_| header_err(path, no, format!("bad byte offset {b:?}")))?,
+        ),
+        None => (fmt_field, 0),
+    };
+    if fmt_main.contains('x') {
+        return Err(header_err(path, no, "multi-frequency signals are not supported"));
+    }
+    let fmt_num = fmt_main.split(':').next().unwrap_or(fmt_main);
+    let format: u32 = fmt_num
+        .parse()
+        .map_err(|_| header_err(path, no, format!("bad format {fmt_field:?}")))?;
+    let default_res = match format {
+        212 => 12,
+        _ => 16,
+    };
+    let mut gain = 200.0;
+    let mut baseline = None;
+    let mut units = "mV".to_owned();
+    if let Some(g) = f.next() {
+        let (g, rest_units) = match g.split_once('/') {
+            Some((a, u)) => (a, Some(u)),
+            None => (g, None),
+        };
+        let (g, base) = match g.split_once('(') {
+            Some((a, b)) => (a, Some(b.trim_end_matches(')'))),
+            None => (g, None),
+        };
+        gain = g
+            .parse()
+            .map_err(|_| header_err(path, no, format!("bad gain {g:?}")))?;
+        if gain == 0.0 {
+            gain = 200.0; // WFDB: 0 means uncalibrated, use the default
+        }
+        if let Some(b) = base {
+            baseline = Some(
+                b.parse()
+                    .map_err(|_| header_err(path, no, format!("bad baseline {b:?}")))?,
+            );
+        }
+        if let Some(u) = rest_units {
+            units = u.to_owned();
+        }
+    }
+    let mut next_num = |what: &str| -> Result<Option<i64>, WfdbError> {
+        match f.next() {
+            Some(s) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| header_err(path, no, format!("bad {what} {s:?}"))),
+            None => Ok(None),
+        }
+    };
+    let adc_resolution = next_num("ADC resolution")?.unwrap_or(default_res) as u32;
+    let adc_zero = next_num("ADC zero")?.unwrap_or(0) as i32;
+    let initial_value = next_num("initial value")?.map(|v| v as i32);
+    let checksum = next_num("checksum")?.map(|v| v as i16);
+    let block_size = next_num("block size")?.unwrap_or(0) as u32;
+    let description = f.collect::<Vec<_>>().join(" ");
+    Ok(SignalSpec {
+        file_name,
+        format,
+        byte_offset,
+        gain,
+        baseline: baseline.unwrap_or(adc_zero),
+        units,
+        adc_resolution: if adc_resolution == 0 { default_res as u32 } else { adc_resolution },
+        adc_zero,
+        initial_value,
+        checksum,
+        block_size,
+        description,
+    })
+}
+
+/// Reads `<record>.hea` and every signal file it names (relative to the header's directory).
+/// `record` is the path without extension, e.g. `data/ecg/100`.
+pub fn read_record(record: &Path) -> Result<Record, WfdbError> {
+    let hea = record.with_extension("hea");
+    let text = fs::read_to_string(&hea).map_err(|source| WfdbError::Io {
+        path: hea.clone(),
+        source,
+    })?;
+    let header = parse_header(&text, &hea)?;
+    let dir = hea.parent().unwrap_or(Path::new("."));
+    let nsig = header.signals.len();
+    if nsig == 0 {
+        return Err(WfdbError::Record(header.record_name, "record has no signals".into()));
+    }
+    // Signals stored in one file are interleaved in the order the header lists them.
+    let mut files: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, s) in header.signals.iter().enumerate() {
+        files.entry(&s.file_name).or_default().push(i);
+    }
+    let mut per_signal: Vec<Vec<i32>> = vec![Vec::new(); nsig];
+    for (file, idx) in &files {
+        let first = &header.signals[idx[0]];
+        if idx.iter().any(|&i| {
+            header.signals[i].format != first.format
+                || header.signals[i].byte_offset != first.byte_offset
+        }) {
+            return Err(WfdbError::Record(
+                header.record_name.clone(),
+                format!("signals in {file} mix formats or offsets"),
+            ));
+        }
+        let path = dir.join(file);
+        let bytes = fs::read(&path).map_err(|source| WfdbError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let start = usize::try_from(first.byte_offset).unwrap_or(usize::MAX);
+        let body = bytes.get(start..).unwrap_or_default();
+        let decoded = decode(first.format, body)?;
+        let width = idx.len();
+        for (k, v) in decoded.into_iter().enumerate() {
+            per_signal[idx[k % width]].push(v);
+        }
+    }
+    let available = per_signal.iter().map(Vec::len).min().unwrap_or(0);
+    let n = match header.samples_per_signal {
+        Some(n) if n > 0 => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n > available {
+                return Err(WfdbError::Record(
+                    header.record_name.clone(),
+                    format!("header announces {n} samples per signal, files hold {available}"),
+                ));
+            }
+            n
+        }
+        _ => available,
+    };
+    if n.saturating_mul(nsig) > MAX_RECORD_SAMPLES {
+        return Err(WfdbError::Record(header.record_name.clone(), "record too large".into()));
+    }
+    let mut samples = Vec::with_capacity(n * nsig);
+    for t in 0..n {
+        for sig in &per_signal {
+            samples.push(sig[t]);
+        }
+    }
+    Ok(Record {
+        header,
+        samples,
+        samples_per_signal: n,
+    })
+}
+
+fn decode(format: u32, body: &[u8]) -> Result<Vec<i32>, WfdbError> {
+    match format {
+        16 => Ok(body
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as i32)
+            .collect()),
+        212 => {
+            let mut out = Vec::with_capacity(body.len() / 3 * 2);
+            for c in body.chunks_exact(3) {
+                let a = (c[0] as i32) | (((c[1] as i32) & 0x0f) << 8);
+                let b = (c[2] as i32) | (((c[1] as i32) & 0xf0) << 4);
+                out.push(sign_extend_12(a));
+                out.push(sign_extend_12(b));
+            }
+            Ok(out)
+        }
+        other => Err(WfdbError::UnsupportedFormat(other)),
+    }
+}
+
+fn sign_extend_12(v: i32) -> i32 {
+    if v & 0x800 != 0 { v - 0x1000 } else { v }
+}
+
+/// What a written channel looks like in the header.
+#[derive(Debug, Clone)]
+pub struct ChannelSpec {
+    pub name: String,
+    pub gain: f64,
+    pub baseline: i32,
+    pub units: String,
+    pub adc_resolution: u32,
+    pub adc_zero: i32,
+}
+
+/// Writes one record in format 16 as samples arrive, in any order (a late frame lands at its
+/// sample index); samples never received are written as [`INVALID_SAMPLE_16`] on `finish`.
+#[derive(Debug)]
+pub struct Format16Writer {
+    dir: PathBuf,
+    name: String,
+    fs: f64,
+    channels: Vec<ChannelSpec>,
+    file: fs::File,
+    /// Received sample-index ranges [start, end), merged.
+    filled: BTreeMap<u64, u64>,
+    sums: Vec<i16>,
+    first_values: Vec<Option<i32>>,
+}
+
+impl Format16Writer {
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        fs: f64,
+        channels: Vec<ChannelSpec>,
+    ) -> Result<Self, WfdbError> {
+        let io = |source| WfdbError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let dat = dir.join(format!("{name}.dat"));
+        let file = fs::File::create(&dat).map_err(|source| WfdbError::Io { path: dat, source })?;
+        let n = channels.len();
+        Ok(Self {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            fs,
+            channels,
+            file,
+            filled: BTreeMap::new(),
+            sums: vec![0; n],
+            first_values: vec![None; n],
+        })
+    }
+
+    pub fn num_channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Samples per channel written so far (ranges received, ignoring holes).
+    pub fn received_samples(&self) -> u64 {
+        self.filled.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// Writes `interleaved` samples starting at sample index `first`. Values outside i16 are
+    /// clamped (format 16 cannot hold them); a range already written is ignored.
+    pub fn write(&mut self, first: u64, interleaved: &[i32]) -> Result<(), WfdbError> {
+        let n = self.channels.len();
+        if n == 0 || interleaved.len() % n != 0 {
+            return Err(WfdbError::Record(self.name.clone(), "sample count not a multiple of channels".into()));
+        }
+        let count = (interleaved.len() / n) as u64;
+        let end = first + count;
+        if self.overlaps(first, end) {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(interleaved.len() * 2);
+        for (k, &v) in interleaved.iter().enumerate() {
+            let v = v.clamp(i16::MIN as i32, i16::MAX as i32);
+            self.sums[k % n] = self.sums[k % n].wrapping_add(v as i16);
+            buf.extend_from_slice(&(v as i16).to_le_bytes());
+        }
+        if first == 0 {
+            for (c, v) in interleaved.iter().take(n).enumerate() {
+                self.first_values[c] = Some(*v);
+            }
+        }
+        self.write_at(first, &buf)?;
+        self.insert_range(first, end);
+        Ok(())
+    }
+
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.filled
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+
+    fn insert_range(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.filled.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.filled.remove(&s);
+            }
+        }
+        while let Some((&s, &e)) = self.filled.range(start..=end).next() {
+            end = end.max(e);
+            self.filled.remove(&s);
+        }
+        self.filled.insert(start, end);
+    }
+
+    fn write_at(&mut self, first_sample: u64, buf: &[u8]) -> Result<(), WfdbError> {
+        let pos = first_sample * self.channels.len() as u64 * 2;
+        let dat = self.dir.join(format!("{}.dat", self.name));
+        let io = |source| WfdbError::Io { path: dat.clone(), source };
+        self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
+        self.file.write_all(buf).map_err(io)
+    }
+
+    /// Fills holes with the invalid value, writes the header and returns its path.
+    pub fn finish(mut self, comments: &[String]) -> Result<PathBuf, WfdbError> {
+        let total = self.filled.values().next_back().copied().unwrap_or(0);
+        let mut holes = Vec::new();
+        let mut cursor = 0;
+        for (&s, &e) in &self.filled {
+            if s > cursor {
+                holes.push((cursor, s));
+            }
+            cursor = e;
+        }
+        let n = self.channels.len();
+        for (s, e) in holes {
+            let count = (e - s) as usize * n;
+            let buf: Vec<u8> = std::iter::repeat_n((INVALID_SAMPLE_16 as i16).to_le_bytes(), count)
+                .flatten()
+                .collect();
+            for k in 0..count {
+                self.sums[k % n] = self.sums[k % n].wrapping_add(INVALID_SAMPLE_16 as i16);
+            }
+            self.write_at(s, &buf)?;
+        }
+        let hea = self.dir.join(format!("{}.hea", self.name));
+        let io = |source| WfdbError::Io { path: hea.clone(), source };
+        self.file.sync_all().map_err(io)?;
+        let mut text = format!("{} {} {} {}\n", self.name, n, fmt_num(self.fs), total);
+        for (c, ch) in self.channels.iter().enumerate() {
+            let init = self.first_values[c].unwrap_or(INVALID_SAMPLE_16);
+            text.push_str(&format!(
+                "{}.dat 16 {}({})/{} {} {} {} {} 0 {}\n",
+                self.name,
+                fmt_num(ch.gain),
+                ch.baseline,
+                ch.units,
+                ch.adc_resolution,
+                ch.adc_zero,
+                init,
+                self.sums[c],
+                ch.name
+            ));
+        }
+        for c in comments {
+            text.push_str(&format!("# {c}\n"));
+        }
+        fs::write(&hea, text).map_err(io)?;
+        Ok(hea)
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    format!("{v}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg").join(name)
+    }
+
+    #[test]
+    fn parses_header_with_comments_and_blank_lines() {
+        let text = "# leading comment\n100 2 360 650000\n100.dat 212 200 11 1024 995 -22131 0 MLII\n\n100.dat 212 200 11 1024 1011 20052 0 V5\n# 69 M\n";
+        let h = parse_header(text, Path::new("100.hea")).unwrap();
+        assert_eq!(h.signals.len(), 2);
+        assert_eq!(h.sampling_frequency, 360.0);
+        assert_eq!(h.samples_per_signal, Some(650_000));
+        assert_eq!(h.signals[0].baseline, 1024);
+        assert_eq!(h.signals[0].units, "mV");
+        assert_eq!(h.signals[1].checksum, Some(20052));
+        assert_eq!(h.signals[1].description, "V5");
+        assert_eq!(h.comments, vec!["leading comment", "69 M"]);
+    }
+
+    #[test]
+    fn parses_gain_baseline_units_and_offset() {
+        let s = parse_signal_line("x.dat 16+24 2000(-5)/uV 16 3 7 -9 0 lead I", Path::new("x"), 2)
+            .unwrap();
+        assert_eq!((s.byte_offset, s.gain, s.baseline), (24, 2000.0, -5));
+        assert_eq!(s.units, "uV");
+        assert_eq!(s.description, "lead I");
+    }
+
+    #[test]
+    fn rejects_bad_headers_with_a_clear_error() {
+        for bad in ["", "rec", "rec 2 360\nx.dat 16\n", "rec 1 abc\nx.dat 16\n", "rec 1 360\nx.dat 16 g\n"] {
+            let err = parse_header(bad, Path::new("bad.hea")).unwrap_err();
+            assert!(err.to_string().contains("bad.hea"), "{err}");
+        }
+    }
+
+    #[test]
+    fn decodes_212() {
+        // samples 0x123 and -1 (0xfff): bytes 0x23, (0xf << 4) | 0x1, 0xff
+        assert_eq!(decode(212, &[0x23, 0xf1, 0xff]).unwrap(), vec![0x123, -1]);
+    }
+
+    #[test]
+    fn record_100_checksums_match_header() {
+        let r = read_record(&shared("100")).unwrap();
+        assert_eq!(r.samples_per_signal, 650_000);
+        assert_eq!(&r.samples[..2], &[995, 1011]);
+        for s in 0..2 {
+            assert_eq!(Some(r.checksum(s)), r.header.signals[s].checksum);
+        }
+    }
+
+    #[test]
+    fn record_s0010_multi_file_checksums_match_header() {
+        let r = read_record(&shared("s0010_re")).unwrap();
+        assert_eq!(r.num_signals(), 15);
+        assert_eq!(r.samples_per_signal, 38_400);
+        for s in 0..15 {
+            assert_eq!(Some(r.checksum(s)), r.header.signals[s].checksum, "signal {s}");
+            assert_eq!(Some(r.samples[s]), r.header.signals[s].initial_value);
+        }
+        assert_eq!(r.header.signals[12].file_name, "s0010_re.xyz");
+    }
+
+    #[test]
+    fn writer_round_trips_out_of_order_with_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ch = |n: &str| ChannelSpec {
+            name: n.into(),
+            gain: 200.0,
+            baseline: 1024,
+            units: "mV".into(),
+            adc_resolution: 11,
+            adc_zero: 1024,
+        };
+        let mut w = Format16Writer::create(dir.path(), "out", 360.0, vec![ch("a"), ch("b")]).unwrap();
+        w.write(4, &[9, 10, 11, 12]).unwrap();
+        w.write(0, &[1, 2, 3, 4]).unwrap();
+        w.write(0, &[100, 100, 100, 100]).unwrap(); // duplicate: ignored
+        assert_eq!(w.received_samples(), 4);
+        w.finish(&["note".into()]).unwrap();
+        let r = read_record(&dir.path().join("out")).unwrap();
+        assert_eq!(r.samples_per_signal, 6);
+        let inv = INVALID_SAMPLE_16;
+        assert_eq!(r.samples, vec![1, 2, 3, 4, inv, inv, inv, inv, 9, 10, 11, 12]);
+        for s in 0..2 {
+            assert_eq!(Some(r.checksum(s)), r.header.signals[s].checksum);
+        }
+        assert_eq!(r.header.signals[0].initial_value, Some(1));
+        assert_eq!(r.header.comments, vec!["note"]);
+    }
+}

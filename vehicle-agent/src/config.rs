@@ -1,0 +1,445 @@
+//! Agent configuration: a TOML file with every key optional (embedded defaults), and CLI flags
+//! that override single values without clobbering the rest of the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Vehicle id; must equal the common name of the vehicle certificate.
+    pub vehicle_id: String,
+    pub ingest: IngestEndpoint,
+    pub tls: TlsFiles,
+    pub framing: Framing,
+    pub buffer: Buffer,
+    pub reconnect: Reconnect,
+    pub metrics: Metrics,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestEndpoint {
+    /// UDP address of the ingest's QUIC endpoint.
+    pub address: SocketAddr,
+    /// Name the ingest certificate must carry.
+    pub server_name: String,
+    /// Local address the bearer binds to (a modem's address on a router).
+    pub bind: SocketAddr,
+    /// Keep-alive interval while idle, milliseconds.
+    pub keep_alive_ms: u64,
+    /// Connection considered dead after this long without any packet, milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Frames written concurrently on one connection (each on its own QUIC stream).
+    pub max_in_flight_frames: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFiles {
+    /// CA that signed the ingest certificate (pinned; the system store is never used).
+    pub ca_cert: PathBuf,
+    /// This vehicle's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// This vehicle's private key (PEM).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Framing {
+    /// Duration of one waveform frame, milliseconds.
+    pub frame_ms: u32,
+    /// Largest encoded frame; must not exceed the ingest's bound.
+    pub max_frame_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Buffer {
+    /// Bytes of frames kept until acknowledged; when full, the lowest-priority oldest frames
+    /// are evicted (and counted).
+    pub max_unacked_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Handshake (QUIC + Hello) must finish within this, milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Prometheus endpoint (`GET /metrics`); none when absent.
+    pub listen: Option<SocketAddr>,
+}
+
+/// A data source; each becomes one stream.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// Replays a PhysioNet WFDB record.
+    Wfdb {
+        /// Record path without extension, e.g. `data/ecg/100`.
+        record: PathBuf,
+        /// Replay speed factor (1 = real time).
+        #[serde(default = "one")]
+        speed: f64,
+        /// Start again at the end (sample indices keep counting).
+        #[serde(default)]
+        r#loop: bool,
+        #[serde(default = "ecg_name")]
+        name: String,
+    },
+    /// 12-lead ECG generator.
+    SyntheticEcg {
+        #[serde(default = "default_ecg_rate")]
+        rate_hz: u32,
+        #[serde(default = "default_heart_rate")]
+        heart_rate_bpm: f64,
+        #[serde(default = "ecg_name")]
+        name: String,
+    },
+    /// HR, SpO2, NIBP, RR, EtCO2 and temperature.
+    SyntheticVitals {
+        #[serde(default = "default_interval")]
+        interval_ms: u64,
+    },
+    /// A GPS track.
+    SyntheticGps {
+        #[serde(default = "default_interval")]
+        interval_ms: u64,
+        #[serde(default = "default_lat")]
+        start_latitude_deg: f64,
+        #[serde(default = "default_lon")]
+        start_longitude_deg: f64,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn ecg_name() -> String {
+    "ecg".into()
+}
+fn default_ecg_rate() -> u32 {
+    500
+}
+fn default_heart_rate() -> f64 {
+    72.0
+}
+fn default_interval() -> u64 {
+    1000
+}
+fn default_lat() -> f64 {
+    52.5200
+}
+fn default_lon() -> f64 {
+    13.4050
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            vehicle_id: "amb-1".into(),
+            ingest: IngestEndpoint::default(),
+            tls: TlsFiles::default(),
+            framing: Framing::default(),
+            buffer: Buffer::default(),
+            reconnect: Reconnect::default(),
+            metrics: Metrics::default(),
+            sources: vec![
+                SourceConfig::SyntheticEcg {
+                    rate_hz: default_ecg_rate(),
+                    heart_rate_bpm: default_heart_rate(),
+                    name: ecg_name(),
+                },
+                SourceConfig::SyntheticVitals {
+                    interval_ms: default_interval(),
+                },
+                SourceConfig::SyntheticGps {
+                    interval_ms: default_interval(),
+                    start_latitude_deg: default_lat(),
+                    start_longitude_deg: default_lon(),
+                },
+            ],
+        }
+    }
+}
+
+impl Default for IngestEndpoint {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            server_name: "localhost".into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            keep_alive_ms: 1000,
+            idle_timeout_ms: 10_000,
+            max_in_flight_frames: 256,
+        }
+    }
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self {
+            ca_cert: "certs/fleet-ca.pem".into(),
+            cert: "certs/amb-1.pem".into(),
+            key: "certs/amb-1.key".into(),
+        }
+    }
+}
+
+impl Default for Framing {
+    fn default() -> Self {
+        Self {
+            frame_ms: 40,
+            max_frame_bytes: relay_proto::DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+impl Default for Buffer {
+    fn default() -> Self {
+        Self {
+            max_unacked_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 200,
+            max_backoff_ms: 5_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Flags that override the file. Every field is optional so an absent flag keeps the file's value.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "vehicle-agent", version, about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS")]
+pub struct Cli {
+    /// TOML configuration file (see deploy/config/vehicle-agent.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub vehicle_id: Option<String>,
+    /// Ingest QUIC address, e.g. 127.0.0.1:4433.
+    #[arg(long)]
+    pub ingest: Option<SocketAddr>,
+    #[arg(long)]
+    pub server_name: Option<String>,
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub frame_ms: Option<u32>,
+    /// Replace the configured ECG source by a WFDB record replay.
+    #[arg(long)]
+    pub wfdb_record: Option<PathBuf>,
+    /// Replay speed for --wfdb-record.
+    #[arg(long, requires = "wfdb_record")]
+    pub speed: Option<f64>,
+    /// Loop --wfdb-record.
+    #[arg(long = "loop", requires = "wfdb_record")]
+    pub r#loop: bool,
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Loads the file named by `cli.config` (or the defaults), applies the flags, validates.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let mut cfg = match &cli.config {
+            Some(p) => Self::from_file(p)?,
+            None => Self::default(),
+        };
+        cfg.apply(cli);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn apply(&mut self, cli: &Cli) {
+        if let Some(v) = &cli.vehicle_id {
+            self.vehicle_id = v.clone();
+        }
+        if let Some(v) = cli.ingest {
+            self.ingest.address = v;
+        }
+        if let Some(v) = &cli.server_name {
+            self.ingest.server_name = v.clone();
+        }
+        if let Some(v) = &cli.ca_cert {
+            self.tls.ca_cert = v.clone();
+        }
+        if let Some(v) = &cli.cert {
+            self.tls.cert = v.clone();
+        }
+        if let Some(v) = &cli.key {
+            self.tls.key = v.clone();
+        }
+        if let Some(v) = cli.metrics_listen {
+            self.metrics.listen = Some(v);
+        }
+        if let Some(v) = cli.frame_ms {
+            self.framing.frame_ms = v;
+        }
+        if let Some(record) = &cli.wfdb_record {
+            let replay = SourceConfig::Wfdb {
+                record: record.clone(),
+                speed: cli.speed.unwrap_or(1.0),
+                r#loop: cli.r#loop,
+                name: ecg_name(),
+            };
+            let ecg = self.sources.iter().position(|s| {
+                matches!(s, SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. })
+            });
+            match ecg {
+                Some(i) => self.sources[i] = replay,
+                None => self.sources.insert(0, replay),
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !relay_proto::is_valid_vehicle_id(&self.vehicle_id) {
+            return bad(format!("vehicle_id {:?} must be 1-64 of [A-Za-z0-9._-]", self.vehicle_id));
+        }
+        if !(1..=1000).contains(&self.framing.frame_ms) {
+            return bad("framing.frame_ms must be 1..=1000".into());
+        }
+        if self.framing.max_frame_bytes < 1024 {
+            return bad("framing.max_frame_bytes must be at least 1024".into());
+        }
+        if self.ingest.max_in_flight_frames == 0 {
+            return bad("ingest.max_in_flight_frames must be positive".into());
+        }
+        if self.buffer.max_unacked_bytes < self.framing.max_frame_bytes {
+            return bad("buffer.max_unacked_bytes must hold at least one frame".into());
+        }
+        if self.reconnect.initial_backoff_ms == 0
+            || self.reconnect.max_backoff_ms < self.reconnect.initial_backoff_ms
+        {
+            return bad("reconnect: 0 < initial_backoff_ms <= max_backoff_ms".into());
+        }
+        if self.sources.is_empty() {
+            return bad("at least one source is needed".into());
+        }
+        for s in &self.sources {
+            match s {
+                SourceConfig::Wfdb { speed, .. } if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) => {
+                    return bad(format!("wfdb speed {speed} must be in (0, 10000]"));
+                }
+                SourceConfig::SyntheticEcg { rate_hz, heart_rate_bpm, .. }
+                    if !(50..=2000).contains(rate_hz) || !(20.0..=300.0).contains(heart_rate_bpm) =>
+                {
+                    return bad("synthetic_ecg: rate_hz 50..=2000, heart_rate_bpm 20..=300".into());
+                }
+                SourceConfig::SyntheticVitals { interval_ms } | SourceConfig::SyntheticGps { interval_ms, .. }
+                    if *interval_ms < 10 =>
+                {
+                    return bad("interval_ms must be at least 10".into());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn shipped_example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml");
+        let cfg = AgentConfig::from_file(&path).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.sources.len(), 3);
+    }
+
+    #[test]
+    fn flags_override_only_what_they_name() {
+        let toml = r#"
+            vehicle_id = "amb-7"
+            [ingest]
+            address = "10.0.0.1:5000"
+            server_name = "ingest.example"
+            [framing]
+            frame_ms = 20
+        "#;
+        let mut cfg = AgentConfig::from_toml(toml, Path::new("t.toml")).unwrap();
+        let cli = Cli::parse_from(["vehicle-agent", "--ingest", "127.0.0.1:9", "--wfdb-record", "x/100", "--speed", "4"]);
+        cfg.apply(&cli);
+        assert_eq!(cfg.vehicle_id, "amb-7");
+        assert_eq!(cfg.ingest.address, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(cfg.ingest.server_name, "ingest.example");
+        assert_eq!(cfg.framing.frame_ms, 20);
+        assert!(matches!(&cfg.sources[0], SourceConfig::Wfdb { speed, .. } if *speed == 4.0));
+        assert_eq!(cfg.sources.len(), 3, "the ECG source is replaced, not added");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = AgentConfig::from_toml("vehicle_idd = \"x\"", Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("vehicle_idd"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let mut cfg = AgentConfig::default();
+        cfg.vehicle_id = "no spaces".into();
+        assert!(cfg.validate().is_err());
+        let mut cfg = AgentConfig::default();
+        cfg.framing.frame_ms = 0;
+        assert!(cfg.validate().is_err());
+    }
+}
