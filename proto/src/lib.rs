@@ -21,10 +21,10 @@ pub mod wire {
     }
 }
 
-pub mod seq;
-pub mod wfdb;
 #[cfg(feature = "ops")]
 pub mod ops;
+pub mod seq;
+pub mod wfdb;
 
 pub use telemetry::v1 as model;
 

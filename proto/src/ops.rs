@@ -61,14 +61,20 @@ pub async fn serve_metrics(
                 // Histograms are kept as buckets; upkeep drains their pending samples.
                 h.run_upkeep();
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     h.render(),
                 )
             }
         }),
     );
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
     });

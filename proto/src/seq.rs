@@ -10,7 +10,10 @@ pub fn ranges_from_seqs(seqs: &mut [u64]) -> Vec<SeqRange> {
         match out.last_mut() {
             Some(r) if r.end == s => r.end = s + 1,
             Some(r) if r.end > s => {} // duplicate
-            _ => out.push(SeqRange { start: s, end: s + 1 }),
+            _ => out.push(SeqRange {
+                start: s,
+                end: s + 1,
+            }),
         }
     }
     out

@@ -73,7 +73,13 @@ impl Record {
 
     /// WFDB checksum of signal `s`: the sum of its samples modulo 2^16, as i16.
     pub fn checksum(&self, s: usize) -> i16 {
-        checksum(self.samples.iter().skip(s).step_by(self.num_signals().max(1)).copied())
+        checksum(
+            self.samples
+                .iter()
+                .skip(s)
+                .step_by(self.num_signals().max(1))
+                .copied(),
+        )
     }
 }
 
@@ -107,7 +113,11 @@ pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
     let mut f = rec_line.split_whitespace();
     let name_field = f.next().unwrap_or_default();
     if name_field.contains('/') {
-        return Err(header_err(path, rec_line_no, "multi-segment records are not supported"));
+        return Err(header_err(
+            path,
+            rec_line_no,
+            "multi-segment records are not supported",
+        ));
     }
     let nsig: usize = f
         .next()
@@ -119,7 +129,13 @@ pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .ok_or_else(|| header_err(path, rec_line_no, format!("bad sampling frequency {fs_field:?}")))?;
+        .ok_or_else(|| {
+            header_err(
+                path,
+                rec_line_no,
+                format!("bad sampling frequency {fs_field:?}"),
+            )
+        })?;
     let samples_per_signal = match f.next() {
         Some(s) => Some(
             s.parse()
@@ -131,7 +147,10 @@ pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
         return Err(header_err(
             path,
             rec_line_no,
-            format!("{nsig} signals announced, {} signal lines found", lines.len() - 1),
+            format!(
+                "{nsig} signals announced, {} signal lines found",
+                lines.len() - 1
+            ),
         ));
     }
     let mut signals = Vec::with_capacity(nsig);
@@ -148,12 +167,16 @@ pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
 }
 
 fn parse_signal_line(line: &str, path: &Path, no: usize) -> Result<SignalSpec, WfdbError> {
-    let mut f = line.splitn(9, char::is_whitespace).filter(|s| !s.is_empty());
+    let mut f = line
+        .splitn(9, char::is_whitespace)
+        .filter(|s| !s.is_empty());
     let file_name = f
         .next()
         .ok_or_else(|| header_err(path, no, "missing file name"))?
         .to_owned();
-    let fmt_field = f.next().ok_or_else(|| header_err(path, no, "missing format"))?;
+    let fmt_field = f
+        .next()
+        .ok_or_else(|| header_err(path, no, "missing format"))?;
     let (fmt_main, byte_offset) = match fmt_field.split_once('+') {
         Some((a, b)) => (
             a,
@@ -163,7 +186,11 @@ fn parse_signal_line(line: &str, path: &Path, no: usize) -> Result<SignalSpec, W
         None => (fmt_field, 0),
     };
     if fmt_main.contains('x') {
-        return Err(header_err(path, no, "multi-frequency signals are not supported"));
+        return Err(header_err(
+            path,
+            no,
+            "multi-frequency signals are not supported",
+        ));
     }
     let fmt_num = fmt_main.split(':').next().unwrap_or(fmt_main);
     let format: u32 = fmt_num
@@ -223,7 +250,11 @@ fn parse_signal_line(line: &str, path: &Path, no: usize) -> Result<SignalSpec, W
         gain,
         baseline: baseline.unwrap_or(adc_zero),
         units,
-        adc_resolution: if adc_resolution == 0 { default_res as u32 } else { adc_resolution },
+        adc_resolution: if adc_resolution == 0 {
+            default_res as u32
+        } else {
+            adc_resolution
+        },
         adc_zero,
         initial_value,
         checksum,
@@ -244,7 +275,10 @@ pub fn read_record(record: &Path) -> Result<Record, WfdbError> {
     let dir = hea.parent().unwrap_or(Path::new("."));
     let nsig = header.signals.len();
     if nsig == 0 {
-        return Err(WfdbError::Record(header.record_name, "record has no signals".into()));
+        return Err(WfdbError::Record(
+            header.record_name,
+            "record has no signals".into(),
+        ));
     }
     // Signals stored in one file are interleaved in the order the header lists them.
     let mut files: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -291,7 +325,10 @@ pub fn read_record(record: &Path) -> Result<Record, WfdbError> {
         _ => available,
     };
     if n.saturating_mul(nsig) > MAX_RECORD_SAMPLES {
-        return Err(WfdbError::Record(header.record_name.clone(), "record too large".into()));
+        return Err(WfdbError::Record(
+            header.record_name.clone(),
+            "record too large".into(),
+        ));
     }
     let mut samples = Vec::with_capacity(n * nsig);
     for t in 0..n {
@@ -397,7 +434,10 @@ impl Format16Writer {
     pub fn write(&mut self, first: u64, interleaved: &[i32]) -> Result<(), WfdbError> {
         let n = self.channels.len();
         if n == 0 || interleaved.len() % n != 0 {
-            return Err(WfdbError::Record(self.name.clone(), "sample count not a multiple of channels".into()));
+            return Err(WfdbError::Record(
+                self.name.clone(),
+                "sample count not a multiple of channels".into(),
+            ));
         }
         let count = (interleaved.len() / n) as u64;
         let end = first + count;
@@ -445,7 +485,10 @@ impl Format16Writer {
     fn write_at(&mut self, first_sample: u64, buf: &[u8]) -> Result<(), WfdbError> {
         let pos = first_sample * self.channels.len() as u64 * 2;
         let dat = self.dir.join(format!("{}.dat", self.name));
-        let io = |source| WfdbError::Io { path: dat.clone(), source };
+        let io = |source| WfdbError::Io {
+            path: dat.clone(),
+            source,
+        };
         self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
         self.file.write_all(buf).map_err(io)
     }
@@ -473,7 +516,10 @@ impl Format16Writer {
             self.write_at(s, &buf)?;
         }
         let hea = self.dir.join(format!("{}.hea", self.name));
-        let io = |source| WfdbError::Io { path: hea.clone(), source };
+        let io = |source| WfdbError::Io {
+            path: hea.clone(),
+            source,
+        };
         self.file.sync_all().map_err(io)?;
         let mut text = format!("{} {} {} {}\n", self.name, n, fmt_num(self.fs), total);
         for (c, ch) in self.channels.iter().enumerate() {
@@ -508,7 +554,9 @@ mod tests {
     use super::*;
 
     fn shared(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/ecg")
+            .join(name)
     }
 
     #[test]
@@ -527,8 +575,12 @@ mod tests {
 
     #[test]
     fn parses_gain_baseline_units_and_offset() {
-        let s = parse_signal_line("x.dat 16+24 2000(-5)/uV 16 3 7 -9 0 lead I", Path::new("x"), 2)
-            .unwrap();
+        let s = parse_signal_line(
+            "x.dat 16+24 2000(-5)/uV 16 3 7 -9 0 lead I",
+            Path::new("x"),
+            2,
+        )
+        .unwrap();
         assert_eq!((s.byte_offset, s.gain, s.baseline), (24, 2000.0, -5));
         assert_eq!(s.units, "uV");
         assert_eq!(s.description, "lead I");
@@ -536,7 +588,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers_with_a_clear_error() {
-        for bad in ["", "rec", "rec 2 360\nx.dat 16\n", "rec 1 abc\nx.dat 16\n", "rec 1 360\nx.dat 16 g\n"] {
+        for bad in [
+            "",
+            "rec",
+            "rec 2 360\nx.dat 16\n",
+            "rec 1 abc\nx.dat 16\n",
+            "rec 1 360\nx.dat 16 g\n",
+        ] {
             let err = parse_header(bad, Path::new("bad.hea")).unwrap_err();
             assert!(err.to_string().contains("bad.hea"), "{err}");
         }
@@ -564,7 +622,11 @@ mod tests {
         assert_eq!(r.num_signals(), 15);
         assert_eq!(r.samples_per_signal, 38_400);
         for s in 0..15 {
-            assert_eq!(Some(r.checksum(s)), r.header.signals[s].checksum, "signal {s}");
+            assert_eq!(
+                Some(r.checksum(s)),
+                r.header.signals[s].checksum,
+                "signal {s}"
+            );
             assert_eq!(Some(r.samples[s]), r.header.signals[s].initial_value);
         }
         assert_eq!(r.header.signals[12].file_name, "s0010_re.xyz");
@@ -581,7 +643,8 @@ mod tests {
             adc_resolution: 11,
             adc_zero: 1024,
         };
-        let mut w = Format16Writer::create(dir.path(), "out", 360.0, vec![ch("a"), ch("b")]).unwrap();
+        let mut w =
+            Format16Writer::create(dir.path(), "out", 360.0, vec![ch("a"), ch("b")]).unwrap();
         w.write(4, &[9, 10, 11, 12]).unwrap();
         w.write(0, &[1, 2, 3, 4]).unwrap();
         w.write(0, &[100, 100, 100, 100]).unwrap(); // duplicate: ignored
@@ -590,7 +653,10 @@ mod tests {
         let r = read_record(&dir.path().join("out")).unwrap();
         assert_eq!(r.samples_per_signal, 6);
         let inv = INVALID_SAMPLE_16;
-        assert_eq!(r.samples, vec![1, 2, 3, 4, inv, inv, inv, inv, 9, 10, 11, 12]);
+        assert_eq!(
+            r.samples,
+            vec![1, 2, 3, 4, inv, inv, inv, inv, 9, 10, 11, 12]
+        );
         for s in 0..2 {
             assert_eq!(Some(r.checksum(s)), r.header.signals[s].checksum);
         }

@@ -92,7 +92,7 @@ pub struct Reconnect {
     pub handshake_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Prometheus endpoint (`GET /metrics`); none when absent.
@@ -244,7 +244,11 @@ impl Default for Reconnect {
 
 /// Flags that override the file. Every field is optional so an absent flag keeps the file's value.
 #[derive(Debug, Clone, Default, clap::Parser)]
-#[command(name = "vehicle-agent", version, about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS")]
+#[command(
+    name = "vehicle-agent",
+    version,
+    about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS"
+)]
 pub struct Cli {
     /// TOML configuration file (see deploy/config/vehicle-agent.toml).
     #[arg(long)]
@@ -337,7 +341,10 @@ impl AgentConfig {
                 name: ecg_name(),
             };
             let ecg = self.sources.iter().position(|s| {
-                matches!(s, SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. })
+                matches!(
+                    s,
+                    SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. }
+                )
             });
             match ecg {
                 Some(i) => self.sources[i] = replay,
@@ -349,7 +356,10 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !relay_proto::is_valid_vehicle_id(&self.vehicle_id) {
-            return bad(format!("vehicle_id {:?} must be 1-64 of [A-Za-z0-9._-]", self.vehicle_id));
+            return bad(format!(
+                "vehicle_id {:?} must be 1-64 of [A-Za-z0-9._-]",
+                self.vehicle_id
+            ));
         }
         if !(1..=1000).contains(&self.framing.frame_ms) {
             return bad("framing.frame_ms must be 1..=1000".into());
@@ -373,15 +383,20 @@ impl AgentConfig {
         }
         for s in &self.sources {
             match s {
-                SourceConfig::Wfdb { speed, .. } if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) => {
+                SourceConfig::Wfdb { speed, .. }
+                    if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) =>
+                {
                     return bad(format!("wfdb speed {speed} must be in (0, 10000]"));
                 }
-                SourceConfig::SyntheticEcg { rate_hz, heart_rate_bpm, .. }
-                    if !(50..=2000).contains(rate_hz) || !(20.0..=300.0).contains(heart_rate_bpm) =>
-                {
+                SourceConfig::SyntheticEcg {
+                    rate_hz,
+                    heart_rate_bpm,
+                    ..
+                } if !(50..=2000).contains(rate_hz) || !(20.0..=300.0).contains(heart_rate_bpm) => {
                     return bad("synthetic_ecg: rate_hz 50..=2000, heart_rate_bpm 20..=300".into());
                 }
-                SourceConfig::SyntheticVitals { interval_ms } | SourceConfig::SyntheticGps { interval_ms, .. }
+                SourceConfig::SyntheticVitals { interval_ms }
+                | SourceConfig::SyntheticGps { interval_ms, .. }
                     if *interval_ms < 10 =>
                 {
                     return bad("interval_ms must be at least 10".into());
@@ -400,7 +415,8 @@ mod tests {
 
     #[test]
     fn shipped_example_config_parses_and_validates() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml");
         let cfg = AgentConfig::from_file(&path).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.sources.len(), 3);
@@ -417,14 +433,26 @@ mod tests {
             frame_ms = 20
         "#;
         let mut cfg = AgentConfig::from_toml(toml, Path::new("t.toml")).unwrap();
-        let cli = Cli::parse_from(["vehicle-agent", "--ingest", "127.0.0.1:9", "--wfdb-record", "x/100", "--speed", "4"]);
+        let cli = Cli::parse_from([
+            "vehicle-agent",
+            "--ingest",
+            "127.0.0.1:9",
+            "--wfdb-record",
+            "x/100",
+            "--speed",
+            "4",
+        ]);
         cfg.apply(&cli);
         assert_eq!(cfg.vehicle_id, "amb-7");
         assert_eq!(cfg.ingest.address, "127.0.0.1:9".parse().unwrap());
         assert_eq!(cfg.ingest.server_name, "ingest.example");
         assert_eq!(cfg.framing.frame_ms, 20);
         assert!(matches!(&cfg.sources[0], SourceConfig::Wfdb { speed, .. } if *speed == 4.0));
-        assert_eq!(cfg.sources.len(), 3, "the ECG source is replaced, not added");
+        assert_eq!(
+            cfg.sources.len(),
+            3,
+            "the ECG source is replaced, not added"
+        );
     }
 
     #[test]

@@ -17,7 +17,13 @@ pub struct WaveformFramer {
 
 impl WaveformFramer {
     /// `epoch_ns`: capture time of sample 0 (UTC ns).
-    pub fn new(stream_id: u32, channels: usize, rate_hz: f64, frame_ms: u32, epoch_ns: i64) -> Self {
+    pub fn new(
+        stream_id: u32,
+        channels: usize,
+        rate_hz: f64,
+        frame_ms: u32,
+        epoch_ns: i64,
+    ) -> Self {
         let samples_per_frame = ((rate_hz * frame_ms as f64 / 1000.0).round() as usize).max(1);
         Self {
             stream_id,
@@ -78,7 +84,10 @@ pub struct SequenceCounter {
 
 impl SequenceCounter {
     pub fn new(stream_id: u32) -> Self {
-        Self { stream_id, next_seq: 0 }
+        Self {
+            stream_id,
+            next_seq: 0,
+        }
     }
 
     pub fn frame(&mut self, capture_time_ns: i64, payload: Payload) -> Frame {

@@ -1,0 +1,614 @@
+//! Data sources: WFDB replay and synthetic generators. Each source is one stream; it paces
+//! itself in real time (or sped up) and hands frames to the uplink.
+
+use std::f64::consts::PI;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use relay_proto::model::{
+    ChannelInfo, FixQuality, Frame, Location, StreamDescriptor, StreamKind, VitalSign,
+    VitalsReport, WaveformInfo, frame::Payload,
+};
+use relay_proto::wfdb::{self, Record, WfdbError};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SourceConfig;
+use crate::framer::{SequenceCounter, WaveformFramer};
+
+/// IEEE 11073-10101 codes used by the generators and the lead mapping.
+pub mod mdc {
+    pub const ECG_HEART_RATE: u32 = 147_842;
+    pub const PULS_OXIM_SAT_O2: u32 = 150_456;
+    pub const PRESS_BLD_NONINV_SYS: u32 = 150_021;
+    pub const PRESS_BLD_NONINV_DIA: u32 = 150_022;
+    pub const PRESS_BLD_NONINV_MEAN: u32 = 150_023;
+    pub const RESP_RATE: u32 = 151_562;
+    pub const AWAY_CO2_ET: u32 = 151_708;
+    pub const TEMP_BODY: u32 = 150_364;
+    /// MDC_ECG_ELEC_POTL: an ECG lead of unspecified placement (e.g. modified leads).
+    pub const ECG_ELEC_POTL: u32 = 131_328;
+
+    /// MDC code of a standard ECG lead name, or the generic ECG code.
+    pub fn ecg_lead(name: &str) -> u32 {
+        let term = match name.to_ascii_lowercase().as_str() {
+            "i" => 1,
+            "ii" => 2,
+            "v1" => 3,
+            "v2" => 4,
+            "v3" => 5,
+            "v4" => 6,
+            "v5" => 7,
+            "v6" => 8,
+            "iii" => 61,
+            "avr" => 62,
+            "avl" => 63,
+            "avf" => 64,
+            _ => return ECG_ELEC_POTL,
+        };
+        ECG_ELEC_POTL + term
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Wfdb(#[from] WfdbError),
+    #[error("record {0} has no samples")]
+    Empty(String),
+}
+
+/// A source ready to run: its descriptor is known before the first connection.
+#[derive(Debug)]
+pub struct PreparedSource {
+    pub descriptor: StreamDescriptor,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Replay {
+        record: Arc<Record>,
+        speed: f64,
+        looping: bool,
+    },
+    Ecg {
+        rate_hz: u32,
+        heart_rate_bpm: f64,
+    },
+    Vitals {
+        interval: Duration,
+    },
+    Gps {
+        interval: Duration,
+        lat: f64,
+        lon: f64,
+    },
+}
+
+const TWELVE_LEADS: [&str; 12] = [
+    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+];
+
+impl PreparedSource {
+    pub fn prepare(cfg: &SourceConfig, stream_id: u32) -> Result<Self, SourceError> {
+        Ok(match cfg {
+            SourceConfig::Wfdb {
+                record,
+                speed,
+                r#loop,
+                name,
+            } => {
+                let rec = wfdb::read_record(record)?;
+                if rec.samples_per_signal == 0 {
+                    return Err(SourceError::Empty(record.display().to_string()));
+                }
+                for (i, s) in rec.header.signals.iter().enumerate() {
+                    if s.checksum.is_some_and(|c| c != rec.checksum(i)) {
+                        tracing::warn!(record = %record.display(), signal = i, "checksum differs from header");
+                    }
+                }
+                let channels = rec
+                    .header
+                    .signals
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let name = if s.description.is_empty() {
+                            format!("sig{i}")
+                        } else {
+                            s.description.clone()
+                        };
+                        ChannelInfo {
+                            mdc_code: mdc::ecg_lead(&name),
+                            name,
+                            unit: s.units.clone(),
+                            gain: s.gain,
+                            baseline: s.baseline,
+                            adc_resolution: s.adc_resolution,
+                            adc_zero: s.adc_zero,
+                            initial_value: s.initial_value.unwrap_or(rec.samples[i]),
+                        }
+                    })
+                    .collect();
+                Self {
+                    descriptor: StreamDescriptor {
+                        stream_id,
+                        kind: StreamKind::Waveform as i32,
+                        name: name.clone(),
+                        waveform: Some(WaveformInfo {
+                            sample_rate_hz: rec.header.sampling_frequency,
+                            channels,
+                            source: format!("wfdb:{}", rec.header.record_name),
+                        }),
+                    },
+                    kind: Kind::Replay {
+                        record: Arc::new(rec),
+                        speed: *speed,
+                        looping: *r#loop,
+                    },
+                }
+            }
+            SourceConfig::SyntheticEcg {
+                rate_hz,
+                heart_rate_bpm,
+                name,
+            } => Self {
+                descriptor: StreamDescriptor {
+                    stream_id,
+                    kind: StreamKind::Waveform as i32,
+                    name: name.clone(),
+                    waveform: Some(WaveformInfo {
+                        sample_rate_hz: *rate_hz as f64,
+                        channels: TWELVE_LEADS
+                            .iter()
+                            .map(|l| ChannelInfo {
+                                name: (*l).into(),
+                                mdc_code: mdc::ecg_lead(l),
+                                unit: "mV".into(),
+                                gain: 1000.0,
+                                baseline: 0,
+                                adc_resolution: 16,
+                                adc_zero: 0,
+                                initial_value: 0,
+                            })
+                            .collect(),
+                        source: "synthetic".into(),
+                    }),
+                },
+                kind: Kind::Ecg {
+                    rate_hz: *rate_hz,
+                    heart_rate_bpm: *heart_rate_bpm,
+                },
+            },
+            SourceConfig::SyntheticVitals { interval_ms } => Self {
+                descriptor: StreamDescriptor {
+                    stream_id,
+                    kind: StreamKind::Vitals as i32,
+                    name: "vitals".into(),
+                    waveform: None,
+                },
+                kind: Kind::Vitals {
+                    interval: Duration::from_millis(*interval_ms),
+                },
+            },
+            SourceConfig::SyntheticGps {
+                interval_ms,
+                start_latitude_deg,
+                start_longitude_deg,
+            } => Self {
+                descriptor: StreamDescriptor {
+                    stream_id,
+                    kind: StreamKind::Location as i32,
+                    name: "gps".into(),
+                    waveform: None,
+                },
+                kind: Kind::Gps {
+                    interval: Duration::from_millis(*interval_ms),
+                    lat: *start_latitude_deg,
+                    lon: *start_longitude_deg,
+                },
+            },
+        })
+    }
+
+    /// Produces frames until the source ends or `stop` fires. `epoch_ns` is the capture time of
+    /// the first sample. Returns the number of frames produced.
+    pub async fn run(
+        self,
+        frame_ms: u32,
+        epoch_ns: i64,
+        tx: mpsc::Sender<Frame>,
+        stop: CancellationToken,
+    ) -> u64 {
+        let stream_id = self.descriptor.stream_id;
+        let kind_label = crate::metrics::kind_label(self.descriptor.kind);
+        let produced = match self.kind {
+            Kind::Replay {
+                record,
+                speed,
+                looping,
+            } => {
+                let channels = record.num_signals();
+                let rate = record.header.sampling_frequency;
+                let total = record.samples_per_signal as u64;
+                let framer = WaveformFramer::new(stream_id, channels, rate, frame_ms, epoch_ns);
+                let next = move |first: u64, count: usize| -> Option<Vec<i32>> {
+                    if !looping && first >= total {
+                        return None;
+                    }
+                    let mut out = Vec::with_capacity(count * channels);
+                    for k in 0..count as u64 {
+                        let idx = first + k;
+                        if !looping && idx >= total {
+                            break;
+                        }
+                        let t = (idx % total) as usize;
+                        out.extend_from_slice(&record.samples[t * channels..(t + 1) * channels]);
+                    }
+                    Some(out)
+                };
+                paced_waveform(framer, speed, next, &tx, &stop, kind_label).await
+            }
+            Kind::Ecg {
+                rate_hz,
+                heart_rate_bpm,
+            } => {
+                let framer = WaveformFramer::new(stream_id, 12, rate_hz as f64, frame_ms, epoch_ns);
+                let model = SyntheticEcg::new(rate_hz as f64, heart_rate_bpm);
+                let next = move |first: u64, count: usize| -> Option<Vec<i32>> {
+                    let mut out = Vec::with_capacity(count * 12);
+                    for k in 0..count as u64 {
+                        out.extend_from_slice(&model.sample(first + k));
+                    }
+                    Some(out)
+                };
+                paced_waveform(framer, 1.0, next, &tx, &stop, kind_label).await
+            }
+            Kind::Vitals { interval } => {
+                let mut seq = SequenceCounter::new(stream_id);
+                let mut vitals = SyntheticVitals::new(u64::from(stream_id) ^ epoch_ns as u64);
+                periodic(interval, epoch_ns, &tx, &stop, kind_label, |t| {
+                    seq.frame(t, Payload::Vitals(vitals.next_report()))
+                })
+                .await
+            }
+            Kind::Gps { interval, lat, lon } => {
+                let mut seq = SequenceCounter::new(stream_id);
+                let mut track = GpsTrack::new(lat, lon);
+                let dt = interval.as_secs_f64();
+                periodic(interval, epoch_ns, &tx, &stop, kind_label, |t| {
+                    seq.frame(t, Payload::Location(track.advance(dt)))
+                })
+                .await
+            }
+        };
+        tracing::info!(stream_id, produced, "source finished");
+        produced
+    }
+}
+
+/// Emits each frame once its last sample exists (signal time / speed after start).
+async fn paced_waveform(
+    mut framer: WaveformFramer,
+    speed: f64,
+    mut next: impl FnMut(u64, usize) -> Option<Vec<i32>>,
+    tx: &mpsc::Sender<Frame>,
+    stop: &CancellationToken,
+    kind_label: &'static str,
+) -> u64 {
+    let start = Instant::now();
+    let spf = framer.samples_per_frame();
+    let mut produced = 0;
+    loop {
+        let Some(samples) = next(framer.next_sample_index(), spf) else {
+            break;
+        };
+        if samples.is_empty() {
+            break;
+        }
+        let due = start + Duration::from_secs_f64(framer.signal_time_after(spf) / speed);
+        tokio::select! {
+            () = tokio::time::sleep_until(due) => {}
+            () = stop.cancelled() => break,
+        }
+        let frame = framer.frame(samples);
+        if tx.send(frame).await.is_err() {
+            break;
+        }
+        metrics::counter!("relay_agent_frames_produced_total", "kind" => kind_label).increment(1);
+        produced += 1;
+    }
+    produced
+}
+
+async fn periodic(
+    interval: Duration,
+    epoch_ns: i64,
+    tx: &mpsc::Sender<Frame>,
+    stop: &CancellationToken,
+    kind_label: &'static str,
+    mut make: impl FnMut(i64) -> Frame,
+) -> u64 {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut produced: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let t = epoch_ns.saturating_add((produced as f64 * interval.as_secs_f64() * 1e9) as i64);
+        if tx.send(make(t)).await.is_err() {
+            break;
+        }
+        metrics::counter!("relay_agent_frames_produced_total", "kind" => kind_label).increment(1);
+        produced += 1;
+    }
+    produced
+}
+
+/// A 12-lead ECG built from Gaussian P, Q, R, S and T waves with per-lead amplitudes: not a
+/// diagnosis-grade simulator, but it looks like an ECG on every lead and is deterministic.
+#[derive(Debug, Clone)]
+pub struct SyntheticEcg {
+    rate_hz: f64,
+    rr_s: f64,
+}
+
+// (centre relative to R in s, width in s) of P, Q, R, S, T.
+const WAVES: [(f64, f64); 5] = [
+    (-0.20, 0.025),
+    (-0.03, 0.010),
+    (0.0, 0.012),
+    (0.03, 0.010),
+    (0.28, 0.055),
+];
+// Amplitudes in mV per lead (I, II, III, aVR, aVL, aVF, V1..V6) for P, Q, R, S, T.
+const AMPS: [[f64; 5]; 12] = [
+    [0.10, -0.05, 0.90, -0.10, 0.25],
+    [0.15, -0.08, 1.30, -0.20, 0.35],
+    [0.05, -0.05, 0.45, -0.15, 0.10],
+    [-0.12, 0.05, -1.00, 0.15, -0.30],
+    [0.04, -0.03, 0.30, -0.05, 0.08],
+    [0.10, -0.06, 0.85, -0.15, 0.22],
+    [0.06, 0.00, 0.30, -1.00, -0.10],
+    [0.08, 0.00, 0.60, -1.40, 0.30],
+    [0.08, -0.05, 1.00, -0.90, 0.40],
+    [0.09, -0.08, 1.50, -0.50, 0.45],
+    [0.09, -0.08, 1.40, -0.30, 0.38],
+    [0.08, -0.06, 1.10, -0.15, 0.30],
+];
+
+impl SyntheticEcg {
+    pub fn new(rate_hz: f64, heart_rate_bpm: f64) -> Self {
+        Self {
+            rate_hz,
+            rr_s: 60.0 / heart_rate_bpm,
+        }
+    }
+
+    /// All 12 leads at sample `index`, in microvolts (gain 1000 per mV).
+    pub fn sample(&self, index: u64) -> [i32; 12] {
+        let t = index as f64 / self.rate_hz;
+        // Position relative to the nearest R peak, R peaks at 0.35 s into each beat.
+        let phase = (t % self.rr_s) - 0.35;
+        let wander = 0.03 * (2.0 * PI * 0.25 * t).sin();
+        let mut out = [0; 12];
+        for (lead, amps) in AMPS.iter().enumerate() {
+            let mut mv = wander;
+            for (k, (centre, width)) in WAVES.iter().enumerate() {
+                let d = (phase - centre) / width;
+                mv += amps[k] * (-0.5 * d * d).exp();
+            }
+            out[lead] = (mv * 1000.0).round() as i32;
+        }
+        out
+    }
+}
+
+/// Vital signs drifting slowly around plausible values of a stable adult patient.
+#[derive(Debug)]
+pub struct SyntheticVitals {
+    rng: StdRng,
+    hr: f64,
+    spo2: f64,
+    sys: f64,
+    dia: f64,
+    rr: f64,
+    etco2: f64,
+    temp: f64,
+}
+
+impl SyntheticVitals {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            hr: 78.0,
+            spo2: 97.0,
+            sys: 128.0,
+            dia: 82.0,
+            rr: 16.0,
+            etco2: 36.0,
+            temp: 36.9,
+        }
+    }
+
+    fn drift(rng: &mut StdRng, v: &mut f64, step: f64, lo: f64, hi: f64) {
+        *v = (*v + rng.random_range(-step..=step)).clamp(lo, hi);
+    }
+
+    pub fn next_report(&mut self) -> VitalsReport {
+        let r = &mut self.rng;
+        Self::drift(r, &mut self.hr, 1.0, 55.0, 120.0);
+        Self::drift(r, &mut self.spo2, 0.3, 92.0, 100.0);
+        Self::drift(r, &mut self.sys, 1.0, 95.0, 170.0);
+        Self::drift(r, &mut self.dia, 0.7, 55.0, 105.0);
+        Self::drift(r, &mut self.rr, 0.3, 10.0, 26.0);
+        Self::drift(r, &mut self.etco2, 0.3, 30.0, 45.0);
+        Self::drift(r, &mut self.temp, 0.01, 36.0, 38.5);
+        let v = |mdc_code, label: &str, value: f64, unit: &str| VitalSign {
+            mdc_code,
+            label: label.into(),
+            value,
+            unit: unit.into(),
+        };
+        let mean = (self.sys + 2.0 * self.dia) / 3.0;
+        VitalsReport {
+            values: vec![
+                v(mdc::ECG_HEART_RATE, "HR", self.hr.round(), "/min"),
+                v(mdc::PULS_OXIM_SAT_O2, "SpO2", self.spo2.round(), "%"),
+                v(
+                    mdc::PRESS_BLD_NONINV_SYS,
+                    "NIBP-sys",
+                    self.sys.round(),
+                    "mm[Hg]",
+                ),
+                v(
+                    mdc::PRESS_BLD_NONINV_DIA,
+                    "NIBP-dia",
+                    self.dia.round(),
+                    "mm[Hg]",
+                ),
+                v(
+                    mdc::PRESS_BLD_NONINV_MEAN,
+                    "NIBP-mean",
+                    mean.round(),
+                    "mm[Hg]",
+                ),
+                v(mdc::RESP_RATE, "RR", self.rr.round(), "/min"),
+                v(mdc::AWAY_CO2_ET, "EtCO2", self.etco2.round(), "mm[Hg]"),
+                v(
+                    mdc::TEMP_BODY,
+                    "Temp",
+                    (self.temp * 10.0).round() / 10.0,
+                    "Cel",
+                ),
+            ],
+        }
+    }
+}
+
+/// A vehicle driving at about 50 km/h along a gently curving road.
+#[derive(Debug, Clone)]
+pub struct GpsTrack {
+    lat: f64,
+    lon: f64,
+    heading: f64,
+    t: f64,
+}
+
+impl GpsTrack {
+    pub fn new(lat: f64, lon: f64) -> Self {
+        Self {
+            lat,
+            lon,
+            heading: 45.0,
+            t: 0.0,
+        }
+    }
+
+    pub fn advance(&mut self, dt_s: f64) -> Location {
+        const SPEED: f64 = 14.0;
+        const M_PER_DEG: f64 = 111_320.0;
+        self.t += dt_s;
+        self.heading = (45.0 + 30.0 * (self.t / 60.0).sin()).rem_euclid(360.0);
+        let h = self.heading.to_radians();
+        self.lat += SPEED * dt_s * h.cos() / M_PER_DEG;
+        self.lon += SPEED * dt_s * h.sin() / (M_PER_DEG * self.lat.to_radians().cos());
+        Location {
+            latitude_deg: self.lat,
+            longitude_deg: self.lon,
+            altitude_m: 40.0,
+            speed_mps: SPEED,
+            heading_deg: self.heading,
+            fix_quality: FixQuality::Fix3d as i32,
+            horizontal_accuracy_m: 4.0,
+            satellites: 9,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn lead_codes() {
+        assert_eq!(mdc::ecg_lead("I"), 131_329);
+        assert_eq!(mdc::ecg_lead("v6"), 131_336);
+        assert_eq!(mdc::ecg_lead("aVF"), 131_392);
+        assert_eq!(mdc::ecg_lead("MLII"), mdc::ECG_ELEC_POTL);
+    }
+
+    #[test]
+    fn synthetic_ecg_has_r_peaks_at_the_heart_rate() {
+        let ecg = SyntheticEcg::new(500.0, 60.0);
+        let lead_ii: Vec<i32> = (0..5000).map(|i| ecg.sample(i)[1]).collect();
+        let peaks = lead_ii
+            .windows(3)
+            .filter(|w| w[1] > 1000 && w[1] >= w[0] && w[1] > w[2])
+            .count();
+        assert_eq!(peaks, 10, "60 bpm over 10 s");
+    }
+
+    #[test]
+    fn vitals_carry_mdc_codes_and_ucum_units() {
+        let r = SyntheticVitals::new(1).next_report();
+        let hr = r
+            .values
+            .iter()
+            .find(|v| v.mdc_code == mdc::ECG_HEART_RATE)
+            .unwrap();
+        assert_eq!(hr.unit, "/min");
+        assert!((55.0..=120.0).contains(&hr.value));
+        assert_eq!(r.values.len(), 8);
+    }
+
+    #[test]
+    fn gps_moves_at_its_speed() {
+        let mut g = GpsTrack::new(52.52, 13.405);
+        let a = g.advance(1.0);
+        let b = g.advance(1.0);
+        let dy = (b.latitude_deg - a.latitude_deg) * 111_320.0;
+        let dx =
+            (b.longitude_deg - a.longitude_deg) * 111_320.0 * a.latitude_deg.to_radians().cos();
+        let d = (dx * dx + dy * dy).sqrt();
+        assert!((13.0..15.0).contains(&d), "{d}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replay_paces_and_preserves_every_sample() {
+        let record = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg/100");
+        let cfg = SourceConfig::Wfdb {
+            record: record.clone(),
+            speed: 100.0,
+            r#loop: false,
+            name: "ecg".into(),
+        };
+        let src = PreparedSource::prepare(&cfg, 0).unwrap();
+        let original = wfdb::read_record(&record).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let started = Instant::now();
+        let task = tokio::spawn(src.run(40, 0, tx, CancellationToken::new()));
+        let mut samples = Vec::new();
+        let mut last_seq = None;
+        while let Some(f) = rx.recv().await {
+            assert_eq!(f.seq, last_seq.map_or(0, |s| s + 1));
+            last_seq = Some(f.seq);
+            if let Some(Payload::Waveform(w)) = f.payload {
+                assert_eq!(w.first_sample_index as usize * 2, samples.len());
+                samples.extend(w.samples);
+            }
+        }
+        assert_eq!(task.await.unwrap(), last_seq.unwrap() + 1);
+        assert_eq!(samples, original.samples);
+        // 1805.6 s of signal at 100x: about 18 s of (virtual) time.
+        let took = started.elapsed().as_secs_f64();
+        assert!((18.0..18.2).contains(&took), "{took}");
+    }
+}
