@@ -1,1 +1,156 @@
+//! Hospital-side ingest: accepts vehicles over QUIC with mutual TLS, reassembles and stores
+//! their streams durably, acknowledges what is stored, and republishes over gRPC.
+//! Also home of the ED-side client library (subscriber, WFDB writer, terminal view).
 
+pub mod client;
+pub mod config;
+pub mod devcerts;
+pub mod grpc;
+pub mod metrics;
+pub mod quic;
+pub mod reassembly;
+pub mod store;
+pub mod tls;
+pub mod view;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use relay_proto::model::telemetry_server::TelemetryServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::IngestConfig;
+
+pub fn now_utc_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A running ingest. Ports given as 0 are resolved in the `*_addr` fields.
+#[derive(Debug)]
+pub struct Ingest {
+    pub quic_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    quic: JoinHandle<()>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Ingest {
+    pub async fn start(cfg: IngestConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        relay_proto::ops::install_crypto_provider();
+        crate::metrics::describe();
+        let stop = CancellationToken::new();
+        let store = store::Store::open(&cfg.store.path)
+            .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
+        let (bus, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
+        let retention = writer::RetentionPolicy {
+            max_age: Duration::from_secs_f64(cfg.store.retention_hours * 3600.0),
+            max_bytes: cfg.store.max_bytes,
+            interval: Duration::from_secs(cfg.store.retention_interval_s),
+        };
+        let (writer_tx, writer) = writer::spawn(
+            store.clone(),
+            bus.clone(),
+            cfg.store.writer_queue,
+            retention,
+            tokio::runtime::Handle::current(),
+        )
+        .context("starting store writer")?;
+
+        let server_config =
+            tls::quic_server_config(&cfg).context("building QUIC TLS configuration")?;
+        let endpoint = quinn::Endpoint::server(server_config, cfg.quic.listen)
+            .with_context(|| format!("binding QUIC {}", cfg.quic.listen))?;
+        let quic_addr = endpoint.local_addr()?;
+        let online = Arc::new(quic::Online::default());
+        let ctx = quic::QuicContext {
+            cfg: cfg.quic.clone(),
+            writer: writer_tx,
+            online: online.clone(),
+        };
+        let quic = tokio::spawn(quic::serve(endpoint, ctx, stop.clone()));
+
+        let listener = tokio::net::TcpListener::bind(cfg.grpc.listen)
+            .await
+            .with_context(|| format!("binding gRPC {}", cfg.grpc.listen))?;
+        let grpc_addr = listener.local_addr()?;
+        let settings = grpc::GrpcSettings {
+            subscriber_queue: cfg.grpc.subscriber_queue,
+            slow_subscriber_timeout: Duration::from_millis(cfg.grpc.slow_subscriber_timeout_ms),
+        };
+        let svc = grpc::TelemetryService::new(
+            store,
+            bus,
+            online,
+            settings,
+            cfg.grpc.max_subscribers,
+            stop.clone(),
+        );
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<TelemetryServer<grpc::TelemetryService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(relay_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building reflection service")?;
+        let tls = tls::grpc_server_tls(&cfg.tls).context("building gRPC TLS configuration")?;
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .context("gRPC TLS")?
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(TelemetryServer::new(svc));
+        let grpc_stop = stop.clone();
+        let grpc = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    grpc_stop.cancelled_owned(),
+                )
+                .await
+        });
+        let metrics_addr = match cfg.metrics.listen {
+            Some(addr) => {
+                Some(relay_proto::ops::serve_metrics(addr, stop.clone().cancelled_owned()).await?)
+            }
+            None => None,
+        };
+        tracing::info!(%quic_addr, %grpc_addr, ?metrics_addr, store = %cfg.store.path.display(), "ingest running");
+        Ok(Self {
+            quic_addr,
+            grpc_addr,
+            metrics_addr,
+            stop,
+            quic,
+            grpc,
+            writer,
+        })
+    }
+
+    /// Stops accepting, closes connections, lets the writer finish its last batch.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let _ = self.quic.await;
+        match tokio::time::timeout(Duration::from_secs(5), self.grpc).await {
+            Ok(Ok(r)) => r.context("gRPC server")?,
+            Ok(Err(e)) => return Err(e).context("gRPC task"),
+            Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+        }
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .ok();
+        Ok(())
+    }
+}

@@ -101,6 +101,17 @@ impl CloseCode {
     }
 }
 
+/// Bounded metric label for a stream kind (the raw i32 may come from the network).
+pub fn kind_label(kind: i32) -> &'static str {
+    match model::StreamKind::try_from(kind) {
+        Ok(model::StreamKind::Events) => "events",
+        Ok(model::StreamKind::Waveform) => "waveform",
+        Ok(model::StreamKind::Vitals) => "vitals",
+        Ok(model::StreamKind::Location) => "location",
+        _ => "other",
+    }
+}
+
 /// Whether `id` is acceptable as a vehicle id: it becomes a metric label, a file name and a key,
 /// so it is short and plain.
 pub fn is_valid_vehicle_id(id: &str) -> bool {

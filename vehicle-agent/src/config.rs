@@ -208,7 +208,7 @@ impl Default for IngestEndpoint {
 impl Default for TlsFiles {
     fn default() -> Self {
         Self {
-            ca_cert: "certs/fleet-ca.pem".into(),
+            ca_cert: "certs/hospital-ca.pem".into(),
             cert: "certs/amb-1.pem".into(),
             key: "certs/amb-1.key".into(),
         }

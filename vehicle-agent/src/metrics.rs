@@ -2,16 +2,7 @@
 
 use relay_proto::model::StreamKind;
 
-/// Bounded label value for a stream kind (the raw i32 comes from our own descriptors).
-pub fn kind_label(kind: i32) -> &'static str {
-    match StreamKind::try_from(kind) {
-        Ok(StreamKind::Events) => "events",
-        Ok(StreamKind::Waveform) => "waveform",
-        Ok(StreamKind::Vitals) => "vitals",
-        Ok(StreamKind::Location) => "location",
-        _ => "other",
-    }
-}
+pub use relay_proto::kind_label;
 
 /// Strict priority rank: lower is more urgent (events > waveforms > vitals > location > rest).
 pub fn class_rank(kind: i32) -> u8 {

@@ -1,0 +1,40 @@
+//! Creates a development PKI (fleet CA, hospital CA, ingest, vehicle and ED client certificates).
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use hospital_ingest::devcerts::{DevPki, generate};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-devcerts",
+    version,
+    about = "Create development certificates for the relay (never use them in production)"
+)]
+struct Args {
+    /// Output directory.
+    #[arg(long, default_value = "certs")]
+    out: PathBuf,
+    /// Vehicle ids (certificate common names); repeat for several.
+    #[arg(long = "vehicle", default_values_t = vec!["amb-1".to_string()])]
+    vehicles: Vec<String>,
+    /// ED client names; repeat for several.
+    #[arg(long = "subscriber", default_values_t = vec!["ed-console".to_string()])]
+    subscribers: Vec<String>,
+    /// Names and addresses of the ingest certificate; repeat for several.
+    #[arg(long = "ingest-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+    ingest_names: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let pki = DevPki {
+        vehicles: a.vehicles,
+        subscribers: a.subscribers,
+        ingest_names: a.ingest_names,
+    };
+    generate(&a.out, &pki)
+        .with_context(|| format!("writing certificates to {}", a.out.display()))?;
+    println!("development PKI written to {}", a.out.display());
+    Ok(())
+}

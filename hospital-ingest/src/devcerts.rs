@@ -1,0 +1,186 @@
+//! Development PKI: a fleet CA for vehicles, a hospital CA for the ingest and ED clients, and
+//! their leaf certificates. Production deployments bring their own PKI (see the README).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevCertError {
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("writing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a valid name (1-64 of [A-Za-z0-9._-])")]
+    BadName(String),
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    /// Vehicle ids; each gets `<id>.pem` / `<id>.key` signed by the fleet CA.
+    pub vehicles: Vec<String>,
+    /// ED client names; each gets a client certificate from the hospital CA.
+    pub subscribers: Vec<String>,
+    /// DNS names and IP addresses of the ingest certificate.
+    pub ingest_names: Vec<String>,
+}
+
+impl Default for DevPki {
+    fn default() -> Self {
+        Self {
+            vehicles: vec!["amb-1".into()],
+            subscribers: vec!["ed-console".into()],
+            ingest_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        }
+    }
+}
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+fn write(path: PathBuf, contents: &str) -> Result<(), DevCertError> {
+    fs::write(&path, contents).map_err(|source| DevCertError::Io { path, source })
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Ambulance relay development PKI");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
+fn make_ca(dir: &Path, name: &str, cn: &str) -> Result<Ca, DevCertError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write(dir.join(format!("{name}.pem")), &cert.pem())?;
+    write(dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    Ok(Ca { params, key })
+}
+
+fn make_leaf(
+    dir: &Path,
+    file: &str,
+    cn: &str,
+    sans: Vec<String>,
+    usage: ExtendedKeyUsagePurpose,
+    ca: &Ca,
+) -> Result<(), DevCertError> {
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name = dn(cn);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate()?;
+    let issuer = Issuer::from_params(&ca.params, &ca.key);
+    let cert = params.signed_by(&key, &issuer)?;
+    write(dir.join(format!("{file}.pem")), &cert.pem())?;
+    write(dir.join(format!("{file}.key")), &key.serialize_pem())?;
+    Ok(())
+}
+
+/// Writes a complete development PKI into `dir`:
+/// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `<vehicle>.pem/.key`,
+/// `<subscriber>.pem/.key` (CA keys too, so more leaves can be made by hand).
+pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
+    for name in pki.vehicles.iter().chain(&pki.subscribers) {
+        if !relay_proto::is_valid_vehicle_id(name) || name.ends_with("-ca") || name == "ingest" {
+            return Err(DevCertError::BadName(name.clone()));
+        }
+    }
+    fs::create_dir_all(dir).map_err(|source| DevCertError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let fleet = make_ca(dir, "fleet-ca", "Fleet CA (development)")?;
+    let hospital = make_ca(dir, "hospital-ca", "Hospital CA (development)")?;
+    make_leaf(
+        dir,
+        "ingest",
+        "hospital-ingest",
+        pki.ingest_names.clone(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &hospital,
+    )?;
+    for v in &pki.vehicles {
+        make_leaf(
+            dir,
+            v,
+            v,
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &fleet,
+        )?;
+    }
+    for s in &pki.subscribers {
+        make_leaf(
+            dir,
+            s,
+            s,
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &hospital,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_parseable_pki_with_vehicle_ids_as_common_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki {
+            vehicles: vec!["amb-1".into(), "amb-2".into()],
+            ..DevPki::default()
+        };
+        generate(dir.path(), &pki).unwrap();
+        for f in [
+            "fleet-ca",
+            "hospital-ca",
+            "ingest",
+            "amb-1",
+            "amb-2",
+            "ed-console",
+        ] {
+            let certs = crate::tls::load_certs(&dir.path().join(format!("{f}.pem"))).unwrap();
+            crate::tls::load_key(&dir.path().join(format!("{f}.key"))).unwrap();
+            if f.starts_with("amb") {
+                assert_eq!(crate::tls::vehicle_id(&certs[0]).unwrap(), f);
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_names_that_would_clash_or_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["../x", "ingest", "fleet-ca", ""] {
+            let pki = DevPki {
+                vehicles: vec![bad.into()],
+                ..DevPki::default()
+            };
+            assert!(generate(dir.path(), &pki).is_err(), "{bad}");
+        }
+    }
+}

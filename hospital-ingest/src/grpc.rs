@@ -1,0 +1,355 @@
+//! The public gRPC API: ListVehicles and Subscribe (backlog from the store, a sync marker, then
+//! live records from the bus; every message carries its resume cursor).
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use relay_proto::model::telemetry_server::Telemetry;
+use relay_proto::model::{
+    LaggedNotice, ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest, SubscribeResponse,
+    SyncMarker, Vehicle, subscribe_request::Start, subscribe_response::Record,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::quic::Online;
+use crate::store::{LogEntry, Store, StoreError, record_scope};
+
+/// Records read from the store per page while sending a backlog.
+const BACKLOG_PAGE: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    pub subscriber_queue: usize,
+    pub slow_subscriber_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryService {
+    store: Store,
+    bus: broadcast::Sender<Arc<LogEntry>>,
+    online: Arc<Online>,
+    settings: GrpcSettings,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+}
+
+impl TelemetryService {
+    pub fn new(
+        store: Store,
+        bus: broadcast::Sender<Arc<LogEntry>>,
+        online: Arc<Online>,
+        settings: GrpcSettings,
+        max_subscribers: usize,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            online,
+            settings,
+            slots: Arc::new(Semaphore::new(max_subscribers)),
+            stop,
+        }
+    }
+}
+
+fn internal(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store read failed");
+    Status::internal("store unavailable")
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("store task failed"))?
+        .map_err(internal)
+}
+
+/// What a subscription wants.
+#[derive(Debug, Clone)]
+struct Filter {
+    vehicles: HashSet<String>,
+    kinds: HashSet<i32>,
+}
+
+impl Filter {
+    fn matches(&self, vehicle: &str, kind: i32) -> bool {
+        (self.vehicles.is_empty() || self.vehicles.contains(vehicle))
+            && (self.kinds.is_empty() || self.kinds.contains(&kind))
+    }
+
+    fn matches_record(&self, msg: &SubscribeResponse) -> bool {
+        record_scope(msg).is_some_and(|(v, k)| self.matches(v, k))
+    }
+}
+
+/// The response stream: queued messages, unless the subscriber was cut off, in which case the
+/// error comes first (its queue is full by definition) and the stream ends.
+pub struct SubscriberStream {
+    rx: mpsc::Receiver<SubscribeResponse>,
+    cut_off: Arc<std::sync::Mutex<Option<Status>>>,
+    done: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Stream for SubscriberStream {
+    type Item = Result<SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let cut = self
+            .cut_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(status) = cut {
+            self.done = true;
+            self.rx.close();
+            return Poll::Ready(Some(Err(status)));
+        }
+        self.rx.poll_recv(cx).map(|m| m.map(Ok))
+    }
+}
+
+/// Sends into a subscriber's queue; gives up (and cuts it off) when the queue stays full.
+struct Outlet {
+    tx: mpsc::Sender<SubscribeResponse>,
+    timeout: Duration,
+    cut_off: Arc<std::sync::Mutex<Option<Status>>>,
+    sent: u64,
+}
+
+#[derive(Debug)]
+enum Stop {
+    Gone,
+    Slow,
+}
+
+impl Outlet {
+    async fn send(&mut self, msg: SubscribeResponse) -> Result<(), Stop> {
+        let cursor = msg.cursor;
+        match tokio::time::timeout(self.timeout, self.tx.send(msg)).await {
+            Ok(Ok(())) => {
+                self.sent += 1;
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => {
+                let status = Status::resource_exhausted(format!(
+                    "subscriber too slow: queue full for {:?}; resume with after_cursor={}",
+                    self.timeout,
+                    cursor.saturating_sub(1)
+                ));
+                *self.cut_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                metrics::counter!("relay_ingest_subscribers_cut_off_total").increment(1);
+                Err(Stop::Slow)
+            }
+        }
+    }
+}
+
+impl TelemetryService {
+    /// Sends stored records in (after, up_to] that match; returns the last cursor examined.
+    async fn send_backlog(
+        &self,
+        filter: &Filter,
+        mut after: u64,
+        up_to: u64,
+        out: &mut Outlet,
+    ) -> Result<(u64, u64), Stop> {
+        let mut sent = 0;
+        while after < up_to {
+            let store = self.store.clone();
+            let page = blocking(move || store.read_after(after, up_to, BACKLOG_PAGE))
+                .await
+                .map_err(|_| Stop::Gone)?;
+            let Some(last) = page.last().map(|(c, _)| *c) else {
+                break;
+            };
+            for (_, msg) in page {
+                if filter.matches_record(&msg) {
+                    out.send(msg).await?;
+                    sent += 1;
+                }
+            }
+            after = last;
+        }
+        Ok((up_to.max(after), sent))
+    }
+
+    async fn run_subscription(
+        self,
+        filter: Filter,
+        start: Option<Start>,
+        mut out: Outlet,
+    ) -> Result<(), Stop> {
+        // Subscribe to the bus before reading the head: whatever is committed after the head
+        // arrives live, so backlog and live meet without gap; duplicates are skipped by cursor.
+        let mut live = self.bus.subscribe();
+        let store = self.store.clone();
+        let head = blocking(move || store.head())
+            .await
+            .map_err(|_| Stop::Gone)?;
+        let mut cursor = match start {
+            Some(Start::AfterCursor(c)) => c.min(head),
+            Some(Start::Live(_)) | None => head,
+        };
+        // Descriptors of the matching streams first, so every data record can be interpreted.
+        let store = self.store.clone();
+        let streams = blocking(move || store.streams())
+            .await
+            .map_err(|_| Stop::Gone)?;
+        for info in streams {
+            let matches = info
+                .stream
+                .as_ref()
+                .is_some_and(|s| filter.matches(&s.vehicle_id, s.kind));
+            if matches {
+                out.send(SubscribeResponse {
+                    cursor,
+                    record: Some(Record::Stream(info)),
+                })
+                .await?;
+            }
+        }
+        let (reached, backlog) = self.send_backlog(&filter, cursor, head, &mut out).await?;
+        cursor = reached;
+        out.send(SubscribeResponse {
+            cursor,
+            record: Some(Record::Sync(SyncMarker {
+                backlog_records: backlog,
+            })),
+        })
+        .await?;
+        loop {
+            let entry = tokio::select! {
+                r = live.recv() => r,
+                () = self.stop.cancelled() => return Ok(()),
+                () = out.tx.closed() => return Err(Stop::Gone),
+            };
+            match entry {
+                Ok(e) => {
+                    if e.cursor <= cursor {
+                        continue;
+                    }
+                    if e.cursor > cursor + 1 {
+                        // Something between was committed but not seen live (cannot happen
+                        // with an intact bus; cheap to heal from the store).
+                        self.send_backlog(&filter, cursor, e.cursor - 1, &mut out)
+                            .await?;
+                    }
+                    cursor = e.cursor;
+                    if filter.matches(&e.vehicle, e.kind) {
+                        out.send(e.message.clone()).await?;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!("relay_ingest_subscriber_lagged_total").increment(1);
+                    out.send(SubscribeResponse {
+                        cursor,
+                        record: Some(Record::Lagged(LaggedNotice {
+                            missed_live_records: missed,
+                        })),
+                    })
+                    .await?;
+                    let store = self.store.clone();
+                    let head = blocking(move || store.head())
+                        .await
+                        .map_err(|_| Stop::Gone)?;
+                    let (reached, _) = self.send_backlog(&filter, cursor, head, &mut out).await?;
+                    cursor = reached;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    async fn list_vehicles(
+        &self,
+        _req: Request<ListVehiclesRequest>,
+    ) -> Result<Response<ListVehiclesResponse>, Status> {
+        let store = self.store.clone();
+        let (vehicles, streams) =
+            blocking(move || Ok((store.vehicles()?, store.streams()?))).await?;
+        let mut by_vehicle: BTreeMap<String, Vehicle> = vehicles
+            .into_iter()
+            .map(|(id, last_seen_ns)| {
+                let v = Vehicle {
+                    vehicle_id: id.clone(),
+                    online: self.online.is_online(&id),
+                    last_seen_ns,
+                    streams: Vec::new(),
+                };
+                (id, v)
+            })
+            .collect();
+        for info in streams {
+            let Some(id) = info.stream.as_ref().map(|s| s.vehicle_id.clone()) else {
+                continue;
+            };
+            if let Some(v) = by_vehicle.get_mut(&id) {
+                v.streams.push(info);
+            }
+        }
+        Ok(Response::new(ListVehiclesResponse {
+            vehicles: by_vehicle.into_values().collect(),
+        }))
+    }
+
+    type SubscribeStream = SubscriberStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = req.into_inner();
+        if req.vehicle_ids.len() > 1024 || req.kinds.len() > 16 {
+            return Err(Status::invalid_argument("too many vehicle ids or kinds"));
+        }
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many subscribers"))?;
+        let filter = Filter {
+            vehicles: req.vehicle_ids.into_iter().collect(),
+            kinds: req.kinds.into_iter().collect(),
+        };
+        let (tx, rx) = mpsc::channel(self.settings.subscriber_queue);
+        let cut_off = Arc::new(std::sync::Mutex::new(None));
+        let out = Outlet {
+            tx,
+            timeout: self.settings.slow_subscriber_timeout,
+            cut_off: cut_off.clone(),
+            sent: 0,
+        };
+        let svc = self.clone();
+        metrics::gauge!("relay_ingest_subscribers").increment(1.0);
+        tokio::spawn(async move {
+            let result = svc.run_subscription(filter, req.start, out).await;
+            metrics::gauge!("relay_ingest_subscribers").decrement(1.0);
+            if let Err(Stop::Slow) = result {
+                tracing::warn!("slow subscriber cut off");
+            }
+        });
+        Ok(Response::new(SubscriberStream {
+            rx,
+            cut_off,
+            done: false,
+            _slot: slot,
+        }))
+    }
+}

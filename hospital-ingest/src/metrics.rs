@@ -1,0 +1,84 @@
+//! Metric descriptions of the ingest (names follow Prometheus conventions; labels are bounded).
+
+pub use relay_proto::kind_label;
+
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "relay_ingest_connections_total",
+        "Vehicle connections accepted (certificate verified)"
+    );
+    describe_counter!(
+        "relay_ingest_handshake_failures_total",
+        "QUIC/TLS handshakes that failed, including certificates from a foreign CA"
+    );
+    describe_counter!(
+        "relay_ingest_security_events_total",
+        "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
+    );
+    describe_counter!(
+        "relay_ingest_protocol_errors_total",
+        "Connections closed by the ingest, by reason (malformed, frame_too_large, ...)"
+    );
+    describe_gauge!(
+        "relay_ingest_vehicles_online",
+        "Vehicles with at least one connected bearer"
+    );
+    describe_counter!(
+        "relay_ingest_frames_received_total",
+        "Valid frames received (before deduplication)"
+    );
+    describe_counter!(
+        "relay_ingest_frame_bytes_total",
+        Unit::Bytes,
+        "Encoded frame bytes received"
+    );
+    describe_counter!(
+        "relay_ingest_frames_stored_total",
+        "Frames stored for the first time, by kind"
+    );
+    describe_counter!(
+        "relay_ingest_frames_duplicate_total",
+        "Frames received again after being stored (acknowledged, not stored twice)"
+    );
+    describe_counter!(
+        "relay_ingest_frames_late_total",
+        "Frames that arrived after newer ones of their stream (filling a gap)"
+    );
+    describe_counter!("relay_ingest_gaps_total", "Gaps announced to subscribers");
+    describe_counter!(
+        "relay_ingest_acks_dropped_total",
+        "Acknowledgements that could not be queued to their connection"
+    );
+    describe_histogram!(
+        "relay_ingest_store_commit_seconds",
+        Unit::Seconds,
+        "Duration of one durable store commit"
+    );
+    describe_gauge!(
+        "relay_ingest_store_queue_depth",
+        "Commands waiting for the store writer"
+    );
+    describe_counter!(
+        "relay_ingest_store_errors_total",
+        "Store commits that failed (nothing of the batch was acknowledged)"
+    );
+    describe_counter!(
+        "relay_ingest_retention_deleted_total",
+        "Records deleted by retention"
+    );
+    describe_gauge!(
+        "relay_ingest_store_log_bytes",
+        Unit::Bytes,
+        "Bytes held in the store's log"
+    );
+    describe_gauge!("relay_ingest_subscribers", "Active gRPC subscriptions");
+    describe_counter!(
+        "relay_ingest_subscriber_lagged_total",
+        "Times a subscriber fell behind the live buffer and was served from the store"
+    );
+    describe_counter!(
+        "relay_ingest_subscribers_cut_off_total",
+        "Subscribers cut off because their queue stayed full"
+    );
+}

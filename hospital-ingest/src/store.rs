@@ -1,0 +1,489 @@
+//! The ingest's durable store on redb: an append-only log of everything subscribers see (data,
+//! gaps, gap closures, stream announcements), indexed by a global cursor, plus the set of
+//! stored (vehicle, session, stream, seq) for deduplication.
+//!
+//! Why redb: pure Rust (no C toolchain on the ingest host), ACID transactions with
+//! copy-on-write B-trees and checksummed commits, so a crash or power cut leaves the last
+//! committed state; one writer and many concurrent readers, which is exactly our shape (one
+//! writer thread, one reader per subscriber). The ingest acknowledges a frame only after the
+//! transaction holding it has committed with `Durability::Immediate` (fsync).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use relay_proto::model::{StreamInfo, SubscribeResponse, subscribe_response::Record};
+
+use crate::reassembly::StreamKey;
+
+/// cursor -> encoded SubscribeResponse (with its cursor set).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// (vehicle, session, stream, seq) -> cursor of the stored frame.
+const SEEN: TableDefinition<(&str, u64, u32, u64), u64> = TableDefinition::new("seen");
+/// (vehicle, session, stream) -> encoded StreamInfo.
+const STREAMS: TableDefinition<(&str, u64, u32), &[u8]> = TableDefinition::new("streams");
+/// vehicle -> last time anything was received, UTC ns.
+const VEHICLES: TableDefinition<&str, i64> = TableDefinition::new("vehicles");
+/// counters: "next_cursor", "log_bytes".
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("store record {cursor} is corrupt: {source}")]
+    Corrupt {
+        cursor: u64,
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                Self::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A record as appended to the log.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub cursor: u64,
+    pub vehicle: Arc<str>,
+    pub kind: i32,
+    pub message: SubscribeResponse,
+}
+
+/// Identity of a stored frame.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqRef<'a> {
+    pub vehicle: &'a str,
+    pub session: u64,
+    pub stream_id: u32,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+/// Vehicle and kind a log record belongs to (for subscription filters).
+pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
+    let s = match msg.record.as_ref()? {
+        Record::Data(d) => d.stream.as_ref()?,
+        Record::Gap(g) => g.stream.as_ref()?,
+        Record::GapClosed(g) => g.stream.as_ref()?,
+        Record::Stream(s) => s.stream.as_ref()?,
+        Record::Sync(_) | Record::Lagged(_) => return None,
+    };
+    Some((s.vehicle_id.as_str(), s.kind))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(LOG)?;
+            txn.open_table(SEEN)?;
+            txn.open_table(STREAMS)?;
+            txn.open_table(VEHICLES)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    pub fn begin(&self) -> Result<WriteBatch, StoreError> {
+        let txn = self.db.begin_write()?;
+        let (next_cursor, log_bytes) = {
+            let meta = txn.open_table(META)?;
+            let next = meta.get("next_cursor")?.map_or(1, |v| v.value());
+            let bytes = meta.get("log_bytes")?.map_or(0, |v| v.value());
+            (next, bytes)
+        };
+        Ok(WriteBatch {
+            txn,
+            next_cursor,
+            log_bytes,
+            appended: Vec::new(),
+        })
+    }
+
+    /// Cursor of the newest record (0 when empty).
+    pub fn head(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        Ok(log.last()?.map_or(0, |(k, _)| k.value()))
+    }
+
+    /// Up to `limit` records with cursor in `(after, up_to]`, oldest first.
+    pub fn read_after(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SubscribeResponse)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let mut out = Vec::new();
+        if after >= up_to {
+            return Ok(out);
+        }
+        for item in log.range(after + 1..=up_to)?.take(limit) {
+            let (k, v) = item?;
+            let cursor = k.value();
+            let msg = SubscribeResponse::decode(v.value())
+                .map_err(|source| StoreError::Corrupt { cursor, source })?;
+            out.push((cursor, msg));
+        }
+        Ok(out)
+    }
+
+    pub fn streams(&self) -> Result<Vec<StreamInfo>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STREAMS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (_, v) = item?;
+            if let Ok(info) = StreamInfo::decode(v.value()) {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn vehicles(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(VEHICLES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every stored seq per stream (ascending), with the cursor of the highest: what the
+    /// reassembler needs after a restart.
+    pub fn stored_seqs(&self) -> Result<Vec<(StreamKey, Vec<u64>, u64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SEEN)?;
+        let mut out: Vec<(StreamKey, Vec<u64>, u64)> = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (vehicle, session, stream_id, seq) = k.value();
+            let same = out.last().is_some_and(|(key, _, _)| {
+                &*key.vehicle == vehicle && key.session == session && key.stream_id == stream_id
+            });
+            if !same {
+                out.push((
+                    StreamKey {
+                        vehicle: vehicle.into(),
+                        session,
+                        stream_id,
+                    },
+                    Vec::new(),
+                    0,
+                ));
+            }
+            if let Some(last) = out.last_mut() {
+                last.1.push(seq);
+                last.2 = v.value();
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn record(&self, cursor: u64) -> Result<Option<SubscribeResponse>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        match log.get(cursor)? {
+            Some(v) => Ok(Some(
+                SubscribeResponse::decode(v.value())
+                    .map_err(|source| StoreError::Corrupt { cursor, source })?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes the oldest records while they are older than `min_received_ns` or the log is
+    /// larger than `max_bytes`. Stream descriptors stay in their own table, so what remains can
+    /// still be interpreted. Returns (records deleted, log bytes left).
+    pub fn enforce_retention(
+        &self,
+        min_received_ns: i64,
+        max_bytes: u64,
+        max_deletes: usize,
+    ) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut deleted = 0;
+        let bytes_left;
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut log = txn.open_table(LOG)?;
+            let mut seen = txn.open_table(SEEN)?;
+            let mut bytes = meta.get("log_bytes")?.map_or(0, |v| v.value());
+            while deleted < max_deletes as u64 {
+                let Some((k, v)) = log.first()? else { break };
+                let cursor = k.value();
+                let len = v.value().len() as u64;
+                let msg = SubscribeResponse::decode(v.value()).ok();
+                drop((k, v));
+                let received = match msg.as_ref().and_then(|m| m.record.as_ref()) {
+                    Some(Record::Data(d)) => d.received_time_ns,
+                    _ => i64::MIN,
+                };
+                let too_old = received < min_received_ns;
+                if !too_old && bytes <= max_bytes {
+                    break;
+                }
+                log.remove(cursor)?;
+                if let Some(Record::Data(d)) = msg.as_ref().and_then(|m| m.record.as_ref()) {
+                    if let (Some(s), Some(f)) = (&d.stream, &d.frame) {
+                        seen.remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
+                    }
+                }
+                bytes = bytes.saturating_sub(len);
+                deleted += 1;
+            }
+            meta.insert("log_bytes", bytes)?;
+            bytes_left = bytes;
+        }
+        txn.commit()?;
+        Ok((deleted, bytes_left))
+    }
+
+    pub fn log_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(LOG)?.len()?)
+    }
+}
+
+/// One write transaction; nothing is visible or durable before `commit`.
+pub struct WriteBatch {
+    txn: redb::WriteTransaction,
+    next_cursor: u64,
+    log_bytes: u64,
+    appended: Vec<LogEntry>,
+}
+
+impl std::fmt::Debug for WriteBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBatch")
+            .field("next_cursor", &self.next_cursor)
+            .finish()
+    }
+}
+
+impl WriteBatch {
+    pub fn contains(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
+        let seen = self.txn.open_table(SEEN)?;
+        Ok(seen
+            .get((r.vehicle, r.session, r.stream_id, r.seq))?
+            .is_some())
+    }
+
+    /// Appends `message` to the log (assigning its cursor); `seq` marks a stored frame.
+    pub fn append(
+        &mut self,
+        vehicle: &Arc<str>,
+        kind: i32,
+        mut message: SubscribeResponse,
+        seq: Option<SeqRef<'_>>,
+    ) -> Result<u64, StoreError> {
+        let cursor = self.next_cursor;
+        self.next_cursor += 1;
+        message.cursor = cursor;
+        let bytes = message.encode_to_vec();
+        self.txn.open_table(LOG)?.insert(cursor, bytes.as_slice())?;
+        self.log_bytes += bytes.len() as u64;
+        if let Some(r) = seq {
+            self.txn
+                .open_table(SEEN)?
+                .insert((r.vehicle, r.session, r.stream_id, r.seq), cursor)?;
+        }
+        self.appended.push(LogEntry {
+            cursor,
+            vehicle: vehicle.clone(),
+            kind,
+            message,
+        });
+        Ok(cursor)
+    }
+
+    pub fn put_stream(&mut self, info: &StreamInfo) -> Result<bool, StoreError> {
+        let Some(s) = &info.stream else {
+            return Ok(false);
+        };
+        let mut t = self.txn.open_table(STREAMS)?;
+        let key = (s.vehicle_id.as_str(), s.session_id, s.stream_id);
+        let bytes = info.encode_to_vec();
+        let changed = t
+            .get(key)?
+            .is_none_or(|old| old.value() != bytes.as_slice());
+        if changed {
+            t.insert(key, bytes.as_slice())?;
+        }
+        Ok(changed)
+    }
+
+    pub fn touch_vehicle(&mut self, vehicle: &str, now_ns: i64) -> Result<(), StoreError> {
+        self.txn.open_table(VEHICLES)?.insert(vehicle, now_ns)?;
+        Ok(())
+    }
+
+    /// Commits durably and returns what was appended, in cursor order.
+    pub fn commit(self) -> Result<Vec<LogEntry>, StoreError> {
+        {
+            let mut meta = self.txn.open_table(META)?;
+            meta.insert("next_cursor", self.next_cursor)?;
+            meta.insert("log_bytes", self.log_bytes)?;
+        }
+        self.txn.commit()?;
+        Ok(self.appended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{DataRecord, Frame, StreamRef};
+
+    fn data(vehicle: &str, seq: u64, received: i64) -> SubscribeResponse {
+        SubscribeResponse {
+            cursor: 0,
+            record: Some(Record::Data(DataRecord {
+                stream: Some(StreamRef {
+                    vehicle_id: vehicle.into(),
+                    session_id: 1,
+                    stream_id: 0,
+                    kind: 2,
+                }),
+                frame: Some(Frame {
+                    stream_id: 0,
+                    seq,
+                    capture_time_ns: 0,
+                    payload: None,
+                }),
+                late: false,
+                received_time_ns: received,
+            })),
+        }
+    }
+
+    #[test]
+    fn appends_survive_reopen_and_dedup_index_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let v: Arc<str> = "amb-1".into();
+        {
+            let store = Store::open(&path).unwrap();
+            let mut b = store.begin().unwrap();
+            for seq in [0, 1, 3] {
+                let r = SeqRef {
+                    vehicle: &v,
+                    session: 1,
+                    stream_id: 0,
+                    seq,
+                };
+                b.append(&v, 2, data(&v, seq, 10), Some(r)).unwrap();
+            }
+            let appended = b.commit().unwrap();
+            assert_eq!(
+                appended.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            // An uncommitted batch leaves no trace.
+            let mut b = store.begin().unwrap();
+            b.append(&v, 2, data(&v, 4, 10), None).unwrap();
+            drop(b);
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.head().unwrap(), 3);
+        let b = store.begin().unwrap();
+        assert!(
+            b.contains(SeqRef {
+                vehicle: "amb-1",
+                session: 1,
+                stream_id: 0,
+                seq: 3
+            })
+            .unwrap()
+        );
+        assert!(
+            !b.contains(SeqRef {
+                vehicle: "amb-1",
+                session: 1,
+                stream_id: 0,
+                seq: 2
+            })
+            .unwrap()
+        );
+        drop(b);
+        let page = store.read_after(1, 3, 10).unwrap();
+        assert_eq!(
+            page.iter().map(|(c, m)| (*c, m.cursor)).collect::<Vec<_>>(),
+            vec![(2, 2), (3, 3)]
+        );
+        let seqs = store.stored_seqs().unwrap();
+        assert_eq!(seqs.len(), 1);
+        assert_eq!((seqs[0].1.clone(), seqs[0].2), (vec![0, 1, 3], 3));
+    }
+
+    #[test]
+    fn retention_deletes_oldest_by_age_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let v: Arc<str> = "amb-1".into();
+        let mut b = store.begin().unwrap();
+        for seq in 0..10 {
+            let r = SeqRef {
+                vehicle: &v,
+                session: 1,
+                stream_id: 0,
+                seq,
+            };
+            b.append(&v, 2, data(&v, seq, seq as i64 * 100), Some(r))
+                .unwrap();
+        }
+        b.commit().unwrap();
+        let (deleted, _) = store.enforce_retention(300, u64::MAX, 1000).unwrap();
+        assert_eq!(deleted, 3);
+        assert_eq!(store.log_len().unwrap(), 7);
+        let b = store.begin().unwrap();
+        assert!(
+            !b.contains(SeqRef {
+                vehicle: "amb-1",
+                session: 1,
+                stream_id: 0,
+                seq: 2
+            })
+            .unwrap()
+        );
+        drop(b);
+        let mut largest = data(&v, 9, 900);
+        largest.cursor = 10;
+        let one = largest.encode_to_vec().len() as u64;
+        let (deleted, left) = store.enforce_retention(0, 2 * one, 1000).unwrap();
+        assert_eq!(deleted, 5);
+        assert!(left <= 2 * one);
+        assert_eq!(store.read_after(0, u64::MAX, 10).unwrap()[0].0, 9);
+    }
+}

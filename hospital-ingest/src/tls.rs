@@ -1,0 +1,156 @@
+//! TLS for both listeners, and the vehicle identity taken from a client certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{IngestConfig, Tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("client certificate does not parse")]
+    Unparseable,
+    #[error("client certificate has no common name")]
+    NoCommonName,
+    #[error("common name {0:?} is not a valid vehicle id")]
+    InvalidId(String),
+}
+
+impl IdentityError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::Unparseable => "unparseable_certificate",
+            Self::NoCommonName => "no_common_name",
+            Self::InvalidId(_) => "invalid_vehicle_id",
+        }
+    }
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC server: TLS 1.3 only, client certificate from the fleet CA required.
+pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let tls_files: &Tls = &cfg.tls;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&tls_files.fleet_ca)? {
+        roots.add(ca)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&tls_files.cert)?, load_key(&tls_files.key)?)?;
+    tls.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
+    tls.max_early_data_size = 0; // no 0-RTT: replayable data has no place in clinical telemetry
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(cfg.quic.max_concurrent_frames))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_millis(cfg.quic.idle_timeout_ms))
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// gRPC server TLS: our certificate, client certificates from the subscriber CA required.
+pub fn grpc_server_tls(tls: &Tls) -> Result<tonic::transport::ServerTlsConfig, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Io {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(
+            &tls.subscriber_ca,
+        )?))
+        .client_auth_optional(false))
+}
+
+/// The vehicle id of a verified client certificate: its subject common name.
+pub fn vehicle_id(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| IdentityError::Unparseable)?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(IdentityError::NoCommonName)?;
+    if !relay_proto::is_valid_vehicle_id(cn) {
+        return Err(IdentityError::InvalidId(cn.chars().take(80).collect()));
+    }
+    Ok(cn.to_owned())
+}
+
+/// The vehicle id of a QUIC connection's (already verified) peer.
+pub fn connection_vehicle_id(conn: &quinn::Connection) -> Result<String, IdentityError> {
+    let identity = conn.peer_identity().ok_or(IdentityError::NoCertificate)?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| IdentityError::NoCertificate)?;
+    vehicle_id(certs.first().ok_or(IdentityError::NoCertificate)?)
+}

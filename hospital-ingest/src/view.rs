@@ -1,0 +1,215 @@
+//! Terminal dashboard of the ED monitor: one line per vehicle with its latest vitals, position,
+//! ECG latency and delivery state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use relay_proto::model::{SubscribeResponse, frame::Payload, subscribe_response::Record};
+
+#[derive(Debug, Default, Clone)]
+pub struct VehicleView {
+    pub hr: Option<f64>,
+    pub spo2: Option<f64>,
+    pub nibp: (Option<f64>, Option<f64>, Option<f64>),
+    pub position: Option<(f64, f64, f64)>,
+    /// Capture-to-display latency of the latest live waveform frame, milliseconds.
+    pub waveform_latency_ms: Option<f64>,
+    pub waveform_frames: u64,
+    pub late_frames: u64,
+    pub gaps_open: u64,
+    pub gaps_seen: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Dashboard {
+    pub vehicles: BTreeMap<String, VehicleView>,
+    /// Records received, and whether the backlog is done.
+    pub records: u64,
+    pub synced: bool,
+    pub lagged: u64,
+    pub cursor: u64,
+    rates: BTreeMap<(String, u64, u32), f64>,
+}
+
+impl Dashboard {
+    pub fn apply(&mut self, msg: &SubscribeResponse, now_ns: i64) {
+        self.records += 1;
+        self.cursor = msg.cursor;
+        match &msg.record {
+            Some(Record::Stream(info)) => {
+                if let (Some(s), Some(w)) = (
+                    &info.stream,
+                    info.descriptor.as_ref().and_then(|d| d.waveform.as_ref()),
+                ) {
+                    self.rates.insert(
+                        (s.vehicle_id.clone(), s.session_id, s.stream_id),
+                        w.sample_rate_hz,
+                    );
+                }
+            }
+            Some(Record::Data(d)) => {
+                let (Some(s), Some(f)) = (&d.stream, &d.frame) else {
+                    return;
+                };
+                let v = self.vehicles.entry(s.vehicle_id.clone()).or_default();
+                if d.late {
+                    v.late_frames += 1;
+                }
+                match &f.payload {
+                    Some(Payload::Vitals(r)) => {
+                        for x in &r.values {
+                            match x.mdc_code {
+                                147_842 => v.hr = Some(x.value),
+                                150_456 => v.spo2 = Some(x.value),
+                                150_021 => v.nibp.0 = Some(x.value),
+                                150_022 => v.nibp.1 = Some(x.value),
+                                150_023 => v.nibp.2 = Some(x.value),
+                                _ => {}
+                            }
+                        }
+                    }
+                    Some(Payload::Location(l)) => {
+                        v.position = Some((l.latitude_deg, l.longitude_deg, l.speed_mps))
+                    }
+                    Some(Payload::Waveform(w)) => {
+                        v.waveform_frames += 1;
+                        if !d.late {
+                            let rate = self
+                                .rates
+                                .get(&(s.vehicle_id.clone(), s.session_id, s.stream_id))
+                                .copied()
+                                .unwrap_or(0.0);
+                            let dur_ns = if rate > 0.0 {
+                                w.sample_count as f64 * 1e9 / rate
+                            } else {
+                                0.0
+                            };
+                            let end = f.capture_time_ns as f64 + dur_ns;
+                            v.waveform_latency_ms = Some((now_ns as f64 - end) / 1e6);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some(Record::Gap(g)) => {
+                if let Some(s) = &g.stream {
+                    let v = self.vehicles.entry(s.vehicle_id.clone()).or_default();
+                    v.gaps_open += 1;
+                    v.gaps_seen += 1;
+                }
+            }
+            Some(Record::GapClosed(g)) => {
+                if let Some(s) = &g.stream {
+                    let v = self.vehicles.entry(s.vehicle_id.clone()).or_default();
+                    v.gaps_open = v.gaps_open.saturating_sub(1);
+                }
+            }
+            Some(Record::Sync(_)) => self.synced = true,
+            Some(Record::Lagged(_)) => self.lagged += 1,
+            None => {}
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "ambulance telemetry - cursor {} - records {} - {}{}",
+            self.cursor,
+            self.records,
+            if self.synced { "live" } else { "catching up" },
+            if self.lagged > 0 {
+                format!(" - lagged {}x", self.lagged)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5}",
+            "vehicle",
+            "HR",
+            "SpO2",
+            "NIBP",
+            "position (lat, lon, m/s)",
+            "ECG lat ms",
+            "frames",
+            "late",
+            "gaps"
+        );
+        for (id, v) in &self.vehicles {
+            let nibp = format!("{}/{} ({})", opt(v.nibp.0), opt(v.nibp.1), opt(v.nibp.2));
+            let pos = v
+                .position
+                .map_or("-".into(), |(a, b, c)| format!("{a:.5}, {b:.5}, {c:.0}"));
+            let lat = v
+                .waveform_latency_ms
+                .map_or("-".into(), |l| format!("{l:.0}"));
+            let _ = writeln!(
+                s,
+                "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5}",
+                id,
+                opt(v.hr),
+                opt(v.spo2),
+                nibp,
+                pos,
+                lat,
+                v.waveform_frames,
+                v.late_frames,
+                v.gaps_open
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{DataRecord, Frame, StreamRef, VitalSign, VitalsReport};
+
+    #[test]
+    fn shows_latest_vitals_per_vehicle() {
+        let mut d = Dashboard::default();
+        let vit = |code, value| VitalSign {
+            mdc_code: code,
+            label: String::new(),
+            value,
+            unit: String::new(),
+        };
+        let msg = SubscribeResponse {
+            cursor: 9,
+            record: Some(Record::Data(DataRecord {
+                stream: Some(StreamRef {
+                    vehicle_id: "amb-3".into(),
+                    session_id: 1,
+                    stream_id: 1,
+                    kind: 3,
+                }),
+                frame: Some(Frame {
+                    stream_id: 1,
+                    seq: 0,
+                    capture_time_ns: 0,
+                    payload: Some(Payload::Vitals(VitalsReport {
+                        values: vec![
+                            vit(147_842, 81.0),
+                            vit(150_456, 97.0),
+                            vit(150_021, 130.0),
+                            vit(150_022, 85.0),
+                            vit(150_023, 100.0),
+                        ],
+                    })),
+                }),
+                late: false,
+                received_time_ns: 0,
+            })),
+        };
+        d.apply(&msg, 0);
+        let out = d.render();
+        assert!(out.contains("amb-3"), "{out}");
+        assert!(out.contains("81"), "{out}");
+        assert!(out.contains("130/85 (100)"), "{out}");
+        assert_eq!(d.cursor, 9);
+    }
+}
