@@ -32,6 +32,17 @@ pub fn now_utc_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// What the `hospital-ingest` binary does: load the configuration, run until SIGTERM/ctrl-c,
+/// shut down gracefully.
+pub async fn run_cli(cli: config::Cli) -> anyhow::Result<()> {
+    relay_proto::ops::init_logging("info");
+    let cfg = IngestConfig::load(&cli).context("loading configuration")?;
+    let ingest = Ingest::start(cfg).await?;
+    relay_proto::ops::shutdown_signal().await;
+    tracing::info!("shutting down");
+    ingest.shutdown().await
+}
+
 /// A running ingest. Ports given as 0 are resolved in the `*_addr` fields.
 #[derive(Debug)]
 pub struct Ingest {

@@ -1,1 +1,325 @@
+//! Helpers for the end-to-end tests: a throw-away PKI (plus a foreign CA), ingests in-process
+//! or as a killable process, agents, and a resuming subscriber that collects what it receives.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hospital_ingest::client::{ClientTls, StreamId, WfdbSink, connect, stream_id};
+use hospital_ingest::config::IngestConfig;
+use hospital_ingest::devcerts::{DevPki, generate};
+use relay_proto::model::{
+    StreamKind, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
+};
+use vehicle_agent::config::{AgentConfig, SourceConfig};
+
+pub const VEHICLES: [&str; 4] = ["amb-1", "amb-2", "amb-3", "amb-4"];
+
+/// Shipped copy of a PhysioNet record (see data/NOTICE).
+pub fn record(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ecg")
+        .join(name)
+}
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    /// A second, unrelated PKI: its vehicle certificates must be refused.
+    pub rogue: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        relay_proto::ops::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let vehicles = VEHICLES.iter().map(|v| v.to_string()).collect();
+        let subscribers = vec!["ed-console".into(), "ed-2".into()];
+        generate(
+            dir.path(),
+            &DevPki {
+                vehicles,
+                subscribers,
+                ..DevPki::default()
+            },
+        )
+        .unwrap();
+        let rogue = tempfile::tempdir().unwrap();
+        generate(
+            rogue.path(),
+            &DevPki {
+                vehicles: vec!["amb-1".into()],
+                ..DevPki::default()
+            },
+        )
+        .unwrap();
+        Self { dir, rogue }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn subscriber(&self, name: &str) -> ClientTls {
+        ClientTls::from_dev_dir(self.path(), name)
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Ingest configuration on ephemeral loopback ports.
+pub fn ingest_config(pki: &Pki, store: &Path) -> IngestConfig {
+    let mut c = IngestConfig::default();
+    c.quic.listen = "127.0.0.1:0".parse().unwrap();
+    c.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.tls.cert = pki.path().join("ingest.pem");
+    c.tls.key = pki.path().join("ingest.key");
+    c.tls.fleet_ca = pki.path().join("fleet-ca.pem");
+    c.tls.subscriber_ca = pki.path().join("hospital-ca.pem");
+    c.store.path = store.to_owned();
+    c
+}
+
+pub fn agent_config(
+    pki_dir: &Path,
+    vehicle: &str,
+    ingest: SocketAddr,
+    sources: Vec<SourceConfig>,
+) -> AgentConfig {
+    let mut c = AgentConfig::default();
+    c.vehicle_id = vehicle.into();
+    c.ingest.address = ingest;
+    c.ingest.bind = "127.0.0.1:0".parse().unwrap();
+    c.ingest.idle_timeout_ms = 3_000;
+    c.ingest.keep_alive_ms = 500;
+    c.reconnect.initial_backoff_ms = 100;
+    c.reconnect.max_backoff_ms = 1_000;
+    c.tls.ca_cert = pki_dir.join("hospital-ca.pem");
+    c.tls.cert = pki_dir.join(format!("{vehicle}.pem"));
+    c.tls.key = pki_dir.join(format!("{vehicle}.key"));
+    c.sources = sources;
+    c
+}
+
+pub fn replay(name: &str, speed: f64) -> SourceConfig {
+    SourceConfig::Wfdb {
+        record: record(name),
+        speed,
+        r#loop: false,
+        name: "ecg".into(),
+    }
+}
+
+pub fn vitals_and_gps() -> Vec<SourceConfig> {
+    vec![
+        SourceConfig::SyntheticVitals { interval_ms: 200 },
+        SourceConfig::SyntheticGps {
+            interval_ms: 200,
+            start_latitude_deg: 52.5,
+            start_longitude_deg: 13.4,
+        },
+    ]
+}
+
+/// Everything a subscriber saw.
+#[derive(Debug)]
+pub struct Collected {
+    pub sink: WfdbSink,
+    pub data_records: u64,
+    pub duplicates: u64,
+    pub vehicles: HashSet<String>,
+    pub gaps: u64,
+    pub gaps_closed: u64,
+    pub late: u64,
+    pub syncs: u64,
+    pub lagged: u64,
+    pub reconnects: u64,
+    pub cursor: u64,
+    seen: HashSet<(StreamId, u64)>,
+}
+
+impl Collected {
+    fn new(dir: &Path) -> Self {
+        Self {
+            sink: WfdbSink::new(dir),
+            data_records: 0,
+            duplicates: 0,
+            vehicles: HashSet::new(),
+            gaps: 0,
+            gaps_closed: 0,
+            late: 0,
+            syncs: 0,
+            lagged: 0,
+            reconnects: 0,
+            cursor: 0,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Samples per channel received for the waveform stream of `vehicle`.
+    pub fn waveform_samples(&self, vehicle: &str) -> u64 {
+        self.sink
+            .streams()
+            .filter(|id| id.0 == vehicle)
+            .map(|id| self.sink.received_samples(id))
+            .sum()
+    }
+
+    /// Frames received per vehicle and stream id.
+    pub fn frames_by_stream(&self) -> HashMap<StreamId, u64> {
+        let mut m = HashMap::new();
+        for (id, _) in &self.seen {
+            *m.entry(id.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// Subscribes from cursor 0 and collects until `done` holds, resuming from the last cursor
+/// whenever the stream breaks (ingest restarts). Panics after `limit`.
+pub async fn collect_until(
+    url: impl Fn() -> String,
+    tls: &ClientTls,
+    out_dir: &Path,
+    limit: Duration,
+    done: impl Fn(&Collected) -> bool,
+) -> Collected {
+    let mut c = Collected::new(out_dir);
+    let deadline = tokio::time::Instant::now() + limit;
+    'outer: loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriber gave up: {} records, {} samples",
+            c.data_records,
+            c.sink
+                .streams()
+                .map(|s| c.sink.received_samples(s))
+                .sum::<u64>()
+        );
+        let Ok(mut client) = connect(&url(), tls).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let req = SubscribeRequest {
+            vehicle_ids: vec![],
+            kinds: vec![],
+            start: Some(Start::AfterCursor(c.cursor)),
+        };
+        let Ok(resp) = client.subscribe(req).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = resp.into_inner();
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => continue 'outer,
+                Ok(Ok(Some(m))) => m,
+                Ok(_) => {
+                    c.reconnects += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'outer;
+                }
+            };
+            c.cursor = msg.cursor;
+            match &msg.record {
+                Some(Record::Data(d)) => {
+                    let s = d.stream.as_ref().unwrap();
+                    c.vehicles.insert(s.vehicle_id.clone());
+                    let key = (stream_id(s), d.frame.as_ref().unwrap().seq);
+                    if !c.seen.insert(key) {
+                        c.duplicates += 1;
+                    }
+                    c.data_records += 1;
+                    if d.late {
+                        c.late += 1;
+                    }
+                }
+                Some(Record::Gap(_)) => c.gaps += 1,
+                Some(Record::GapClosed(_)) => c.gaps_closed += 1,
+                Some(Record::Sync(_)) => c.syncs += 1,
+                Some(Record::Lagged(_)) => c.lagged += 1,
+                _ => {}
+            }
+            c.sink.handle(&msg).unwrap();
+            if done(&c) {
+                return c;
+            }
+        }
+    }
+}
+
+/// Writes what was collected as WFDB and checks it against the original record: every sample
+/// equal, header checksums equal to the original header's.
+pub fn assert_bit_exact(collected: Collected, vehicle: &str, original: &str) {
+    let orig = relay_proto::wfdb::read_record(&record(original)).unwrap();
+    let written = collected.sink.finish().unwrap();
+    let (_, hea) = written
+        .iter()
+        .find(|(id, _)| id.0 == vehicle)
+        .expect("a WFDB record for the vehicle");
+    let got = relay_proto::wfdb::read_record(&hea.with_extension("")).unwrap();
+    assert_eq!(got.num_signals(), orig.num_signals());
+    assert_eq!(
+        got.header.sampling_frequency,
+        orig.header.sampling_frequency
+    );
+    assert_eq!(got.samples_per_signal, orig.samples_per_signal);
+    assert!(
+        got.samples == orig.samples,
+        "samples differ from the original"
+    );
+    for (i, (g, o)) in got
+        .header
+        .signals
+        .iter()
+        .zip(&orig.header.signals)
+        .enumerate()
+    {
+        assert_eq!(g.checksum, o.checksum, "checksum of signal {i}");
+        assert_eq!(g.description, o.description);
+        assert_eq!(
+            (g.gain, g.baseline, g.adc_zero, g.adc_resolution),
+            (o.gain, o.baseline, o.adc_zero, o.adc_resolution)
+        );
+        assert_eq!(g.initial_value, o.initial_value);
+    }
+}
+
+/// GET a path over plain HTTP/1.1 (metrics endpoints); returns (status line + headers, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+/// A free loopback port for UDP and one for TCP (bound and released; fine on loopback in tests).
+pub fn free_ports() -> (u16, u16) {
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        u.local_addr().unwrap().port(),
+        t.local_addr().unwrap().port(),
+    )
+}
+
+pub fn is_waveform(kind: i32) -> bool {
+    kind == StreamKind::Waveform as i32
+}
