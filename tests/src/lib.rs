@@ -141,6 +141,9 @@ pub struct Collected {
     pub lagged: u64,
     pub reconnects: u64,
     pub cursor: u64,
+    /// Longest time between the ingest storing a frame and this subscriber receiving it, for
+    /// frames received after the sync marker (live), milliseconds.
+    pub max_live_delay_ms: f64,
     seen: HashSet<(StreamId, u64)>,
 }
 
@@ -158,6 +161,7 @@ impl Collected {
             lagged: 0,
             reconnects: 0,
             cursor: 0,
+            max_live_delay_ms: 0.0,
             seen: HashSet::new(),
         }
     }
@@ -169,6 +173,17 @@ impl Collected {
             .filter(|id| id.0 == vehicle)
             .map(|id| self.sink.received_samples(id))
             .sum()
+    }
+
+    /// Whether every stream holds each seq from 0 to its highest exactly once.
+    pub fn complete_from_zero(&self) -> bool {
+        let mut max: HashMap<&StreamId, u64> = HashMap::new();
+        for (id, seq) in &self.seen {
+            let m = max.entry(id).or_default();
+            *m = (*m).max(*seq);
+        }
+        let counts = self.frames_by_stream();
+        max.iter().all(|(id, m)| counts.get(*id) == Some(&(m + 1)))
     }
 
     /// Frames received per vehicle and stream id.
@@ -238,6 +253,11 @@ pub async fn collect_until(
                     c.data_records += 1;
                     if d.late {
                         c.late += 1;
+                    }
+                    if c.syncs > 0 {
+                        let delay =
+                            (hospital_ingest::now_utc_ns() - d.received_time_ns) as f64 / 1e6;
+                        c.max_live_delay_ms = c.max_live_delay_ms.max(delay);
                     }
                 }
                 Some(Record::Gap(_)) => c.gaps += 1,
@@ -322,4 +342,12 @@ pub fn free_ports() -> (u16, u16) {
 
 pub fn is_waveform(kind: i32) -> bool {
     kind == StreamKind::Waveform as i32
+}
+
+/// Value of an unlabelled sample in Prometheus text, 0 when absent.
+pub fn metric_value(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }

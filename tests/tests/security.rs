@@ -1,0 +1,269 @@
+//! Identity comes from certificates; bad input closes only the offending connection.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hospital_ingest::Ingest;
+use prost::Message;
+use relay_e2e::*;
+use relay_proto::CloseCode;
+use relay_proto::model::{
+    Frame, StreamDescriptor, StreamKind, VitalSign, VitalsReport, frame::Payload,
+};
+use relay_proto::wire::v1::{ControlMessage, Hello, control_message::Body};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use vehicle_agent::Agent;
+use vehicle_agent::config::{IngestEndpoint, TlsFiles};
+
+async fn raw_connect(
+    cert_dir: &Path,
+    trust_dir: &Path,
+    vehicle: &str,
+    ingest: SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let files = TlsFiles {
+        ca_cert: trust_dir.join("hospital-ca.pem"),
+        cert: cert_dir.join(format!("{vehicle}.pem")),
+        key: cert_dir.join(format!("{vehicle}.key")),
+    };
+    let client = vehicle_agent::tls::client_config(&files, &IngestEndpoint::default()).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(client, ingest, "localhost")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Sends a Hello declaring one vitals stream (id 0) and waits for the HelloAck.
+async fn hello(conn: &quinn::Connection, claimed: &str) -> Result<(), quinn::ConnectionError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FramedWrite::new(send, LengthDelimitedCodec::new());
+    let mut r = FramedRead::new(recv, LengthDelimitedCodec::new());
+    let hello = Hello {
+        protocol_version: relay_proto::PROTOCOL_VERSION,
+        vehicle_id: claimed.into(),
+        session_id: 42,
+        streams: vec![StreamDescriptor {
+            stream_id: 0,
+            kind: StreamKind::Vitals as i32,
+            name: "vitals".into(),
+            waveform: None,
+        }],
+        agent_version: "test".into(),
+    };
+    let msg = ControlMessage {
+        body: Some(Body::Hello(hello)),
+    };
+    if w.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
+        return Err(conn.closed().await);
+    }
+    tokio::select! {
+        m = r.next() => match m {
+            Some(Ok(b)) => match ControlMessage::decode(b.freeze()).unwrap().body {
+                Some(Body::HelloAck(_)) => {
+                    // Keep the control stream open for the rest of the test.
+                    std::mem::forget((w, r));
+                    Ok(())
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            _ => Err(conn.closed().await),
+        },
+        e = conn.closed() => Err(e),
+    }
+}
+
+fn close_code(e: &quinn::ConnectionError) -> Option<CloseCode> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            CloseCode::from_u64(c.error_code.into_inner())
+        }
+        _ => None,
+    }
+}
+
+async fn send_raw_frame(conn: &quinn::Connection, bytes: &[u8]) {
+    if let Ok(mut s) = conn.open_uni().await {
+        let _ = s.write_all(bytes).await;
+        let _ = s.finish();
+    }
+}
+
+async fn closed_within(conn: &quinn::Connection) -> quinn::ConnectionError {
+    tokio::time::timeout(Duration::from_secs(20), conn.closed())
+        .await
+        .expect("connection should be closed by the ingest")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_ca_and_identity_claims_are_refused() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+
+    // A certificate for "amb-1" from another CA never gets a session.
+    match raw_connect(pki.rogue.path(), pki.path(), "amb-1", ingest.quic_addr).await {
+        Err(_) => {}
+        Ok(conn) => {
+            let r = hello(&conn, "amb-1").await;
+            assert!(r.is_err(), "a foreign-CA certificate got a session");
+            assert!(
+                close_code(&r.unwrap_err()).is_none(),
+                "refused by TLS, not by the application"
+            );
+        }
+    }
+
+    // A genuine amb-1 certificate that claims to be amb-2 is closed with identity_mismatch.
+    let conn = raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr)
+        .await
+        .unwrap();
+    let err = hello(&conn, "amb-2").await.unwrap_err();
+    assert_eq!(close_code(&err), Some(CloseCode::IdentityMismatch), "{err}");
+
+    // The same for the full agent: it never gets to stream as amb-2.
+    let mut cfg = agent_config(pki.path(), "amb-2", ingest.quic_addr, vitals_and_gps());
+    cfg.tls.cert = pki.path().join("amb-1.pem");
+    cfg.tls.key = pki.path().join("amb-1.key");
+    let impostor = Agent::start(cfg).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut client = hospital_ingest::client::connect(
+        &format!("https://{}", ingest.grpc_addr),
+        &pki.subscriber("ed-console"),
+    )
+    .await
+    .unwrap();
+    let list = client
+        .list_vehicles(relay_proto::model::ListVehiclesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        list.vehicles.iter().all(|v| v.vehicle_id != "amb-2"),
+        "{list:?}"
+    );
+    impostor.shutdown().await.unwrap();
+
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        metric_value(&body, "relay_ingest_handshake_failures_total") >= 1.0,
+        "{body}"
+    );
+    assert!(
+        body.contains("relay_ingest_security_events_total{reason=\"identity_mismatch\"}"),
+        "{body}"
+    );
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_frames_close_only_that_connection() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let tls = pki.subscriber("ed-console");
+
+    // A well-behaved vehicle streams throughout.
+    let good = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    let before = collect_until(
+        || url.clone(),
+        &tls,
+        &work.path().join("a"),
+        Duration::from_secs(60),
+        |c| c.data_records >= 5,
+    )
+    .await;
+
+    // Garbage on a frame stream.
+    let bad = raw_connect(pki.path(), pki.path(), "amb-3", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&bad, "amb-3").await.unwrap();
+    send_raw_frame(&bad, b"\xff\xff\xff\xff not a protobuf frame").await;
+    assert_eq!(
+        close_code(&closed_within(&bad).await),
+        Some(CloseCode::Malformed)
+    );
+
+    // A well-formed frame for a stream that was never declared.
+    let bad = raw_connect(pki.path(), pki.path(), "amb-3", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&bad, "amb-3").await.unwrap();
+    let undeclared = Frame {
+        stream_id: 9,
+        seq: 0,
+        capture_time_ns: 0,
+        payload: Some(Payload::Vitals(VitalsReport {
+            values: vec![VitalSign {
+                mdc_code: 147_842,
+                label: "HR".into(),
+                value: 80.0,
+                unit: "/min".into(),
+            }],
+        })),
+    };
+    send_raw_frame(&bad, &undeclared.encode_to_vec()).await;
+    assert_eq!(
+        close_code(&closed_within(&bad).await),
+        Some(CloseCode::Malformed)
+    );
+
+    // A frame larger than the bound.
+    let big = raw_connect(pki.path(), pki.path(), "amb-4", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&big, "amb-4").await.unwrap();
+    send_raw_frame(&big, &vec![0u8; relay_proto::DEFAULT_MAX_FRAME_BYTES + 1]).await;
+    assert_eq!(
+        close_code(&closed_within(&big).await),
+        Some(CloseCode::FrameTooLarge)
+    );
+
+    // The good vehicle kept streaming: new frames arrive after all of that.
+    let seen = before.data_records;
+    let after = collect_until(
+        || url.clone(),
+        &tls,
+        &work.path().join("b"),
+        Duration::from_secs(60),
+        |c| c.data_records >= seen + 10,
+    )
+    .await;
+    assert_eq!(
+        after.vehicles.iter().collect::<Vec<_>>(),
+        vec!["amb-1"],
+        "nothing from the bad connections was stored"
+    );
+    assert_eq!(after.duplicates, 0);
+
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        body.contains("relay_ingest_protocol_errors_total{reason=\"malformed\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("relay_ingest_protocol_errors_total{reason=\"frame_too_large\"} 1"),
+        "{body}"
+    );
+    good.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}

@@ -1,0 +1,97 @@
+//! A subscriber that stops reading is cut off without delaying anyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use hospital_ingest::Ingest;
+use relay_e2e::*;
+use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
+use vehicle_agent::Agent;
+use vehicle_agent::config::SourceConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_is_cut_off_while_another_keeps_up() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.subscriber_queue = 16;
+    cfg.grpc.slow_subscriber_timeout_ms = 1_000;
+    cfg.grpc.live_buffer = 256;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+
+    // 15 leads at 1000 Hz, 20x real time: about 500 frames (600 kB) a second.
+    let source = SourceConfig::Wfdb {
+        record: record("s0010_re"),
+        speed: 20.0,
+        r#loop: true,
+        name: "ecg".into(),
+    };
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vec![source],
+    ))
+    .await
+    .unwrap();
+
+    // The stalled subscriber: subscribes, then never reads.
+    let mut stalled_client = hospital_ingest::client::connect(&url, &pki.subscriber("ed-2"))
+        .await
+        .unwrap();
+    let req = SubscribeRequest {
+        vehicle_ids: vec![],
+        kinds: vec![],
+        start: Some(Start::Live(true)),
+    };
+    let mut stalled = stalled_client.subscribe(req).await.unwrap().into_inner();
+
+    // The healthy subscriber reads everything the while.
+    let healthy = collect_until(
+        || url.clone(),
+        &pki.subscriber("ed-console"),
+        &work.path().join("w"),
+        Duration::from_secs(180),
+        |c| c.data_records >= 6_000,
+    )
+    .await;
+    assert_eq!(healthy.duplicates, 0);
+    assert!(
+        healthy.complete_from_zero(),
+        "every seq from 0 to the highest, once"
+    );
+    // Generous: the point is that it is not held up by the stalled one (cut off after 1 s).
+    assert!(
+        healthy.max_live_delay_ms < 5_000.0,
+        "healthy subscriber delayed {} ms",
+        healthy.max_live_delay_ms
+    );
+
+    // Meanwhile the stalled one was cut off, and says so when it finally reads.
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    assert!(
+        metric_value(&body, "relay_ingest_subscribers_cut_off_total") >= 1.0,
+        "{body}"
+    );
+    let mut got_status = None;
+    for _ in 0..100_000 {
+        match tokio::time::timeout(Duration::from_secs(30), stalled.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(m)) => assert!(!matches!(m.record, Some(Record::Lagged(_))) || m.cursor > 0),
+            Ok(None) => break,
+            Err(status) => {
+                got_status = Some(status);
+                break;
+            }
+        }
+    }
+    let status = got_status.expect("the stalled subscriber ends with an error status");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("after_cursor="), "{status}");
+
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
