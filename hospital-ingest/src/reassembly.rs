@@ -107,7 +107,7 @@ impl Reassembler {
         let max_gaps = self.max_gaps_per_stream;
         let st = self.streams.entry(key.clone()).or_default();
         if seq >= st.next_seq {
-            let gap = (seq > st.next_seq).then(|| Gap {
+            let gap = (seq > st.next_seq).then_some(Gap {
                 start_seq: st.next_seq,
                 end_seq: seq,
                 start_time_ns: st.next_time_ns,
@@ -150,12 +150,12 @@ impl Reassembler {
             st.missing.insert(seq + 1, m_end);
         }
         let mut closed = None;
-        if let Some((&a_start, entry)) = st.announced.range_mut(..=seq).next_back() {
-            if seq < entry.0 {
-                entry.1 = entry.1.saturating_sub(1);
-                if entry.1 == 0 {
-                    closed = Some((a_start, entry.0));
-                }
+        if let Some((&a_start, entry)) = st.announced.range_mut(..=seq).next_back()
+            && seq < entry.0
+        {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                closed = Some((a_start, entry.0));
             }
         }
         if let Some((s, _)) = closed {

@@ -255,10 +255,10 @@ impl Store {
                     break;
                 }
                 log.remove(cursor)?;
-                if let Some(Record::Data(d)) = msg.as_ref().and_then(|m| m.record.as_ref()) {
-                    if let (Some(s), Some(f)) = (&d.stream, &d.frame) {
-                        seen.remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
-                    }
+                if let Some(Record::Data(d)) = msg.as_ref().and_then(|m| m.record.as_ref())
+                    && let (Some(s), Some(f)) = (&d.stream, &d.frame)
+                {
+                    seen.remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
                 }
                 bytes = bytes.saturating_sub(len);
                 deleted += 1;

@@ -326,17 +326,17 @@ pub fn spawn(
                     }
                 }
                 metrics::gauge!("relay_ingest_store_queue_depth").set(rx.len() as f64);
-                if !cmds.is_empty() {
-                    if let Err(e) = writer.run_batch(cmds) {
-                        // Nothing was acknowledged; agents keep their frames and re-send. The
-                        // reassembler saw frames that were not stored: rebuild it from the store.
-                        tracing::error!(error = %e, "store commit failed; batch not acknowledged");
-                        metrics::counter!("relay_ingest_store_errors_total").increment(1);
-                        match Writer::open(writer.store.clone(), writer.bus.clone()) {
-                            Ok(w) => writer = w,
-                            Err(e) => {
-                                tracing::error!(error = %e, "reloading reassembly state failed")
-                            }
+                if !cmds.is_empty()
+                    && let Err(e) = writer.run_batch(cmds)
+                {
+                    // Nothing was acknowledged; agents keep their frames and re-send. The
+                    // reassembler saw frames that were not stored: rebuild it from the store.
+                    tracing::error!(error = %e, "store commit failed; batch not acknowledged");
+                    metrics::counter!("relay_ingest_store_errors_total").increment(1);
+                    match Writer::open(writer.store.clone(), writer.bus.clone()) {
+                        Ok(w) => writer = w,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reloading reassembly state failed")
                         }
                     }
                 }

@@ -433,7 +433,7 @@ impl Format16Writer {
     /// clamped (format 16 cannot hold them); a range already written is ignored.
     pub fn write(&mut self, first: u64, interleaved: &[i32]) -> Result<(), WfdbError> {
         let n = self.channels.len();
-        if n == 0 || interleaved.len() % n != 0 {
+        if n == 0 || !interleaved.len().is_multiple_of(n) {
             return Err(WfdbError::Record(
                 self.name.clone(),
                 "sample count not a multiple of channels".into(),
@@ -468,12 +468,12 @@ impl Format16Writer {
     }
 
     fn insert_range(&mut self, mut start: u64, mut end: u64) {
-        if let Some((&s, &e)) = self.filled.range(..=start).next_back() {
-            if e >= start {
-                start = s;
-                end = end.max(e);
-                self.filled.remove(&s);
-            }
+        if let Some((&s, &e)) = self.filled.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+            self.filled.remove(&s);
         }
         while let Some((&s, &e)) = self.filled.range(start..=end).next() {
             end = end.max(e);

@@ -92,8 +92,7 @@ pub fn agent_config(
     ingest: SocketAddr,
     sources: Vec<SourceConfig>,
 ) -> AgentConfig {
-    let mut c = AgentConfig::default();
-    c.vehicle_id = vehicle.into();
+    let mut c = AgentConfig { vehicle_id: vehicle.into(), ..AgentConfig::default() };
     c.ingest.address = ingest;
     c.ingest.bind = "127.0.0.1:0".parse().unwrap();
     c.ingest.idle_timeout_ms = 3_000;

@@ -463,8 +463,7 @@ mod tests {
 
     #[test]
     fn invalid_values_are_refused() {
-        let mut cfg = AgentConfig::default();
-        cfg.vehicle_id = "no spaces".into();
+        let cfg = AgentConfig { vehicle_id: "no spaces".into(), ..AgentConfig::default() };
         assert!(cfg.validate().is_err());
         let mut cfg = AgentConfig::default();
         cfg.framing.frame_ms = 0;

@@ -303,10 +303,7 @@ async fn paced_waveform(
     let start = Instant::now();
     let spf = framer.samples_per_frame();
     let mut produced = 0;
-    loop {
-        let Some(samples) = next(framer.next_sample_index(), spf) else {
-            break;
-        };
+    while let Some(samples) = next(framer.next_sample_index(), spf) {
         if samples.is_empty() {
             break;
         }

@@ -85,14 +85,14 @@ async fn main() -> anyhow::Result<()> {
         .map(|k| parse_kind(k))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut cursor = a.after_cursor;
-    if let Some(f) = &a.cursor_file {
-        if let Ok(text) = std::fs::read_to_string(f) {
-            cursor = Some(
-                text.trim()
-                    .parse()
-                    .with_context(|| format!("cursor file {} holds no number", f.display()))?,
-            );
-        }
+    if let Some(f) = &a.cursor_file
+        && let Ok(text) = std::fs::read_to_string(f)
+    {
+        cursor = Some(
+            text.trim()
+                .parse()
+                .with_context(|| format!("cursor file {} holds no number", f.display()))?,
+        );
     }
     let mut sink = a.wfdb_dir.as_deref().map(WfdbSink::new);
     let mut dash = Dashboard::default();
