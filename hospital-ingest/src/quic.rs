@@ -384,6 +384,9 @@ async fn serve_vehicle(
             },
             msg = control_in.next() => match msg {
                 Some(Ok(_)) => {} // nothing else is expected from the agent yet; ignore
+                // A read error on a connection that is already closed is a disconnect, not
+                // bad input.
+                Some(Err(_)) if conn.close_reason().is_some() => break Ok(()),
                 Some(Err(e)) => break Err(refuse(CloseCode::Malformed, format!("control stream: {e}"))),
                 None => break Ok(()),
             },
@@ -470,5 +473,112 @@ async fn write_acks(
         if out.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{ChannelInfo, Location, WaveformChunk, WaveformInfo};
+
+    fn ecg(id: u32) -> StreamDescriptor {
+        let ch = |n: &str| ChannelInfo {
+            name: n.into(),
+            unit: "mV".into(),
+            gain: 200.0,
+            ..ChannelInfo::default()
+        };
+        StreamDescriptor {
+            stream_id: id,
+            kind: StreamKind::Waveform as i32,
+            name: "ecg".into(),
+            waveform: Some(WaveformInfo {
+                sample_rate_hz: 360.0,
+                channels: vec![ch("MLII"), ch("V5")],
+                source: String::new(),
+            }),
+        }
+    }
+
+    fn hello(streams: Vec<StreamDescriptor>) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            vehicle_id: "amb-1".into(),
+            session_id: 1,
+            streams,
+            agent_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn hello_must_match_certificate_and_bounds() {
+        assert!(validate_hello(&hello(vec![ecg(0)]), "amb-1").is_ok());
+        assert_eq!(
+            validate_hello(&hello(vec![ecg(0)]), "amb-2")
+                .unwrap_err()
+                .code,
+            CloseCode::IdentityMismatch
+        );
+        assert_eq!(
+            validate_hello(&hello(vec![ecg(0), ecg(0)]), "amb-1")
+                .unwrap_err()
+                .code,
+            CloseCode::Malformed
+        );
+        assert_eq!(
+            validate_hello(&hello(vec![]), "amb-1").unwrap_err().code,
+            CloseCode::Malformed
+        );
+        let mut bad_rate = ecg(0);
+        if let Some(w) = bad_rate.waveform.as_mut() {
+            w.sample_rate_hz = f64::NAN;
+        }
+        assert!(validate_hello(&hello(vec![bad_rate]), "amb-1").is_err());
+        let mut old = hello(vec![ecg(0)]);
+        old.protocol_version = 99;
+        assert_eq!(
+            validate_hello(&old, "amb-1").unwrap_err().code,
+            CloseCode::BadHandshake
+        );
+    }
+
+    #[test]
+    fn frames_must_match_their_stream() {
+        let streams: HashMap<u32, StreamDescriptor> = [(0, ecg(0))].into_iter().collect();
+        let wave = |count: u32, n: usize| Frame {
+            stream_id: 0,
+            seq: 0,
+            capture_time_ns: 0,
+            payload: Some(Payload::Waveform(WaveformChunk {
+                first_sample_index: 0,
+                sample_count: count,
+                samples: vec![0; n],
+            })),
+        };
+        assert!(validate_frame(&wave(3, 6), &streams).is_ok());
+        assert!(
+            validate_frame(&wave(3, 5), &streams).is_err(),
+            "samples not count x channels"
+        );
+        assert!(validate_frame(&wave(0, 0), &streams).is_err());
+        let mut other = wave(3, 6);
+        other.stream_id = 1;
+        assert!(
+            validate_frame(&other, &streams).is_err(),
+            "undeclared stream"
+        );
+        let loc = Frame {
+            payload: Some(Payload::Location(Location::default())),
+            ..wave(1, 2)
+        };
+        assert!(
+            validate_frame(&loc, &streams).is_err(),
+            "payload kind differs from the stream's"
+        );
+        let no_payload = Frame {
+            payload: None,
+            ..wave(1, 2)
+        };
+        assert!(validate_frame(&no_payload, &streams).is_err());
     }
 }

@@ -92,7 +92,10 @@ pub fn agent_config(
     ingest: SocketAddr,
     sources: Vec<SourceConfig>,
 ) -> AgentConfig {
-    let mut c = AgentConfig { vehicle_id: vehicle.into(), ..AgentConfig::default() };
+    let mut c = AgentConfig {
+        vehicle_id: vehicle.into(),
+        ..AgentConfig::default()
+    };
     c.ingest.address = ingest;
     c.ingest.bind = "127.0.0.1:0".parse().unwrap();
     c.ingest.idle_timeout_ms = 3_000;

@@ -463,7 +463,10 @@ mod tests {
 
     #[test]
     fn invalid_values_are_refused() {
-        let cfg = AgentConfig { vehicle_id: "no spaces".into(), ..AgentConfig::default() };
+        let cfg = AgentConfig {
+            vehicle_id: "no spaces".into(),
+            ..AgentConfig::default()
+        };
         assert!(cfg.validate().is_err());
         let mut cfg = AgentConfig::default();
         cfg.framing.frame_ms = 0;

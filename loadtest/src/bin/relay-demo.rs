@@ -1,0 +1,7 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    relay_proto::ops::init_logging("warn");
+    loadtest::demo::run(loadtest::demo::DemoArgs::parse()).await
+}

@@ -1,0 +1,189 @@
+//! The demo: a development PKI, an ingest, two ambulances and an ED monitor, all on loopback,
+//! with embedded defaults and the shipped recordings.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use hospital_ingest::client::{ClientTls, WfdbSink, connect};
+use hospital_ingest::devcerts::{DevPki, generate};
+use hospital_ingest::view::Dashboard;
+use hospital_ingest::{Ingest, IngestConfig};
+use relay_proto::model::{SubscribeRequest, subscribe_request::Start};
+use vehicle_agent::config::SourceConfig;
+use vehicle_agent::{Agent, AgentConfig};
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "relay-demo",
+    version,
+    about = "Run ingest, two ambulances and an ED monitor on loopback"
+)]
+pub struct DemoArgs {
+    /// Directory with the WFDB records (100, s0010_re).
+    #[arg(long, default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Stop after this many seconds (runs until ctrl-c when absent).
+    #[arg(long)]
+    pub duration_s: Option<u64>,
+    /// Also write every waveform the monitor receives as WFDB records here.
+    #[arg(long)]
+    pub wfdb_dir: Option<PathBuf>,
+    /// Replay speed of the recordings (1 = real time).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Print status lines instead of redrawing the screen.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+pub fn default_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg")
+}
+
+fn agent(
+    pki: &Path,
+    vehicle: &str,
+    ingest: std::net::SocketAddr,
+    ecg: SourceConfig,
+    lat: f64,
+    lon: f64,
+) -> AgentConfig {
+    let mut c = AgentConfig {
+        vehicle_id: vehicle.into(),
+        ..AgentConfig::default()
+    };
+    c.ingest.address = ingest;
+    c.tls.ca_cert = pki.join("hospital-ca.pem");
+    c.tls.cert = pki.join(format!("{vehicle}.pem"));
+    c.tls.key = pki.join(format!("{vehicle}.key"));
+    c.sources = vec![
+        ecg,
+        SourceConfig::SyntheticVitals { interval_ms: 1000 },
+        SourceConfig::SyntheticGps {
+            interval_ms: 1000,
+            start_latitude_deg: lat,
+            start_longitude_deg: lon,
+        },
+    ];
+    c
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    for rec in ["100", "s0010_re"] {
+        let hea = args.data_dir.join(format!("{rec}.hea"));
+        anyhow::ensure!(hea.exists(), "{} not found; pass --data-dir", hea.display());
+    }
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let pki = work.path().join("certs");
+    let vehicles = vec!["amb-1".to_string(), "amb-2".to_string()];
+    generate(
+        &pki,
+        &DevPki {
+            vehicles,
+            ..DevPki::default()
+        },
+    )
+    .context("creating development certificates")?;
+
+    let mut cfg = IngestConfig::default();
+    cfg.quic.listen = "127.0.0.1:0".parse()?;
+    cfg.grpc.listen = "127.0.0.1:0".parse()?;
+    cfg.metrics.listen = Some("127.0.0.1:0".parse()?);
+    cfg.tls.cert = pki.join("ingest.pem");
+    cfg.tls.key = pki.join("ingest.key");
+    cfg.tls.fleet_ca = pki.join("fleet-ca.pem");
+    cfg.tls.subscriber_ca = pki.join("hospital-ca.pem");
+    cfg.store.path = work.path().join("store/relay.redb");
+    let ingest = Ingest::start(cfg).await?;
+
+    let replay = |rec: &str| SourceConfig::Wfdb {
+        record: args.data_dir.join(rec),
+        speed: args.speed,
+        r#loop: true,
+        name: "ecg".into(),
+    };
+    let a1 = Agent::start(agent(
+        &pki,
+        "amb-1",
+        ingest.quic_addr,
+        replay("100"),
+        52.5200,
+        13.4050,
+    ))
+    .await?;
+    let a2 = Agent::start(agent(
+        &pki,
+        "amb-2",
+        ingest.quic_addr,
+        replay("s0010_re"),
+        52.4900,
+        13.3600,
+    ))
+    .await?;
+
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = connect(&url, &ClientTls::from_dev_dir(&pki, "ed-console")).await?;
+    let req = SubscribeRequest {
+        vehicle_ids: vec![],
+        kinds: vec![],
+        start: Some(Start::AfterCursor(0)),
+    };
+    let mut stream = client.subscribe(req).await?.into_inner();
+    let mut sink = args.wfdb_dir.as_deref().map(WfdbSink::new);
+    let mut dash = Dashboard::default();
+    let tty = std::io::stdout().is_terminal() && !args.plain;
+    println!(
+        "relay demo: ingest QUIC {} gRPC {} metrics http://{}/metrics; amb-1 replays MIT-BIH 100, amb-2 PTB s0010_re; ctrl-c stops",
+        ingest.quic_addr,
+        ingest.grpc_addr,
+        ingest
+            .metrics_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    let deadline = args
+        .duration_s
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let until = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(m)) => {
+                    dash.apply(&m, hospital_ingest::now_utc_ns());
+                    if let Some(s) = sink.as_mut() {
+                        s.handle(&m)?;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => anyhow::bail!("subscription failed: {status}"),
+            },
+            _ = ticker.tick() => {
+                if tty {
+                    print!("\x1b[2J\x1b[H{}", dash.render());
+                } else {
+                    print!("{}", dash.render());
+                }
+            }
+            () = until => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    print!("{}", dash.render());
+    if let Some(s) = sink {
+        for (id, path) in s.finish()? {
+            println!("wrote {} ({} stream {})", path.display(), id.0, id.2);
+        }
+    }
+    a1.shutdown().await?;
+    a2.shutdown().await?;
+    ingest.shutdown().await?;
+    Ok(())
+}
