@@ -70,6 +70,11 @@ impl Reassembler {
         self.dropped_gaps
     }
 
+    /// Drops a stream's state (its data has expired and it was not declared since).
+    pub fn forget(&mut self, key: &StreamKey) {
+        self.streams.remove(key);
+    }
+
     pub fn open_gaps(&self, key: &StreamKey) -> usize {
         self.streams.get(key).map_or(0, |s| s.announced.len())
     }

@@ -23,6 +23,9 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const SEEN: TableDefinition<(&str, u64, u32, u64), u64> = TableDefinition::new("seen");
 /// (vehicle, session, stream) -> encoded StreamInfo.
 const STREAMS: TableDefinition<(&str, u64, u32), &[u8]> = TableDefinition::new("streams");
+/// (vehicle, session, stream) -> last time the stream was declared (Hello), UTC ns.
+const STREAM_DECLARED: TableDefinition<(&str, u64, u32), i64> =
+    TableDefinition::new("stream_declared");
 /// vehicle -> last time anything was received, UTC ns.
 const VEHICLES: TableDefinition<&str, i64> = TableDefinition::new("vehicles");
 /// counters: "next_cursor", "log_bytes".
@@ -103,6 +106,7 @@ impl Store {
             txn.open_table(LOG)?;
             txn.open_table(SEEN)?;
             txn.open_table(STREAMS)?;
+            txn.open_table(STREAM_DECLARED)?;
             txn.open_table(VEHICLES)?;
             txn.open_table(META)?;
         }
@@ -224,23 +228,23 @@ impl Store {
     }
 
     /// Deletes the oldest records while they are older than `min_received_ns` or the log is
-    /// larger than `max_bytes`. Stream descriptors stay in their own table, so what remains can
-    /// still be interpreted. Returns (records deleted, log bytes left).
+    /// larger than `max_bytes`, then forgets streams that hold no data any more and were last
+    /// declared before `min_received_ns` (so descriptors do not pile up over agent sessions).
+    /// Descriptors of streams with data left stay, so what remains can be interpreted.
     pub fn enforce_retention(
         &self,
         min_received_ns: i64,
         max_bytes: u64,
         max_deletes: usize,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<RetentionOutcome, StoreError> {
         let txn = self.db.begin_write()?;
-        let mut deleted = 0;
-        let bytes_left;
+        let mut out = RetentionOutcome::default();
         {
             let mut meta = txn.open_table(META)?;
             let mut log = txn.open_table(LOG)?;
             let mut seen = txn.open_table(SEEN)?;
             let mut bytes = meta.get("log_bytes")?.map_or(0, |v| v.value());
-            while deleted < max_deletes as u64 {
+            while out.deleted < max_deletes as u64 {
                 let Some((k, v)) = log.first()? else { break };
                 let cursor = k.value();
                 let len = v.value().len() as u64;
@@ -261,19 +265,56 @@ impl Store {
                     seen.remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
                 }
                 bytes = bytes.saturating_sub(len);
-                deleted += 1;
+                out.deleted += 1;
             }
             meta.insert("log_bytes", bytes)?;
-            bytes_left = bytes;
+            out.bytes_left = bytes;
+
+            let mut declared = txn.open_table(STREAM_DECLARED)?;
+            let mut streams = txn.open_table(STREAMS)?;
+            let mut stale = Vec::new();
+            for item in declared.iter()? {
+                let (k, v) = item?;
+                let (vehicle, session, stream_id) = k.value();
+                if v.value() >= min_received_ns {
+                    continue;
+                }
+                let has_data = seen
+                    .range(
+                        (vehicle, session, stream_id, 0)..=(vehicle, session, stream_id, u64::MAX),
+                    )?
+                    .next()
+                    .is_some();
+                if !has_data {
+                    stale.push(StreamKey {
+                        vehicle: vehicle.into(),
+                        session,
+                        stream_id,
+                    });
+                }
+            }
+            for key in &stale {
+                declared.remove((&*key.vehicle, key.session, key.stream_id))?;
+                streams.remove((&*key.vehicle, key.session, key.stream_id))?;
+            }
+            out.pruned_streams = stale;
         }
         txn.commit()?;
-        Ok((deleted, bytes_left))
+        Ok(out)
     }
 
     pub fn log_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(LOG)?.len()?)
     }
+}
+
+/// What a retention sweep removed.
+#[derive(Debug, Default)]
+pub struct RetentionOutcome {
+    pub deleted: u64,
+    pub bytes_left: u64,
+    pub pruned_streams: Vec<StreamKey>,
 }
 
 /// One write transaction; nothing is visible or durable before `commit`.
@@ -328,12 +369,14 @@ impl WriteBatch {
         Ok(cursor)
     }
 
-    pub fn put_stream(&mut self, info: &StreamInfo) -> Result<bool, StoreError> {
+    /// Records a stream declaration; true when the descriptor is new or changed.
+    pub fn put_stream(&mut self, info: &StreamInfo, now_ns: i64) -> Result<bool, StoreError> {
         let Some(s) = &info.stream else {
             return Ok(false);
         };
-        let mut t = self.txn.open_table(STREAMS)?;
         let key = (s.vehicle_id.as_str(), s.session_id, s.stream_id);
+        self.txn.open_table(STREAM_DECLARED)?.insert(key, now_ns)?;
+        let mut t = self.txn.open_table(STREAMS)?;
         let bytes = info.encode_to_vec();
         let changed = t
             .get(key)?
@@ -464,7 +507,10 @@ mod tests {
                 .unwrap();
         }
         b.commit().unwrap();
-        let (deleted, _) = store.enforce_retention(300, u64::MAX, 1000).unwrap();
+        let deleted = store
+            .enforce_retention(300, u64::MAX, 1000)
+            .unwrap()
+            .deleted;
         assert_eq!(deleted, 3);
         assert_eq!(store.log_len().unwrap(), 7);
         let b = store.begin().unwrap();
@@ -481,9 +527,52 @@ mod tests {
         let mut largest = data(&v, 9, 900);
         largest.cursor = 10;
         let one = largest.encode_to_vec().len() as u64;
-        let (deleted, left) = store.enforce_retention(0, 2 * one, 1000).unwrap();
-        assert_eq!(deleted, 5);
-        assert!(left <= 2 * one);
+        let r = store.enforce_retention(0, 2 * one, 1000).unwrap();
+        assert_eq!(r.deleted, 5);
+        assert!(r.bytes_left <= 2 * one);
         assert_eq!(store.read_after(0, u64::MAX, 10).unwrap()[0].0, 9);
+    }
+
+    #[test]
+    fn streams_without_data_are_forgotten_after_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let v: Arc<str> = "amb-1".into();
+        let info = |session| StreamInfo {
+            stream: Some(StreamRef {
+                vehicle_id: "amb-1".into(),
+                session_id: session,
+                stream_id: 0,
+                kind: 2,
+            }),
+            descriptor: None,
+        };
+        let mut b = store.begin().unwrap();
+        assert!(b.put_stream(&info(1), 100).unwrap());
+        assert!(
+            !b.put_stream(&info(1), 100).unwrap(),
+            "unchanged descriptor"
+        );
+        b.put_stream(&info(2), 100).unwrap();
+        b.put_stream(&info(3), 900).unwrap();
+        let r = SeqRef {
+            vehicle: &v,
+            session: 2,
+            stream_id: 0,
+            seq: 0,
+        };
+        b.append(&v, 2, data(&v, 0, 1_000), Some(r)).unwrap();
+        b.commit().unwrap();
+        let out = store.enforce_retention(500, u64::MAX, 1000).unwrap();
+        // Session 1: declared long ago, no data: forgotten. Session 2: has data. Session 3: recent.
+        let pruned: Vec<u64> = out.pruned_streams.iter().map(|k| k.session).collect();
+        assert_eq!(pruned, vec![1]);
+        let left: Vec<u64> = store
+            .streams()
+            .unwrap()
+            .iter()
+            .map(|s| s.stream.as_ref().unwrap().session_id)
+            .collect();
+        assert_eq!(left, vec![2, 3]);
     }
 }

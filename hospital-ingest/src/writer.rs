@@ -141,7 +141,7 @@ impl Writer {
                             stream: Some(stream_ref(&key, d.kind)),
                             descriptor: Some(d.clone()),
                         };
-                        if batch.put_stream(&info)? {
+                        if batch.put_stream(&info, now)? {
                             let msg = SubscribeResponse {
                                 cursor: 0,
                                 record: Some(Record::Stream(info)),
@@ -349,10 +349,15 @@ pub fn spawn(
                         .store
                         .enforce_retention(cutoff, retention.max_bytes, 100_000)
                     {
-                        Ok((deleted, bytes)) => {
+                        Ok(outcome) => {
                             metrics::counter!("relay_ingest_retention_deleted_total")
-                                .increment(deleted);
-                            metrics::gauge!("relay_ingest_store_log_bytes").set(bytes as f64);
+                                .increment(outcome.deleted);
+                            metrics::gauge!("relay_ingest_store_log_bytes")
+                                .set(outcome.bytes_left as f64);
+                            for key in outcome.pruned_streams {
+                                writer.reassembler.forget(&key);
+                                writer.meta.remove(&key);
+                            }
                         }
                         Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                     }
