@@ -27,6 +27,9 @@ use crate::writer::WriterCmd;
 const MAX_STREAMS_PER_SESSION: usize = 64;
 const MAX_CHANNELS: usize = 256;
 const MAX_SAMPLES_PER_FRAME: u32 = 100_000;
+/// Highest sequence number accepted: 2^40 frames is over 1,000 years of 40 ms frames, and
+/// keeps every seq and sample-index computation far from overflow.
+pub const MAX_SEQ: u64 = 1 << 40;
 const MAX_VITALS_PER_FRAME: usize = 256;
 /// How long acknowledgements may gather before they are written.
 const ACK_COALESCE: Duration = Duration::from_millis(5);
@@ -251,6 +254,15 @@ pub fn validate_frame(
             format!("frame for undeclared stream {}", frame.stream_id),
         ));
     };
+    if frame.seq > MAX_SEQ {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!(
+                "stream {} seq {} beyond {MAX_SEQ}",
+                frame.stream_id, frame.seq
+            ),
+        ));
+    }
     let kind = StreamKind::try_from(desc.kind).unwrap_or(StreamKind::Unspecified);
     let ok = match (&frame.payload, kind) {
         (Some(Payload::Waveform(w)), StreamKind::Waveform) => {
@@ -258,6 +270,9 @@ pub fn validate_frame(
             w.sample_count > 0
                 && w.sample_count <= MAX_SAMPLES_PER_FRAME
                 && w.samples.len() == w.sample_count as usize * channels
+                // Sample index consistent with the frame number: frames before this one
+                // hold at most MAX_SAMPLES_PER_FRAME each.
+                && w.first_sample_index <= frame.seq * u64::from(MAX_SAMPLES_PER_FRAME)
         }
         (Some(Payload::Vitals(v)), StreamKind::Vitals) => {
             !v.values.is_empty()
@@ -574,6 +589,20 @@ mod tests {
         assert!(
             validate_frame(&loc, &streams).is_err(),
             "payload kind differs from the stream's"
+        );
+        let mut far = wave(3, 6);
+        far.seq = MAX_SEQ + 1;
+        assert!(
+            validate_frame(&far, &streams).is_err(),
+            "seq beyond the bound"
+        );
+        let mut jump = wave(3, 6);
+        if let Some(Payload::Waveform(w)) = jump.payload.as_mut() {
+            w.first_sample_index = 1 << 50;
+        }
+        assert!(
+            validate_frame(&jump, &streams).is_err(),
+            "sample index inconsistent with seq"
         );
         let no_payload = Frame {
             payload: None,

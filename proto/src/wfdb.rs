@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// Refuse records whose samples would not fit comfortably in memory on a router.
 pub const MAX_RECORD_SAMPLES: usize = 200_000_000;
+/// Highest sample index (per channel) a writer accepts: 2^32 samples is 49 days at 1000 Hz.
+/// Bounds the file a malicious or corrupt index could make the writer create.
+pub const MAX_WRITE_SAMPLE_INDEX: u64 = 1 << 32;
 /// Format 16's "no sample here" value, written for every sample the relay never received.
 pub const INVALID_SAMPLE_16: i32 = -32768;
 
@@ -440,7 +443,13 @@ impl Format16Writer {
             ));
         }
         let count = (interleaved.len() / n) as u64;
-        let end = first + count;
+        let end = first.saturating_add(count);
+        if end > MAX_WRITE_SAMPLE_INDEX {
+            return Err(WfdbError::Record(
+                self.name.clone(),
+                format!("sample index {first} beyond {MAX_WRITE_SAMPLE_INDEX}"),
+            ));
+        }
         if self.overlaps(first, end) {
             return Ok(());
         }
@@ -505,15 +514,23 @@ impl Format16Writer {
             cursor = e;
         }
         let n = self.channels.len();
+        // Holes are filled in bounded chunks: a long outage must not need a huge buffer.
+        const CHUNK: u64 = 65_536;
         for (s, e) in holes {
-            let count = (e - s) as usize * n;
-            let buf: Vec<u8> = std::iter::repeat_n((INVALID_SAMPLE_16 as i16).to_le_bytes(), count)
-                .flatten()
-                .collect();
-            for k in 0..count {
-                self.sums[k % n] = self.sums[k % n].wrapping_add(INVALID_SAMPLE_16 as i16);
+            let mut at = s;
+            while at < e {
+                let len = (e - at).min(CHUNK);
+                let count = len as usize * n;
+                let buf: Vec<u8> =
+                    std::iter::repeat_n((INVALID_SAMPLE_16 as i16).to_le_bytes(), count)
+                        .flatten()
+                        .collect();
+                for k in 0..count {
+                    self.sums[k % n] = self.sums[k % n].wrapping_add(INVALID_SAMPLE_16 as i16);
+                }
+                self.write_at(at, &buf)?;
+                at += len;
             }
-            self.write_at(s, &buf)?;
         }
         let hea = self.dir.join(format!("{}.hea", self.name));
         let io = |source| WfdbError::Io {
@@ -662,5 +679,40 @@ mod tests {
         }
         assert_eq!(r.header.signals[0].initial_value, Some(1));
         assert_eq!(r.header.comments, vec!["note"]);
+    }
+
+    #[test]
+    fn writer_refuses_absurd_sample_indices() {
+        let dir = tempfile::tempdir().unwrap();
+        let ch = ChannelSpec {
+            name: "a".into(),
+            gain: 1.0,
+            baseline: 0,
+            units: "mV".into(),
+            adc_resolution: 16,
+            adc_zero: 0,
+        };
+        let mut w = Format16Writer::create(dir.path(), "x", 1.0, vec![ch]).unwrap();
+        assert!(w.write(u64::MAX - 1, &[1, 2, 3]).is_err());
+        assert!(w.write(MAX_WRITE_SAMPLE_INDEX, &[1]).is_err());
+        assert!(w.write(0, &[1, 2]).is_ok());
+    }
+
+    #[test]
+    fn arbitrary_header_text_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let alphabet = b"0123456789 ./+()x:#-abcdefmV\n\t";
+        for _ in 0..2000 {
+            let len = (seed % 120) as usize;
+            let text: String = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize] as char
+                })
+                .collect();
+            let _ = parse_header(&text, Path::new("fuzz.hea"));
+        }
     }
 }
