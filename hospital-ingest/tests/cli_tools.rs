@@ -1,0 +1,140 @@
+//! The shipped command-line tools: relay-devcerts makes a PKI the services accept, and
+//! ed-monitor exports a stored recording as a bit-exact WFDB record.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use hospital_ingest::client::{ClientTls, connect};
+use hospital_ingest::{Ingest, IngestConfig};
+use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
+use vehicle_agent::config::SourceConfig;
+use vehicle_agent::{Agent, AgentConfig};
+
+fn data(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/ecg")
+        .join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
+        .args(["--vehicle", "amb-9", "--subscriber", "ed-console", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut cfg = IngestConfig::default();
+    cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.tls.cert = certs.join("ingest.pem");
+    cfg.tls.key = certs.join("ingest.key");
+    cfg.tls.fleet_ca = certs.join("fleet-ca.pem");
+    cfg.tls.subscriber_ca = certs.join("hospital-ca.pem");
+    cfg.store.path = work.path().join("store.redb");
+    let ingest = Ingest::start(cfg).await.unwrap();
+
+    let mut a = AgentConfig {
+        vehicle_id: "amb-9".into(),
+        ..AgentConfig::default()
+    };
+    a.ingest.address = ingest.quic_addr;
+    a.ingest.bind = "127.0.0.1:0".parse().unwrap();
+    a.tls.ca_cert = certs.join("hospital-ca.pem");
+    a.tls.cert = certs.join("amb-9.pem");
+    a.tls.key = certs.join("amb-9.key");
+    a.sources = vec![SourceConfig::Wfdb {
+        record: data("s0010_re"),
+        speed: 20.0,
+        r#loop: false,
+        name: "ecg".into(),
+    }];
+    let agent = Agent::start(a).await.unwrap();
+
+    // Wait until the whole record is stored: the last frame carries sample 38_399.
+    let url = format!("https://{}", ingest.grpc_addr);
+    let tls = ClientTls::from_dev_dir(&certs, "ed-console");
+    let mut client = connect(&url, &tls).await.unwrap();
+    let req = SubscribeRequest {
+        vehicle_ids: vec![],
+        kinds: vec![],
+        start: Some(Start::AfterCursor(0)),
+    };
+    let mut stream = client.subscribe(req).await.unwrap().into_inner();
+    let mut frames = 0;
+    let total_frames = 38_400_u64.div_ceil(40);
+    while frames < total_frames {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if matches!(m.record, Some(Record::Data(_))) {
+            frames += 1;
+        }
+    }
+    agent.shutdown().await.unwrap();
+
+    let export = work.path().join("export");
+    let cursor_file = work.path().join("ed.cursor");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ed-monitor"))
+        .arg("--server")
+        .arg(&url)
+        .arg("--ca")
+        .arg(certs.join("hospital-ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("ed-console.pem"))
+        .arg("--key")
+        .arg(certs.join("ed-console.key"))
+        .args([
+            "--after-cursor",
+            "0",
+            "--exit-after-sync",
+            "--plain",
+            "--wfdb-dir",
+        ])
+        .arg(&export)
+        .arg("--cursor-file")
+        .arg(&cursor_file)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("wrote "), "{stdout}");
+
+    let hea = std::fs::read_dir(&export)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "hea"))
+        .unwrap();
+    let got = relay_proto::wfdb::read_record(&hea.with_extension("")).unwrap();
+    let orig = relay_proto::wfdb::read_record(&data("s0010_re")).unwrap();
+    assert_eq!(got.samples_per_signal, orig.samples_per_signal);
+    assert!(got.samples == orig.samples);
+    for (g, o) in got.header.signals.iter().zip(&orig.header.signals) {
+        assert_eq!(g.checksum, o.checksum);
+    }
+    let cursor: u64 = std::fs::read_to_string(&cursor_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(cursor > 0, "the cursor to resume from is kept");
+    ingest.shutdown().await.unwrap();
+}
