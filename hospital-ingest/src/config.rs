@@ -30,7 +30,30 @@ pub struct IngestConfig {
     pub grpc: Grpc,
     pub tls: Tls,
     pub store: StoreConfig,
+    pub reassembly: Reassembly,
     pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reassembly {
+    /// A frame that overtook others waits this long for them before a gap is announced,
+    /// milliseconds (0 = announce at once).
+    pub reorder_window_ms: u64,
+    /// Frames held per stream while waiting; beyond, the gap is announced at once.
+    pub max_held_frames: usize,
+    /// Announced gaps tracked per stream; beyond, the oldest is given up.
+    pub max_open_gaps: usize,
+}
+
+impl Default for Reassembly {
+    fn default() -> Self {
+        Self {
+            reorder_window_ms: 50,
+            max_held_frames: 1024,
+            max_open_gaps: 65_536,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -244,6 +267,12 @@ impl IngestConfig {
         }
         if !(self.store.retention_hours.is_finite() && self.store.retention_hours > 0.0) {
             return bad("store.retention_hours must be positive");
+        }
+        if self.reassembly.reorder_window_ms > 10_000
+            || self.reassembly.max_held_frames == 0
+            || self.reassembly.max_open_gaps == 0
+        {
+            return bad("reassembly: reorder_window_ms <= 10000, limits positive");
         }
         if self.store.max_bytes < 1024 * 1024
             || self.store.writer_queue == 0

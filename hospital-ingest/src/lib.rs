@@ -69,10 +69,16 @@ impl Ingest {
             max_bytes: cfg.store.max_bytes,
             interval: Duration::from_secs(cfg.store.retention_interval_s),
         };
+        let limits = reassembly::Limits {
+            reorder_window: Duration::from_millis(cfg.reassembly.reorder_window_ms),
+            max_held: cfg.reassembly.max_held_frames,
+            max_gaps: cfg.reassembly.max_open_gaps,
+        };
         let (writer_tx, writer) = writer::spawn(
             store.clone(),
             bus.clone(),
             cfg.store.writer_queue,
+            limits,
             retention,
             tokio::runtime::Handle::current(),
         )

@@ -1,10 +1,20 @@
-//! Sans-IO reassembly of each stream: decides, for a frame the store has not seen, whether it
-//! is in order, opens a gap (newer than expected) or fills one (late), and when an announced gap
-//! is completely filled. Deduplication itself is the store's job (it knows every stored seq);
-//! a frame below the high-water mark that fills no known gap is stale and is not stored again.
+//! Sans-IO reassembly of each stream, fed with frames the store has not seen and with time.
+//!
+//! Frames of one stream can overtake each other in flight (each travels on its own QUIC
+//! stream). A frame newer than expected is held for at most the reorder window, so ordinary
+//! reordering reaches subscribers in order and without noise. If the missing frames are still
+//! absent when the window ends, the held frames are delivered after an explicit gap record;
+//! frames that fill an announced gap later are delivered marked late, and a gap-closed record
+//! follows once the whole announced range has arrived. A window of zero delivers at once.
+//!
+//! Deduplication against stored frames is the store's job (it knows every stored seq); a frame
+//! below the delivered high-water mark that fills no open gap is stale and is not stored again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
@@ -20,47 +30,103 @@ pub struct Gap {
     pub end_seq: u64,
     /// Capture time just after the last frame before the gap (0 when none came before).
     pub start_time_ns: i64,
-    /// Capture time of the frame that revealed the gap.
+    /// Capture time of the first frame after the gap.
     pub end_time_ns: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Store and deliver the frame; `gap` (if any) goes before it, `closed` after it.
-    Accept {
+/// What to publish, in this order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<T> {
+    Deliver {
+        key: StreamKey,
+        seq: u64,
+        item: T,
         late: bool,
-        gap: Option<Gap>,
-        closed: Option<(u64, u64)>,
     },
-    /// Below the high-water mark and in no open gap: delivered before (and since expired from
-    /// the store) or older than the oldest tracked gap. Acknowledge, do not store.
-    Stale,
+    Gap {
+        key: StreamKey,
+        gap: Gap,
+    },
+    GapClosed {
+        key: StreamKey,
+        start_seq: u64,
+        end_seq: u64,
+    },
 }
 
-#[derive(Debug, Default)]
-struct StreamState {
-    /// One past the highest seq accepted.
+/// What happened to an arriving frame besides the outputs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival<T> {
+    /// Taken (delivered now or held).
+    Taken,
+    /// The same seq was already held: the new item replaced the held one, which is returned
+    /// (the caller keeps the newest way to acknowledge it).
+    Replaced(T),
+    /// Below the high-water mark and in no open gap: delivered before (and since expired from
+    /// the store) or older than the oldest tracked gap. The item is returned.
+    Stale(T),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a newer frame waits for the missing ones before a gap is announced.
+    pub reorder_window: Duration,
+    /// Frames held per stream at most; beyond, the gap is announced at once.
+    pub max_held: usize,
+    /// Announced gaps tracked per stream; beyond, the oldest is given up.
+    pub max_gaps: usize,
+}
+
+#[derive(Debug)]
+struct Held<T> {
+    item: T,
+    capture_ns: i64,
+    end_ns: i64,
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct StreamState<T> {
+    /// One past the highest seq delivered.
     next_seq: u64,
-    /// Capture time just after the highest frame accepted.
+    /// Capture time just after the highest frame delivered.
     next_time_ns: i64,
-    /// Missing ranges: start -> end (exclusive).
+    held: BTreeMap<u64, Held<T>>,
+    /// Missing ranges inside announced gaps: start -> end (exclusive).
     missing: BTreeMap<u64, u64>,
     /// Announced gaps: start -> (end, frames still missing).
     announced: BTreeMap<u64, (u64, u64)>,
 }
 
+impl<T> Default for StreamState<T> {
+    fn default() -> Self {
+        Self {
+            next_seq: 0,
+            next_time_ns: 0,
+            held: BTreeMap::new(),
+            missing: BTreeMap::new(),
+            announced: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
-pub struct Reassembler {
-    streams: HashMap<StreamKey, StreamState>,
-    max_gaps_per_stream: usize,
+pub struct Reassembler<T> {
+    streams: HashMap<StreamKey, StreamState<T>>,
+    limits: Limits,
     dropped_gaps: u64,
 }
 
-impl Reassembler {
-    pub fn new(max_gaps_per_stream: usize) -> Self {
+impl<T> Reassembler<T> {
+    pub fn new(limits: Limits) -> Self {
+        let limits = Limits {
+            max_held: limits.max_held.max(1),
+            max_gaps: limits.max_gaps.max(1),
+            ..limits
+        };
         Self {
             streams: HashMap::new(),
-            max_gaps_per_stream: max_gaps_per_stream.max(1),
+            limits,
             dropped_gaps: 0,
         }
     }
@@ -70,17 +136,21 @@ impl Reassembler {
         self.dropped_gaps
     }
 
+    pub fn open_gaps(&self, key: &StreamKey) -> usize {
+        self.streams.get(key).map_or(0, |s| s.announced.len())
+    }
+
+    pub fn held(&self) -> usize {
+        self.streams.values().map(|s| s.held.len()).sum()
+    }
+
     /// Drops a stream's state (its data has expired and it was not declared since).
     pub fn forget(&mut self, key: &StreamKey) {
         self.streams.remove(key);
     }
 
-    pub fn open_gaps(&self, key: &StreamKey) -> usize {
-        self.streams.get(key).map_or(0, |s| s.announced.len())
-    }
-
-    /// Restores a stream's state after a restart from the seqs already stored (ascending).
-    /// Holes between stored seqs become open gaps again, as they were before the restart.
+    /// Restores a stream after a restart from the seqs already stored (ascending). Holes
+    /// between stored seqs are open gaps again, as they were before the restart.
     pub fn restore(
         &mut self,
         key: StreamKey,
@@ -101,51 +171,65 @@ impl Reassembler {
         self.streams.insert(key, st);
     }
 
-    /// A frame the store has not seen. `end_time_ns` is the capture time just after its last sample.
+    /// When `on_timeout` next has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.streams
+            .values()
+            .filter_map(|s| s.held.values().map(|h| h.since).min())
+            .min()
+            .map(|t| t + self.limits.reorder_window)
+    }
+
+    /// A frame the store has not seen. `end_ns` is the capture time just after its last sample.
     pub fn on_frame(
         &mut self,
         key: &StreamKey,
         seq: u64,
         capture_ns: i64,
-        end_time_ns: i64,
-    ) -> Verdict {
-        let max_gaps = self.max_gaps_per_stream;
+        end_ns: i64,
+        item: T,
+        now: Instant,
+    ) -> (Arrival<T>, Vec<Output<T>>) {
+        let limits = self.limits;
+        let mut out = Vec::new();
         let st = self.streams.entry(key.clone()).or_default();
-        if seq >= st.next_seq {
-            let gap = (seq > st.next_seq).then_some(Gap {
-                start_seq: st.next_seq,
-                end_seq: seq,
-                start_time_ns: st.next_time_ns,
-                end_time_ns: capture_ns,
-            });
-            if let Some(g) = gap {
-                st.missing.insert(g.start_seq, g.end_seq);
-                st.announced
-                    .insert(g.start_seq, (g.end_seq, g.end_seq - g.start_seq));
-                while st.announced.len() > max_gaps {
-                    if let Some((s, (e, _))) = st.announced.pop_first() {
-                        let stale: Vec<u64> = st.missing.range(s..e).map(|(k, _)| *k).collect();
-                        for k in stale {
-                            st.missing.remove(&k);
-                        }
-                        self.dropped_gaps += 1;
-                    }
-                }
-            }
+        if seq == st.next_seq {
             st.next_seq = seq + 1;
-            st.next_time_ns = end_time_ns;
-            return Verdict::Accept {
+            st.next_time_ns = end_ns;
+            out.push(Output::Deliver {
+                key: key.clone(),
+                seq,
+                item,
                 late: false,
-                gap,
-                closed: None,
-            };
+            });
+            Self::drain_contiguous(key, st, &mut out);
+            return (Arrival::Taken, out);
+        }
+        if seq > st.next_seq {
+            if let Some(h) = st.held.get_mut(&seq) {
+                let old = std::mem::replace(&mut h.item, item);
+                return (Arrival::Replaced(old), out);
+            }
+            st.held.insert(
+                seq,
+                Held {
+                    item,
+                    capture_ns,
+                    end_ns,
+                    since: now,
+                },
+            );
+            if limits.reorder_window.is_zero() || st.held.len() > limits.max_held {
+                self.dropped_gaps += Self::release_held(key, st, limits.max_gaps, &mut out);
+            }
+            return (Arrival::Taken, out);
         }
         // Below the high-water mark: only a seq inside a missing range is new.
         let Some((&m_start, &m_end)) = st.missing.range(..=seq).next_back() else {
-            return Verdict::Stale;
+            return (Arrival::Stale(item), out);
         };
         if seq >= m_end {
-            return Verdict::Stale;
+            return (Arrival::Stale(item), out);
         }
         st.missing.remove(&m_start);
         if m_start < seq {
@@ -154,22 +238,102 @@ impl Reassembler {
         if seq + 1 < m_end {
             st.missing.insert(seq + 1, m_end);
         }
-        let mut closed = None;
+        out.push(Output::Deliver {
+            key: key.clone(),
+            seq,
+            item,
+            late: true,
+        });
         if let Some((&a_start, entry)) = st.announced.range_mut(..=seq).next_back()
             && seq < entry.0
         {
             entry.1 = entry.1.saturating_sub(1);
             if entry.1 == 0 {
-                closed = Some((a_start, entry.0));
+                let end_seq = entry.0;
+                st.announced.remove(&a_start);
+                out.push(Output::GapClosed {
+                    key: key.clone(),
+                    start_seq: a_start,
+                    end_seq,
+                });
             }
         }
-        if let Some((s, _)) = closed {
-            st.announced.remove(&s);
+        (Arrival::Taken, out)
+    }
+
+    /// Announces gaps whose reorder window has passed and delivers the frames held behind them.
+    pub fn on_timeout(&mut self, now: Instant) -> Vec<Output<T>> {
+        let mut out = Vec::new();
+        let limits = self.limits;
+        for (key, st) in self.streams.iter_mut() {
+            let oldest = st.held.values().map(|h| h.since).min();
+            let expired = oldest.is_some_and(|t| now >= t + limits.reorder_window);
+            if expired {
+                self.dropped_gaps += Self::release_held(key, st, limits.max_gaps, &mut out);
+            }
         }
-        Verdict::Accept {
-            late: true,
-            gap: None,
-            closed,
+        out
+    }
+
+    /// Delivers everything held, announcing the gaps in front of and between the held frames.
+    fn release_held(
+        key: &StreamKey,
+        st: &mut StreamState<T>,
+        max_gaps: usize,
+        out: &mut Vec<Output<T>>,
+    ) -> u64 {
+        let mut dropped = 0;
+        while let Some((seq, h)) = st.held.pop_first() {
+            if seq > st.next_seq {
+                let gap = Gap {
+                    start_seq: st.next_seq,
+                    end_seq: seq,
+                    start_time_ns: st.next_time_ns,
+                    end_time_ns: h.capture_ns,
+                };
+                st.missing.insert(gap.start_seq, gap.end_seq);
+                st.announced
+                    .insert(gap.start_seq, (gap.end_seq, gap.end_seq - gap.start_seq));
+                while st.announced.len() > max_gaps {
+                    if let Some((s, (e, _))) = st.announced.pop_first() {
+                        let inside: Vec<u64> = st.missing.range(s..e).map(|(k, _)| *k).collect();
+                        for k in inside {
+                            st.missing.remove(&k);
+                        }
+                        dropped += 1;
+                    }
+                }
+                out.push(Output::Gap {
+                    key: key.clone(),
+                    gap,
+                });
+            }
+            st.next_seq = seq + 1;
+            st.next_time_ns = h.end_ns;
+            out.push(Output::Deliver {
+                key: key.clone(),
+                seq,
+                item: h.item,
+                late: false,
+            });
+        }
+        dropped
+    }
+
+    fn drain_contiguous(key: &StreamKey, st: &mut StreamState<T>, out: &mut Vec<Output<T>>) {
+        while let Some(entry) = st.held.first_entry() {
+            if *entry.key() != st.next_seq {
+                break;
+            }
+            let h = entry.remove();
+            out.push(Output::Deliver {
+                key: key.clone(),
+                seq: st.next_seq,
+                item: h.item,
+                late: false,
+            });
+            st.next_seq += 1;
+            st.next_time_ns = h.end_ns;
         }
     }
 }
@@ -186,122 +350,157 @@ mod tests {
         }
     }
 
-    fn accept(late: bool) -> Verdict {
-        Verdict::Accept {
-            late,
-            gap: None,
-            closed: None,
-        }
+    const WINDOW: Duration = Duration::from_millis(50);
+
+    fn r(window: Duration, max_gaps: usize) -> Reassembler<u64> {
+        Reassembler::new(Limits {
+            reorder_window: window,
+            max_held: 4,
+            max_gaps,
+        })
+    }
+
+    /// Feeds seq (item = seq, capture = 40 ms per frame) and returns a compact trace.
+    fn feed(r: &mut Reassembler<u64>, seq: u64, now: Instant) -> (String, Vec<String>) {
+        let t = seq as i64 * 40;
+        let (arrival, out) = r.on_frame(&key(), seq, t, t + 40, seq, now);
+        let a = match arrival {
+            Arrival::Taken => "taken".to_string(),
+            Arrival::Replaced(x) => format!("replaced {x}"),
+            Arrival::Stale(x) => format!("stale {x}"),
+        };
+        (a, trace(out))
+    }
+
+    fn trace(out: Vec<Output<u64>>) -> Vec<String> {
+        out.into_iter()
+            .map(|o| match o {
+                Output::Deliver { seq, late, .. } => {
+                    format!("{seq}{}", if late { " late" } else { "" })
+                }
+                Output::Gap { gap, .. } => format!(
+                    "gap {}..{} @{}..{}",
+                    gap.start_seq, gap.end_seq, gap.start_time_ns, gap.end_time_ns
+                ),
+                Output::GapClosed {
+                    start_seq, end_seq, ..
+                } => format!("closed {start_seq}..{end_seq}"),
+            })
+            .collect()
     }
 
     #[test]
-    fn in_order_frames_are_plain() {
-        let mut r = Reassembler::new(16);
-        for s in 0..5 {
-            assert_eq!(
-                r.on_frame(&key(), s, s as i64 * 40, (s as i64 + 1) * 40),
-                accept(false)
-            );
+    fn in_order_frames_pass_straight_through() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        for s in 0..3 {
+            assert_eq!(feed(&mut r, s, now).1, vec![s.to_string()]);
         }
+        assert_eq!(r.next_deadline(), None);
     }
 
     #[test]
-    fn gap_is_announced_then_filled_late_then_closed() {
-        let mut r = Reassembler::new(16);
-        r.on_frame(&key(), 0, 0, 40);
-        let v = r.on_frame(&key(), 4, 160, 200);
+    fn reordering_within_the_window_is_healed_silently() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        feed(&mut r, 0, now);
+        assert_eq!(feed(&mut r, 2, now).1, Vec::<String>::new(), "held");
+        assert_eq!(r.next_deadline(), Some(now + WINDOW));
         assert_eq!(
-            v,
-            Verdict::Accept {
-                late: false,
-                gap: Some(Gap {
-                    start_seq: 1,
-                    end_seq: 4,
-                    start_time_ns: 40,
-                    end_time_ns: 160
-                }),
-                closed: None
-            }
+            feed(&mut r, 1, now + Duration::from_millis(3)).1,
+            vec!["1", "2"]
         );
-        assert_eq!(r.on_frame(&key(), 2, 80, 120), accept(true));
+        assert_eq!(r.held(), 0);
+        assert!(r.on_timeout(now + WINDOW).is_empty());
+    }
+
+    #[test]
+    fn a_real_loss_becomes_a_gap_then_late_data_then_closed() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        feed(&mut r, 0, now);
+        feed(&mut r, 3, now);
+        feed(&mut r, 4, now + Duration::from_millis(10));
+        assert!(r.on_timeout(now + Duration::from_millis(49)).is_empty());
         assert_eq!(
-            r.on_frame(&key(), 2, 80, 120),
-            Verdict::Stale,
-            "the store dedups, but a re-fill is stale too"
+            trace(r.on_timeout(now + WINDOW)),
+            vec!["gap 1..3 @40..120", "3", "4"]
         );
-        assert_eq!(r.on_frame(&key(), 1, 40, 80), accept(true));
-        assert_eq!(
-            r.on_frame(&key(), 3, 120, 160),
-            Verdict::Accept {
-                late: true,
-                gap: None,
-                closed: Some((1, 4))
-            }
-        );
+        assert_eq!(feed(&mut r, 2, now).1, vec!["2 late"]);
+        assert_eq!(feed(&mut r, 2, now).0, "stale 2");
+        assert_eq!(feed(&mut r, 1, now).1, vec!["1 late", "closed 1..3"]);
         assert_eq!(r.open_gaps(&key()), 0);
-        assert_eq!(r.on_frame(&key(), 0, 0, 40), Verdict::Stale);
-        assert_eq!(r.on_frame(&key(), 5, 200, 240), accept(false));
+        assert_eq!(feed(&mut r, 5, now).1, vec!["5"]);
     }
 
     #[test]
-    fn first_frame_after_seq_zero_missing_announces_a_gap_from_zero() {
-        let mut r = Reassembler::new(16);
-        match r.on_frame(&key(), 3, 120, 160) {
-            Verdict::Accept { gap: Some(g), .. } => {
-                assert_eq!((g.start_seq, g.end_seq, g.start_time_ns), (0, 3, 0))
-            }
-            v => panic!("{v:?}"),
+    fn zero_window_announces_at_once() {
+        let mut r = r(Duration::ZERO, 16);
+        let now = Instant::now();
+        assert_eq!(feed(&mut r, 2, now).1, vec!["gap 0..2 @0..80", "2"]);
+        assert_eq!(feed(&mut r, 0, now).1, vec!["0 late"]);
+    }
+
+    #[test]
+    fn a_duplicate_of_a_held_frame_replaces_it() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        feed(&mut r, 1, now);
+        assert_eq!(feed(&mut r, 1, now).0, "replaced 1");
+        assert_eq!(r.held(), 1);
+    }
+
+    #[test]
+    fn too_many_held_frames_release_at_once() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        for s in 1..=4 {
+            assert!(feed(&mut r, s, now).1.is_empty());
         }
+        assert_eq!(
+            feed(&mut r, 5, now).1,
+            vec!["gap 0..1 @0..40", "1", "2", "3", "4", "5"]
+        );
     }
 
     #[test]
     fn streams_are_independent() {
-        let mut r = Reassembler::new(16);
+        let mut r = r(Duration::ZERO, 16);
         let other = StreamKey {
             stream_id: 1,
             ..key()
         };
-        r.on_frame(&key(), 0, 0, 1);
-        assert_eq!(r.on_frame(&other, 0, 0, 1), accept(false));
+        let now = Instant::now();
+        r.on_frame(&key(), 0, 0, 1, 0, now);
+        let (_, out) = r.on_frame(&other, 0, 0, 1, 0, now);
+        assert_eq!(trace(out), vec!["0"]);
     }
 
     #[test]
     fn gap_tracking_is_bounded() {
-        let mut r = Reassembler::new(2);
+        let mut r = r(Duration::ZERO, 2);
+        let now = Instant::now();
         for s in [0, 2, 4, 6] {
-            r.on_frame(&key(), s, 0, 0);
+            feed(&mut r, s, now);
         }
         assert_eq!(r.open_gaps(&key()), 2);
         assert_eq!(r.dropped_gaps(), 1);
-        assert_eq!(
-            r.on_frame(&key(), 1, 0, 0),
-            Verdict::Stale,
-            "oldest gap given up"
-        );
-        assert!(matches!(
-            r.on_frame(&key(), 5, 0, 0),
-            Verdict::Accept { late: true, .. }
-        ));
+        assert_eq!(feed(&mut r, 1, now).0, "stale 1", "oldest gap given up");
+        assert_eq!(feed(&mut r, 5, now).1, vec!["5 late", "closed 5..6"]);
     }
 
     #[test]
     fn restore_rebuilds_high_water_mark_and_holes() {
-        let mut r = Reassembler::new(16);
+        let mut r = r(WINDOW, 16);
         r.restore(key(), [3, 4, 7, 8], 360);
-        assert_eq!(r.on_frame(&key(), 8, 0, 0), Verdict::Stale);
-        assert_eq!(r.on_frame(&key(), 9, 360, 400), accept(false));
-        assert_eq!(r.on_frame(&key(), 5, 0, 0), accept(true));
+        let now = Instant::now();
+        assert_eq!(feed(&mut r, 8, now).0, "stale 8");
+        assert_eq!(feed(&mut r, 9, now).1, vec!["9"]);
+        assert_eq!(feed(&mut r, 5, now).1, vec!["5 late"]);
+        assert_eq!(feed(&mut r, 6, now).1, vec!["6 late", "closed 5..7"]);
         assert_eq!(
-            r.on_frame(&key(), 6, 0, 0),
-            Verdict::Accept {
-                late: true,
-                gap: None,
-                closed: Some((5, 7))
-            }
-        );
-        assert_eq!(
-            r.on_frame(&key(), 1, 0, 0),
-            Verdict::Stale,
+            feed(&mut r, 1, now).0,
+            "stale 1",
             "below the oldest retained seq"
         );
     }

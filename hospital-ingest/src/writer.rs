@@ -11,14 +11,13 @@ use relay_proto::model::{
     SubscribeResponse, frame::Payload, subscribe_response::Record,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
 
-use crate::reassembly::{Reassembler, StreamKey, Verdict};
+use crate::reassembly::{Arrival, Limits, Output, Reassembler, StreamKey};
 use crate::store::{LogEntry, SeqRef, Store, StoreError};
 
 /// Frames written per transaction at most; bounds commit latency and memory.
 const MAX_BATCH: usize = 1024;
-/// Open gaps tracked per stream.
-const MAX_GAPS_PER_STREAM: usize = 65_536;
 
 /// (stream id, seq) the ingest now holds durably.
 pub type AckSender = mpsc::Sender<(u32, u64)>;
@@ -48,6 +47,14 @@ pub struct RetentionPolicy {
     pub interval: Duration,
 }
 
+/// A frame on its way through reassembly; acknowledged once stored.
+#[derive(Debug)]
+struct Pending {
+    frame: Frame,
+    received_ns: i64,
+    ack: AckSender,
+}
+
 struct StreamMeta {
     kind: i32,
     rate_hz: f64,
@@ -55,7 +62,8 @@ struct StreamMeta {
 
 struct Writer {
     store: Store,
-    reassembler: Reassembler,
+    reassembler: Reassembler<Pending>,
+    limits: Limits,
     meta: HashMap<StreamKey, StreamMeta>,
     bus: broadcast::Sender<Arc<LogEntry>>,
 }
@@ -79,8 +87,26 @@ fn frame_end_ns(frame: &Frame, rate_hz: f64) -> i64 {
     }
 }
 
+fn message(record: Record) -> SubscribeResponse {
+    SubscribeResponse {
+        cursor: 0,
+        record: Some(record),
+    }
+}
+
+/// What one batch has to do after its commit.
+#[derive(Default)]
+struct AfterCommit {
+    acks: Vec<(AckSender, u32, u64)>,
+    replies: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
 impl Writer {
-    fn open(store: Store, bus: broadcast::Sender<Arc<LogEntry>>) -> Result<Self, StoreError> {
+    fn open(
+        store: Store,
+        bus: broadcast::Sender<Arc<LogEntry>>,
+        limits: Limits,
+    ) -> Result<Self, StoreError> {
         let mut meta = HashMap::new();
         for info in store.streams()? {
             if let (Some(s), Some(d)) = (info.stream, info.descriptor) {
@@ -99,7 +125,7 @@ impl Writer {
                 );
             }
         }
-        let mut reassembler = Reassembler::new(MAX_GAPS_PER_STREAM);
+        let mut reassembler = Reassembler::new(limits);
         for (key, seqs, last_cursor) in store.stored_seqs()? {
             let rate = meta.get(&key).map_or(0.0, |m| m.rate_hz);
             let end = match store.record(last_cursor)?.and_then(|m| m.record) {
@@ -111,16 +137,94 @@ impl Writer {
         Ok(Self {
             store,
             reassembler,
+            limits,
             meta,
             bus,
         })
     }
 
-    fn run_batch(&mut self, cmds: Vec<WriterCmd>) -> Result<(), StoreError> {
-        let now = crate::now_utc_ns();
+    fn kind_and_rate(&self, key: &StreamKey) -> (i32, f64) {
+        self.meta
+            .get(key)
+            .map_or((StreamKind::Unspecified as i32, 0.0), |m| {
+                (m.kind, m.rate_hz)
+            })
+    }
+
+    /// Appends reassembly outputs to the batch, in order.
+    fn publish(
+        &self,
+        batch: &mut crate::store::WriteBatch,
+        outputs: Vec<Output<Pending>>,
+        after: &mut AfterCommit,
+    ) -> Result<(), StoreError> {
+        for o in outputs {
+            match o {
+                Output::Deliver {
+                    key,
+                    seq,
+                    item,
+                    late,
+                } => {
+                    let (kind, _) = self.kind_and_rate(&key);
+                    let data = DataRecord {
+                        stream: Some(stream_ref(&key, kind)),
+                        frame: Some(item.frame),
+                        late,
+                        received_time_ns: item.received_ns,
+                    };
+                    let seq_ref = SeqRef {
+                        vehicle: &key.vehicle,
+                        session: key.session,
+                        stream_id: key.stream_id,
+                        seq,
+                    };
+                    batch.append(
+                        &key.vehicle,
+                        kind,
+                        message(Record::Data(data)),
+                        Some(seq_ref),
+                    )?;
+                    after.acks.push((item.ack, key.stream_id, seq));
+                    metrics::counter!("relay_ingest_frames_stored_total", "kind" => crate::metrics::kind_label(kind)).increment(1);
+                    if late {
+                        metrics::counter!("relay_ingest_frames_late_total").increment(1);
+                    }
+                }
+                Output::Gap { key, gap } => {
+                    let (kind, _) = self.kind_and_rate(&key);
+                    metrics::counter!("relay_ingest_gaps_total").increment(1);
+                    let rec = GapRecord {
+                        stream: Some(stream_ref(&key, kind)),
+                        start_seq: gap.start_seq,
+                        end_seq: gap.end_seq,
+                        start_time_ns: gap.start_time_ns,
+                        end_time_ns: gap.end_time_ns,
+                    };
+                    batch.append(&key.vehicle, kind, message(Record::Gap(rec)), None)?;
+                }
+                Output::GapClosed {
+                    key,
+                    start_seq,
+                    end_seq,
+                } => {
+                    let (kind, _) = self.kind_and_rate(&key);
+                    let rec = GapClosed {
+                        stream: Some(stream_ref(&key, kind)),
+                        start_seq,
+                        end_seq,
+                    };
+                    batch.append(&key.vehicle, kind, message(Record::GapClosed(rec)), None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_batch(&mut self, cmds: Vec<WriterCmd>, now: Instant) -> Result<(), StoreError> {
+        let now_ns = crate::now_utc_ns();
         let mut batch = self.store.begin()?;
-        let mut acks: Vec<(AckSender, u32, u64)> = Vec::new();
-        let mut replies = Vec::new();
+        let mut after = AfterCommit::default();
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         for cmd in cmds {
             match cmd {
@@ -141,12 +245,8 @@ impl Writer {
                             stream: Some(stream_ref(&key, d.kind)),
                             descriptor: Some(d.clone()),
                         };
-                        if batch.put_stream(&info, now)? {
-                            let msg = SubscribeResponse {
-                                cursor: 0,
-                                record: Some(Record::Stream(info)),
-                            };
-                            batch.append(&vehicle, d.kind, msg, None)?;
+                        if batch.put_stream(&info, now_ns)? {
+                            batch.append(&vehicle, d.kind, message(Record::Stream(info)), None)?;
                         }
                         self.meta.insert(
                             key,
@@ -157,7 +257,7 @@ impl Writer {
                         );
                     }
                     touched.insert(vehicle);
-                    replies.push(done);
+                    after.replies.push(done);
                 }
                 WriterCmd::Frame {
                     vehicle,
@@ -166,125 +266,67 @@ impl Writer {
                     received_ns,
                     ack,
                 } => {
+                    touched.insert(vehicle.clone());
                     let key = StreamKey {
-                        vehicle: vehicle.clone(),
+                        vehicle,
                         session,
                         stream_id: frame.stream_id,
                     };
-                    let seq_ref = SeqRef {
-                        vehicle: &vehicle,
+                    let seq = frame.seq;
+                    let stored = SeqRef {
+                        vehicle: &key.vehicle,
                         session,
-                        stream_id: frame.stream_id,
-                        seq: frame.seq,
+                        stream_id: key.stream_id,
+                        seq,
                     };
-                    let (kind, rate) = self
-                        .meta
-                        .get(&key)
-                        .map_or((StreamKind::Unspecified as i32, 0.0), |m| {
-                            (m.kind, m.rate_hz)
-                        });
-                    if batch.contains(seq_ref)? {
+                    if batch.contains(stored)? {
                         metrics::counter!("relay_ingest_frames_duplicate_total").increment(1);
-                    } else {
-                        let end = frame_end_ns(&frame, rate);
-                        match self
-                            .reassembler
-                            .on_frame(&key, frame.seq, frame.capture_time_ns, end)
-                        {
-                            Verdict::Stale => {
-                                metrics::counter!("relay_ingest_frames_duplicate_total")
-                                    .increment(1);
-                            }
-                            Verdict::Accept { late, gap, closed } => {
-                                let sref = stream_ref(&key, kind);
-                                if let Some(g) = gap {
-                                    metrics::counter!("relay_ingest_gaps_total").increment(1);
-                                    let rec = GapRecord {
-                                        stream: Some(sref.clone()),
-                                        start_seq: g.start_seq,
-                                        end_seq: g.end_seq,
-                                        start_time_ns: g.start_time_ns,
-                                        end_time_ns: g.end_time_ns,
-                                    };
-                                    batch.append(
-                                        &vehicle,
-                                        kind,
-                                        SubscribeResponse {
-                                            cursor: 0,
-                                            record: Some(Record::Gap(rec)),
-                                        },
-                                        None,
-                                    )?;
-                                }
-                                let seq = frame.seq;
-                                let data = DataRecord {
-                                    stream: Some(sref.clone()),
-                                    frame: Some(frame),
-                                    late,
-                                    received_time_ns: received_ns,
-                                };
-                                batch.append(
-                                    &vehicle,
-                                    kind,
-                                    SubscribeResponse {
-                                        cursor: 0,
-                                        record: Some(Record::Data(data)),
-                                    },
-                                    Some(SeqRef {
-                                        vehicle: &vehicle,
-                                        session,
-                                        stream_id: key.stream_id,
-                                        seq,
-                                    }),
-                                )?;
-                                metrics::counter!("relay_ingest_frames_stored_total", "kind" => crate::metrics::kind_label(kind)).increment(1);
-                                if late {
-                                    metrics::counter!("relay_ingest_frames_late_total")
-                                        .increment(1);
-                                }
-                                if let Some((start_seq, end_seq)) = closed {
-                                    let rec = GapClosed {
-                                        stream: Some(sref),
-                                        start_seq,
-                                        end_seq,
-                                    };
-                                    batch.append(
-                                        &vehicle,
-                                        kind,
-                                        SubscribeResponse {
-                                            cursor: 0,
-                                            record: Some(Record::GapClosed(rec)),
-                                        },
-                                        None,
-                                    )?;
-                                }
-                            }
-                        }
-                        acks.push((ack, key.stream_id, seq_ref.seq));
-                        touched.insert(vehicle);
+                        after.acks.push((ack, key.stream_id, seq));
                         continue;
                     }
-                    acks.push((ack, frame.stream_id, frame.seq));
-                    touched.insert(vehicle);
+                    let (_, rate) = self.kind_and_rate(&key);
+                    let (capture, end) = (frame.capture_time_ns, frame_end_ns(&frame, rate));
+                    let item = Pending {
+                        frame,
+                        received_ns,
+                        ack,
+                    };
+                    let (arrival, outputs) = self
+                        .reassembler
+                        .on_frame(&key, seq, capture, end, item, now);
+                    match arrival {
+                        Arrival::Taken => {}
+                        Arrival::Replaced(_) => {
+                            metrics::counter!("relay_ingest_frames_duplicate_total").increment(1);
+                        }
+                        Arrival::Stale(item) => {
+                            metrics::counter!("relay_ingest_frames_duplicate_total").increment(1);
+                            after.acks.push((item.ack, key.stream_id, seq));
+                        }
+                    }
+                    self.publish(&mut batch, outputs, &mut after)?;
                 }
             }
         }
+        let expired = self.reassembler.on_timeout(now);
+        self.publish(&mut batch, expired, &mut after)?;
         for v in &touched {
-            batch.touch_vehicle(v, now)?;
+            batch.touch_vehicle(v, now_ns)?;
         }
-        let started = tokio::time::Instant::now();
+        metrics::gauge!("relay_ingest_reorder_held_frames").set(self.reassembler.held() as f64);
+        let started = Instant::now();
         let appended = batch.commit()?;
         metrics::histogram!("relay_ingest_store_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         // Durable now: acknowledge, answer, publish.
-        for (tx, stream, seq) in acks {
+        for (tx, stream, seq) in after.acks {
             if tx.try_send((stream, seq)).is_err() {
-                // The connection is gone or not draining its acks; it will be closed for the
-                // latter, and the agent re-sends unacknowledged frames after reconnecting.
+                // The connection is gone or not draining its acks (it is then closed); the
+                // agent re-sends unacknowledged frames after reconnecting.
                 metrics::counter!("relay_ingest_acks_dropped_total").increment(1);
             }
         }
-        for r in replies {
+        for r in after.replies {
             let _ = r.send(Ok(()));
         }
         for e in appended {
@@ -293,26 +335,52 @@ impl Writer {
         }
         Ok(())
     }
+
+    fn sweep(&mut self, retention: &RetentionPolicy) {
+        let max_age_ns = i64::try_from(retention.max_age.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = crate::now_utc_ns().saturating_sub(max_age_ns);
+        match self
+            .store
+            .enforce_retention(cutoff, retention.max_bytes, 100_000)
+        {
+            Ok(outcome) => {
+                metrics::counter!("relay_ingest_retention_deleted_total")
+                    .increment(outcome.deleted);
+                metrics::gauge!("relay_ingest_store_log_bytes").set(outcome.bytes_left as f64);
+                for key in outcome.pruned_streams {
+                    self.reassembler.forget(&key);
+                    self.meta.remove(&key);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+        }
+    }
 }
 
 /// Starts the writer thread. Returns the command sender; the thread ends when every sender is
-/// dropped, after finishing its last batch.
+/// dropped, after finishing its last batch (frames still held for reordering are not
+/// acknowledged and will be re-sent by their agents).
 pub fn spawn(
     store: Store,
     bus: broadcast::Sender<Arc<LogEntry>>,
     queue: usize,
+    limits: Limits,
     retention: RetentionPolicy,
     runtime: tokio::runtime::Handle,
 ) -> Result<(mpsc::Sender<WriterCmd>, std::thread::JoinHandle<()>), StoreError> {
-    let mut writer = Writer::open(store, bus)?;
+    let mut writer = Writer::open(store, bus, limits)?;
     let (tx, mut rx) = mpsc::channel::<WriterCmd>(queue);
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || {
-            let mut last_sweep = tokio::time::Instant::now();
+            let mut next_sweep = Instant::now() + retention.interval;
             loop {
-                let first = runtime
-                    .block_on(async { tokio::time::timeout(retention.interval, rx.recv()).await });
+                let wake = writer
+                    .reassembler
+                    .next_deadline()
+                    .map_or(next_sweep, |d| d.min(next_sweep));
+                let first =
+                    runtime.block_on(async { tokio::time::timeout_at(wake, rx.recv()).await });
                 let mut cmds = Vec::new();
                 match first {
                     Ok(Some(cmd)) => cmds.push(cmd),
@@ -326,41 +394,23 @@ pub fn spawn(
                     }
                 }
                 metrics::gauge!("relay_ingest_store_queue_depth").set(rx.len() as f64);
-                if !cmds.is_empty()
-                    && let Err(e) = writer.run_batch(cmds)
+                let now = Instant::now();
+                let reorder_due = writer.reassembler.next_deadline().is_some_and(|d| d <= now);
+                if (!cmds.is_empty() || reorder_due)
+                    && let Err(e) = writer.run_batch(cmds, now)
                 {
                     // Nothing was acknowledged; agents keep their frames and re-send. The
                     // reassembler saw frames that were not stored: rebuild it from the store.
                     tracing::error!(error = %e, "store commit failed; batch not acknowledged");
                     metrics::counter!("relay_ingest_store_errors_total").increment(1);
-                    match Writer::open(writer.store.clone(), writer.bus.clone()) {
+                    match Writer::open(writer.store.clone(), writer.bus.clone(), writer.limits) {
                         Ok(w) => writer = w,
-                        Err(e) => {
-                            tracing::error!(error = %e, "reloading reassembly state failed")
-                        }
+                        Err(e) => tracing::error!(error = %e, "reloading reassembly state failed"),
                     }
                 }
-                if last_sweep.elapsed() >= retention.interval {
-                    last_sweep = tokio::time::Instant::now();
-                    let cutoff = crate::now_utc_ns().saturating_sub(
-                        i64::try_from(retention.max_age.as_nanos()).unwrap_or(i64::MAX),
-                    );
-                    match writer
-                        .store
-                        .enforce_retention(cutoff, retention.max_bytes, 100_000)
-                    {
-                        Ok(outcome) => {
-                            metrics::counter!("relay_ingest_retention_deleted_total")
-                                .increment(outcome.deleted);
-                            metrics::gauge!("relay_ingest_store_log_bytes")
-                                .set(outcome.bytes_left as f64);
-                            for key in outcome.pruned_streams {
-                                writer.reassembler.forget(&key);
-                                writer.meta.remove(&key);
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
-                    }
+                if now >= next_sweep {
+                    next_sweep = now + retention.interval;
+                    writer.sweep(&retention);
                 }
             }
             tracing::debug!("store writer stopped");
