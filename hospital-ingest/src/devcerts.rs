@@ -164,8 +164,9 @@ mod tests {
             "amb-2",
             "ed-console",
         ] {
-            let certs = crate::tls::load_certs(&dir.path().join(format!("{f}.pem"))).unwrap();
-            crate::tls::load_key(&dir.path().join(format!("{f}.key"))).unwrap();
+            let certs =
+                relay_proto::ops::pem::load_certs(&dir.path().join(format!("{f}.pem"))).unwrap();
+            relay_proto::ops::pem::load_key(&dir.path().join(format!("{f}.key"))).unwrap();
             if f.starts_with("amb") {
                 assert_eq!(crate::tls::vehicle_id(&certs[0]).unwrap(), f);
             }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod devcerts;
 pub mod grpc;
 pub mod metrics;
+pub mod monitor;
 pub mod quic;
 pub mod reassembly;
 pub mod store;

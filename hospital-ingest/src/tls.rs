@@ -4,27 +4,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use relay_proto::ops::pem::{load_certs, load_key};
+use rustls::pki_types::CertificateDer;
 
 use crate::config::{IngestConfig, Tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Pem {
-        path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
+    #[error(transparent)]
+    Pem(#[from] relay_proto::ops::pem::PemError),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} holds no certificate")]
-    NoCertificate { path: PathBuf },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
@@ -54,28 +48,6 @@ impl IdentityError {
             Self::InvalidId(_) => "invalid_vehicle_id",
         }
     }
-}
-
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Pem {
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -1,16 +1,14 @@
 //! The demo: a development PKI, an ingest, two ambulances and an ED monitor, all on loopback,
 //! with embedded defaults and the shipped recordings.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use hospital_ingest::client::{ClientTls, WfdbSink, connect};
+use hospital_ingest::client::ClientTls;
 use hospital_ingest::devcerts::{DevPki, generate};
-use hospital_ingest::view::Dashboard;
+use hospital_ingest::monitor::{self, MonitorOptions};
 use hospital_ingest::{Ingest, IngestConfig};
-use relay_proto::model::{SubscribeRequest, subscribe_request::Start};
 use vehicle_agent::config::SourceConfig;
 use vehicle_agent::{Agent, AgentConfig};
 
@@ -123,17 +121,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ))
     .await?;
 
-    let url = format!("https://{}", ingest.grpc_addr);
-    let mut client = connect(&url, &ClientTls::from_dev_dir(&pki, "ed-console")).await?;
-    let req = SubscribeRequest {
-        vehicle_ids: vec![],
-        kinds: vec![],
-        start: Some(Start::AfterCursor(0)),
-    };
-    let mut stream = client.subscribe(req).await?.into_inner();
-    let mut sink = args.wfdb_dir.as_deref().map(WfdbSink::new);
-    let mut dash = Dashboard::default();
-    let tty = std::io::stdout().is_terminal() && !args.plain;
     println!(
         "relay demo: ingest QUIC {} gRPC {} metrics http://{}/metrics; amb-1 replays MIT-BIH 100, amb-2 PTB s0010_re; ctrl-c stops",
         ingest.quic_addr,
@@ -143,44 +130,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_default()
     );
-    let deadline = args
-        .duration_s
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        let until = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            m = stream.message() => match m {
-                Ok(Some(m)) => {
-                    dash.apply(&m, hospital_ingest::now_utc_ns());
-                    if let Some(s) = sink.as_mut() {
-                        s.handle(&m)?;
-                    }
-                }
-                Ok(None) => break,
-                Err(status) => anyhow::bail!("subscription failed: {status}"),
-            },
-            _ = ticker.tick() => {
-                if tty {
-                    print!("\x1b[2J\x1b[H{}", dash.render());
-                } else {
-                    print!("{}", dash.render());
-                }
-            }
-            () = until => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    print!("{}", dash.render());
-    if let Some(s) = sink {
-        for (id, path) in s.finish()? {
-            println!("wrote {} ({} stream {})", path.display(), id.0, id.2);
-        }
+    let summary = monitor::run(MonitorOptions {
+        server: format!("https://{}", ingest.grpc_addr),
+        tls: ClientTls::from_dev_dir(&pki, "ed-console"),
+        vehicles: Vec::new(),
+        kinds: Vec::new(),
+        after_cursor: Some(0),
+        cursor_file: None,
+        wfdb_dir: args.wfdb_dir.clone(),
+        exit_after_sync: false,
+        duration: args.duration_s.map(Duration::from_secs),
+        plain: args.plain,
+    })
+    .await?;
+    print!("{}", summary.dashboard.render());
+    for (id, path) in summary.written {
+        println!("wrote {} ({} stream {})", path.display(), id.0, id.2);
     }
     a1.shutdown().await?;
     a2.shutdown().await?;

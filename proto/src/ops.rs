@@ -113,3 +113,47 @@ pub async fn shutdown_signal() {
     }
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Reading certificates and keys from PEM files, for both services and the tests.
+pub mod pem {
+    use std::path::{Path, PathBuf};
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum PemError {
+        #[error("reading {path}: {source}")]
+        Read {
+            path: PathBuf,
+            #[source]
+            source: rustls::pki_types::pem::Error,
+        },
+        #[error("{path} holds no certificate")]
+        NoCertificate { path: PathBuf },
+    }
+
+    /// Every certificate in a PEM file (a chain: leaf first); at least one.
+    pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| PemError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(PemError::NoCertificate {
+                path: path.to_owned(),
+            });
+        }
+        Ok(certs)
+    }
+
+    /// The first private key in a PEM file.
+    pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
+        PrivateKeyDer::from_pem_file(path).map_err(|source| PemError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}

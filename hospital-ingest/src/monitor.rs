@@ -1,0 +1,135 @@
+//! The ED monitor loop shared by `ed-monitor` and the demo: subscribe (resuming from a cursor,
+//! reconnecting on its own), keep the dashboard, optionally write WFDB, redraw every second.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
+use tokio::time::Instant;
+
+use crate::client::{ClientTls, StreamId, WfdbSink, connect};
+use crate::view::Dashboard;
+
+#[derive(Debug, Clone)]
+pub struct MonitorOptions {
+    /// e.g. `https://127.0.0.1:50051`
+    pub server: String,
+    pub tls: ClientTls,
+    /// Empty: all vehicles.
+    pub vehicles: Vec<String>,
+    /// Empty: all kinds (StreamKind values).
+    pub kinds: Vec<i32>,
+    /// Start after this cursor; live only when absent (a cursor file, if present, wins).
+    pub after_cursor: Option<u64>,
+    /// Read at start, written on exit.
+    pub cursor_file: Option<PathBuf>,
+    pub wfdb_dir: Option<PathBuf>,
+    pub exit_after_sync: bool,
+    pub duration: Option<Duration>,
+    /// Print the table every second instead of redrawing the screen.
+    pub plain: bool,
+}
+
+/// What a monitor run ends with.
+#[derive(Debug)]
+pub struct MonitorSummary {
+    pub dashboard: Dashboard,
+    pub cursor: Option<u64>,
+    pub written: Vec<(StreamId, PathBuf)>,
+}
+
+pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
+    let mut cursor = opts.after_cursor;
+    if let Some(f) = &opts.cursor_file
+        && let Ok(text) = std::fs::read_to_string(f)
+    {
+        let c = text
+            .trim()
+            .parse()
+            .with_context(|| format!("cursor file {} holds no number", f.display()))?;
+        cursor = Some(c);
+    }
+    let mut sink = opts.wfdb_dir.as_deref().map(WfdbSink::new);
+    let mut dash = Dashboard::default();
+    let redraw = std::io::stdout().is_terminal() && !opts.plain;
+    let deadline = opts.duration.map(|d| Instant::now() + d);
+    let mut backoff = Duration::from_millis(200);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let until_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_deadline);
+    'outer: loop {
+        let attempt = async {
+            let mut client = connect(&opts.server, &opts.tls).await?;
+            let req = SubscribeRequest {
+                vehicle_ids: opts.vehicles.clone(),
+                kinds: opts.kinds.clone(),
+                start: Some(cursor.map_or(Start::Live(true), Start::AfterCursor)),
+            };
+            anyhow::Ok(client.subscribe(req).await?.into_inner())
+        };
+        let mut stream = tokio::select! {
+            r = attempt => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("connecting to {}: {e:#}; retrying in {backoff:?}", opts.server);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut until_deadline => break 'outer,
+                        _ = tokio::signal::ctrl_c() => break 'outer,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            () = &mut until_deadline => break 'outer,
+            _ = tokio::signal::ctrl_c() => break 'outer,
+        };
+        backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(m)) => {
+                        dash.apply(&m, crate::now_utc_ns());
+                        if let Some(s) = sink.as_mut() {
+                            s.handle(&m).context("writing WFDB")?;
+                        }
+                        cursor = Some(m.cursor);
+                        if opts.exit_after_sync && matches!(m.record, Some(Record::Sync(_))) {
+                            break 'outer;
+                        }
+                    }
+                    Ok(None) => { eprintln!("stream ended; resuming"); break; }
+                    Err(status) => { eprintln!("stream error: {status}; resuming"); break; }
+                },
+                _ = ticker.tick() => {
+                    if redraw {
+                        print!("\x1b[2J\x1b[H{}", dash.render());
+                    } else {
+                        print!("{}", dash.render());
+                    }
+                }
+                () = &mut until_deadline => break 'outer,
+                _ = tokio::signal::ctrl_c() => break 'outer,
+            }
+        }
+    }
+    if let (Some(f), Some(c)) = (&opts.cursor_file, cursor) {
+        std::fs::write(f, format!("{c}\n")).with_context(|| format!("writing {}", f.display()))?;
+    }
+    let written = match sink {
+        Some(s) => s.finish().context("finishing WFDB records")?,
+        None => Vec::new(),
+    };
+    Ok(MonitorSummary {
+        dashboard: dash,
+        cursor,
+        written,
+    })
+}
