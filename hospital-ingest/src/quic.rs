@@ -67,6 +67,25 @@ impl Online {
     }
 }
 
+/// Marks a vehicle online from its accepted Hello until the connection ends.
+struct OnlineGuard<'a> {
+    online: &'a Online,
+    vehicle: &'a str,
+}
+
+impl<'a> OnlineGuard<'a> {
+    fn new(online: &'a Online, vehicle: &'a str) -> Self {
+        online.up(vehicle);
+        Self { online, vehicle }
+    }
+}
+
+impl Drop for OnlineGuard<'_> {
+    fn drop(&mut self) {
+        self.online.down(self.vehicle);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct QuicContext {
     pub cfg: Quic,
@@ -146,9 +165,7 @@ async fn handle_incoming(incoming: quinn::Incoming, ctx: QuicContext, stop: Canc
         }
     };
     metrics::counter!("relay_ingest_connections_total").increment(1);
-    ctx.online.up(&vehicle);
     let result = serve_vehicle(&conn, Arc::from(vehicle.as_str()), &ctx, &stop).await;
-    ctx.online.down(&vehicle);
     match result {
         Ok(()) => tracing::info!(vehicle, %remote, "vehicle disconnected"),
         Err(r) => protocol_error(&conn, &vehicle, &r),
@@ -371,6 +388,7 @@ async fn serve_vehicle(
         .await
         .map_err(|e| refuse(CloseCode::Normal, e.to_string()))?;
     tracing::info!(vehicle = %vehicle, session, streams = streams.len(), remote = %conn.remote_address(), "vehicle connected");
+    let _online = OnlineGuard::new(&ctx.online, &vehicle);
 
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));

@@ -298,6 +298,24 @@ impl Store {
                 streams.remove((&*key.vehicle, key.session, key.stream_id))?;
             }
             out.pruned_streams = stale;
+
+            // Vehicles silent for the whole retention window and without streams left.
+            let mut vehicles = txn.open_table(VEHICLES)?;
+            let mut silent = Vec::new();
+            for item in vehicles.iter()? {
+                let (k, v) = item?;
+                let id = k.value();
+                let has_streams = streams
+                    .range((id, 0, 0)..=(id, u64::MAX, u32::MAX))?
+                    .next()
+                    .is_some();
+                if v.value() < min_received_ns && !has_streams {
+                    silent.push(id.to_owned());
+                }
+            }
+            for id in silent {
+                vehicles.remove(id.as_str())?;
+            }
         }
         txn.commit()?;
         Ok(out)
@@ -574,5 +592,19 @@ mod tests {
             .map(|s| s.stream.as_ref().unwrap().session_id)
             .collect();
         assert_eq!(left, vec![2, 3]);
+
+        // A vehicle silent for the window and without streams is forgotten too.
+        let mut b = store.begin().unwrap();
+        b.touch_vehicle("amb-1", 100).unwrap();
+        b.touch_vehicle("amb-old", 100).unwrap();
+        b.commit().unwrap();
+        store.enforce_retention(500, u64::MAX, 1000).unwrap();
+        let ids: Vec<String> = store
+            .vehicles()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec!["amb-1"], "amb-1 still has streams");
     }
 }

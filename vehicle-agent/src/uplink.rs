@@ -105,7 +105,8 @@ pub async fn run(
     let max = Duration::from_millis(cfg.reconnect.max_backoff_ms);
     let mut backoff = initial;
     loop {
-        if stop.is_cancelled() && (shared.outbox().is_empty() || drain.is_zero()) {
+        // Draining happens on a live connection only; a stopping agent does not dial again.
+        if stop.is_cancelled() {
             break;
         }
         match serve_connection(&endpoint, &cfg, &client, &hello, &shared, &stop, drain).await {
