@@ -46,6 +46,10 @@ pub fn describe() {
         "Frames that arrived after newer ones of their stream (filling a gap)"
     );
     describe_counter!("relay_ingest_gaps_total", "Gaps announced to subscribers");
+    describe_gauge!(
+        "relay_ingest_reorder_held_frames",
+        "Frames waiting in the reorder window for frames they overtook"
+    );
     describe_counter!(
         "relay_ingest_acks_dropped_total",
         "Acknowledgements that could not be queued to their connection"

@@ -1,0 +1,80 @@
+//! The dashboards and alert rules in deploy/ only name metrics the services really export.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// `relay_...` identifiers in a text, without the histogram series suffixes.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices("relay_") {
+        if i > 0 && text.as_bytes()[i - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.clone(), |n, s| {
+                n.strip_suffix(s).map(str::to_owned).unwrap_or(n)
+            });
+        out.insert(base);
+    }
+    out
+}
+
+/// Every metric the code emits is described (so it has HELP text), and only those.
+#[test]
+fn every_emitted_metric_is_described() {
+    let described: BTreeSet<String> = [
+        "vehicle-agent/src/metrics.rs",
+        "hospital-ingest/src/metrics.rs",
+    ]
+    .iter()
+    .flat_map(|f| metric_names(&std::fs::read_to_string(root().join(f)).unwrap()))
+    .collect();
+    let mut emitted = BTreeSet::new();
+    for dir in ["vehicle-agent/src", "hospital-ingest/src"] {
+        for entry in std::fs::read_dir(root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("metrics.rs") {
+                emitted.extend(metric_names(&std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let undescribed: Vec<&String> = emitted.difference(&described).collect();
+    assert!(
+        undescribed.is_empty(),
+        "emitted without description: {undescribed:?}"
+    );
+}
+
+#[test]
+fn dashboards_and_alerts_reference_described_metrics() {
+    let described: BTreeSet<String> = [
+        "vehicle-agent/src/metrics.rs",
+        "hospital-ingest/src/metrics.rs",
+    ]
+    .iter()
+    .flat_map(|f| metric_names(&std::fs::read_to_string(root().join(f)).unwrap()))
+    .collect();
+    assert!(described.len() > 25, "{described:?}");
+    for f in [
+        "deploy/grafana/relay-overview.json",
+        "deploy/prometheus/relay-alerts.yml",
+    ] {
+        let used = metric_names(&std::fs::read_to_string(root().join(f)).unwrap());
+        assert!(!used.is_empty(), "{f} names no metric");
+        let unknown: Vec<&String> = used.difference(&described).collect();
+        assert!(
+            unknown.is_empty(),
+            "{f} uses metrics nobody exports: {unknown:?}"
+        );
+    }
+}
