@@ -109,16 +109,26 @@ pub async fn run(
         if stop.is_cancelled() {
             break;
         }
-        match serve_connection(&endpoint, &cfg, &client, &hello, &shared, &stop, drain).await {
+        let mut established = false;
+        let bearer = Bearer {
+            endpoint: &endpoint,
+            cfg: &cfg,
+            client: &client,
+            hello: &hello,
+            shared: &shared,
+            drain,
+        };
+        let served = serve_connection(&bearer, &stop, &mut established).await;
+        if established {
+            // We had a working session: back off from the beginning again.
+            backoff = initial;
+        }
+        match served {
             Ok(()) => break,
             Err(e) => {
                 metrics::counter!("relay_agent_connect_failures_total", "reason" => e.label())
                     .increment(1);
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "bearer down; will reconnect");
-                if matches!(e, UplinkError::Connection(_)) {
-                    // We had a working connection: start backing off from the beginning.
-                    backoff = initial;
-                }
             }
         }
         if stop.is_cancelled() {
@@ -189,15 +199,31 @@ async fn intake(
     }
 }
 
-async fn serve_connection(
-    endpoint: &quinn::Endpoint,
-    cfg: &AgentConfig,
-    client: &quinn::ClientConfig,
-    hello: &Hello,
-    shared: &Arc<Shared>,
-    stop: &CancellationToken,
+/// What one connection attempt needs.
+struct Bearer<'a> {
+    endpoint: &'a quinn::Endpoint,
+    cfg: &'a AgentConfig,
+    client: &'a quinn::ClientConfig,
+    hello: &'a Hello,
+    shared: &'a Arc<Shared>,
     drain: Duration,
+}
+
+/// Connects, says Hello, then writes frames and takes acknowledgements until the connection
+/// ends (`Err`) or `stop` fires and the outbox drained or `drain` passed (`Ok`).
+async fn serve_connection(
+    b: &Bearer<'_>,
+    stop: &CancellationToken,
+    established: &mut bool,
 ) -> Result<(), UplinkError> {
+    let Bearer {
+        endpoint,
+        cfg,
+        client,
+        hello,
+        shared,
+        drain,
+    } = *b;
     let handshake = Duration::from_millis(cfg.reconnect.handshake_timeout_ms);
     let connecting =
         endpoint.connect_with(client.clone(), cfg.ingest.address, &cfg.ingest.server_name)?;
@@ -233,6 +259,7 @@ async fn serve_connection(
     }
     tracing::info!(remote = %conn.remote_address(), "connected to ingest");
     metrics::counter!("relay_agent_connects_total").increment(1);
+    *established = true;
     metrics::gauge!("relay_agent_connected").set(1.0);
     shared.outbox().requeue_all();
     shared.pending.notify_one();
