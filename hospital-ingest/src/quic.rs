@@ -321,10 +321,12 @@ async fn serve_vehicle(
     stop: &CancellationToken,
 ) -> Result<(), Refusal> {
     let hello_timeout = Duration::from_millis(ctx.cfg.hello_timeout_ms);
-    let (send, recv) = tokio::time::timeout(hello_timeout, conn.accept_bi())
+    let accepted = tokio::time::timeout(hello_timeout, conn.accept_bi())
         .await
-        .map_err(|_| refuse(CloseCode::BadHandshake, "no control stream"))?
-        .map_err(|e| refuse(CloseCode::Normal, e.to_string()))?;
+        .map_err(|_| refuse(CloseCode::BadHandshake, "no control stream"))?;
+    let Ok((send, recv)) = accepted else {
+        return Ok(()); // the peer went away before opening its control stream
+    };
     let mut control_out = FramedWrite::new(send, codec());
     let mut control_in = FramedRead::new(recv, codec());
     let first = tokio::time::timeout(hello_timeout, control_in.next())
@@ -383,10 +385,13 @@ async fn serve_vehicle(
             ingest_time_ns: crate::now_utc_ns(),
         })),
     };
-    control_out
+    if control_out
         .send(Bytes::from(ack.encode_to_vec()))
         .await
-        .map_err(|e| refuse(CloseCode::Normal, e.to_string()))?;
+        .is_err()
+    {
+        return Ok(()); // the peer went away during the handshake
+    }
     tracing::info!(vehicle = %vehicle, session, streams = streams.len(), remote = %conn.remote_address(), "vehicle connected");
     let _online = OnlineGuard::new(&ctx.online, &vehicle);
 
