@@ -279,7 +279,8 @@ async fn serve_connection(
                     Ok(other) => tracing::debug!(?other, "ignoring control message"),
                     Err(e) => break Err(UplinkError::Control(format!("undecodable control message: {e}"))),
                 },
-                Some(Err(e)) => break Err(UplinkError::Control(e.to_string())),
+                // Tell why the ingest closed, when it did, rather than "connection lost".
+                Some(Err(e)) => break Err(conn.close_reason().map_or(UplinkError::Control(e.to_string()), refusal)),
                 None => break Err(refusal(conn.closed().await)),
             },
             e = conn.closed() => break Err(refusal(e)),
