@@ -157,3 +157,45 @@ pub mod pem {
         })
     }
 }
+
+/// Configuration files: TOML parsed into a service's config struct, with errors naming the file.
+pub mod config {
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ConfigError {
+        #[error("reading config {path}: {source}")]
+        Read {
+            path: PathBuf,
+            #[source]
+            source: std::io::Error,
+        },
+        #[error("parsing config {path}: {source}")]
+        Parse {
+            path: PathBuf,
+            #[source]
+            source: Box<toml::de::Error>,
+        },
+        #[error("invalid config: {0}")]
+        Invalid(String),
+    }
+
+    /// Parses TOML text; `path` only names the source in errors.
+    pub fn parse_toml<T: serde::de::DeserializeOwned>(
+        text: &str,
+        path: &Path,
+    ) -> Result<T, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        parse_toml(&text, path)
+    }
+}
