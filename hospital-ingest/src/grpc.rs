@@ -126,7 +126,6 @@ struct Outlet {
     tx: mpsc::Sender<SubscribeResponse>,
     timeout: Duration,
     cut_off: Arc<std::sync::Mutex<Option<Status>>>,
-    sent: u64,
 }
 
 #[derive(Debug)]
@@ -137,18 +136,15 @@ enum Stop {
 
 impl Outlet {
     async fn send(&mut self, msg: SubscribeResponse) -> Result<(), Stop> {
-        let cursor = msg.cursor;
         match tokio::time::timeout(self.timeout, self.tx.send(msg)).await {
-            Ok(Ok(())) => {
-                self.sent += 1;
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => {
+                // What was still queued is dropped with the stream, so the resume point is the
+                // cursor of the last message the client actually received.
                 let status = Status::resource_exhausted(format!(
-                    "subscriber too slow: queue full for {:?}; resume with after_cursor={}",
-                    self.timeout,
-                    cursor.saturating_sub(1)
+                    "subscriber too slow: queue full for {:?}; subscribe again with after_cursor = the cursor of the last message received",
+                    self.timeout
                 ));
                 *self.cut_off.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
                 metrics::counter!("relay_ingest_subscribers_cut_off_total").increment(1);
@@ -334,7 +330,6 @@ impl Telemetry for TelemetryService {
             tx,
             timeout: self.settings.slow_subscriber_timeout,
             cut_off: cut_off.clone(),
-            sent: 0,
         };
         let svc = self.clone();
         metrics::gauge!("relay_ingest_subscribers").increment(1.0);
