@@ -57,6 +57,9 @@ pub struct Quic {
     pub hello_timeout_ms: u64,
     /// Acknowledgements waiting to be written per connection before it is closed as stuck.
     pub max_pending_acks: usize,
+    /// Bytes a connection may have in flight towards the ingest (QUIC flow control): the
+    /// memory one vehicle connection can occupy with unread frames.
+    pub connection_receive_window_bytes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -118,6 +121,7 @@ impl Default for Quic {
             idle_timeout_ms: 10_000,
             hello_timeout_ms: 10_000,
             max_pending_acks: 65_536,
+            connection_receive_window_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -235,6 +239,9 @@ impl IngestConfig {
             || self.quic.max_pending_acks == 0
         {
             return bad("quic limits must be positive");
+        }
+        if (self.quic.connection_receive_window_bytes as usize) < self.quic.max_frame_bytes {
+            return bad("quic.connection_receive_window_bytes must hold at least one frame");
         }
         if self.grpc.subscriber_queue == 0
             || self.grpc.live_buffer == 0

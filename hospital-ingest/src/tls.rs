@@ -77,6 +77,13 @@ pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, Tls
     transport
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(cfg.quic.max_concurrent_frames))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1))
+        // Bytes a vehicle may have in flight to us: bounds the memory one connection can take.
+        .receive_window(quinn::VarInt::from_u32(
+            cfg.quic.connection_receive_window_bytes,
+        ))
+        .stream_receive_window(quinn::VarInt::from_u32(
+            u32::try_from(cfg.quic.max_frame_bytes).unwrap_or(u32::MAX),
+        ))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(Duration::from_millis(cfg.quic.idle_timeout_ms))
                 .map_err(|e| TlsError::Quic(e.to_string()))?,
