@@ -110,19 +110,16 @@ impl Outbox {
         evicted
     }
 
-    /// Oldest frame of the least urgent class.
+    /// Oldest frame of the least urgent class (of its lowest-numbered stream): one B-tree
+    /// lookup, so a full buffer costs nothing extra per frame.
     fn eviction_candidate(&self) -> Option<FrameKey> {
         let worst_rank = self.entries.keys().next_back()?.rank;
-        self.entries
-            .range(
-                FrameKey {
-                    rank: worst_rank,
-                    stream_id: 0,
-                    seq: 0,
-                }..,
-            )
-            .min_by_key(|(k, _)| k.seq)
-            .map(|(k, _)| *k)
+        let first_of_rank = FrameKey {
+            rank: worst_rank,
+            stream_id: 0,
+            seq: 0,
+        };
+        self.entries.range(first_of_rank..).next().map(|(k, _)| *k)
     }
 
     fn remove(&mut self, key: &FrameKey) -> Option<Entry> {
