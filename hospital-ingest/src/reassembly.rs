@@ -149,25 +149,32 @@ impl<T> Reassembler<T> {
         self.streams.remove(key);
     }
 
-    /// Restores a stream after a restart from the seqs already stored (ascending). Holes
-    /// between stored seqs are open gaps again, as they were before the restart.
+    /// Restores a stream after a restart: `next_seq` is one past the highest stored seq and
+    /// `holes` the missing ranges between stored seqs, which are open gaps again, as they were
+    /// before the restart (the newest `max_gaps` of them).
     pub fn restore(
         &mut self,
         key: StreamKey,
-        stored_ascending: impl IntoIterator<Item = u64>,
+        next_seq: u64,
+        holes: impl IntoIterator<Item = (u64, u64)>,
         next_time_ns: i64,
     ) {
-        let mut st = StreamState::default();
-        let mut first = true;
-        for seq in stored_ascending {
-            if !first && seq > st.next_seq {
-                st.missing.insert(st.next_seq, seq);
-                st.announced.insert(st.next_seq, (seq, seq - st.next_seq));
+        let mut st = StreamState {
+            next_seq,
+            next_time_ns,
+            ..StreamState::default()
+        };
+        for (start, end) in holes {
+            if start < end && end <= next_seq {
+                st.missing.insert(start, end);
+                st.announced.insert(start, (end, end - start));
             }
-            first = false;
-            st.next_seq = st.next_seq.max(seq + 1);
         }
-        st.next_time_ns = next_time_ns;
+        while st.announced.len() > self.limits.max_gaps {
+            if let Some((s, _)) = st.announced.pop_first() {
+                st.missing.remove(&s);
+            }
+        }
         self.streams.insert(key, st);
     }
 
@@ -492,7 +499,7 @@ mod tests {
     #[test]
     fn restore_rebuilds_high_water_mark_and_holes() {
         let mut r = r(WINDOW, 16);
-        r.restore(key(), [3, 4, 7, 8], 360);
+        r.restore(key(), 9, [(5, 7)], 360); // seqs 3, 4, 7, 8 stored
         let now = Instant::now();
         assert_eq!(feed(&mut r, 8, now).0, "stale 8");
         assert_eq!(feed(&mut r, 9, now).1, vec!["9"]);

@@ -8,6 +8,7 @@
 //! writer thread, one reader per subscriber). The ingest acknowledges a frame only after the
 //! transaction holding it has committed with `Durability::Immediate` (fsync).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -184,32 +185,43 @@ impl Store {
         Ok(out)
     }
 
-    /// Every stored seq per stream (ascending), with the cursor of the highest: what the
-    /// reassembler needs after a restart.
-    pub fn stored_seqs(&self) -> Result<Vec<(StreamKey, Vec<u64>, u64)>, StoreError> {
+    /// What the reassembler needs of each stream after a restart, computed in one pass over
+    /// the dedup index without holding every seq in memory: the high-water mark, the holes
+    /// between stored seqs (the newest `max_holes` of them) and the cursor of the highest.
+    pub fn stored_streams(&self, max_holes: usize) -> Result<Vec<StoredStream>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(SEEN)?;
-        let mut out: Vec<(StreamKey, Vec<u64>, u64)> = Vec::new();
+        let mut out: Vec<StoredStream> = Vec::new();
         for item in t.iter()? {
             let (k, v) = item?;
             let (vehicle, session, stream_id, seq) = k.value();
-            let same = out.last().is_some_and(|(key, _, _)| {
-                &*key.vehicle == vehicle && key.session == session && key.stream_id == stream_id
+            let same = out.last().is_some_and(|s| {
+                &*s.key.vehicle == vehicle
+                    && s.key.session == session
+                    && s.key.stream_id == stream_id
             });
             if !same {
-                out.push((
-                    StreamKey {
-                        vehicle: vehicle.into(),
-                        session,
-                        stream_id,
-                    },
-                    Vec::new(),
-                    0,
-                ));
+                let key = StreamKey {
+                    vehicle: vehicle.into(),
+                    session,
+                    stream_id,
+                };
+                out.push(StoredStream {
+                    key,
+                    next_seq: seq,
+                    holes: VecDeque::new(),
+                    last_cursor: 0,
+                });
             }
-            if let Some(last) = out.last_mut() {
-                last.1.push(seq);
-                last.2 = v.value();
+            if let Some(s) = out.last_mut() {
+                if seq > s.next_seq {
+                    s.holes.push_back((s.next_seq, seq));
+                    if s.holes.len() > max_holes {
+                        s.holes.pop_front();
+                    }
+                }
+                s.next_seq = seq + 1;
+                s.last_cursor = v.value();
             }
         }
         Ok(out)
@@ -333,6 +345,18 @@ pub struct RetentionOutcome {
     pub deleted: u64,
     pub bytes_left: u64,
     pub pruned_streams: Vec<StreamKey>,
+}
+
+/// A stored stream as the reassembler must resume it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredStream {
+    pub key: StreamKey,
+    /// One past the highest stored seq.
+    pub next_seq: u64,
+    /// Missing ranges [start, end) between stored seqs, oldest first.
+    pub holes: VecDeque<(u64, u64)>,
+    /// Cursor of the highest stored frame.
+    pub last_cursor: u64,
 }
 
 /// One write transaction; nothing is visible or durable before `commit`.
@@ -503,9 +527,15 @@ mod tests {
             page.iter().map(|(c, m)| (*c, m.cursor)).collect::<Vec<_>>(),
             vec![(2, 2), (3, 3)]
         );
-        let seqs = store.stored_seqs().unwrap();
-        assert_eq!(seqs.len(), 1);
-        assert_eq!((seqs[0].1.clone(), seqs[0].2), (vec![0, 1, 3], 3));
+        let streams = store.stored_streams(16).unwrap();
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams[0].next_seq, 4, "seqs 0, 1, 3 stored");
+        assert_eq!(Vec::from(streams[0].holes.clone()), vec![(2, 3)]);
+        assert_eq!(streams[0].last_cursor, 3);
+        assert!(
+            store.stored_streams(0).unwrap()[0].holes.is_empty(),
+            "holes bounded"
+        );
     }
 
     #[test]

@@ -126,13 +126,13 @@ impl Writer {
             }
         }
         let mut reassembler = Reassembler::new(limits);
-        for (key, seqs, last_cursor) in store.stored_seqs()? {
-            let rate = meta.get(&key).map_or(0.0, |m| m.rate_hz);
-            let end = match store.record(last_cursor)?.and_then(|m| m.record) {
+        for s in store.stored_streams(limits.max_gaps)? {
+            let rate = meta.get(&s.key).map_or(0.0, |m| m.rate_hz);
+            let end = match store.record(s.last_cursor)?.and_then(|m| m.record) {
                 Some(Record::Data(DataRecord { frame: Some(f), .. })) => frame_end_ns(&f, rate),
                 _ => 0,
             };
-            reassembler.restore(key, seqs, end);
+            reassembler.restore(s.key, s.next_seq, s.holes, end);
         }
         Ok(Self {
             store,
