@@ -1,3 +1,4 @@
-//! Demo runner (this file) and, later, the trace-driven link emulator and load generator.
+//! Demo runner, trace-driven link emulator and load generator.
 
 pub mod demo;
+pub mod emulator;
