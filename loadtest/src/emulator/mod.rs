@@ -2,4 +2,11 @@
 //! downlink follow a capacity trace (or fixed rate), delay, jitter, loss and outages.
 
 pub mod model;
+pub mod runtime;
+pub mod spec;
 pub mod trace;
+
+pub use model::{Capacity, DirectionCounters, DirectionParams, GilbertElliott};
+pub use runtime::{Link, LinkCounters};
+pub use spec::{BearerSpec, TraceCache};
+pub use trace::Trace;

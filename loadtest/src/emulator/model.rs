@@ -222,6 +222,18 @@ impl Direction {
         }
     }
 
+    /// Drops every limit from now on; packets already in flight still arrive as scheduled.
+    pub fn lift(&mut self) {
+        self.params = DirectionParams {
+            queue_bytes: self.params.queue_bytes,
+            ..DirectionParams::default()
+        };
+        self.cut_since = None;
+        self.cuts.clear();
+        self.waiting.clear();
+        self.waiting_bytes = 0;
+    }
+
     pub fn is_down(&self, t: Duration) -> bool {
         self.params.is_scheduled_down(t)
             || self.cut_since.is_some_and(|since| t >= since)
