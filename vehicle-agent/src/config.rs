@@ -65,6 +65,8 @@ pub struct Buffer {
     /// Bytes of frames kept until acknowledged; when full, the lowest-priority oldest frames
     /// are evicted (and counted).
     pub max_unacked_bytes: usize,
+    /// On shutdown, keep delivering unacknowledged frames this long, milliseconds.
+    pub stop_drain_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -212,6 +214,7 @@ impl Default for Buffer {
     fn default() -> Self {
         Self {
             max_unacked_bytes: 64 * 1024 * 1024,
+            stop_drain_ms: 3_000,
         }
     }
 }

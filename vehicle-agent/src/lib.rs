@@ -22,12 +22,21 @@ pub use config::AgentConfig;
 /// Frames buffered between sources and the uplink before a source waits.
 const SOURCE_QUEUE_FRAMES: usize = 1024;
 
+/// What an agent did, reported when it stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSummary {
+    /// Per stream id, frames the source produced (sequence numbers `0..n`).
+    pub frames_produced: Vec<(u32, u64)>,
+    /// Frames still unacknowledged when the uplink closed.
+    pub unacked_at_exit: usize,
+}
+
 /// A started agent.
 #[derive(Debug)]
 pub struct Agent {
     stop: CancellationToken,
-    sources: Vec<JoinHandle<u64>>,
-    uplink: JoinHandle<Result<(), std::io::Error>>,
+    sources: Vec<(u32, JoinHandle<u64>)>,
+    uplink: JoinHandle<Result<usize, std::io::Error>>,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -75,19 +84,18 @@ impl Agent {
         let (tx, rx) = tokio::sync::mpsc::channel(SOURCE_QUEUE_FRAMES);
         let epoch = now_utc_ns();
         let frame_ms = cfg.framing.frame_ms;
+        let drain = Duration::from_millis(cfg.buffer.stop_drain_ms);
         let sources = prepared
             .into_iter()
-            .map(|p| tokio::spawn(p.run(frame_ms, epoch, tx.clone(), stop.clone())))
+            .map(|p| {
+                (
+                    p.descriptor.stream_id,
+                    tokio::spawn(p.run(frame_ms, epoch, tx.clone(), stop.clone())),
+                )
+            })
             .collect();
         drop(tx);
-        let uplink = tokio::spawn(uplink::run(
-            cfg,
-            client,
-            hello,
-            rx,
-            stop.clone(),
-            Duration::from_secs(3),
-        ));
+        let uplink = tokio::spawn(uplink::run(cfg, client, hello, rx, stop.clone(), drain));
         Ok(Self {
             stop,
             sources,
@@ -96,18 +104,23 @@ impl Agent {
         })
     }
 
-    /// Stops the sources, gives the uplink a few seconds to deliver what is unacknowledged,
-    /// then closes the connection.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops the sources, gives the uplink `buffer.stop_drain_ms` to deliver what is
+    /// unacknowledged, then closes the connection.
+    pub async fn shutdown(self) -> anyhow::Result<AgentSummary> {
         self.stop.cancel();
-        for s in self.sources {
-            let _ = s.await;
+        let mut frames_produced = Vec::new();
+        for (stream_id, s) in self.sources {
+            frames_produced.push((stream_id, s.await.unwrap_or(0)));
         }
-        self.uplink
+        let unacked_at_exit = self
+            .uplink
             .await
             .context("uplink task")?
             .context("uplink")?;
-        Ok(())
+        Ok(AgentSummary {
+            frames_produced,
+            unacked_at_exit,
+        })
     }
 
     /// Resolves when the uplink ends (only after `shutdown` was requested elsewhere).

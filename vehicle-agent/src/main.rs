@@ -10,5 +10,5 @@ async fn main() -> anyhow::Result<()> {
     let agent = vehicle_agent::Agent::start(cfg).await?;
     relay_proto::ops::shutdown_signal().await;
     tracing::info!("shutting down");
-    agent.shutdown().await
+    agent.shutdown().await.map(|_| ())
 }

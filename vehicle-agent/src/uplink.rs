@@ -53,6 +53,8 @@ struct Shared {
     outbox: Mutex<Outbox>,
     pending: Notify,
     drained: Notify,
+    /// When a stopping agent gives up on unacknowledged frames; set once, when stop fires.
+    drain_until: std::sync::OnceLock<Instant>,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ fn control_codec() -> LengthDelimitedCodec {
 }
 
 /// Runs until `stop` fires; then waits up to `drain` for unacknowledged frames to be delivered.
+/// Returns how many frames were still unacknowledged.
 pub async fn run(
     cfg: AgentConfig,
     client: quinn::ClientConfig,
@@ -82,12 +85,13 @@ pub async fn run(
     frames: mpsc::Receiver<Frame>,
     stop: CancellationToken,
     drain: Duration,
-) -> Result<(), std::io::Error> {
+) -> Result<usize, std::io::Error> {
     let endpoint = quinn::Endpoint::client(cfg.ingest.bind)?;
     let shared = Arc::new(Shared {
         outbox: Mutex::new(Outbox::new(cfg.buffer.max_unacked_bytes)),
         pending: Notify::new(),
         drained: Notify::new(),
+        drain_until: std::sync::OnceLock::new(),
     });
     let kinds: HashMap<u32, i32> = hello
         .streams
@@ -104,9 +108,15 @@ pub async fn run(
     let initial = Duration::from_millis(cfg.reconnect.initial_backoff_ms);
     let max = Duration::from_millis(cfg.reconnect.max_backoff_ms);
     let mut backoff = initial;
+    // Once stopping, unacknowledged frames still get `drain` to reach the ingest, dialling
+    // again if the connection is down.
     loop {
-        // Draining happens on a live connection only; a stopping agent does not dial again.
-        if stop.is_cancelled() {
+        let drain_until = stop
+            .is_cancelled()
+            .then(|| *shared.drain_until.get_or_init(|| Instant::now() + drain));
+        if let Some(until) = drain_until
+            && (shared.outbox().is_empty() || Instant::now() >= until)
+        {
             break;
         }
         let mut established = false;
@@ -118,7 +128,14 @@ pub async fn run(
             shared: &shared,
             drain,
         };
-        let served = serve_connection(&bearer, &stop, &mut established).await;
+        let served = match drain_until {
+            Some(until) => {
+                tokio::time::timeout_at(until, serve_connection(&bearer, &stop, &mut established))
+                    .await
+                    .unwrap_or(Err(UplinkError::HandshakeTimeout))
+            }
+            None => serve_connection(&bearer, &stop, &mut established).await,
+        };
         if established {
             // We had a working session: back off from the beginning again.
             backoff = initial;
@@ -131,13 +148,15 @@ pub async fn run(
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "bearer down; will reconnect");
             }
         }
-        if stop.is_cancelled() {
-            break;
-        }
         let jitter = rand::rng().random_range(0.8..1.2);
-        tokio::select! {
-            () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-            () = stop.cancelled() => break,
+        let retry_at = Instant::now() + backoff.mul_f64(jitter);
+        match drain_until {
+            Some(until) => tokio::time::sleep_until(retry_at.min(until)).await,
+            None => tokio::select! {
+                () = tokio::time::sleep_until(retry_at) => {}
+                // Start draining (or leave) at once.
+                () = stop.cancelled() => {}
+            },
         }
         backoff = (backoff * 2).min(max);
     }
@@ -151,7 +170,7 @@ pub async fn run(
         b"agent stopping",
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok(())
+    Ok(left)
 }
 
 /// Moves produced frames into the outbox whatever the connection state, so sources never stall.
@@ -285,7 +304,7 @@ async fn serve_connection(
             },
             e = conn.closed() => break Err(refusal(e)),
             () = stop.cancelled(), if drain_deadline.is_none() => {
-                drain_deadline = Some(Instant::now() + drain);
+                drain_deadline = Some(*shared.drain_until.get_or_init(|| Instant::now() + drain));
             }
             () = shared.drained.notified(), if drain_deadline.is_some() => {}
             () = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => break Ok(()),
