@@ -1,0 +1,887 @@
+//! The load generator: N simulated vehicles (each its own certificate and agent), B emulated
+//! bearers each, M gRPC subscribers, against an ingest it starts as a child process (so its
+//! CPU time and memory can be measured) or one given by address. A run has two phases with the
+//! same workload and seed: the relay as built, then the single-bearer baseline.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::future::join_all;
+use hospital_ingest::client::{ClientTls, connect};
+use hospital_ingest::devcerts::{DevPki, generate};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use relay_proto::model::{
+    StreamKind, SubscribeRequest, frame::Payload, subscribe_request::Start,
+    subscribe_response::Record,
+};
+use serde::Serialize;
+use tokio::time::Instant;
+use vehicle_agent::config::SourceConfig;
+use vehicle_agent::{Agent, AgentConfig};
+
+use crate::emulator::model::Direction;
+use crate::emulator::spec::parse_duration;
+use crate::emulator::{BearerSpec, DirectionParams, Link, LinkCounters, TraceCache};
+use crate::report::{ClassAccumulator, IngestUsage, Machine, PhaseReport, Report};
+
+/// Subscriber name in the generated PKI.
+const SUBSCRIBER: &str = "loadtest";
+/// Bound on how long the ingest may take to accept connections.
+const INGEST_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RunArgs {
+    /// Simulated vehicles.
+    #[arg(long, default_value_t = 10)]
+    pub vehicles: usize,
+    /// An emulated bearer per vehicle (repeat for several); see the emulator's spec syntax,
+    /// e.g. `data/traces/ATT-LTE-driving.up,delay=40ms`. Default: the two shipped driving traces.
+    #[arg(long = "bearer")]
+    pub bearers: Vec<String>,
+    /// Measured run time.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "secs")]
+    pub duration: Duration,
+    /// gRPC subscribers, each following every vehicle.
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: usize,
+    /// Capture-to-subscriber deadline for the on-time fraction.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "secs")]
+    pub deadline: Duration,
+    /// ECG source: `synthetic` (12 leads) or a WFDB record path without extension.
+    #[arg(long, default_value = "synthetic")]
+    pub ecg: String,
+    /// Sample rate of the synthetic ECG.
+    #[arg(long, default_value_t = 500)]
+    pub ecg_rate_hz: u32,
+    #[arg(long, default_value_t = 40)]
+    pub frame_ms: u32,
+    #[arg(long, default_value_t = 1000)]
+    pub vitals_interval_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub gps_interval_ms: u64,
+    /// Fixes trace offsets, loss and jitter patterns.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Start every vehicle this far into its traces; random per vehicle when absent (vehicles
+    /// drive through different places).
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "opt_secs")]
+    pub trace_offset: Option<Duration>,
+    /// After the measured time, links are lifted and agents get this long to deliver backlogs.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    #[serde(serialize_with = "secs")]
+    pub drain_timeout: Duration,
+    /// Skip the single-bearer baseline phase.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Use a running ingest's QUIC address instead of starting one (needs --ingest-grpc, --pki).
+    #[arg(long, requires_all = ["ingest_grpc", "pki"])]
+    pub ingest_quic: Option<SocketAddr>,
+    /// gRPC URL of the running ingest, e.g. https://127.0.0.1:50051.
+    #[arg(long)]
+    pub ingest_grpc: Option<String>,
+    /// PKI directory for an external ingest: hospital-ca.pem, lt-0001.pem/.key ... and
+    /// loadtest.pem/.key (create with relay-devcerts).
+    #[arg(long)]
+    pub pki: Option<PathBuf>,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+pub fn vehicle_id(i: usize) -> String {
+    format!("lt-{:04}", i + 1)
+}
+
+pub fn default_bearers() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/traces");
+    ["ATT-LTE-driving.up", "TMobile-UMTS-driving.up"]
+        .iter()
+        .map(|t| dir.join(t).display().to_string())
+        .collect()
+}
+
+/// Everything one phase needs to know about a vehicle's bearers.
+#[derive(Debug, Clone)]
+struct VehiclePlan {
+    id: String,
+    bearers: Vec<BearerSpec>,
+}
+
+/// Where the ingest of a phase is.
+struct IngestTarget {
+    quic: SocketAddr,
+    grpc_url: String,
+    child: Option<tokio::process::Child>,
+}
+
+/// A phase of the run.
+struct Phase {
+    name: &'static str,
+    description: String,
+    /// Bearers the emulator runs per vehicle (and the oracle may use).
+    bearers_per_vehicle: usize,
+}
+
+/// Runs the whole load test and returns its report.
+pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.vehicles >= 1 && args.vehicles <= 10_000,
+        "--vehicles must be 1..=10000"
+    );
+    anyhow::ensure!(
+        args.subscribers >= 1 && args.subscribers <= 256,
+        "--subscribers must be 1..=256"
+    );
+    anyhow::ensure!(
+        args.frame_ms >= 1 && args.frame_ms <= 10_000,
+        "--frame-ms must be 1..=10000"
+    );
+    relay_proto::ops::install_crypto_provider();
+    let started_utc_ns = hospital_ingest::now_utc_ns();
+    let bearer_texts = if args.bearers.is_empty() {
+        default_bearers()
+    } else {
+        args.bearers.clone()
+    };
+    let mut traces = TraceCache::default();
+    let args = RunArgs {
+        bearers: bearer_texts.clone(),
+        ..args
+    };
+    let bearers: Vec<BearerSpec> = bearer_texts
+        .iter()
+        .map(|b| BearerSpec::parse(b, &mut traces))
+        .collect::<Result<_, _>>()?;
+
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let pki = match &args.pki {
+        Some(p) => p.clone(),
+        None => {
+            let dir = work.path().join("pki");
+            generate(
+                &dir,
+                &DevPki {
+                    vehicles: (0..args.vehicles).map(vehicle_id).collect(),
+                    subscribers: vec![SUBSCRIBER.into()],
+                    ..DevPki::default()
+                },
+            )
+            .context("creating certificates")?;
+            dir
+        }
+    };
+
+    // Per vehicle: the same stretch of every trace in both phases, so they compare fairly.
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let plans: Vec<VehiclePlan> = (0..args.vehicles)
+        .map(|i| {
+            let offset = args
+                .trace_offset
+                .unwrap_or_else(|| Duration::from_millis(rng.random_range(0..1_000_000)));
+            VehiclePlan {
+                id: vehicle_id(i),
+                bearers: bearers
+                    .iter()
+                    .map(|b| b.with_trace_offset(offset))
+                    .collect(),
+            }
+        })
+        .collect();
+
+    let mut phases = vec![Phase {
+        name: "relay",
+        description: format!(
+            "the relay as built: {} emulated bearer(s) per vehicle; the agent streams over one \
+             bearer (multi-bearer delivery is not built yet), the oracle may use all",
+            bearers.len()
+        ),
+        bearers_per_vehicle: bearers.len(),
+    }];
+    if !args.no_baseline {
+        phases.push(Phase {
+            name: "baseline",
+            description: "same workload over the first bearer alone, no redundancy".into(),
+            bearers_per_vehicle: 1,
+        });
+    }
+
+    let mut reports = Vec::new();
+    for phase in &phases {
+        let dir = work.path().join(phase.name);
+        std::fs::create_dir_all(&dir).context("creating the phase directory")?;
+        let report = run_phase(&args, phase, &plans, &pki, &dir, ingest_exe)
+            .await
+            .with_context(|| format!("phase {}", phase.name))?;
+        reports.push(report);
+    }
+    let report = Report {
+        command_line: std::env::args().collect(),
+        started_utc_ns,
+        machine: Machine::probe(),
+        config: serde_json::to_value(&args).context("serializing the configuration")?,
+        phases: reports,
+    };
+    if let Some(path) = &args.report {
+        let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn free_port_pair() -> anyhow::Result<(u16, u16)> {
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").context("probing a UDP port")?;
+    let t = std::net::TcpListener::bind("127.0.0.1:0").context("probing a TCP port")?;
+    Ok((u.local_addr()?.port(), t.local_addr()?.port()))
+}
+
+async fn start_ingest(
+    args: &RunArgs,
+    pki: &Path,
+    dir: &Path,
+    ingest_exe: &Path,
+) -> anyhow::Result<IngestTarget> {
+    if let (Some(quic), Some(grpc)) = (args.ingest_quic, &args.ingest_grpc) {
+        return Ok(IngestTarget {
+            quic,
+            grpc_url: grpc.clone(),
+            child: None,
+        });
+    }
+    let (quic_port, grpc_port) = free_port_pair()?;
+    let log = std::fs::File::create(dir.join("ingest.log")).context("creating ingest.log")?;
+    let child = tokio::process::Command::new(ingest_exe)
+        .arg("ingest")
+        .arg("--quic-listen")
+        .arg(format!("127.0.0.1:{quic_port}"))
+        .arg("--grpc-listen")
+        .arg(format!("127.0.0.1:{grpc_port}"))
+        .arg("--store-path")
+        .arg(dir.join("store.redb"))
+        .arg("--cert")
+        .arg(pki.join("ingest.pem"))
+        .arg("--key")
+        .arg(pki.join("ingest.key"))
+        .arg("--fleet-ca")
+        .arg(pki.join("fleet-ca.pem"))
+        .arg("--subscriber-ca")
+        .arg(pki.join("hospital-ca.pem"))
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().context("ingest log")?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} ingest", ingest_exe.display()))?;
+    Ok(IngestTarget {
+        quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
+        grpc_url: format!("https://127.0.0.1:{grpc_port}"),
+        child: Some(child),
+    })
+}
+
+/// CPU seconds (user + system) and peak RSS of a process, from /proc.
+fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture we run on.
+    let cpu = (utime + stime) as f64 / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((cpu, hwm_kb * 1024))
+}
+
+fn sources(args: &RunArgs) -> Vec<SourceConfig> {
+    let ecg = if args.ecg == "synthetic" {
+        SourceConfig::SyntheticEcg {
+            rate_hz: args.ecg_rate_hz,
+            heart_rate_bpm: 72.0,
+            name: "ecg".into(),
+        }
+    } else {
+        SourceConfig::Wfdb {
+            record: PathBuf::from(&args.ecg),
+            speed: 1.0,
+            r#loop: true,
+            name: "ecg".into(),
+        }
+    };
+    vec![
+        ecg,
+        SourceConfig::SyntheticVitals {
+            interval_ms: args.vitals_interval_ms,
+        },
+        SourceConfig::SyntheticGps {
+            interval_ms: args.gps_interval_ms,
+            start_latitude_deg: 52.52,
+            start_longitude_deg: 13.405,
+        },
+    ]
+}
+
+/// Uplink parameters and time zero of every bearer of one vehicle, for the oracle.
+#[derive(Debug, Clone)]
+struct OracleBearer {
+    up: DirectionParams,
+    started_utc_ns: i64,
+}
+
+/// When the vehicles started and when the measured time ended, for delivery gaps.
+#[derive(Debug, Default)]
+struct Timeline {
+    run_start: std::sync::OnceLock<Instant>,
+    measured_end: std::sync::OnceLock<Instant>,
+}
+
+/// Shared by the subscriber tasks.
+#[derive(Debug)]
+struct Measurements {
+    classes: HashMap<&'static str, ClassAccumulator>,
+    /// Per (vehicle, stream id): distinct seqs received by the first subscriber.
+    received: HashMap<(String, u32), HashSet<u64>>,
+    /// Per (vehicle, stream id): values per frame (samples x channels), for counting losses.
+    values_per_frame: HashMap<(String, u32), u64>,
+    duplicates: HashMap<&'static str, u64>,
+    /// Total deliveries over all subscribers, for the progress line.
+    deliveries: u64,
+}
+
+fn class_of(kind: i32) -> &'static str {
+    relay_proto::kind_label(kind)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    index: usize,
+    url: String,
+    tls: ClientTls,
+    oracle: Arc<HashMap<String, Vec<OracleBearer>>>,
+    deadline: Duration,
+    shared: Arc<Mutex<Measurements>>,
+    timeline: Arc<Timeline>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut client = connect(&url, &tls).await.context("subscriber connect")?;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec![],
+            kinds: vec![],
+            start: Some(Start::Live(true)),
+        })
+        .await
+        .context("subscribe")?
+        .into_inner();
+    let mut rates: HashMap<(String, u32), f64> = HashMap::new();
+    let mut seen: HashSet<(String, u32, u64)> = HashSet::new();
+    let mut last_arrival: HashMap<(String, u32), Instant> = HashMap::new();
+    let mut kinds_by_stream: HashMap<(String, u32), &'static str> = HashMap::new();
+    let mut local: HashMap<&'static str, ClassAccumulator> = HashMap::new();
+    let mut flushed = Instant::now();
+    let flush = |local: &mut HashMap<&'static str, ClassAccumulator>| {
+        let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in local.drain() {
+            match m.classes.get_mut(k) {
+                Some(acc) => acc.merge(&v),
+                None => {
+                    m.classes.insert(k, v);
+                }
+            }
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            m = stream.message() => m,
+        };
+        let Some(msg) = msg.context("subscription")? else {
+            break;
+        };
+        match msg.record {
+            Some(Record::Sync(_)) => {
+                let _ = ready.send(()).await;
+            }
+            Some(Record::Stream(info)) => {
+                if let (Some(r), Some(d)) = (info.stream, info.descriptor)
+                    && let Some(w) = d.waveform
+                {
+                    rates.insert((r.vehicle_id, r.stream_id), w.sample_rate_hz);
+                }
+            }
+            Some(Record::Data(d)) => {
+                let now_ns = hospital_ingest::now_utc_ns();
+                let (Some(r), Some(frame)) = (d.stream, d.frame) else {
+                    continue;
+                };
+                let class = class_of(r.kind);
+                let key = (r.vehicle_id.clone(), r.stream_id);
+                kinds_by_stream.entry(key.clone()).or_insert(class);
+                let acc = match local.entry(class) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(ClassAccumulator::new(deadline)?)
+                    }
+                };
+                // Capture time is the end of the frame: the first moment it could be sent.
+                let (end_ns, values, payload) = match &frame.payload {
+                    Some(Payload::Waveform(w)) => {
+                        let rate = rates.get(&key).copied().unwrap_or(0.0);
+                        let dur = if rate > 0.0 {
+                            (f64::from(w.sample_count) * 1e9 / rate) as i64
+                        } else {
+                            0
+                        };
+                        let values = w.samples.len() as u64;
+                        (
+                            frame.capture_time_ns.saturating_add(dur),
+                            values,
+                            values * 2,
+                        )
+                    }
+                    Some(Payload::Vitals(v)) => (
+                        frame.capture_time_ns,
+                        1,
+                        prost::Message::encoded_len(v) as u64,
+                    ),
+                    Some(Payload::Location(l)) => (
+                        frame.capture_time_ns,
+                        1,
+                        prost::Message::encoded_len(l) as u64,
+                    ),
+                    Some(Payload::Event(e)) => (
+                        frame.capture_time_ns,
+                        1,
+                        prost::Message::encoded_len(e) as u64,
+                    ),
+                    None => (frame.capture_time_ns, 0, 0),
+                };
+                let latency = Duration::from_nanos(u64::try_from(now_ns - end_ns).unwrap_or(0));
+                if !seen.insert((r.vehicle_id.clone(), r.stream_id, frame.seq)) {
+                    let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    *m.duplicates.entry(class).or_default() += 1;
+                    continue;
+                }
+                acc.record_latency(latency);
+                if d.late {
+                    acc.late_records += 1;
+                }
+                // A stream's first frame counts from the vehicles' start: a vehicle that cannot
+                // get through at first shows that as a gap too.
+                let now = Instant::now();
+                let prev = last_arrival
+                    .insert(key.clone(), now)
+                    .or_else(|| timeline.run_start.get().copied());
+                if let Some(prev) = prev {
+                    acc.longest_gap = acc.longest_gap.max(now.saturating_duration_since(prev));
+                }
+                if index == 0 {
+                    acc.unique_frames += 1;
+                    acc.payload_bytes += payload;
+                    acc.samples_received += values;
+                    if let Some(bearers) = oracle.get(&r.vehicle_id) {
+                        let bound = bearers
+                            .iter()
+                            .filter_map(|b| {
+                                let t = Duration::from_nanos(
+                                    u64::try_from(end_ns - b.started_utc_ns).unwrap_or(0),
+                                );
+                                Direction::earliest_delivery(&b.up, t)
+                                    .map(|at| at.saturating_sub(t))
+                            })
+                            .min();
+                        if let Some(bound) = bound {
+                            acc.record_oracle(bound);
+                        }
+                    }
+                    let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    m.received.entry(key.clone()).or_default().insert(frame.seq);
+                    m.values_per_frame.entry(key).or_insert(values);
+                }
+                if flushed.elapsed() > Duration::from_millis(250) {
+                    flush(&mut local);
+                    flushed = Instant::now();
+                }
+                shared.lock().unwrap_or_else(|p| p.into_inner()).deliveries += 1;
+            }
+            _ => {}
+        }
+    }
+    // Streams silent at the end of the measured time (and not heard from since).
+    if let Some(end) = timeline.measured_end.get() {
+        for (key, last) in &last_arrival {
+            if last < end {
+                let class = kinds_by_stream.get(key).copied().unwrap_or("other");
+                if let Some(acc) = local.get_mut(class) {
+                    acc.longest_gap = acc.longest_gap.max(end.saturating_duration_since(*last));
+                } else {
+                    let mut acc = ClassAccumulator::new(deadline)?;
+                    acc.longest_gap = end.saturating_duration_since(*last);
+                    local.insert(class, acc);
+                }
+            }
+        }
+    }
+    flush(&mut local);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_phase(
+    args: &RunArgs,
+    phase: &Phase,
+    plans: &[VehiclePlan],
+    pki: &Path,
+    dir: &Path,
+    ingest_exe: &Path,
+) -> anyhow::Result<PhaseReport> {
+    let mut ingest = start_ingest(args, pki, dir, ingest_exe).await?;
+    let tls = ClientTls::from_dev_dir(pki, SUBSCRIBER);
+
+    // Wait until the ingest answers on gRPC.
+    let t0 = Instant::now();
+    loop {
+        if connect(&ingest.grpc_url, &tls).await.is_ok() {
+            break;
+        }
+        if let Some(child) = ingest.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            bail!(
+                "the ingest exited ({status}); see its log:\n{}",
+                std::fs::read_to_string(dir.join("ingest.log")).unwrap_or_default()
+            );
+        }
+        if t0.elapsed() > INGEST_START_TIMEOUT {
+            bail!("the ingest did not accept gRPC connections within {INGEST_START_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Links first (their time zero anchors the oracle), then subscribers, then vehicles.
+    let mut links: Vec<Vec<Link>> = Vec::new();
+    let mut oracle: HashMap<String, Vec<OracleBearer>> = HashMap::new();
+    for (v, plan) in plans.iter().enumerate() {
+        let mut mine = Vec::new();
+        for (b, spec) in plan
+            .bearers
+            .iter()
+            .take(phase.bearers_per_vehicle)
+            .enumerate()
+        {
+            // The same seed per vehicle and bearer in every phase.
+            let seed = args.seed ^ ((v as u64) << 16) ^ (b as u64);
+            let link = Link::start(
+                "127.0.0.1:0".parse().context("loopback")?,
+                ingest.quic,
+                spec.clone(),
+                seed,
+            )
+            .await
+            .context("starting an emulated link")?;
+            mine.push(link);
+        }
+        oracle.insert(
+            plan.id.clone(),
+            mine.iter()
+                .map(|l| OracleBearer {
+                    up: l.spec.up.clone(),
+                    started_utc_ns: l.started_utc_ns,
+                })
+                .collect(),
+        );
+        links.push(mine);
+    }
+
+    let shared = Arc::new(Mutex::new(Measurements {
+        classes: HashMap::new(),
+        received: HashMap::new(),
+        values_per_frame: HashMap::new(),
+        duplicates: HashMap::new(),
+        deliveries: 0,
+    }));
+    let oracle = Arc::new(oracle);
+    let timeline = Arc::new(Timeline::default());
+    let stop_subscribers = tokio_util::sync::CancellationToken::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.subscribers);
+    let mut subscriber_tasks = Vec::new();
+    for i in 0..args.subscribers {
+        subscriber_tasks.push(tokio::spawn(subscriber(
+            i,
+            ingest.grpc_url.clone(),
+            tls.clone(),
+            oracle.clone(),
+            args.deadline,
+            shared.clone(),
+            timeline.clone(),
+            ready_tx.clone(),
+            stop_subscribers.clone(),
+        )));
+    }
+    drop(ready_tx);
+    for _ in 0..args.subscribers {
+        tokio::time::timeout(INGEST_START_TIMEOUT, ready_rx.recv())
+            .await
+            .context("subscribers did not get their sync marker")?;
+    }
+
+    let cpu_before = ingest
+        .child
+        .as_ref()
+        .and_then(|c| c.id())
+        .and_then(process_usage)
+        .map(|u| u.0);
+    let _ = timeline.run_start.set(Instant::now());
+    let mut agents = Vec::new();
+    for (plan, mine) in plans.iter().zip(&links) {
+        let mut cfg = AgentConfig {
+            vehicle_id: plan.id.clone(),
+            ..AgentConfig::default()
+        };
+        let first = mine.first().context("a vehicle without bearers")?;
+        cfg.ingest.address = first.addr;
+        cfg.ingest.bind = "127.0.0.1:0".parse().context("loopback")?;
+        cfg.tls.ca_cert = pki.join("hospital-ca.pem");
+        cfg.tls.cert = pki.join(format!("{}.pem", plan.id));
+        cfg.tls.key = pki.join(format!("{}.key", plan.id));
+        cfg.framing.frame_ms = args.frame_ms;
+        cfg.buffer.stop_drain_ms =
+            u64::try_from(args.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+        cfg.sources = sources(args);
+        agents.push(
+            Agent::start(cfg)
+                .await
+                .with_context(|| format!("starting agent {}", plan.id))?,
+        );
+    }
+
+    let run_start = Instant::now();
+    let bar = ProgressBar::new(args.duration.as_secs().max(1));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} s  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(phase.name);
+    while run_start.elapsed() < args.duration {
+        tokio::time::sleep(
+            Duration::from_millis(500).min(args.duration.saturating_sub(run_start.elapsed())),
+        )
+        .await;
+        bar.set_position(run_start.elapsed().as_secs());
+        let d = shared.lock().unwrap_or_else(|p| p.into_inner()).deliveries;
+        bar.set_message(format!("{d} frames delivered"));
+    }
+    bar.finish_and_clear();
+    let measured = run_start.elapsed();
+    let _ = timeline.measured_end.set(Instant::now());
+
+    // The measurement is over: take the limits off so every backlog can drain, then stop the
+    // vehicles (each delivers what is unacknowledged within the drain timeout).
+    let drain_start = Instant::now();
+    for l in links.iter().flatten() {
+        l.lift();
+    }
+    let summaries = join_all(agents.into_iter().map(|a| a.shutdown())).await;
+    let mut produced: HashMap<(String, u32), u64> = HashMap::new();
+    let mut unacked = 0u64;
+    for (plan, s) in plans.iter().zip(summaries) {
+        let s = s.with_context(|| format!("stopping agent {}", plan.id))?;
+        unacked += s.unacked_at_exit as u64;
+        for (stream, n) in s.frames_produced {
+            produced.insert((plan.id.clone(), stream), n);
+        }
+    }
+    // Wait for the subscribers to see every produced frame (bounded by the drain timeout).
+    let complete = |m: &Measurements| {
+        produced.iter().all(|(k, n)| {
+            m.received
+                .get(k)
+                .is_some_and(|s| (0..*n).all(|seq| s.contains(&seq)))
+        })
+    };
+    while drain_start.elapsed() < args.drain_timeout {
+        if complete(&shared.lock().unwrap_or_else(|p| p.into_inner())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drained = drain_start.elapsed();
+    let usage = ingest
+        .child
+        .as_ref()
+        .and_then(|c| c.id())
+        .and_then(process_usage);
+    stop_subscribers.cancel();
+    for t in subscriber_tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "subscriber ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "subscriber task failed"),
+        }
+    }
+    if let Some(mut child) = ingest.child.take() {
+        let _ = child.kill().await;
+    }
+    let mut counters = LinkCounters::default();
+    let mut bearer_names = Vec::new();
+    for (i, l) in links.into_iter().flatten().enumerate() {
+        if i < phase.bearers_per_vehicle {
+            bearer_names.push(l.spec.name.clone());
+        }
+        let c = l.stop();
+        counters.up.add(&c.up);
+        counters.down.add(&c.down);
+    }
+
+    let m = Arc::try_unwrap(shared)
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_else(|arc| {
+            let g = arc.lock().unwrap_or_else(|p| p.into_inner());
+            Measurements {
+                classes: g.classes.clone(),
+                received: g.received.clone(),
+                values_per_frame: g.values_per_frame.clone(),
+                duplicates: g.duplicates.clone(),
+                deliveries: g.deliveries,
+            }
+        });
+    // Losses per class from what the agents produced.
+    let kinds = stream_classes(&sources(args));
+    let mut classes = std::collections::BTreeMap::new();
+    let per_class = losses(&produced, &m.received, &m.values_per_frame, &kinds);
+    let mut payload_total = 0u64;
+    for (class, (frames, lost, samples_lost)) in per_class {
+        let acc = match m.classes.get(class) {
+            Some(a) => a.clone(),
+            None => ClassAccumulator::new(args.deadline)?,
+        };
+        payload_total += acc.payload_bytes;
+        let dup = m.duplicates.get(class).copied().unwrap_or(0);
+        classes.insert(
+            class.to_owned(),
+            acc.finish(frames, lost, samples_lost, dup),
+        );
+    }
+    let ingest_usage = match (usage, cpu_before) {
+        (Some((cpu, rss)), Some(before)) => Some(IngestUsage {
+            cpu_seconds: cpu - before,
+            peak_rss_bytes: rss,
+        }),
+        _ => None,
+    };
+    Ok(PhaseReport {
+        name: phase.name.into(),
+        description: phase.description.clone(),
+        bearers: bearer_names,
+        bearers_used_by_agent: 1,
+        vehicles: plans.len(),
+        subscribers: args.subscribers,
+        measured_seconds: measured.as_secs_f64(),
+        drain_seconds: drained.as_secs_f64(),
+        classes,
+        frames_unacked_at_agent_exit: unacked,
+        wire_bytes_up: counters.up.offered_bytes,
+        wire_bytes_down: counters.down.offered_bytes,
+        wire_bytes_per_payload_byte: if payload_total == 0 {
+            0.0
+        } else {
+            counters.up.offered_bytes as f64 / payload_total as f64
+        },
+        links: counters,
+        ingest: ingest_usage,
+    })
+}
+
+/// Per class: frames produced, frames never received, and their values (samples x channels
+/// for waveforms, 1 per report otherwise).
+fn losses(
+    produced: &HashMap<(String, u32), u64>,
+    received: &HashMap<(String, u32), HashSet<u64>>,
+    values_per_frame: &HashMap<(String, u32), u64>,
+    kinds: &HashMap<u32, &'static str>,
+) -> HashMap<&'static str, (u64, u64, u64)> {
+    let mut per_class: HashMap<&'static str, (u64, u64, u64)> = HashMap::new();
+    for (key, n) in produced {
+        let class = kinds.get(&key.1).copied().unwrap_or("other");
+        let got = received.get(key);
+        let missing = (0..*n)
+            .filter(|s| !got.is_some_and(|g| g.contains(s)))
+            .count() as u64;
+        let per_frame = values_per_frame.get(key).copied().unwrap_or(1);
+        let e = per_class.entry(class).or_default();
+        e.0 += n;
+        e.1 += missing;
+        e.2 += missing * per_frame;
+    }
+    per_class
+}
+
+/// Class of each source's stream id (stream ids are the source positions).
+fn stream_classes(sources: &[SourceConfig]) -> HashMap<u32, &'static str> {
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let kind = match s {
+                SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. } => {
+                    StreamKind::Waveform
+                }
+                SourceConfig::SyntheticVitals { .. } => StreamKind::Vitals,
+                SourceConfig::SyntheticGps { .. } => StreamKind::Location,
+            };
+            (i as u32, class_of(kind as i32))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_count_every_missing_frame_and_its_samples() {
+        let key = |v: &str, s: u32| (v.to_string(), s);
+        let produced = HashMap::from([(key("a", 0), 10), (key("a", 1), 3), (key("b", 0), 5)]);
+        let received = HashMap::from([
+            (
+                key("a", 0),
+                (0..10).filter(|s| *s != 4 && *s != 9).collect(),
+            ),
+            (key("a", 1), (0..3).collect()),
+        ]);
+        let values = HashMap::from([(key("a", 0), 240), (key("b", 0), 240)]);
+        let kinds = HashMap::from([(0, "waveform"), (1, "vitals")]);
+        let l = losses(&produced, &received, &values, &kinds);
+        // a/0 misses seqs 4 and 9; b/0 never arrived at all.
+        assert_eq!(l["waveform"], (15, 7, 7 * 240));
+        assert_eq!(l["vitals"], (3, 0, 0));
+    }
+}

@@ -1,0 +1,327 @@
+//! What a load run measured: per stream class latency histograms (achieved and oracle),
+//! on-time fractions, losses, duplicates, gaps; and the human table / JSON report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::emulator::LinkCounters;
+
+/// Latencies are recorded in microseconds up to one hour.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// Accumulates one stream class.
+#[derive(Debug, Clone)]
+pub struct ClassAccumulator {
+    latency_us: Histogram<u64>,
+    oracle_us: Histogram<u64>,
+    deadline: Duration,
+    pub deliveries: u64,
+    pub on_time: u64,
+    pub oracle_on_time: u64,
+    pub oracle_frames: u64,
+    pub unique_frames: u64,
+    pub late_records: u64,
+    pub payload_bytes: u64,
+    pub samples_received: u64,
+    pub longest_gap: Duration,
+}
+
+fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+    // 3 significant digits over 1 us..1 h: fixed size, some tens of KB.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_LATENCY_US)
+}
+
+impl ClassAccumulator {
+    pub fn new(deadline: Duration) -> Result<Self, hdrhistogram::CreationError> {
+        Ok(Self {
+            latency_us: histogram()?,
+            oracle_us: histogram()?,
+            deadline,
+            deliveries: 0,
+            on_time: 0,
+            oracle_on_time: 0,
+            oracle_frames: 0,
+            unique_frames: 0,
+            late_records: 0,
+            payload_bytes: 0,
+            samples_received: 0,
+            longest_gap: Duration::ZERO,
+        })
+    }
+
+    /// One delivery of a frame to one subscriber.
+    pub fn record_latency(&mut self, latency: Duration) {
+        self.deliveries += 1;
+        if latency <= self.deadline {
+            self.on_time += 1;
+        }
+        let _ = self.latency_us.record(us(latency));
+    }
+
+    /// The lower bound for one frame.
+    pub fn record_oracle(&mut self, bound: Duration) {
+        self.oracle_frames += 1;
+        if bound <= self.deadline {
+            self.oracle_on_time += 1;
+        }
+        let _ = self.oracle_us.record(us(bound));
+    }
+
+    pub fn merge(&mut self, o: &Self) {
+        let _ = self.latency_us.add(&o.latency_us);
+        let _ = self.oracle_us.add(&o.oracle_us);
+        self.deliveries += o.deliveries;
+        self.on_time += o.on_time;
+        self.oracle_on_time += o.oracle_on_time;
+        self.oracle_frames += o.oracle_frames;
+        self.unique_frames += o.unique_frames;
+        self.late_records += o.late_records;
+        self.payload_bytes += o.payload_bytes;
+        self.samples_received += o.samples_received;
+        self.longest_gap = self.longest_gap.max(o.longest_gap);
+    }
+
+    pub fn finish(
+        &self,
+        frames_produced: u64,
+        frames_lost: u64,
+        samples_lost: u64,
+        duplicates: u64,
+    ) -> ClassReport {
+        let pct = |h: &Histogram<u64>| {
+            if h.is_empty() {
+                return Percentiles::default();
+            }
+            let ms = |v: u64| v as f64 / 1000.0;
+            Percentiles {
+                p50_ms: ms(h.value_at_quantile(0.50)),
+                p90_ms: ms(h.value_at_quantile(0.90)),
+                p99_ms: ms(h.value_at_quantile(0.99)),
+                p999_ms: ms(h.value_at_quantile(0.999)),
+                max_ms: ms(h.max()),
+            }
+        };
+        let frac = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        ClassReport {
+            frames_produced,
+            frames_received: self.unique_frames,
+            frames_lost,
+            samples_received: self.samples_received,
+            samples_lost,
+            duplicates,
+            late_records: self.late_records,
+            deliveries: self.deliveries,
+            latency: pct(&self.latency_us),
+            on_time_fraction: frac(self.on_time, self.deliveries),
+            oracle: pct(&self.oracle_us),
+            oracle_on_time_fraction: frac(self.oracle_on_time, self.oracle_frames),
+            longest_gap_ms: self.longest_gap.as_secs_f64() * 1000.0,
+            payload_bytes: self.payload_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassReport {
+    pub frames_produced: u64,
+    /// Distinct frames that reached the first subscriber.
+    pub frames_received: u64,
+    pub frames_lost: u64,
+    pub samples_received: u64,
+    /// Samples of frames never received (waveforms: values of every channel).
+    pub samples_lost: u64,
+    /// Frames a subscriber received more than once (all subscribers).
+    pub duplicates: u64,
+    pub late_records: u64,
+    /// Frame deliveries over all subscribers (the latency population).
+    pub deliveries: u64,
+    /// Capture (end of the frame) to subscriber.
+    pub latency: Percentiles,
+    pub on_time_fraction: f64,
+    /// Lower bound: earliest delivery opportunity on any bearer after capture + propagation.
+    pub oracle: Percentiles,
+    pub oracle_on_time_fraction: f64,
+    /// Longest time one stream delivered nothing to a subscriber.
+    pub longest_gap_ms: f64,
+    pub payload_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestUsage {
+    pub cpu_seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    pub name: String,
+    pub description: String,
+    /// Bearers per vehicle the emulator ran, and how many the agent used.
+    pub bearers: Vec<String>,
+    pub bearers_used_by_agent: usize,
+    pub vehicles: usize,
+    pub subscribers: usize,
+    pub measured_seconds: f64,
+    pub drain_seconds: f64,
+    pub classes: BTreeMap<String, ClassReport>,
+    pub frames_unacked_at_agent_exit: u64,
+    pub wire_bytes_up: u64,
+    pub wire_bytes_down: u64,
+    /// Uplink bytes offered to the emulated links per byte of sample/measurement payload.
+    pub wire_bytes_per_payload_byte: f64,
+    pub links: LinkCounters,
+    /// Ingest process CPU time and peak resident memory (None for an external ingest).
+    pub ingest: Option<IngestUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_bytes: u64,
+    pub cpu_model: String,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn probe() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let meminfo = read("/proc/meminfo");
+        let memory_bytes = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        let cpu_model = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default();
+        Self {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            memory_bytes,
+            cpu_model,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub command_line: Vec<String>,
+    pub started_utc_ns: i64,
+    pub machine: Machine,
+    pub config: serde_json::Value,
+    pub phases: Vec<PhaseReport>,
+}
+
+impl Report {
+    /// The table printed at the end of a run.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "machine: {} cores, {:.1} GiB, {}",
+            m.cores,
+            m.memory_bytes as f64 / (1u64 << 30) as f64,
+            m.cpu_model
+        );
+        for p in &self.phases {
+            let _ = writeln!(s, "\n== {}: {}", p.name, p.description);
+            let _ = writeln!(
+                s,
+                "   {} vehicles, {} subscribers, {:.0} s measured + {:.1} s drain; bearers {} (agent uses {})",
+                p.vehicles,
+                p.subscribers,
+                p.measured_seconds,
+                p.drain_seconds,
+                p.bearers.join(" + "),
+                p.bearers_used_by_agent
+            );
+            let _ = writeln!(
+                s,
+                "   {:<9} {:>8} {:>5} {:>4} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>10} {:>9}",
+                "class",
+                "frames",
+                "lost",
+                "dup",
+                "p50 ms",
+                "p90",
+                "p99",
+                "p99.9",
+                "max",
+                "on-time",
+                "oracle",
+                "oracle p99",
+                "gap ms"
+            );
+            for (class, c) in &p.classes {
+                let _ = writeln!(
+                    s,
+                    "   {:<9} {:>8} {:>5} {:>4} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>7.2}% {:>7.2}% {:>10.1} {:>9.0}",
+                    class,
+                    c.frames_produced,
+                    c.frames_lost,
+                    c.duplicates,
+                    c.latency.p50_ms,
+                    c.latency.p90_ms,
+                    c.latency.p99_ms,
+                    c.latency.p999_ms,
+                    c.latency.max_ms,
+                    c.on_time_fraction * 100.0,
+                    c.oracle_on_time_fraction * 100.0,
+                    c.oracle.p99_ms,
+                    c.longest_gap_ms
+                );
+            }
+            let lost: u64 = p.classes.values().map(|c| c.samples_lost).sum();
+            let _ = writeln!(
+                s,
+                "   samples lost {lost}; wire/payload {:.2}; uplink {:.1} MB, downlink {:.1} MB; link drops {} up / {} down",
+                p.wire_bytes_per_payload_byte,
+                p.wire_bytes_up as f64 / 1e6,
+                p.wire_bytes_down as f64 / 1e6,
+                p.links.up.dropped(),
+                p.links.down.dropped()
+            );
+            match &p.ingest {
+                Some(i) => {
+                    let _ = writeln!(
+                        s,
+                        "   ingest: {:.1} s CPU ({:.1}% of one core), peak RSS {:.0} MB",
+                        i.cpu_seconds,
+                        100.0 * i.cpu_seconds / (p.measured_seconds + p.drain_seconds).max(1e-9),
+                        i.peak_rss_bytes as f64 / 1e6
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "   ingest: external (CPU and memory not measured)");
+                }
+            }
+        }
+        s
+    }
+}

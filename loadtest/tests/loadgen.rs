@@ -1,0 +1,156 @@
+//! The `loadtest` binary end to end: emulator CLI, and a short load run with its JSON report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UdpSocket;
+
+const EXE: &str = env!("CARGO_BIN_EXE_loadtest");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_load_run_delivers_everything_and_writes_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = tokio::process::Command::new(EXE)
+        .args([
+            "run",
+            "--vehicles",
+            "3",
+            "--subscribers",
+            "2",
+            "--duration",
+            "8s",
+            "--drain-timeout",
+            "90s",
+            "--bearer",
+            "rate=4mbit,delay=30ms,loss=2%",
+            "--bearer",
+            "rate=4mbit,delay=60ms",
+            "--report",
+        ])
+        .arg(&report)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("load run finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("== relay") && stdout.contains("== baseline"),
+        "{stdout}"
+    );
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(r["config"]["vehicles"], 3);
+    assert!(r["command_line"].as_array().unwrap().len() > 5);
+    let phases = r["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2);
+    for p in phases {
+        let name = p["name"].as_str().unwrap();
+        for class in ["waveform", "vitals", "location"] {
+            let c = &p["classes"][class];
+            assert_eq!(c["frames_lost"], 0, "{name}/{class}: {c}");
+            assert_eq!(c["samples_lost"], 0, "{name}/{class}: {c}");
+            assert_eq!(c["duplicates"], 0, "{name}/{class}: {c}");
+            assert_eq!(c["frames_produced"], c["frames_received"], "{name}/{class}");
+            // Two subscribers each saw every frame once.
+            assert_eq!(
+                c["deliveries"].as_u64().unwrap(),
+                2 * c["frames_received"].as_u64().unwrap(),
+                "{name}/{class}"
+            );
+        }
+        let ecg = &p["classes"]["waveform"];
+        // 3 vehicles x 8 s x 25 frames/s, give or take start-up.
+        assert!(ecg["frames_produced"].as_u64().unwrap() >= 500, "{ecg}");
+        // The first bearer's 30 ms propagation delay is the floor of both latency and oracle.
+        assert!(ecg["latency"]["p50_ms"].as_f64().unwrap() >= 30.0, "{ecg}");
+        let oracle_p50 = ecg["oracle"]["p50_ms"].as_f64().unwrap();
+        assert!((29.0..=31.0).contains(&oracle_p50), "{ecg}");
+        assert_eq!(ecg["oracle_on_time_fraction"], 1.0);
+        assert!(p["wire_bytes_per_payload_byte"].as_f64().unwrap() > 0.1);
+        assert!(p["links"]["up"]["dropped_random_loss"].as_u64().unwrap() > 0);
+        assert!(p["ingest"]["cpu_seconds"].as_f64().unwrap() > 0.0);
+        assert!(p["ingest"]["peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
+    }
+    assert_eq!(phases[0]["bearers"].as_array().unwrap().len(), 2);
+    assert_eq!(phases[1]["bearers"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_emulate_subcommand_relays_and_obeys_cut_and_restore() {
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut child = tokio::process::Command::new(EXE)
+        .args([
+            "emulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--bearer",
+            "rate=10mbit,delay=5ms",
+        ])
+        .arg("--target")
+        .arg(target.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // "link 0: 127.0.0.1:PORT -> ..."
+    let addr: std::net::SocketAddr = first.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ping = |i: u8| {
+        let client = &client;
+        async move {
+            client.send_to(&[i; 64], addr).await.unwrap();
+            let mut buf = [0u8; 128];
+            tokio::time::timeout(Duration::from_millis(1000), client.recv(&mut buf))
+                .await
+                .ok()
+                .map(|r| buf[..r.unwrap()].to_vec())
+        }
+    };
+    assert_eq!(ping(1).await, Some(vec![1; 64]));
+    stdin.write_all(b"cut 0\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ping(2).await, None);
+    stdin.write_all(b"restore 0\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ping(3).await, Some(vec![3; 64]));
+    stdin.write_all(b"quit\n").await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    assert!(
+        rest.contains("link 0: up 3 offered / 2 delivered / 1 dropped"),
+        "{rest}"
+    );
+}
