@@ -222,8 +222,9 @@ impl Direction {
         }
     }
 
-    /// Drops every limit from now on; packets already in flight still arrive as scheduled.
-    pub fn lift(&mut self) {
+    /// Drops every limit from `now` on: packets still waiting for capacity (possibly behind a
+    /// long trace gap) arrive at once, in order, and new packets meet an ideal link.
+    pub fn lift(&mut self, now: Duration) {
         self.params = DirectionParams {
             queue_bytes: self.params.queue_bytes,
             ..DirectionParams::default()
@@ -232,6 +233,13 @@ impl Direction {
         self.cuts.clear();
         self.waiting.clear();
         self.waiting_bytes = 0;
+        self.server_free_at = now;
+        self.last_delivery = now;
+        self.in_flight = self
+            .in_flight
+            .drain()
+            .map(|(Reverse(at), id)| (Reverse(at.min(now)), id))
+            .collect();
     }
 
     pub fn is_down(&self, t: Duration) -> bool {
@@ -679,6 +687,30 @@ mod tests {
         );
         assert_eq!(got.len(), 2000);
         assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[test]
+    fn lifting_releases_what_waits_behind_a_trace_gap() {
+        let trace = Arc::new(Trace::parse("gap", "1\n60000\n").unwrap());
+        let mut d = Direction::new(
+            DirectionParams {
+                capacity: Capacity::Trace {
+                    trace,
+                    offset: Duration::ZERO,
+                },
+                ..DirectionParams::default()
+            },
+            1,
+        );
+        d.offer(Duration::from_millis(10), packet(0, 1000));
+        d.offer(Duration::from_millis(20), packet(1, 1000));
+        assert_eq!(d.poll_transmit(Duration::from_secs(5)), None);
+        d.lift(Duration::from_secs(5));
+        d.offer(Duration::from_secs(5), packet(2, 1000));
+        let got: Vec<u64> = std::iter::from_fn(|| d.poll_transmit(Duration::from_millis(5001)))
+            .map(|p| id(&p))
+            .collect();
+        assert_eq!(got, vec![0, 1, 2]);
     }
 
     #[test]

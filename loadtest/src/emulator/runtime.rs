@@ -166,7 +166,7 @@ async fn relay(
                 match c {
                     Some(Control::Cut) => { up.set_cut(now, true); down.set_cut(now, true); }
                     Some(Control::Restore) => { up.set_cut(now, false); down.set_cut(now, false); }
-                    Some(Control::Lift) => { up.lift(); down.lift(); }
+                    Some(Control::Lift) => { up.lift(now); down.lift(now); }
                     None => return,
                 }
             }
