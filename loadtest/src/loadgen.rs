@@ -113,7 +113,8 @@ pub fn vehicle_id(i: usize) -> String {
 }
 
 pub fn default_bearers() -> Vec<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/traces");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = manifest.parent().unwrap_or(manifest).join("data/traces");
     ["ATT-LTE-driving.up", "TMobile-UMTS-driving.up"]
         .iter()
         .map(|t| dir.join(t).display().to_string())
