@@ -5,3 +5,4 @@ pub mod demo;
 pub mod emulator;
 pub mod loadgen;
 pub mod report;
+pub mod seqset;

@@ -3,7 +3,7 @@
 //! CPU time and memory can be measured) or one given by address. A run has two phases with the
 //! same workload and seed: the relay as built, then the single-bearer baseline.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,7 @@ use crate::emulator::model::Direction;
 use crate::emulator::spec::parse_duration;
 use crate::emulator::{BearerSpec, DirectionParams, Link, LinkCounters, TraceCache};
 use crate::report::{ClassAccumulator, IngestUsage, Machine, PhaseReport, Report};
+use crate::seqset::SeqSet;
 
 /// Subscriber name in the generated PKI.
 const SUBSCRIBER: &str = "loadtest";
@@ -368,7 +369,7 @@ struct Timeline {
 struct Measurements {
     classes: HashMap<&'static str, ClassAccumulator>,
     /// Per (vehicle, stream id): distinct seqs received by the first subscriber.
-    received: HashMap<(String, u32), HashSet<u64>>,
+    received: HashMap<(String, u32), SeqSet>,
     /// Per (vehicle, stream id): values per frame (samples x channels), for counting losses.
     values_per_frame: HashMap<(String, u32), u64>,
     duplicates: HashMap<&'static str, u64>,
@@ -403,7 +404,7 @@ async fn subscriber(
         .context("subscribe")?
         .into_inner();
     let mut rates: HashMap<(String, u32), f64> = HashMap::new();
-    let mut seen: HashSet<(String, u32, u64)> = HashSet::new();
+    let mut seen: HashMap<(String, u32), SeqSet> = HashMap::new();
     let mut last_arrival: HashMap<(String, u32), Instant> = HashMap::new();
     let mut kinds_by_stream: HashMap<(String, u32), &'static str> = HashMap::new();
     let mut local: HashMap<&'static str, ClassAccumulator> = HashMap::new();
@@ -486,7 +487,7 @@ async fn subscriber(
                     None => (frame.capture_time_ns, 0, 0),
                 };
                 let latency = Duration::from_nanos(u64::try_from(now_ns - end_ns).unwrap_or(0));
-                if !seen.insert((r.vehicle_id.clone(), r.stream_id, frame.seq)) {
+                if !seen.entry(key.clone()).or_default().insert(frame.seq) {
                     let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
                     *m.duplicates.entry(class).or_default() += 1;
                     continue;
@@ -722,11 +723,9 @@ async fn run_phase(
     }
     // Wait for the subscribers to see every produced frame (bounded by the drain timeout).
     let complete = |m: &Measurements| {
-        produced.iter().all(|(k, n)| {
-            m.received
-                .get(k)
-                .is_some_and(|s| (0..*n).all(|seq| s.contains(&seq)))
-        })
+        produced
+            .iter()
+            .all(|(k, n)| m.received.get(k).is_some_and(|s| s.missing_below(*n) == 0))
     };
     while drain_start.elapsed() < args.drain_timeout {
         if complete(&shared.lock().unwrap_or_else(|p| p.into_inner())) {
@@ -825,17 +824,14 @@ async fn run_phase(
 /// for waveforms, 1 per report otherwise).
 fn losses(
     produced: &HashMap<(String, u32), u64>,
-    received: &HashMap<(String, u32), HashSet<u64>>,
+    received: &HashMap<(String, u32), SeqSet>,
     values_per_frame: &HashMap<(String, u32), u64>,
     kinds: &HashMap<u32, &'static str>,
 ) -> HashMap<&'static str, (u64, u64, u64)> {
     let mut per_class: HashMap<&'static str, (u64, u64, u64)> = HashMap::new();
     for (key, n) in produced {
         let class = kinds.get(&key.1).copied().unwrap_or("other");
-        let got = received.get(key);
-        let missing = (0..*n)
-            .filter(|s| !got.is_some_and(|g| g.contains(s)))
-            .count() as u64;
+        let missing = received.get(key).map_or(*n, |g| g.missing_below(*n));
         let per_frame = values_per_frame.get(key).copied().unwrap_or(1);
         let e = per_class.entry(class).or_default();
         e.0 += n;
