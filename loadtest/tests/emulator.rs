@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use loadtest::emulator::{BearerSpec, Link, TraceCache, trace::OPPORTUNITY_BYTES};
+use loadtest::emulator::{BearerSpec, Link, TraceCache, start_links, trace::OPPORTUNITY_BYTES};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -86,10 +86,14 @@ async fn cut_and_restore_at_runtime_both_ways() {
             let _ = echo.send_to(&buf[..n], from).await;
         }
     });
-    let spec = BearerSpec::parse("rate=10mbit,delay=20ms", &mut TraceCache::default()).unwrap();
-    let link = Link::start("127.0.0.1:0".parse().unwrap(), echo_addr, spec, 1)
-        .await
-        .unwrap();
+    let mut traces = TraceCache::default();
+    let specs = [
+        BearerSpec::parse("rate=10mbit,delay=20ms", &mut traces).unwrap(),
+        BearerSpec::parse("rate=10mbit,delay=5ms", &mut traces).unwrap(),
+    ];
+    let mut links = start_links(echo_addr, &specs, 1).await.unwrap();
+    let other = links.pop().unwrap();
+    let link = links.pop().unwrap();
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let ping = |i: u8| {
         let client = &client;
@@ -115,6 +119,16 @@ async fn cut_and_restore_at_runtime_both_ways() {
     link.restore();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(ping(3).await, Some((100, 3)));
+    // Cutting one link leaves the other alone.
+    link.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.send_to(&[9; 100], other.addr).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let n = tokio::time::timeout(Duration::from_millis(1000), client.recv(&mut buf))
+        .await
+        .expect("the other link still answers")
+        .unwrap();
+    assert_eq!((n, buf[0]), (100, 9));
     let c = link.stop();
     assert_eq!(c.up.offered_packets, 3);
     assert_eq!(c.up.dropped_link_down, 1);

@@ -154,3 +154,69 @@ async fn the_emulate_subcommand_relays_and_obeys_cut_and_restore() {
         "{rest}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_run_can_target_a_running_ingest() {
+    use hospital_ingest::devcerts::{DevPki, generate};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    relay_proto::ops::install_crypto_provider();
+    generate(
+        &pki,
+        &DevPki {
+            vehicles: vec!["lt-0001".into(), "lt-0002".into()],
+            subscribers: vec!["loadtest".into()],
+            ..DevPki::default()
+        },
+    )
+    .unwrap();
+    let mut cfg = hospital_ingest::IngestConfig::default();
+    cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.tls.cert = pki.join("ingest.pem");
+    cfg.tls.key = pki.join("ingest.key");
+    cfg.tls.fleet_ca = pki.join("fleet-ca.pem");
+    cfg.tls.subscriber_ca = pki.join("hospital-ca.pem");
+    cfg.store.path = dir.path().join("store.redb");
+    let ingest = hospital_ingest::Ingest::start(cfg).await.unwrap();
+
+    let report = dir.path().join("report.json");
+    let out = tokio::process::Command::new(EXE)
+        .args([
+            "run",
+            "--vehicles",
+            "2",
+            "--duration",
+            "4s",
+            "--no-baseline",
+        ])
+        .args(["--bearer", "rate=2mbit,delay=10ms"])
+        .arg("--ingest-quic")
+        .arg(ingest.quic_addr.to_string())
+        .arg("--ingest-grpc")
+        .arg(format!("https://{}", ingest.grpc_addr))
+        .arg("--pki")
+        .arg(&pki)
+        .arg("--report")
+        .arg(&report)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), out)
+        .await
+        .expect("load run finishes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let phases = r["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 1);
+    let ecg = &phases[0]["classes"]["waveform"];
+    assert!(ecg["frames_produced"].as_u64().unwrap() >= 100, "{ecg}");
+    assert_eq!(ecg["frames_lost"], 0);
+    // Nobody measured the external ingest's process.
+    assert!(phases[0]["ingest"].is_null());
+    ingest.shutdown().await.unwrap();
+}

@@ -7,6 +7,6 @@ pub mod spec;
 pub mod trace;
 
 pub use model::{Capacity, DirectionCounters, DirectionParams, GilbertElliott};
-pub use runtime::{Link, LinkCounters};
+pub use runtime::{Link, LinkCounters, start_links};
 pub use spec::{BearerSpec, TraceCache};
 pub use trace::Trace;

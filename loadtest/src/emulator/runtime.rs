@@ -110,6 +110,25 @@ impl Link {
     }
 }
 
+/// Starts one link per spec on ephemeral loopback ports, all towards `target`; link `i` uses
+/// seed `seed + i`.
+pub async fn start_links(
+    target: SocketAddr,
+    specs: &[BearerSpec],
+    seed: u64,
+) -> std::io::Result<Vec<Link>> {
+    let loopback: SocketAddr = if target.is_ipv4() {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+    };
+    let mut links = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        links.push(Link::start(loopback, target, spec.clone(), seed.wrapping_add(i as u64)).await?);
+    }
+    Ok(links)
+}
+
 async fn relay(
     front: UdpSocket,
     back: UdpSocket,
