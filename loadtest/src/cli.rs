@@ -60,7 +60,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             emulate(a).await
         }
         Command::Run(a) => {
-            relay_proto::ops::init_logging("warn");
+            // Fifty agents reconnecting through coverage holes is the point of a run, not news:
+            // only errors reach the terminal unless RUST_LOG asks for more.
+            relay_proto::ops::init_logging("error");
             let exe = std::env::current_exe().context("locating this executable")?;
             let report = loadgen::run(a, &exe).await?;
             println!("{}", report.human());

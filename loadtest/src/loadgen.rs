@@ -62,10 +62,13 @@ pub struct RunArgs {
     /// Sample rate of the synthetic ECG.
     #[arg(long, default_value_t = 500)]
     pub ecg_rate_hz: u32,
+    /// Duration of one waveform frame, milliseconds.
     #[arg(long, default_value_t = 40)]
     pub frame_ms: u32,
+    /// Vitals report interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub vitals_interval_ms: u64,
+    /// GPS fix interval, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub gps_interval_ms: u64,
     /// Fixes trace offsets, loss and jitter patterns.

@@ -104,9 +104,15 @@ impl Link {
         *self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stops relaying; returns the final counters.
     pub fn stop(self) -> LinkCounters {
-        self.task.abort();
         self.counters()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
