@@ -92,6 +92,15 @@ impl DirectionParams {
     pub fn is_scheduled_down(&self, t: Duration) -> bool {
         self.blackouts.iter().any(|b| b.contains(&t))
     }
+
+    /// When the scheduled outage(s) covering `t` end; `None` if the link is up at `t`.
+    pub fn blackout_end(&self, t: Duration) -> Option<Duration> {
+        self.blackouts
+            .iter()
+            .filter(|b| b.contains(&t))
+            .map(|b| b.end)
+            .max()
+    }
 }
 
 /// Packet and byte counts of one direction.
@@ -399,14 +408,8 @@ impl Direction {
     /// the first opportunity at or after `t` outside any blackout, plus the propagation delay.
     /// Runtime cuts are not known in advance and are ignored.
     pub fn earliest_delivery(params: &DirectionParams, t: Duration) -> Option<Duration> {
-        if params.is_scheduled_down(t) {
-            // Offered inside a blackout: dropped; the sender must retry after it.
-            let end = params
-                .blackouts
-                .iter()
-                .filter(|b| b.contains(&t))
-                .map(|b| b.end)
-                .max()?;
+        // Offered inside a blackout: dropped; the sender must retry after it.
+        if let Some(end) = params.blackout_end(t) {
             return Self::earliest_delivery(params, end);
         }
         let depart = match &params.capacity {
@@ -417,13 +420,7 @@ impl Direction {
                 Duration::from_millis(trace.time_of_ms(k).saturating_sub(offset_ms))
             }
         };
-        if params.is_scheduled_down(depart) {
-            let end = params
-                .blackouts
-                .iter()
-                .filter(|b| b.contains(&depart))
-                .map(|b| b.end)
-                .max()?;
+        if let Some(end) = params.blackout_end(depart) {
             return Self::earliest_delivery(params, end);
         }
         Some(depart + params.delay)
@@ -733,6 +730,23 @@ mod tests {
         // 80 kbit/s drains one 1000-byte packet per 100 ms.
         assert_eq!(d.poll_transmit(Duration::from_millis(99)), None);
         assert!(d.poll_transmit(Duration::from_millis(100)).is_some());
+    }
+
+    #[test]
+    fn oracle_waits_out_blackouts() {
+        let p = DirectionParams {
+            delay: Duration::from_millis(10),
+            blackouts: vec![
+                Duration::from_secs(1)..Duration::from_secs(2),
+                Duration::from_millis(1500)..Duration::from_secs(3),
+            ],
+            ..DirectionParams::default()
+        };
+        let at = |ms: u64| Direction::earliest_delivery(&p, Duration::from_millis(ms)).unwrap();
+        assert_eq!(at(500), Duration::from_millis(510));
+        // Overlapping outages chain: the link is back at 3 s.
+        assert_eq!(at(1200), Duration::from_millis(3010));
+        assert_eq!(at(3000), Duration::from_millis(3010));
     }
 
     #[test]
