@@ -55,6 +55,8 @@ struct Shared {
     drained: Notify,
     /// When a stopping agent gives up on unacknowledged frames; set once, when stop fires.
     drain_until: std::sync::OnceLock<Instant>,
+    /// Every source has ended and its last frames are in the outbox.
+    intake_done: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -62,6 +64,11 @@ impl Shared {
         // A poisoned lock means a panic elsewhere already; the data is still consistent
         // enough to keep delivering.
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Nothing left to deliver: the sources are done and everything was acknowledged.
+    fn fully_drained(&self) -> bool {
+        self.intake_done.load(std::sync::atomic::Ordering::Acquire) && self.outbox().is_empty()
     }
 
     fn publish_gauges(o: &Outbox) {
@@ -92,6 +99,7 @@ pub async fn run(
         pending: Notify::new(),
         drained: Notify::new(),
         drain_until: std::sync::OnceLock::new(),
+        intake_done: std::sync::atomic::AtomicBool::new(false),
     });
     let kinds: HashMap<u32, i32> = hello
         .streams
@@ -115,7 +123,7 @@ pub async fn run(
             .is_cancelled()
             .then(|| *shared.drain_until.get_or_init(|| Instant::now() + drain));
         if let Some(until) = drain_until
-            && (shared.outbox().is_empty() || Instant::now() >= until)
+            && (shared.fully_drained() || Instant::now() >= until)
         {
             break;
         }
@@ -216,6 +224,11 @@ async fn intake(
         }
         shared.pending.notify_one();
     }
+    // The sources have stopped: a draining connection may now finish once the outbox is empty.
+    shared
+        .intake_done
+        .store(true, std::sync::atomic::Ordering::Release);
+    shared.drained.notify_one();
 }
 
 /// What one connection attempt needs.
@@ -309,7 +322,7 @@ async fn serve_connection(
             () = shared.drained.notified(), if drain_deadline.is_some() => {}
             () = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => break Ok(()),
         }
-        if drain_deadline.is_some() && shared.outbox().is_empty() {
+        if drain_deadline.is_some() && shared.fully_drained() {
             break Ok(());
         }
     };
