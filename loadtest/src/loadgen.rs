@@ -711,6 +711,14 @@ async fn run_phase(
     // The measurement is over: take the limits off so every backlog can drain, then stop the
     // vehicles (each delivers what is unacknowledged within the drain timeout).
     let drain_start = Instant::now();
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_prefix(phase.name);
+    spinner.set_style(
+        ProgressStyle::with_template("{prefix:>8} {spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner.set_message("links lifted; vehicles stopping and delivering their backlog");
     for l in links.iter().flatten() {
         l.lift();
     }
@@ -730,12 +738,22 @@ async fn run_phase(
             .iter()
             .all(|(k, n)| m.received.get(k).is_some_and(|s| s.missing_below(*n) == 0))
     };
+    let kinds = stream_classes(&sources(args));
     while drain_start.elapsed() < args.drain_timeout {
-        if complete(&shared.lock().unwrap_or_else(|p| p.into_inner())) {
-            break;
+        {
+            let m = shared.lock().unwrap_or_else(|p| p.into_inner());
+            if complete(&m) {
+                break;
+            }
+            let missing: u64 = losses(&produced, &m.received, &m.values_per_frame, &kinds)
+                .values()
+                .map(|(_, lost, _)| lost)
+                .sum();
+            spinner.set_message(format!("{missing} frames still on their way"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    spinner.finish_and_clear();
     let drained = drain_start.elapsed();
     let usage = ingest
         .child
@@ -777,7 +795,6 @@ async fn run_phase(
             }
         });
     // Losses per class from what the agents produced.
-    let kinds = stream_classes(&sources(args));
     let mut classes = std::collections::BTreeMap::new();
     let per_class = losses(&produced, &m.received, &m.values_per_frame, &kinds);
     let mut payload_total = 0u64;
