@@ -761,11 +761,14 @@ async fn run_phase(
         .and_then(|c| c.id())
         .and_then(process_usage);
     stop_subscribers.cancel();
-    for t in subscriber_tasks {
+    // A subscriber that ended early (cut off as slow, connection lost) makes its figures
+    // partial: the report says so instead of blaming the relay for frames it never asked for.
+    let mut subscriber_errors = Vec::new();
+    for (i, t) in subscriber_tasks.into_iter().enumerate() {
         match t.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "subscriber ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "subscriber task failed"),
+            Ok(Err(e)) => subscriber_errors.push(format!("subscriber {i}: {e:#}")),
+            Err(e) => subscriber_errors.push(format!("subscriber {i}: task failed: {e}")),
         }
     }
     if let Some(mut child) = ingest.child.take() {
@@ -837,6 +840,7 @@ async fn run_phase(
         },
         links: counters,
         ingest: ingest_usage,
+        subscriber_errors,
     })
 }
 

@@ -191,6 +191,8 @@ pub struct PhaseReport {
     pub links: LinkCounters,
     /// Ingest process CPU time and peak resident memory (None for an external ingest).
     pub ingest: Option<IngestUsage>,
+    /// Subscribers that ended before the phase did; their figures are partial.
+    pub subscriber_errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,6 +309,9 @@ impl Report {
                 p.links.up.dropped(),
                 p.links.down.dropped()
             );
+            for e in &p.subscriber_errors {
+                let _ = writeln!(s, "   ended early (figures partial): {e}");
+            }
             match &p.ingest {
                 Some(i) => {
                     let _ = writeln!(
