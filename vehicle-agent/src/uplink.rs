@@ -136,13 +136,15 @@ pub async fn run(
             shared: &shared,
             drain,
         };
+        let attempt = serve_connection(&bearer, &stop, &mut established);
         let served = match drain_until {
-            Some(until) => {
-                tokio::time::timeout_at(until, serve_connection(&bearer, &stop, &mut established))
-                    .await
-                    .unwrap_or(Err(UplinkError::HandshakeTimeout))
-            }
-            None => serve_connection(&bearer, &stop, &mut established).await,
+            // The drain deadline also bounds a handshake begun while stopping; reaching it ends
+            // the drain, it is not a connection failure.
+            Some(until) => match tokio::time::timeout_at(until, attempt).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            None => attempt.await,
         };
         if established {
             // We had a working session: back off from the beginning again.
