@@ -89,6 +89,18 @@ pub struct Tls {
     pub subscriber_ca: PathBuf,
 }
 
+impl Tls {
+    /// The usual file names of the development PKI (`relay-devcerts`) in `dir`.
+    pub fn from_dev_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("ingest.pem"),
+            key: dir.join("ingest.key"),
+            fleet_ca: dir.join("fleet-ca.pem"),
+            subscriber_ca: dir.join("hospital-ca.pem"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -161,7 +173,7 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, clap::Parser)]
+#[derive(Debug, Clone, Default, PartialEq, clap::Parser)]
 #[command(
     name = "hospital-ingest",
     version,
@@ -189,6 +201,56 @@ pub struct Cli {
     pub subscriber_ca: Option<PathBuf>,
     #[arg(long)]
     pub max_frame_bytes: Option<usize>,
+}
+
+impl Cli {
+    /// Flags naming the TLS files of the development PKI in `dir`.
+    pub fn for_dev_pki(dir: &Path) -> Self {
+        let tls = Tls::from_dev_dir(dir);
+        Self {
+            cert: Some(tls.cert),
+            key: Some(tls.key),
+            fleet_ca: Some(tls.fleet_ca),
+            subscriber_ca: Some(tls.subscriber_ca),
+            ..Self::default()
+        }
+    }
+
+    /// The command line that parses back into `self`, for starting the ingest as a process.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        let mut flag = |name: &str, value: Option<std::ffi::OsString>| {
+            if let Some(v) = value {
+                out.push(name.into());
+                out.push(v);
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.clone().into_os_string());
+        let text = |v: Option<String>| v.map(Into::into);
+        flag("--config", path(&self.config));
+        flag(
+            "--quic-listen",
+            text(self.quic_listen.map(|a| a.to_string())),
+        );
+        flag(
+            "--grpc-listen",
+            text(self.grpc_listen.map(|a| a.to_string())),
+        );
+        flag(
+            "--metrics-listen",
+            text(self.metrics_listen.map(|a| a.to_string())),
+        );
+        flag("--store-path", path(&self.store_path));
+        flag("--cert", path(&self.cert));
+        flag("--key", path(&self.key));
+        flag("--fleet-ca", path(&self.fleet_ca));
+        flag("--subscriber-ca", path(&self.subscriber_ca));
+        flag(
+            "--max-frame-bytes",
+            text(self.max_frame_bytes.map(|n| n.to_string())),
+        );
+        out
+    }
 }
 
 impl IngestConfig {
@@ -282,6 +344,27 @@ mod tests {
         let cfg = IngestConfig::from_file(&path).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn rendered_flags_parse_back_into_the_same_cli() {
+        let cli = Cli {
+            config: Some("/etc/relay/ingest.toml".into()),
+            quic_listen: Some("127.0.0.1:4433".parse().unwrap()),
+            grpc_listen: Some("[::1]:50051".parse().unwrap()),
+            metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
+            store_path: Some("/var/lib/relay.redb".into()),
+            max_frame_bytes: Some(65_536),
+            ..Cli::for_dev_pki(Path::new("/certs"))
+        };
+        let args = std::iter::once("hospital-ingest".into()).chain(cli.to_args());
+        assert_eq!(Cli::parse_from(args), cli);
+        assert_eq!(
+            Cli::parse_from(
+                std::iter::once("hospital-ingest".into()).chain(Cli::default().to_args())
+            ),
+            Cli::default()
+        );
     }
 
     #[test]

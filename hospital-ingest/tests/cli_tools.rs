@@ -36,10 +36,7 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     let mut cfg = IngestConfig::default();
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.tls.cert = certs.join("ingest.pem");
-    cfg.tls.key = certs.join("ingest.key");
-    cfg.tls.fleet_ca = certs.join("fleet-ca.pem");
-    cfg.tls.subscriber_ca = certs.join("hospital-ca.pem");
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&certs);
     cfg.store.path = work.path().join("store.redb");
     let ingest = Ingest::start(cfg).await.unwrap();
 

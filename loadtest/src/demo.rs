@@ -89,10 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.quic.listen = "127.0.0.1:0".parse()?;
     cfg.grpc.listen = "127.0.0.1:0".parse()?;
     cfg.metrics.listen = Some("127.0.0.1:0".parse()?);
-    cfg.tls.cert = pki.join("ingest.pem");
-    cfg.tls.key = pki.join("ingest.key");
-    cfg.tls.fleet_ca = pki.join("fleet-ca.pem");
-    cfg.tls.subscriber_ca = pki.join("hospital-ca.pem");
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&pki);
     cfg.store.path = work.path().join("store/relay.redb");
     let ingest = Ingest::start(cfg).await?;
 

@@ -274,22 +274,15 @@ async fn start_ingest(
     }
     let (quic_port, grpc_port) = free_port_pair()?;
     let log = std::fs::File::create(dir.join("ingest.log")).context("creating ingest.log")?;
+    let cli = hospital_ingest::config::Cli {
+        quic_listen: Some(SocketAddr::from(([127, 0, 0, 1], quic_port))),
+        grpc_listen: Some(SocketAddr::from(([127, 0, 0, 1], grpc_port))),
+        store_path: Some(dir.join("store.redb")),
+        ..hospital_ingest::config::Cli::for_dev_pki(pki)
+    };
     let child = tokio::process::Command::new(ingest_exe)
         .arg("ingest")
-        .arg("--quic-listen")
-        .arg(format!("127.0.0.1:{quic_port}"))
-        .arg("--grpc-listen")
-        .arg(format!("127.0.0.1:{grpc_port}"))
-        .arg("--store-path")
-        .arg(dir.join("store.redb"))
-        .arg("--cert")
-        .arg(pki.join("ingest.pem"))
-        .arg("--key")
-        .arg(pki.join("ingest.key"))
-        .arg("--fleet-ca")
-        .arg(pki.join("fleet-ca.pem"))
-        .arg("--subscriber-ca")
-        .arg(pki.join("hospital-ca.pem"))
+        .args(cli.to_args())
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().context("ingest log")?)
         .stderr(log)

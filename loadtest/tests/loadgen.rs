@@ -174,10 +174,7 @@ async fn a_load_run_can_target_a_running_ingest() {
     let mut cfg = hospital_ingest::IngestConfig::default();
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.tls.cert = pki.join("ingest.pem");
-    cfg.tls.key = pki.join("ingest.key");
-    cfg.tls.fleet_ca = pki.join("fleet-ca.pem");
-    cfg.tls.subscriber_ca = pki.join("hospital-ca.pem");
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&pki);
     cfg.store.path = dir.path().join("store.redb");
     let ingest = hospital_ingest::Ingest::start(cfg).await.unwrap();
 

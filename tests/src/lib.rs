@@ -78,10 +78,7 @@ pub fn ingest_config(pki: &Pki, store: &Path) -> IngestConfig {
     c.quic.listen = "127.0.0.1:0".parse().unwrap();
     c.grpc.listen = "127.0.0.1:0".parse().unwrap();
     c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
-    c.tls.cert = pki.path().join("ingest.pem");
-    c.tls.key = pki.path().join("ingest.key");
-    c.tls.fleet_ca = pki.path().join("fleet-ca.pem");
-    c.tls.subscriber_ca = pki.path().join("hospital-ca.pem");
+    c.tls = hospital_ingest::config::Tls::from_dev_dir(pki.path());
     c.store.path = store.to_owned();
     c
 }

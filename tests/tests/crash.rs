@@ -25,22 +25,14 @@ fn spawn_ingest(
         .append(true)
         .open(log)
         .unwrap();
-    let p = pki.path();
+    let cli = hospital_ingest::config::Cli {
+        quic_listen: Some(format!("127.0.0.1:{quic}").parse().unwrap()),
+        grpc_listen: Some(format!("127.0.0.1:{grpc}").parse().unwrap()),
+        store_path: Some(store.to_owned()),
+        ..hospital_ingest::config::Cli::for_dev_pki(pki.path())
+    };
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
-        .arg("--quic-listen")
-        .arg(format!("127.0.0.1:{quic}"))
-        .arg("--grpc-listen")
-        .arg(format!("127.0.0.1:{grpc}"))
-        .arg("--store-path")
-        .arg(store)
-        .arg("--cert")
-        .arg(p.join("ingest.pem"))
-        .arg("--key")
-        .arg(p.join("ingest.key"))
-        .arg("--fleet-ca")
-        .arg(p.join("fleet-ca.pem"))
-        .arg("--subscriber-ca")
-        .arg(p.join("hospital-ca.pem"))
+        .args(cli.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
