@@ -146,11 +146,9 @@ pub enum Offer {
     DroppedLinkDown,
 }
 
-#[derive(Debug)]
-struct InFlight {
-    depart: Duration,
-    packet: Bytes,
-}
+/// A packet past the entrance: (delivery time, arrival order, departure from the bottleneck,
+/// bytes). The order number is unique, so the heap orders by delivery time, then arrival.
+type InFlight = (Duration, u64, Duration, Bytes);
 
 /// One direction of an emulated link.
 #[derive(Debug)]
@@ -168,8 +166,7 @@ pub struct Direction {
     /// Fixed rate: when the server is free again.
     server_free_at: Duration,
     last_delivery: Duration,
-    in_flight: BinaryHeap<(Reverse<Duration>, Reverse<u64>)>,
-    in_flight_packets: std::collections::HashMap<u64, InFlight>,
+    in_flight: BinaryHeap<Reverse<InFlight>>,
     next_id: u64,
     cut_since: Option<Duration>,
     cuts: VecDeque<Range<Duration>>,
@@ -194,7 +191,6 @@ impl Direction {
             server_free_at: Duration::ZERO,
             last_delivery: Duration::ZERO,
             in_flight: BinaryHeap::new(),
-            in_flight_packets: std::collections::HashMap::new(),
             next_id: 0,
             cut_since: None,
             cuts: VecDeque::new(),
@@ -247,7 +243,7 @@ impl Direction {
         self.in_flight = self
             .in_flight
             .drain()
-            .map(|(Reverse(at), id)| (Reverse(at.min(now)), id))
+            .map(|Reverse((at, id, depart, p))| Reverse((at.min(now), id, depart, p)))
             .collect();
     }
 
@@ -287,9 +283,7 @@ impl Direction {
         self.last_delivery = self.last_delivery.max(deliver);
         let id = self.next_id;
         self.next_id += 1;
-        self.in_flight.push((Reverse(deliver), Reverse(id)));
-        self.in_flight_packets
-            .insert(id, InFlight { depart, packet });
+        self.in_flight.push(Reverse((deliver, id, depart, packet)));
         Offer::Queued
     }
 
@@ -380,28 +374,26 @@ impl Direction {
     /// The next packet due for delivery at `now`, if any. Packets that left or would arrive
     /// while the link is down are dropped here.
     pub fn poll_transmit(&mut self, now: Duration) -> Option<Bytes> {
-        while let Some(&(Reverse(at), Reverse(id))) = self.in_flight.peek() {
-            if at > now {
-                return None;
-            }
-            self.in_flight.pop();
-            let Some(p) = self.in_flight_packets.remove(&id) else {
-                continue;
-            };
-            if self.is_down(p.depart) || self.is_down(at) {
+        while self
+            .in_flight
+            .peek()
+            .is_some_and(|Reverse((at, ..))| *at <= now)
+        {
+            let Reverse((at, _, depart, packet)) = self.in_flight.pop()?;
+            if self.is_down(depart) || self.is_down(at) {
                 self.counters.dropped_link_down += 1;
                 continue;
             }
             self.counters.delivered_packets += 1;
-            self.counters.delivered_bytes += p.packet.len() as u64;
-            return Some(p.packet);
+            self.counters.delivered_bytes += packet.len() as u64;
+            return Some(packet);
         }
         None
     }
 
     /// When `poll_transmit` has something next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.in_flight.peek().map(|(Reverse(at), _)| *at)
+        self.in_flight.peek().map(|Reverse((at, ..))| *at)
     }
 
     /// Earliest delivery possible for a packet offered at `t` on an idle link (loss aside):
@@ -688,7 +680,7 @@ mod tests {
 
     #[test]
     fn lifting_releases_what_waits_behind_a_trace_gap() {
-        let trace = Arc::new(Trace::parse("gap", "1\n60000\n").unwrap());
+        let trace = Arc::new(Trace::parse(std::path::Path::new("gap"), "1\n60000\n").unwrap());
         let mut d = Direction::new(
             DirectionParams {
                 capacity: Capacity::Trace {

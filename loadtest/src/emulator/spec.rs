@@ -7,7 +7,7 @@
 //! downlink copies delay, jitter, reorder and blackouts (a coverage hole cuts both ways) and
 //! otherwise has a 50 Mbit/s capacity and no loss, unless `down.<key>` says otherwise.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,7 +51,8 @@ impl BearerSpec {
         };
         let mut up = DirectionParams::default();
         let mut down = DirectionParams::default();
-        let mut down_set: HashMap<&str, bool> = HashMap::new();
+        // Downlink keys given explicitly (the rest follow the uplink).
+        let mut down_set: HashSet<&str> = HashSet::new();
         let mut name = String::from("ideal");
         let mut up_offset = Duration::ZERO;
         let mut down_offset = Duration::ZERO;
@@ -66,7 +67,7 @@ impl BearerSpec {
             };
             let dir = if is_down { &mut down } else { &mut up };
             if is_down {
-                down_set.insert(key_name(key), true);
+                down_set.insert(key);
             }
             match key {
                 "trace" => {
@@ -111,19 +112,19 @@ impl BearerSpec {
         set_offset(&mut up.capacity, up_offset);
         set_offset(&mut down.capacity, down_offset);
         // The downlink follows the uplink's path properties unless told otherwise.
-        if !down_set.contains_key("delay") {
+        if !down_set.contains("delay") {
             down.delay = up.delay;
         }
-        if !down_set.contains_key("jitter") {
+        if !down_set.contains("jitter") {
             down.jitter = up.jitter;
         }
-        if !down_set.contains_key("reorder") {
+        if !down_set.contains("reorder") {
             down.reorder = up.reorder;
         }
-        if !down_set.contains_key("blackout") {
+        if !down_set.contains("blackout") {
             down.blackouts = up.blackouts.clone();
         }
-        if !down_set.contains_key("queue") {
+        if !down_set.contains("queue") {
             down.queue_bytes = up.queue_bytes;
         }
         Ok(Self { name, up, down })
@@ -135,38 +136,13 @@ impl BearerSpec {
         let mut s = self.clone();
         for dir in [&mut s.up, &mut s.down] {
             if let Capacity::Trace { trace, offset: o } = &mut dir.capacity {
-                *o = (*o + offset)
-                    .checked_rem(trace.period())
-                    .unwrap_or_default();
+                // Offsets beyond the period wrap, as the trace does.
+                let period = trace.period().as_millis().max(1);
+                let wrapped = (o.as_millis() + offset.as_millis()) % period;
+                *o = Duration::from_millis(u64::try_from(wrapped).unwrap_or(0));
             }
         }
         s
-    }
-}
-
-trait DurationRem {
-    fn checked_rem(self, m: Duration) -> Option<Duration>;
-}
-
-impl DurationRem for Duration {
-    fn checked_rem(self, m: Duration) -> Option<Duration> {
-        let m = m.as_nanos();
-        if m == 0 {
-            return None;
-        }
-        let r = self.as_nanos() % m;
-        Some(Duration::from_nanos(u64::try_from(r).ok()?))
-    }
-}
-
-fn key_name(key: &str) -> &'static str {
-    match key {
-        "delay" => "delay",
-        "jitter" => "jitter",
-        "reorder" => "reorder",
-        "blackout" => "blackout",
-        "queue" => "queue",
-        _ => "other",
     }
 }
 
@@ -348,6 +324,22 @@ mod tests {
         assert_eq!(b.down.delay, b.up.delay);
         assert_eq!(b.down.blackouts, b.up.blackouts);
         assert_eq!(b.down.loss, 0.005);
+    }
+
+    #[test]
+    fn trace_offsets_add_up_and_wrap_at_the_period() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/traces");
+        let spec = format!("{}/ATT-LTE-driving.up,offset=1000s", dir.display());
+        let b = BearerSpec::parse(&spec, &mut TraceCache::default()).unwrap();
+        let Capacity::Trace { trace, .. } = &b.up.capacity else {
+            panic!("a trace bearer")
+        };
+        let period = trace.period();
+        let shifted = b.with_trace_offset(Duration::from_secs(100));
+        let Capacity::Trace { offset, .. } = shifted.up.capacity else {
+            panic!("a trace bearer")
+        };
+        assert_eq!(offset, Duration::from_secs(1100) - period);
     }
 
     #[test]

@@ -51,24 +51,15 @@ impl Trace {
             });
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
-        Self::parse(&name, &text).map_err(|e| match e {
-            TraceError::Parse { line, reason, .. } => TraceError::Parse {
-                path: path.to_owned(),
-                line,
-                reason,
-            },
-            TraceError::Empty { .. } => TraceError::Empty {
-                path: path.to_owned(),
-            },
-            other => other,
-        })
+        Self::parse(path, &text)
     }
 
-    pub fn parse(name: &str, text: &str) -> Result<Self, TraceError> {
+    /// Parses trace text; `source` names it in errors, and its file name names the trace.
+    pub fn parse(source: &Path, text: &str) -> Result<Self, TraceError> {
+        let name = source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| source.display().to_string());
         let mut opportunities_ms = Vec::new();
         let mut last = 0u64;
         for (i, line) in text.lines().enumerate() {
@@ -77,7 +68,7 @@ impl Trace {
                 continue;
             }
             let parse_err = |reason: String| TraceError::Parse {
-                path: PathBuf::from(name),
+                path: source.to_owned(),
                 line: i + 1,
                 reason,
             };
@@ -92,11 +83,11 @@ impl Trace {
         }
         if last == 0 {
             return Err(TraceError::Empty {
-                path: PathBuf::from(name),
+                path: source.to_owned(),
             });
         }
         Ok(Self {
-            name: name.to_owned(),
+            name,
             opportunities_ms,
             period_ms: last,
         })
@@ -171,7 +162,7 @@ mod tests {
 
     #[test]
     fn wraps_around_with_the_last_timestamp_as_period() {
-        let t = Trace::parse("t", "5\n5\n10\n").unwrap();
+        let t = Trace::parse(Path::new("t"), "5\n5\n10\n").unwrap();
         assert_eq!(t.period(), Duration::from_millis(10));
         assert_eq!(t.time_of_ms(0), 5);
         assert_eq!(t.time_of_ms(1), 5);
@@ -186,15 +177,15 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_the_line() {
         assert!(matches!(
-            Trace::parse("t", "1\nx\n"),
+            Trace::parse(Path::new("t"), "1\nx\n"),
             Err(TraceError::Parse { line: 2, .. })
         ));
         assert!(matches!(
-            Trace::parse("t", "5\n3\n"),
+            Trace::parse(Path::new("t"), "5\n3\n"),
             Err(TraceError::Parse { line: 2, .. })
         ));
         assert!(matches!(
-            Trace::parse("t", "\n"),
+            Trace::parse(Path::new("t"), "\n"),
             Err(TraceError::Empty { .. })
         ));
     }
