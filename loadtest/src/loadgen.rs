@@ -360,14 +360,23 @@ struct Timeline {
     measured_end: std::sync::OnceLock<Instant>,
 }
 
-/// Shared by the subscriber tasks.
-#[derive(Debug)]
+/// A stream as `(vehicle id, stream id)`.
+type StreamKey = (String, u32);
+
+/// What the first subscriber has received of one stream.
+#[derive(Debug, Clone, Default)]
+struct ReceivedStream {
+    seqs: SeqSet,
+    /// Values per frame (samples x channels for waveforms, 1 otherwise), for counting losses.
+    values_per_frame: u64,
+}
+
+/// Shared by the subscriber tasks; each merges its own figures in every flush.
+#[derive(Debug, Default)]
 struct Measurements {
     classes: HashMap<&'static str, ClassAccumulator>,
-    /// Per (vehicle, stream id): distinct seqs received by the first subscriber.
-    received: HashMap<(String, u32), SeqSet>,
-    /// Per (vehicle, stream id): values per frame (samples x channels), for counting losses.
-    values_per_frame: HashMap<(String, u32), u64>,
+    /// What the first subscriber received, per stream.
+    received: HashMap<StreamKey, ReceivedStream>,
     duplicates: HashMap<&'static str, u64>,
     /// Total deliveries over all subscribers, for the progress line.
     deliveries: u64,
@@ -375,6 +384,49 @@ struct Measurements {
 
 fn class_of(kind: i32) -> &'static str {
     relay_proto::kind_label(kind)
+}
+
+/// One subscriber's view of one stream.
+#[derive(Debug)]
+struct StreamState {
+    class: &'static str,
+    sample_rate_hz: f64,
+    received: ReceivedStream,
+    last_arrival: Option<Instant>,
+}
+
+impl StreamState {
+    fn new(kind: i32) -> Self {
+        Self {
+            class: class_of(kind),
+            sample_rate_hz: 0.0,
+            received: ReceivedStream::default(),
+            last_arrival: None,
+        }
+    }
+}
+
+/// Figures gathered since the last flush into [`Measurements`].
+#[derive(Debug, Default)]
+struct Pending {
+    classes: HashMap<&'static str, ClassAccumulator>,
+    duplicates: HashMap<&'static str, u64>,
+    deliveries: u64,
+}
+
+/// How often subscribers publish their figures (the drain check reads them).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Lower bound for a frame captured (complete) at `end_ns`: its earliest delivery over any of
+/// the vehicle's bearers.
+fn oracle_bound(bearers: &[OracleBearer], end_ns: i64) -> Option<Duration> {
+    bearers
+        .iter()
+        .filter_map(|b| {
+            let t = Duration::from_nanos(u64::try_from(end_ns - b.started_utc_ns).unwrap_or(0));
+            Direction::earliest_delivery(&b.up, t).map(|at| at.saturating_sub(t))
+        })
+        .min()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -399,15 +451,11 @@ async fn subscriber(
         .await
         .context("subscribe")?
         .into_inner();
-    let mut rates: HashMap<(String, u32), f64> = HashMap::new();
-    let mut seen: HashMap<(String, u32), SeqSet> = HashMap::new();
-    let mut last_arrival: HashMap<(String, u32), Instant> = HashMap::new();
-    let mut kinds_by_stream: HashMap<(String, u32), &'static str> = HashMap::new();
-    let mut local: HashMap<&'static str, ClassAccumulator> = HashMap::new();
-    let mut flushed = Instant::now();
-    let flush = |local: &mut HashMap<&'static str, ClassAccumulator>| {
+    let mut streams: HashMap<StreamKey, StreamState> = HashMap::new();
+    let mut pending = Pending::default();
+    let flush = |pending: &mut Pending, streams: &HashMap<StreamKey, StreamState>| {
         let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in local.drain() {
+        for (k, v) in pending.classes.drain() {
             match m.classes.get_mut(k) {
                 Some(acc) => acc.merge(&v),
                 None => {
@@ -415,10 +463,24 @@ async fn subscriber(
                 }
             }
         }
+        for (k, n) in pending.duplicates.drain() {
+            *m.duplicates.entry(k).or_default() += n;
+        }
+        m.deliveries += std::mem::take(&mut pending.deliveries);
+        if index == 0 {
+            for (key, st) in streams {
+                m.received.insert(key.clone(), st.received.clone());
+            }
+        }
     };
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                flush(&mut pending, &streams);
+                continue;
+            }
             m = stream.message() => m,
         };
         let Some(msg) = msg.context("subscription")? else {
@@ -432,29 +494,26 @@ async fn subscriber(
                 if let (Some(r), Some(d)) = (info.stream, info.descriptor)
                     && let Some(w) = d.waveform
                 {
-                    rates.insert((r.vehicle_id, r.stream_id), w.sample_rate_hz);
+                    streams
+                        .entry((r.vehicle_id, r.stream_id))
+                        .or_insert_with(|| StreamState::new(r.kind))
+                        .sample_rate_hz = w.sample_rate_hz;
                 }
             }
             Some(Record::Data(d)) => {
                 let now_ns = hospital_ingest::now_utc_ns();
+                let now = Instant::now();
                 let (Some(r), Some(frame)) = (d.stream, d.frame) else {
                     continue;
                 };
-                let class = class_of(r.kind);
-                let key = (r.vehicle_id.clone(), r.stream_id);
-                kinds_by_stream.entry(key.clone()).or_insert(class);
-                let acc = match local.entry(class) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(ClassAccumulator::new(deadline)?)
-                    }
-                };
+                let st = streams
+                    .entry((r.vehicle_id.clone(), r.stream_id))
+                    .or_insert_with(|| StreamState::new(r.kind));
                 // Capture time is the end of the frame: the first moment it could be sent.
                 let (end_ns, values, payload) = match &frame.payload {
                     Some(Payload::Waveform(w)) => {
-                        let rate = rates.get(&key).copied().unwrap_or(0.0);
-                        let dur = if rate > 0.0 {
-                            (f64::from(w.sample_count) * 1e9 / rate) as i64
+                        let dur = if st.sample_rate_hz > 0.0 {
+                            (f64::from(w.sample_count) * 1e9 / st.sample_rate_hz) as i64
                         } else {
                             0
                         };
@@ -482,73 +541,63 @@ async fn subscriber(
                     ),
                     None => (frame.capture_time_ns, 0, 0),
                 };
-                let latency = Duration::from_nanos(u64::try_from(now_ns - end_ns).unwrap_or(0));
-                if !seen.entry(key.clone()).or_default().insert(frame.seq) {
-                    let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    *m.duplicates.entry(class).or_default() += 1;
+                if !st.received.seqs.insert(frame.seq) {
+                    *pending.duplicates.entry(st.class).or_default() += 1;
                     continue;
                 }
-                acc.record_latency(latency);
+                st.received.values_per_frame = st.received.values_per_frame.max(values);
+                let acc = match pending.classes.entry(st.class) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(ClassAccumulator::new(deadline)?)
+                    }
+                };
+                acc.record_latency(Duration::from_nanos(
+                    u64::try_from(now_ns - end_ns).unwrap_or(0),
+                ));
                 if d.late {
                     acc.late_records += 1;
                 }
                 // A stream's first frame counts from the vehicles' start: a vehicle that cannot
                 // get through at first shows that as a gap too.
-                let now = Instant::now();
-                let prev = last_arrival
-                    .insert(key.clone(), now)
-                    .or_else(|| timeline.run_start.get().copied());
-                if let Some(prev) = prev {
+                if let Some(prev) = st
+                    .last_arrival
+                    .or_else(|| timeline.run_start.get().copied())
+                {
                     acc.longest_gap = acc.longest_gap.max(now.saturating_duration_since(prev));
                 }
+                st.last_arrival = Some(now);
+                pending.deliveries += 1;
                 if index == 0 {
                     acc.unique_frames += 1;
                     acc.payload_bytes += payload;
                     acc.samples_received += values;
-                    if let Some(bearers) = oracle.get(&r.vehicle_id) {
-                        let bound = bearers
-                            .iter()
-                            .filter_map(|b| {
-                                let t = Duration::from_nanos(
-                                    u64::try_from(end_ns - b.started_utc_ns).unwrap_or(0),
-                                );
-                                Direction::earliest_delivery(&b.up, t)
-                                    .map(|at| at.saturating_sub(t))
-                            })
-                            .min();
-                        if let Some(bound) = bound {
-                            acc.record_oracle(bound);
-                        }
+                    if let Some(bound) = oracle
+                        .get(&r.vehicle_id)
+                        .and_then(|b| oracle_bound(b, end_ns))
+                    {
+                        acc.record_oracle(bound);
                     }
-                    let mut m = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    m.received.entry(key.clone()).or_default().insert(frame.seq);
-                    m.values_per_frame.entry(key).or_insert(values);
                 }
-                if flushed.elapsed() > Duration::from_millis(250) {
-                    flush(&mut local);
-                    flushed = Instant::now();
-                }
-                shared.lock().unwrap_or_else(|p| p.into_inner()).deliveries += 1;
             }
             _ => {}
         }
     }
     // Streams silent at the end of the measured time (and not heard from since).
     if let Some(end) = timeline.measured_end.get() {
-        for (key, last) in &last_arrival {
-            if last < end {
-                let class = kinds_by_stream.get(key).copied().unwrap_or("other");
-                if let Some(acc) = local.get_mut(class) {
-                    acc.longest_gap = acc.longest_gap.max(end.saturating_duration_since(*last));
-                } else {
-                    let mut acc = ClassAccumulator::new(deadline)?;
-                    acc.longest_gap = end.saturating_duration_since(*last);
-                    local.insert(class, acc);
-                }
+        for st in streams.values() {
+            if let Some(last) = st.last_arrival.filter(|last| last < end) {
+                let acc = match pending.classes.entry(st.class) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(ClassAccumulator::new(deadline)?)
+                    }
+                };
+                acc.longest_gap = acc.longest_gap.max(end.saturating_duration_since(last));
             }
         }
     }
-    flush(&mut local);
+    flush(&mut pending, &streams);
     Ok(())
 }
 
@@ -619,13 +668,7 @@ async fn run_phase(
         links.push(mine);
     }
 
-    let shared = Arc::new(Mutex::new(Measurements {
-        classes: HashMap::new(),
-        received: HashMap::new(),
-        values_per_frame: HashMap::new(),
-        duplicates: HashMap::new(),
-        deliveries: 0,
-    }));
+    let shared = Arc::new(Mutex::new(Measurements::default()));
     let oracle = Arc::new(oracle);
     let timeline = Arc::new(Timeline::default());
     let stop_subscribers = tokio_util::sync::CancellationToken::new();
@@ -716,7 +759,7 @@ async fn run_phase(
         l.lift();
     }
     let summaries = join_all(agents.into_iter().map(|a| a.shutdown())).await;
-    let mut produced: HashMap<(String, u32), u64> = HashMap::new();
+    let mut produced: HashMap<StreamKey, u64> = HashMap::new();
     let mut unacked = 0u64;
     for (plan, s) in plans.iter().zip(summaries) {
         let s = s.with_context(|| format!("stopping agent {}", plan.id))?;
@@ -726,22 +769,17 @@ async fn run_phase(
         }
     }
     // Wait for the subscribers to see every produced frame (bounded by the drain timeout).
-    let complete = |m: &Measurements| {
-        produced
-            .iter()
-            .all(|(k, n)| m.received.get(k).is_some_and(|s| s.missing_below(*n) == 0))
-    };
     let kinds = stream_classes(&sources(args));
     while drain_start.elapsed() < args.drain_timeout {
         {
             let m = shared.lock().unwrap_or_else(|p| p.into_inner());
-            if complete(&m) {
-                break;
-            }
-            let missing: u64 = losses(&produced, &m.received, &m.values_per_frame, &kinds)
+            let missing: u64 = losses(&produced, &m.received, &kinds)
                 .values()
                 .map(|(_, lost, _)| lost)
                 .sum();
+            if missing == 0 {
+                break;
+            }
             spinner.set_message(format!("{missing} frames still on their way"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -778,21 +816,10 @@ async fn run_phase(
         counters.down.add(&c.down);
     }
 
-    let m = Arc::try_unwrap(shared)
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .unwrap_or_else(|arc| {
-            let g = arc.lock().unwrap_or_else(|p| p.into_inner());
-            Measurements {
-                classes: g.classes.clone(),
-                received: g.received.clone(),
-                values_per_frame: g.values_per_frame.clone(),
-                duplicates: g.duplicates.clone(),
-                deliveries: g.deliveries,
-            }
-        });
+    let m = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
     // Losses per class from what the agents produced.
     let mut classes = std::collections::BTreeMap::new();
-    let per_class = losses(&produced, &m.received, &m.values_per_frame, &kinds);
+    let per_class = losses(&produced, &m.received, &kinds);
     let mut payload_total = 0u64;
     for (class, (frames, lost, samples_lost)) in per_class {
         let acc = match m.classes.get(class) {
@@ -840,16 +867,16 @@ async fn run_phase(
 /// Per class: frames produced, frames never received, and their values (samples x channels
 /// for waveforms, 1 per report otherwise).
 fn losses(
-    produced: &HashMap<(String, u32), u64>,
-    received: &HashMap<(String, u32), SeqSet>,
-    values_per_frame: &HashMap<(String, u32), u64>,
+    produced: &HashMap<StreamKey, u64>,
+    received: &HashMap<StreamKey, ReceivedStream>,
     kinds: &HashMap<u32, &'static str>,
 ) -> HashMap<&'static str, (u64, u64, u64)> {
     let mut per_class: HashMap<&'static str, (u64, u64, u64)> = HashMap::new();
     for (key, n) in produced {
         let class = kinds.get(&key.1).copied().unwrap_or("other");
-        let missing = received.get(key).map_or(*n, |g| g.missing_below(*n));
-        let per_frame = values_per_frame.get(key).copied().unwrap_or(1);
+        let (missing, per_frame) = received.get(key).map_or((*n, 1), |r| {
+            (r.seqs.missing_below(*n), r.values_per_frame.max(1))
+        });
         let e = per_class.entry(class).or_default();
         e.0 += n;
         e.1 += missing;
@@ -884,16 +911,21 @@ mod tests {
     fn losses_count_every_missing_frame_and_its_samples() {
         let key = |v: &str, s: u32| (v.to_string(), s);
         let produced = HashMap::from([(key("a", 0), 10), (key("a", 1), 3), (key("b", 0), 5)]);
+        let stream = |seqs: SeqSet, values_per_frame| ReceivedStream {
+            seqs,
+            values_per_frame,
+        };
         let received = HashMap::from([
             (
                 key("a", 0),
-                (0..10).filter(|s| *s != 4 && *s != 9).collect(),
+                stream((0..10).filter(|s| *s != 4 && *s != 9).collect(), 240),
             ),
-            (key("a", 1), (0..3).collect()),
+            (key("a", 1), stream((0..3).collect(), 1)),
+            // Announced, but not a single frame arrived.
+            (key("b", 0), stream(SeqSet::default(), 240)),
         ]);
-        let values = HashMap::from([(key("a", 0), 240), (key("b", 0), 240)]);
         let kinds = HashMap::from([(0, "waveform"), (1, "vitals")]);
-        let l = losses(&produced, &received, &values, &kinds);
+        let l = losses(&produced, &received, &kinds);
         // a/0 misses seqs 4 and 9; b/0 never arrived at all.
         assert_eq!(l["waveform"], (15, 7, 7 * 240));
         assert_eq!(l["vitals"], (3, 0, 0));
