@@ -4,8 +4,10 @@
 
 pub mod config;
 pub mod framer;
+pub mod health;
 pub mod metrics;
 pub mod outbox;
+pub mod scheduler;
 pub mod sources;
 pub mod tls;
 pub mod uplink;
