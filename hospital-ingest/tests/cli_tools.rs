@@ -9,7 +9,7 @@ use std::time::Duration;
 use hospital_ingest::client::{ClientTls, connect};
 use hospital_ingest::{Ingest, IngestConfig};
 use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
-use vehicle_agent::config::SourceConfig;
+use vehicle_agent::config::{BearerConfig, SourceConfig};
 use vehicle_agent::{Agent, AgentConfig};
 
 fn data(name: &str) -> std::path::PathBuf {
@@ -45,7 +45,8 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
         ..AgentConfig::default()
     };
     a.ingest.address = ingest.quic_addr;
-    a.ingest.bind = "127.0.0.1:0".parse().unwrap();
+    a.bearers = vec![BearerConfig::new("wan0", "127.0.0.1:0".parse().unwrap())];
+    a.spool.path = work.path().join("spool.redb");
     a.tls.ca_cert = certs.join("hospital-ca.pem");
     a.tls.cert = certs.join("amb-9.pem");
     a.tls.key = certs.join("amb-9.key");

@@ -53,6 +53,7 @@ fn agent(
         ..AgentConfig::default()
     };
     c.ingest.address = ingest;
+    c.spool.path = pki.join(format!("spool-{vehicle}.redb"));
     c.tls.ca_cert = pki.join("hospital-ca.pem");
     c.tls.cert = pki.join(format!("{vehicle}.pem"));
     c.tls.key = pki.join(format!("{vehicle}.key"));

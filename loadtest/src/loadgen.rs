@@ -22,6 +22,7 @@ use relay_proto::model::{
 };
 use serde::Serialize;
 use tokio::time::Instant;
+use vehicle_agent::config::BearerConfig;
 use vehicle_agent::config::SourceConfig;
 use vehicle_agent::{Agent, AgentConfig};
 
@@ -216,8 +217,8 @@ pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
     let mut phases = vec![Phase {
         name: "relay",
         description: format!(
-            "the relay as built: {} emulated bearer(s) per vehicle; the agent streams over one \
-             bearer (multi-bearer delivery is not built yet), the oracle may use all",
+            "the relay as built: {} emulated bearer(s) per vehicle, the agent schedules over all \
+             of them with its default policies; the oracle may use all",
             bearers.len()
         ),
         bearers_per_vehicle: bearers.len(),
@@ -709,7 +710,18 @@ async fn run_phase(
         };
         let first = mine.first().context("a vehicle without bearers")?;
         cfg.ingest.address = first.addr;
-        cfg.ingest.bind = "127.0.0.1:0".parse().context("loopback")?;
+        // Each emulated link is its own path to the ingest: one bearer per link.
+        cfg.bearers = mine
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut b =
+                    BearerConfig::new(&format!("wan{i}"), SocketAddr::from(([127, 0, 0, 1], 0)));
+                b.remote = Some(l.addr);
+                b
+            })
+            .collect();
+        cfg.spool.path = dir.join(format!("spool-{}.redb", plan.id));
         cfg.tls.ca_cert = pki.join("hospital-ca.pem");
         cfg.tls.cert = pki.join(format!("{}.pem", plan.id));
         cfg.tls.key = pki.join(format!("{}.key", plan.id));
@@ -844,7 +856,7 @@ async fn run_phase(
         name: phase.name.into(),
         description: phase.description.clone(),
         bearers: bearer_names,
-        bearers_used_by_agent: 1,
+        bearers_used_by_agent: phase.bearers_per_vehicle,
         vehicles: plans.len(),
         subscribers: args.subscribers,
         measured_seconds: measured.as_secs_f64(),

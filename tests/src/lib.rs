@@ -13,7 +13,7 @@ use hospital_ingest::devcerts::{DevPki, generate};
 use relay_proto::model::{
     StreamKind, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
 };
-use vehicle_agent::config::{AgentConfig, SourceConfig};
+use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
 pub const VEHICLES: [&str; 4] = ["amb-1", "amb-2", "amb-3", "amb-4"];
 
@@ -94,9 +94,9 @@ pub fn agent_config(
         ..AgentConfig::default()
     };
     c.ingest.address = ingest;
-    c.ingest.bind = "127.0.0.1:0".parse().unwrap();
+    c.bearers = vec![BearerConfig::new("wan0", "127.0.0.1:0".parse().unwrap())];
+    c.spool.path = pki_dir.join(format!("spool-{vehicle}.redb"));
     c.ingest.idle_timeout_ms = 3_000;
-    c.ingest.keep_alive_ms = 500;
     c.reconnect.initial_backoff_ms = 100;
     c.reconnect.max_backoff_ms = 1_000;
     c.tls.ca_cert = pki_dir.join("hospital-ca.pem");
@@ -143,7 +143,18 @@ pub struct Collected {
     /// Longest time between the ingest storing a frame and this subscriber receiving it, for
     /// frames received after the sync marker (live), milliseconds.
     pub max_live_delay_ms: f64,
+    /// Every waveform frame in arrival order.
+    pub waveforms: Vec<Arrival>,
     seen: HashSet<(StreamId, u64)>,
+}
+
+/// A waveform frame as this subscriber received it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub stream: StreamId,
+    pub frame: relay_proto::model::Frame,
+    pub late: bool,
+    pub at: tokio::time::Instant,
 }
 
 impl Collected {
@@ -161,6 +172,7 @@ impl Collected {
             reconnects: 0,
             cursor: 0,
             max_live_delay_ms: 0.0,
+            waveforms: Vec::new(),
             seen: HashSet::new(),
         }
     }
@@ -231,8 +243,12 @@ pub async fn collect_until(
         };
         let mut stream = resp.into_inner();
         loop {
-            let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
-                Err(_) => continue 'outer,
+            // Wake now and then so `done` may turn true without a new message.
+            let wake = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+            let msg = match tokio::time::timeout_at(wake, stream.message()).await {
+                Err(_) if done(&c) => return c,
+                Err(_) if tokio::time::Instant::now() >= deadline => continue 'outer,
+                Err(_) => continue,
                 Ok(Ok(Some(m))) => m,
                 Ok(_) => {
                     c.reconnects += 1;
@@ -252,6 +268,14 @@ pub async fn collect_until(
                     c.data_records += 1;
                     if d.late {
                         c.late += 1;
+                    }
+                    if is_waveform(s.kind) {
+                        c.waveforms.push(Arrival {
+                            stream: stream_id(s),
+                            frame: d.frame.clone().unwrap(),
+                            late: d.late,
+                            at: tokio::time::Instant::now(),
+                        });
                     }
                     if c.syncs > 0 {
                         let delay =
@@ -349,4 +373,37 @@ pub fn metric_value(body: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Value of a sample with exactly these labels (`{bearer="wan0"}`) in Prometheus text.
+pub fn labelled_metric(body: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Checks waveform frames against the original record: every frame's samples equal the
+/// record's at its first sample index. Returns how many samples were compared.
+pub fn assert_frames_match_record(frames: &[&relay_proto::model::Frame], original: &str) -> u64 {
+    use relay_proto::model::frame::Payload;
+    let orig = relay_proto::wfdb::read_record(&record(original)).unwrap();
+    let channels = orig.num_signals();
+    let mut compared = 0;
+    for f in frames {
+        let Some(Payload::Waveform(w)) = &f.payload else {
+            panic!("stream {} seq {} is not a waveform", f.stream_id, f.seq);
+        };
+        let start = usize::try_from(w.first_sample_index).unwrap() * channels;
+        let end = start + w.sample_count as usize * channels;
+        assert_eq!(
+            &w.samples[..],
+            &orig.samples[start..end],
+            "seq {} (samples from {}) differs from the record",
+            f.seq,
+            w.first_sample_index
+        );
+        compared += u64::from(w.sample_count);
+    }
+    compared
 }

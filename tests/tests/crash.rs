@@ -1,4 +1,5 @@
-//! kill -9 of the ingest mid-stream, restart on the same store: no sample is lost or duplicated.
+//! kill -9 of the ingest mid-stream, restart on the same store: no sample is lost or duplicated
+//! (the agent streams over two bearers).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Stdio;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use relay_e2e::*;
 use vehicle_agent::Agent;
+use vehicle_agent::config::BearerConfig;
 
 struct IngestProcess {
     child: tokio::process::Child,
@@ -61,6 +63,10 @@ async fn ingest_killed_twice_mid_stream_loses_no_sample() {
         sources,
     );
     cfg.framing.frame_ms = 200;
+    // Two bearers, both to the ingest that dies: each must find the restarted one.
+    cfg.bearers = ["wan0", "wan1"]
+        .map(|n| BearerConfig::new(n, "127.0.0.1:0".parse().unwrap()))
+        .to_vec();
     let agent = Agent::start(cfg).await.unwrap();
 
     let progress = Arc::new(AtomicU64::new(0));

@@ -30,7 +30,12 @@ async fn raw_connect(
         cert: cert_dir.join(format!("{vehicle}.pem")),
         key: cert_dir.join(format!("{vehicle}.key")),
     };
-    let client = vehicle_agent::tls::client_config(&files, &IngestEndpoint::default()).unwrap();
+    let client = vehicle_agent::tls::client_config(
+        &files,
+        &IngestEndpoint::default(),
+        Duration::from_millis(250),
+    )
+    .unwrap();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = ep
         .connect_with(client, ingest, "localhost")

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::scheduler::Policy;
 pub use relay_proto::ops::config::ConfigError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -19,7 +20,110 @@ pub struct AgentConfig {
     pub buffer: Buffer,
     pub reconnect: Reconnect,
     pub metrics: Metrics,
+    /// Cellular bearers: one QUIC connection each.
+    pub bearers: Vec<BearerConfig>,
+    pub scheduling: Scheduling,
+    pub spool: SpoolConfig,
     pub sources: Vec<SourceConfig>,
+}
+
+/// One bearer (modem): its own local address or network interface.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BearerConfig {
+    /// Name used in logs and metric labels.
+    pub name: String,
+    /// Local address to bind (the modem's address, or 0.0.0.0:0 with `interface`).
+    #[serde(default = "any_address")]
+    pub bind: SocketAddr,
+    /// Network interface to bind with SO_BINDTODEVICE (Linux; needs CAP_NET_RAW).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Ingest address over this bearer when it differs from `ingest.address` (a carrier's
+    /// private APN, or a link emulator in tests).
+    #[serde(default)]
+    pub remote: Option<SocketAddr>,
+    /// Bytes this bearer may send per `budget_period_s` (metered SIM); beyond it the bearer is
+    /// used only when no other can carry.
+    #[serde(default)]
+    pub budget_bytes: Option<u64>,
+    #[serde(default = "default_budget_period")]
+    pub budget_period_s: u64,
+}
+
+fn any_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_budget_period() -> u64 {
+    30 * 24 * 3600
+}
+
+impl std::str::FromStr for BearerConfig {
+    type Err = String;
+
+    /// `NAME=ADDRESS` or `NAME=ADDRESS@INTERFACE`, e.g. `wan1=0.0.0.0:0@wwan1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("bearer {s:?}: expected NAME=ADDRESS[@INTERFACE]"))?;
+        let (addr, interface) = match rest.split_once('@') {
+            Some((a, i)) => (a, Some(i.to_owned())),
+            None => (rest, None),
+        };
+        let bind = addr
+            .parse()
+            .map_err(|e| format!("bearer {name}: address {addr:?}: {e}"))?;
+        Ok(Self {
+            interface,
+            ..Self::new(name, bind)
+        })
+    }
+}
+
+impl BearerConfig {
+    /// A bearer bound to `bind`, without interface, remote override or budget.
+    pub fn new(name: &str, bind: SocketAddr) -> Self {
+        Self {
+            name: name.to_owned(),
+            bind,
+            interface: None,
+            remote: None,
+            budget_bytes: None,
+            budget_period_s: default_budget_period(),
+        }
+    }
+}
+
+/// How frames are spread over the bearers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scheduling {
+    /// Policy per class: "fastest", "redundant" (best two bearers) or "backup" (the first
+    /// configured bearer while it is up, others only when it is not).
+    pub events: Policy,
+    pub waveforms: Policy,
+    pub vitals: Policy,
+    pub location: Policy,
+    pub bulk: Policy,
+    /// Frames younger than this form the live lane and go before any backlog, milliseconds.
+    pub live_window_ms: u64,
+    /// Per bearer: bytes sent and not yet acknowledged at most.
+    pub max_in_flight_bytes: usize,
+    /// Floor of the loss-detection time (2*SRTT + 4*RTTVAR), milliseconds.
+    pub suspect_floor_ms: u64,
+    /// A suspect bearer is down after this much more silence, milliseconds.
+    pub down_after_ms: u64,
+    /// Probe (QUIC keep-alive) interval on every bearer, milliseconds.
+    pub probe_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Crash-safe store of unacknowledged frames (created if missing).
+    pub path: PathBuf,
+    /// Commit (fsync) interval, milliseconds: at most this much data is at risk on power loss.
+    pub sync_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -29,13 +133,9 @@ pub struct IngestEndpoint {
     pub address: SocketAddr,
     /// Name the ingest certificate must carry.
     pub server_name: String,
-    /// Local address the bearer binds to (a modem's address on a router).
-    pub bind: SocketAddr,
-    /// Keep-alive interval while idle, milliseconds.
-    pub keep_alive_ms: u64,
     /// Connection considered dead after this long without any packet, milliseconds.
     pub idle_timeout_ms: u64,
-    /// Frames written concurrently on one connection (each on its own QUIC stream).
+    /// Per bearer: frames sent and not yet acknowledged at most (each on its own QUIC stream).
     pub max_in_flight_frames: usize,
 }
 
@@ -72,8 +172,11 @@ pub struct Buffer {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reconnect {
+    /// Backoff after the ingest refused or closed a connection attempt.
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
+    /// While a bearer's path is silent, a new connection attempt starts this often.
+    pub redial_interval_ms: u64,
     /// Handshake (QUIC + Hello) must finish within this, milliseconds.
     pub handshake_timeout_ms: u64,
 }
@@ -159,6 +262,9 @@ impl Default for AgentConfig {
             buffer: Buffer::default(),
             reconnect: Reconnect::default(),
             metrics: Metrics::default(),
+            bearers: vec![BearerConfig::new("wan0", any_address())],
+            scheduling: Scheduling::default(),
+            spool: SpoolConfig::default(),
             sources: vec![
                 SourceConfig::SyntheticEcg {
                     rate_hz: default_ecg_rate(),
@@ -183,8 +289,6 @@ impl Default for IngestEndpoint {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 4433)),
             server_name: "localhost".into(),
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
-            keep_alive_ms: 1000,
             idle_timeout_ms: 10_000,
             max_in_flight_frames: 256,
         }
@@ -219,12 +323,53 @@ impl Default for Buffer {
     }
 }
 
+impl Default for Scheduling {
+    fn default() -> Self {
+        Self {
+            // ECG is the clinical payload and small (about 12 kB/s for 12 leads at 500 Hz):
+            // two bearers carry every frame, so a hole in one costs nothing.
+            events: Policy::Redundant,
+            waveforms: Policy::Redundant,
+            vitals: Policy::Fastest,
+            location: Policy::Fastest,
+            bulk: Policy::Backup,
+            live_window_ms: 1_000,
+            max_in_flight_bytes: 4 * 1024 * 1024,
+            suspect_floor_ms: 60,
+            down_after_ms: 1_000,
+            probe_interval_ms: 250,
+        }
+    }
+}
+
+impl Scheduling {
+    pub fn policies(&self) -> [Policy; crate::scheduler::RANKS] {
+        [
+            self.events,
+            self.waveforms,
+            self.vitals,
+            self.location,
+            self.bulk,
+        ]
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            path: "spool/vehicle-agent.redb".into(),
+            sync_interval_ms: 100,
+        }
+    }
+}
+
 impl Default for Reconnect {
     fn default() -> Self {
         Self {
             initial_backoff_ms: 200,
             max_backoff_ms: 5_000,
-            handshake_timeout_ms: 10_000,
+            redial_interval_ms: 500,
+            handshake_timeout_ms: 4_000,
         }
     }
 }
@@ -257,6 +402,12 @@ pub struct Cli {
     pub metrics_listen: Option<SocketAddr>,
     #[arg(long)]
     pub frame_ms: Option<u32>,
+    /// Spool file (overrides spool.path).
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+    /// Bearers, replacing the configured list: NAME=ADDRESS[@INTERFACE], repeated.
+    #[arg(long = "bearer")]
+    pub bearers: Vec<BearerConfig>,
     /// Replace the configured ECG source by a WFDB record replay.
     #[arg(long)]
     pub wfdb_record: Option<PathBuf>,
@@ -267,6 +418,9 @@ pub struct Cli {
     #[arg(long = "loop", requires = "wfdb_record")]
     pub r#loop: bool,
 }
+
+/// Modems on one router, at most.
+pub const MAX_BEARERS: usize = 8;
 
 impl AgentConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -313,6 +467,12 @@ impl AgentConfig {
         if let Some(v) = cli.frame_ms {
             self.framing.frame_ms = v;
         }
+        if let Some(v) = &cli.spool {
+            self.spool.path = v.clone();
+        }
+        if !cli.bearers.is_empty() {
+            self.bearers = cli.bearers.clone();
+        }
         if let Some(record) = &cli.wfdb_record {
             let replay = SourceConfig::Wfdb {
                 record: record.clone(),
@@ -353,6 +513,9 @@ impl AgentConfig {
         if self.buffer.max_unacked_bytes < self.framing.max_frame_bytes {
             return bad("buffer.max_unacked_bytes must hold at least one frame".into());
         }
+        if self.reconnect.redial_interval_ms == 0 || self.reconnect.handshake_timeout_ms == 0 {
+            return bad("reconnect: redial_interval_ms and handshake_timeout_ms positive".into());
+        }
         if self.reconnect.initial_backoff_ms == 0
             || self.reconnect.max_backoff_ms < self.reconnect.initial_backoff_ms
         {
@@ -360,6 +523,40 @@ impl AgentConfig {
         }
         if self.sources.is_empty() {
             return bad("at least one source is needed".into());
+        }
+        if self.bearers.is_empty() || self.bearers.len() > MAX_BEARERS {
+            return bad(format!("1..={MAX_BEARERS} bearers are needed"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for b in &self.bearers {
+            if !relay_proto::is_valid_vehicle_id(&b.name) || !names.insert(&b.name) {
+                return bad(format!(
+                    "bearer name {:?} must be unique, 1-64 of [A-Za-z0-9._-]",
+                    b.name
+                ));
+            }
+            if b.budget_period_s == 0 {
+                return bad(format!(
+                    "bearer {}: budget_period_s must be positive",
+                    b.name
+                ));
+            }
+        }
+        let sc = &self.scheduling;
+        if sc.live_window_ms == 0
+            || sc.suspect_floor_ms == 0
+            || sc.probe_interval_ms == 0
+            || sc.max_in_flight_bytes < self.framing.max_frame_bytes
+        {
+            return bad(
+                "scheduling: windows and intervals positive, max_in_flight_bytes >= max_frame_bytes"
+                    .into(),
+            );
+        }
+        if !(1..=200).contains(&self.spool.sync_interval_ms) {
+            return bad(
+                "spool.sync_interval_ms must be 1..=200 (data at risk on power loss)".into(),
+            );
         }
         for s in &self.sources {
             match s {

@@ -1,14 +1,15 @@
 //! Ambulance-side agent: reads sources (WFDB replay, synthetic ECG, vitals, GPS), frames them
 //! with sequence numbers and capture timestamps, and delivers them to the hospital ingest over
-//! QUIC with mutual TLS, holding every frame until the ingest acknowledges it.
+//! QUIC with mutual TLS over every configured bearer, holding every frame in a crash-safe spool
+//! until the ingest acknowledges it.
 
 pub mod config;
 pub mod framer;
 pub mod health;
 pub mod metrics;
-pub mod outbox;
 pub mod scheduler;
 pub mod sources;
+pub mod spool;
 pub mod tls;
 pub mod uplink;
 
@@ -27,7 +28,8 @@ const SOURCE_QUEUE_FRAMES: usize = 1024;
 /// What an agent did, reported when it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSummary {
-    /// Per stream id, frames the source produced (sequence numbers `0..n`).
+    /// Per stream id, frames the source produced (sequence numbers `base..base + n`, see
+    /// [`Agent::seq_base`]).
     pub frames_produced: Vec<(u32, u64)>,
     /// Frames still unacknowledged when the uplink closed.
     pub unacked_at_exit: usize,
@@ -39,6 +41,9 @@ pub struct Agent {
     stop: CancellationToken,
     sources: Vec<(u32, JoinHandle<u64>)>,
     uplink: JoinHandle<Result<usize, std::io::Error>>,
+    spool_task: JoinHandle<()>,
+    spool_finish: CancellationToken,
+    seq_base: std::collections::HashMap<u32, u64>,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -56,7 +61,8 @@ impl Agent {
         cfg.validate()?;
         crate::metrics::describe();
         relay_proto::ops::install_crypto_provider();
-        let client = tls::client_config(&cfg.tls, &cfg.ingest)
+        let keep_alive = Duration::from_millis(cfg.scheduling.probe_interval_ms);
+        let client = tls::client_config(&cfg.tls, &cfg.ingest, keep_alive)
             .context("building TLS client configuration")?;
         let mut prepared = Vec::new();
         for (i, s) in cfg.sources.iter().enumerate() {
@@ -66,6 +72,29 @@ impl Agent {
                     .with_context(|| format!("preparing source {i}"))?,
             );
         }
+        let descriptors: Vec<_> = prepared.iter().map(|p| p.descriptor.clone()).collect();
+        let spool_path = cfg.spool.path.clone();
+        let (spool, opened) = {
+            let descriptors = descriptors.clone();
+            tokio::task::spawn_blocking(move || spool::Spool::open(&spool_path, &descriptors))
+                .await
+                .context("spool task")?
+                .with_context(|| format!("opening spool {}", cfg.spool.path.display()))?
+        };
+        if opened.discarded > 0 {
+            ::metrics::counter!("relay_agent_spool_discarded_frames_total")
+                .increment(opened.discarded);
+            tracing::error!(
+                frames = opened.discarded,
+                "the spool held frames of a session with other streams; they cannot be sent and were dropped"
+            );
+        }
+        let spool_finish = CancellationToken::new();
+        let (spool_handle, spool_task) = spool::start(
+            spool,
+            Duration::from_millis(cfg.spool.sync_interval_ms),
+            spool_finish.clone(),
+        );
         let stop = CancellationToken::new();
         let metrics_addr = match cfg.metrics.listen {
             Some(addr) => Some(
@@ -78,11 +107,20 @@ impl Agent {
         let hello = Hello {
             protocol_version: relay_proto::PROTOCOL_VERSION,
             vehicle_id: cfg.vehicle_id.clone(),
-            session_id: rand::random(),
-            streams: prepared.iter().map(|p| p.descriptor.clone()).collect(),
+            session_id: opened.session_id,
+            streams: descriptors,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        tracing::info!(vehicle = %cfg.vehicle_id, session = hello.session_id, streams = hello.streams.len(), ingest = %cfg.ingest.address, "agent starting");
+        tracing::info!(
+            vehicle = %cfg.vehicle_id,
+            session = hello.session_id,
+            resumed = opened.resumed,
+            spooled_frames = opened.frames.len(),
+            streams = hello.streams.len(),
+            bearers = cfg.bearers.len(),
+            ingest = %cfg.ingest.address,
+            "agent starting"
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(SOURCE_QUEUE_FRAMES);
         let epoch = now_utc_ns();
         let frame_ms = cfg.framing.frame_ms;
@@ -97,17 +135,30 @@ impl Agent {
             })
             .collect();
         drop(tx);
-        let uplink = tokio::spawn(uplink::run(cfg, client, hello, rx, stop.clone(), drain));
+        let uplink = tokio::spawn(uplink::run(uplink::Uplink {
+            cfg,
+            client,
+            hello,
+            frames: rx,
+            stop: stop.clone(),
+            drain,
+            spool: spool_handle,
+            restored: opened.frames,
+            seq_base: opened.seq_base.clone(),
+        }));
         Ok(Self {
             stop,
             sources,
             uplink,
+            spool_task,
+            spool_finish,
+            seq_base: opened.seq_base,
             metrics_addr,
         })
     }
 
     /// Stops the sources, gives the uplink `buffer.stop_drain_ms` to deliver what is
-    /// unacknowledged, then closes the connection.
+    /// unacknowledged (what is left stays in the spool), then closes the bearers.
     pub async fn shutdown(self) -> anyhow::Result<AgentSummary> {
         self.stop.cancel();
         let mut frames_produced = Vec::new();
@@ -119,10 +170,19 @@ impl Agent {
             .await
             .context("uplink task")?
             .context("uplink")?;
+        // The last acknowledgements reach the spool before we return.
+        self.spool_finish.cancel();
+        self.spool_task.await.context("spool task")?;
         Ok(AgentSummary {
             frames_produced,
             unacked_at_exit,
         })
+    }
+
+    /// Per stream, the first sequence number of this run (not 0 when a spooled session
+    /// resumed after a restart).
+    pub fn seq_base(&self) -> &std::collections::HashMap<u32, u64> {
+        &self.seq_base
     }
 
     /// Resolves when the uplink ends (only after `shutdown` was requested elsewhere).

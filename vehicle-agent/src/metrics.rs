@@ -2,6 +2,8 @@
 
 use relay_proto::model::StreamKind;
 
+use crate::scheduler::Lane;
+
 pub use relay_proto::kind_label;
 
 /// Strict priority rank: lower is more urgent (events > waveforms > vitals > location > rest).
@@ -16,9 +18,13 @@ pub fn class_rank(kind: i32) -> u8 {
 }
 
 /// quinn's `SendStream::set_priority` sends the *higher* value first; this is the one place
-/// that maps our ranks onto it.
-pub fn quinn_priority(kind: i32) -> i32 {
-    100 - 10 * i32::from(class_rank(kind))
+/// that maps our ranks onto it. Every live-lane class goes before any catch-up frame.
+pub fn quinn_priority(kind: i32, lane: Lane) -> i32 {
+    let base = match lane {
+        Lane::Live => 100,
+        Lane::CatchUp => 50,
+    };
+    base - 10 * i32::from(class_rank(kind))
 }
 
 pub fn describe() {
@@ -33,7 +39,7 @@ pub fn describe() {
     );
     describe_counter!(
         "relay_agent_frames_resent_total",
-        "Frames sent again after a reconnect because they were not acknowledged"
+        "Frames sent again (another bearer, or after a reconnect) because they were not acknowledged"
     );
     describe_counter!(
         "relay_agent_frames_acked_total",
@@ -58,7 +64,100 @@ pub fn describe() {
     );
     describe_gauge!(
         "relay_agent_connected",
-        "1 while a bearer connection to the ingest is up"
+        "Bearers with a connection to the ingest now"
+    );
+    let bearer_gauges = [
+        (
+            "relay_agent_bearer_state",
+            "Bearer health: 2 up, 1 suspect (nothing acknowledged for 2*SRTT+4*RTTVAR), 0 down",
+        ),
+        (
+            "relay_agent_bearer_loss_ratio",
+            "Packet loss ratio of the bearer's QUIC connection (smoothed)",
+        ),
+        (
+            "relay_agent_bearer_delivery_rate_bytes_per_second",
+            "Bytes per second the bearer is expected to deliver",
+        ),
+    ];
+    for (name, help) in bearer_gauges {
+        describe_gauge!(name, help);
+    }
+    describe_gauge!(
+        "relay_agent_bearer_rtt_seconds",
+        Unit::Seconds,
+        "Smoothed round trip from sending a frame to its acknowledgement, per bearer"
+    );
+    describe_gauge!(
+        "relay_agent_bearer_rtt_variance_seconds",
+        Unit::Seconds,
+        "Round-trip variation (RTTVAR), per bearer"
+    );
+    describe_gauge!(
+        "relay_agent_bearer_in_flight_bytes",
+        Unit::Bytes,
+        "Bytes sent on the bearer and not yet acknowledged"
+    );
+    let bearer_counters = [
+        (
+            "relay_agent_bearer_frames_sent_total",
+            "Frame copies sent on the bearer",
+        ),
+        (
+            "relay_agent_bearer_frames_acked_total",
+            "Frames acknowledged through the bearer",
+        ),
+        (
+            "relay_agent_bearer_frames_resent_total",
+            "Frames sent again on the bearer because another copy was overdue or its bearer lost",
+        ),
+        (
+            "relay_agent_bearer_failovers_total",
+            "Times the bearer stopped being up while it carried frames",
+        ),
+        (
+            "relay_agent_bearer_connect_failures_total",
+            "Failed or lost connections of the bearer",
+        ),
+    ];
+    for (name, help) in bearer_counters {
+        describe_counter!(name, help);
+    }
+    describe_counter!(
+        "relay_agent_bearer_sent_bytes_total",
+        Unit::Bytes,
+        "Frame bytes sent on the bearer"
+    );
+    describe_gauge!(
+        "relay_agent_queued_frames",
+        "Frames waiting for a bearer, per class"
+    );
+    describe_gauge!(
+        "relay_agent_spool_frames",
+        "Frames in the crash-safe spool (unacknowledged)"
+    );
+    describe_gauge!(
+        "relay_agent_spool_bytes",
+        Unit::Bytes,
+        "Bytes in the crash-safe spool"
+    );
+    describe_gauge!(
+        "relay_agent_spool_oldest_frame_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest frame in the spool"
+    );
+    describe_histogram!(
+        "relay_agent_spool_commit_seconds",
+        Unit::Seconds,
+        "Duration of a spool commit (fsync included)"
+    );
+    describe_counter!(
+        "relay_agent_spool_errors_total",
+        "Spool commits that failed"
+    );
+    describe_counter!(
+        "relay_agent_spool_discarded_frames_total",
+        "Frames dropped at start because the spool held a session with other streams"
     );
     describe_counter!(
         "relay_agent_connects_total",
@@ -88,7 +187,10 @@ mod tests {
             StreamKind::Location,
             StreamKind::Unspecified,
         ];
-        let prio: Vec<i32> = order.iter().map(|k| quinn_priority(*k as i32)).collect();
+        let prio: Vec<i32> = [Lane::Live, Lane::CatchUp]
+            .iter()
+            .flat_map(|lane| order.iter().map(|k| quinn_priority(*k as i32, *lane)))
+            .collect();
         assert!(prio.windows(2).all(|w| w[0] > w[1]), "{prio:?}");
         assert_eq!(kind_label(999), "other");
     }

@@ -110,7 +110,7 @@ pub struct Send {
 #[derive(Debug, Default, PartialEq)]
 pub struct Acked {
     /// Frames released, with their class kind and the time since their first send.
-    pub released: Vec<(i32, Option<Duration>)>,
+    pub released: Vec<(FrameId, i32, Option<Duration>)>,
     pub cancels: Vec<Action>,
 }
 
@@ -489,6 +489,7 @@ impl Scheduler {
                 }
             }
             out.released.push((
+                id,
                 e.kind,
                 e.first_sent.map(|t| now.saturating_duration_since(t)),
             ));

@@ -20,6 +20,7 @@ pub enum TlsError {
 pub fn client_config(
     files: &TlsFiles,
     endpoint: &IngestEndpoint,
+    keep_alive: Duration,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&files.ca_cert)? {
@@ -35,7 +36,8 @@ pub fn client_config(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(endpoint.keep_alive_ms)));
+    // Keep-alives are also the probes that measure an idle or backup bearer.
+    transport.keep_alive_interval(Some(keep_alive));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_millis(endpoint.idle_timeout_ms))
             .map_err(|e| TlsError::Quic(e.to_string()))?,

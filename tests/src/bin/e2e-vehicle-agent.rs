@@ -1,0 +1,14 @@
+//! The vehicle-agent binary, built inside this package so end-to-end tests can run it as a
+//! real process (and kill it with SIGKILL) via CARGO_BIN_EXE_e2e-vehicle-agent.
+use anyhow::Context;
+use clap::Parser;
+use vehicle_agent::config::{AgentConfig, Cli};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    relay_proto::ops::init_logging("info");
+    let cfg = AgentConfig::load(&Cli::parse()).context("loading configuration")?;
+    let agent = vehicle_agent::Agent::start(cfg).await?;
+    relay_proto::ops::shutdown_signal().await;
+    agent.shutdown().await.map(|_| ())
+}

@@ -1,0 +1,563 @@
+//! Crash-safe spool on the router: every frame is put here before any bearer carries it and
+//! deleted once the ingest acknowledged it (or it was evicted). After a crash or power cut the
+//! agent resumes the same session and re-sends what the spool holds.
+//!
+//! Why redb: the ingest already stores with it (one engine to know), it is pure Rust (cross-builds
+//! for aarch64/OpenWrt routers without a C toolchain), and its commits are copy-on-write B-tree
+//! updates with a checksummed, double-buffered commit slot: a power cut during a commit leaves
+//! the previous commit intact, with no write-ahead log to replay or compaction to run. On flash,
+//! the working set is small (frames live seconds until acknowledged) and freed pages are reused,
+//! so there is no growing log and little write amplification, unlike an LSM store (fjall),
+//! whose compactions rewrite data that is about to be deleted anyway.
+//!
+//! Puts and deletes are batched into one transaction per `sync_interval` (fsync on commit):
+//! at most that much produced data is at risk on power loss.
+//!
+//! Sequence numbers: frames may leave before their commit, so a restarted agent must never
+//! reuse a number the ingest may already hold. Each commit reserves numbers ahead
+//! (`SEQ_HEADROOM` frames per stream); frames beyond the durable reservation wait for the next
+//! commit, and a restart continues after the reservation (the ingest marks the unused numbers
+//! and the crash's hole as a gap).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use relay_proto::model::StreamDescriptor;
+use relay_proto::wire::v1::Hello;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::FrameId;
+
+/// (stream id, seq) -> put time (UTC ns, 8 bytes LE) ++ kind (4 bytes LE) ++ encoded frame.
+const FRAMES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("frames");
+/// "session" -> u64 LE; "streams" -> a Hello holding the stream descriptors.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// stream id -> first seq not yet reserved (a restart continues here).
+const RESERVED: TableDefinition<u32, u64> = TableDefinition::new("reserved");
+
+/// Sequence numbers reserved ahead of the highest one put, per stream and commit.
+pub const SEQ_HEADROOM: u64 = 256;
+/// Commands queued for the spool at most before producers wait.
+const COMMAND_QUEUE: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("spool: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("spool directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for SpoolError {
+            fn from(e: $t) -> Self {
+                Self::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A frame read back from the spool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredFrame {
+    pub id: FrameId,
+    pub kind: i32,
+    pub put_ns: i64,
+    pub bytes: Bytes,
+}
+
+/// What a (re)opened spool hands the agent.
+#[derive(Debug)]
+pub struct Opened {
+    pub session_id: u64,
+    /// Whether the session of an earlier run continues.
+    pub resumed: bool,
+    /// Per stream: the first seq this run may use.
+    pub seq_base: HashMap<u32, u64>,
+    /// Unacknowledged frames of the earlier run, in (stream, seq) order.
+    pub frames: Vec<StoredFrame>,
+    /// Frames of an earlier run dropped because its streams differ from this run's.
+    pub discarded: u64,
+}
+
+#[derive(Debug)]
+pub struct Spool {
+    db: Database,
+    /// Highest seq put per stream, and the durable reservation.
+    highest: HashMap<u32, u64>,
+    reserved: HashMap<u32, u64>,
+    /// Depth bookkeeping for metrics: id -> (put time, bytes), and by age.
+    index: HashMap<FrameId, (i64, usize)>,
+    by_age: BTreeSet<(i64, FrameId)>,
+    bytes: usize,
+}
+
+fn encode_value(put_ns: i64, kind: i32, frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + frame.len());
+    v.extend_from_slice(&put_ns.to_le_bytes());
+    v.extend_from_slice(&kind.to_le_bytes());
+    v.extend_from_slice(frame);
+    v
+}
+
+fn decode_value(v: &[u8]) -> Option<(i64, i32, &[u8])> {
+    let put = i64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+    let kind = i32::from_le_bytes(v.get(8..12)?.try_into().ok()?);
+    Some((put, kind, v.get(12..)?))
+}
+
+impl Spool {
+    /// Opens (or creates) the spool. If it holds a session with the same streams, that session
+    /// continues; otherwise a new one starts and frames of the old one are dropped (counted).
+    pub fn open(path: &Path, streams: &[StreamDescriptor]) -> Result<(Self, Opened), SpoolError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| SpoolError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        let wanted = Hello {
+            streams: streams.to_vec(),
+            ..Hello::default()
+        }
+        .encode_to_vec();
+        let (stored_session, stored_streams) = {
+            let txn = db.begin_read()?;
+            match txn.open_table(META) {
+                Ok(t) => {
+                    let session = t
+                        .get("session")?
+                        .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes));
+                    let streams = t.get("streams")?.map(|v| v.value().to_vec());
+                    (session, streams)
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => (None, None),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let resumed = stored_session.is_some() && stored_streams.as_deref() == Some(&wanted[..]);
+        let mut spool = Self {
+            db,
+            highest: HashMap::new(),
+            reserved: HashMap::new(),
+            index: HashMap::new(),
+            by_age: BTreeSet::new(),
+            bytes: 0,
+        };
+        let mut frames = Vec::new();
+        let mut discarded = 0;
+        let session_id = match (resumed, stored_session) {
+            (true, Some(s)) => s,
+            _ => rand::random(),
+        };
+        let txn = spool.db.begin_write()?;
+        {
+            let mut table = txn.open_table(FRAMES)?;
+            let mut reserved = txn.open_table(RESERVED)?;
+            if resumed {
+                for item in reserved.iter()? {
+                    let (k, v) = item?;
+                    spool.reserved.insert(k.value(), v.value());
+                }
+                for item in table.iter()? {
+                    let (k, v) = item?;
+                    let (stream_id, seq) = k.value();
+                    let Some((put_ns, kind, frame)) = decode_value(v.value()) else {
+                        continue;
+                    };
+                    frames.push(StoredFrame {
+                        id: FrameId { stream_id, seq },
+                        kind,
+                        put_ns,
+                        bytes: Bytes::copy_from_slice(frame),
+                    });
+                }
+            } else {
+                discarded = table.len()?;
+                table.retain(|_, _| false)?;
+                reserved.retain(|_, _| false)?;
+                let mut meta = txn.open_table(META)?;
+                meta.insert("session", &session_id.to_le_bytes()[..])?;
+                meta.insert("streams", &wanted[..])?;
+            }
+            // This run's numbers start after everything reserved before; reserve ahead now so
+            // the first frames need not wait for a commit.
+            for s in streams {
+                let base = spool.reserved.get(&s.stream_id).copied().unwrap_or(0);
+                spool.highest.insert(s.stream_id, base);
+                let ahead = base + SEQ_HEADROOM;
+                reserved.insert(s.stream_id, ahead)?;
+                spool.reserved.insert(s.stream_id, ahead);
+            }
+        }
+        txn.commit()?;
+        for f in &frames {
+            spool.track(f.id, f.put_ns, f.bytes.len() + 12);
+        }
+        let seq_base = streams
+            .iter()
+            .map(|s| {
+                let base = spool.highest.get(&s.stream_id).copied().unwrap_or(0);
+                (s.stream_id, base)
+            })
+            .collect();
+        // `highest` holds the next seq to use until the first put.
+        Ok((
+            spool,
+            Opened {
+                session_id,
+                resumed,
+                seq_base,
+                frames,
+                discarded,
+            },
+        ))
+    }
+
+    fn track(&mut self, id: FrameId, put_ns: i64, len: usize) {
+        if let Some((old_put, old_len)) = self.index.insert(id, (put_ns, len)) {
+            self.by_age.remove(&(old_put, id));
+            self.bytes -= old_len;
+        }
+        self.by_age.insert((put_ns, id));
+        self.bytes += len;
+    }
+
+    fn untrack(&mut self, id: FrameId) {
+        if let Some((put, len)) = self.index.remove(&id) {
+            self.by_age.remove(&(put, id));
+            self.bytes -= len;
+        }
+    }
+
+    /// Writes one batch durably (fsync). Returns the reservations now durable.
+    pub fn commit(&mut self, batch: Vec<SpoolCmd>) -> Result<HashMap<u32, u64>, SpoolError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(FRAMES)?;
+            for cmd in batch {
+                match cmd {
+                    SpoolCmd::Put {
+                        id,
+                        kind,
+                        put_ns,
+                        bytes,
+                    } => {
+                        let value = encode_value(put_ns, kind, &bytes);
+                        table.insert((id.stream_id, id.seq), &value[..])?;
+                        self.track(id, put_ns, value.len());
+                        let h = self.highest.entry(id.stream_id).or_default();
+                        *h = (*h).max(id.seq + 1);
+                    }
+                    SpoolCmd::Delete(id) => {
+                        table.remove((id.stream_id, id.seq))?;
+                        self.untrack(id);
+                    }
+                }
+            }
+            let mut reserved = txn.open_table(RESERVED)?;
+            for (&stream, &next) in &self.highest {
+                let r = self.reserved.get(&stream).copied().unwrap_or(0);
+                if next + SEQ_HEADROOM / 2 > r {
+                    let ahead = next + SEQ_HEADROOM;
+                    reserved.insert(stream, ahead)?;
+                    self.reserved.insert(stream, ahead);
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(self.reserved.clone())
+    }
+
+    pub fn reserved(&self) -> HashMap<u32, u64> {
+        self.reserved.clone()
+    }
+
+    /// Frames and bytes held, and the put time of the oldest (UTC ns).
+    pub fn depth(&self) -> (usize, usize, Option<i64>) {
+        (
+            self.index.len(),
+            self.bytes,
+            self.by_age.first().map(|(t, _)| *t),
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum SpoolCmd {
+    Put {
+        id: FrameId,
+        kind: i32,
+        put_ns: i64,
+        bytes: Bytes,
+    },
+    Delete(FrameId),
+}
+
+/// Handle of the spool task.
+#[derive(Debug, Clone)]
+pub struct SpoolHandle {
+    tx: mpsc::Sender<SpoolCmd>,
+    reserved: watch::Receiver<HashMap<u32, u64>>,
+}
+
+impl SpoolHandle {
+    pub async fn put(&self, id: FrameId, kind: i32, bytes: Bytes) {
+        let put_ns = crate::now_utc_ns();
+        let _ = self
+            .tx
+            .send(SpoolCmd::Put {
+                id,
+                kind,
+                put_ns,
+                bytes,
+            })
+            .await;
+    }
+
+    pub async fn delete(&self, ids: impl IntoIterator<Item = FrameId>) {
+        for id in ids {
+            let _ = self.tx.send(SpoolCmd::Delete(id)).await;
+        }
+    }
+
+    /// Waits until `seq` of `stream` is durably reserved (it may leave the vehicle).
+    pub async fn reserved_beyond(&mut self, stream: u32, seq: u64) {
+        let _ = self
+            .reserved
+            .wait_for(|r| r.get(&stream).is_some_and(|&n| seq < n))
+            .await;
+    }
+}
+
+/// Runs the spool: commits what arrived every `sync_interval` until `finish` fires (or every
+/// handle is dropped), then commits what is queued and ends. Errors are logged and counted;
+/// the frames stay in memory and the next commit tries again with what arrives then.
+pub fn start(
+    spool: Spool,
+    sync_interval: Duration,
+    finish: CancellationToken,
+) -> (SpoolHandle, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel(COMMAND_QUEUE);
+    let (reserved_tx, reserved_rx) = watch::channel(spool.reserved());
+    let task = tokio::spawn(async move {
+        let mut spool = Some(spool);
+        let mut open = true;
+        while open {
+            let deadline = tokio::time::Instant::now() + sync_interval;
+            let mut batch = Vec::new();
+            loop {
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        Some(c) => batch.push(c),
+                        None => { open = false; break; }
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = finish.cancelled() => {
+                        while let Ok(c) = rx.try_recv() {
+                            batch.push(c);
+                        }
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(mut s) = spool.take() else { break };
+            let started = tokio::time::Instant::now();
+            let (s, result) = match tokio::task::spawn_blocking(move || {
+                let r = s.commit(batch);
+                (s, r)
+            })
+            .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "spool commit task failed");
+                    break;
+                }
+            };
+            metrics::histogram!("relay_agent_spool_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(reserved) => {
+                    reserved_tx.send_replace(reserved);
+                }
+                Err(e) => {
+                    metrics::counter!("relay_agent_spool_errors_total").increment(1);
+                    tracing::error!(error = %e, "spool commit failed");
+                }
+            }
+            let (frames, bytes, oldest) = s.depth();
+            metrics::gauge!("relay_agent_spool_frames").set(frames as f64);
+            metrics::gauge!("relay_agent_spool_bytes").set(bytes as f64);
+            let age = oldest.map_or(0.0, |t| {
+                (crate::now_utc_ns().saturating_sub(t)).max(0) as f64 / 1e9
+            });
+            metrics::gauge!("relay_agent_spool_oldest_frame_age_seconds").set(age);
+            spool = Some(s);
+        }
+    });
+    (
+        SpoolHandle {
+            tx,
+            reserved: reserved_rx,
+        },
+        task,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::StreamKind;
+
+    fn stream(id: u32, kind: StreamKind) -> StreamDescriptor {
+        StreamDescriptor {
+            stream_id: id,
+            kind: kind as i32,
+            name: format!("s{id}"),
+            waveform: None,
+        }
+    }
+
+    fn put(stream_id: u32, seq: u64, data: &'static [u8]) -> SpoolCmd {
+        SpoolCmd::Put {
+            id: FrameId { stream_id, seq },
+            kind: 2,
+            put_ns: 1_000 + seq as i64,
+            bytes: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn reopened_spool_resumes_the_session_with_what_was_not_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool/agent.redb");
+        let streams = vec![
+            stream(0, StreamKind::Waveform),
+            stream(1, StreamKind::Vitals),
+        ];
+        let (mut s, first) = Spool::open(&path, &streams).unwrap();
+        assert!(!first.resumed);
+        assert_eq!(first.seq_base[&0], 0);
+        s.commit(vec![put(0, 0, b"a"), put(0, 1, b"b"), put(1, 0, b"c")])
+            .unwrap();
+        s.commit(vec![SpoolCmd::Delete(FrameId {
+            stream_id: 0,
+            seq: 0,
+        })])
+        .unwrap();
+        assert_eq!(s.depth().0, 2);
+        assert_eq!(
+            s.depth().2,
+            Some(1_000),
+            "stream 1 seq 0 is the oldest left"
+        );
+        drop(s);
+
+        let (s, again) = Spool::open(&path, &streams).unwrap();
+        assert!(again.resumed);
+        assert_eq!(again.session_id, first.session_id);
+        let got: Vec<(u32, u64, &[u8])> = again
+            .frames
+            .iter()
+            .map(|f| (f.id.stream_id, f.id.seq, &f.bytes[..]))
+            .collect();
+        assert_eq!(got, vec![(0, 1, &b"b"[..]), (1, 0, &b"c"[..])]);
+        assert_eq!(again.frames[0].kind, 2);
+        // Numbers continue after everything reserved before: none can be reused.
+        assert_eq!(again.seq_base[&0], SEQ_HEADROOM);
+        assert_eq!(s.reserved()[&0], 2 * SEQ_HEADROOM);
+        assert_eq!(s.depth().0, 2);
+    }
+
+    #[test]
+    fn reservations_move_ahead_of_what_is_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let (mut s, _) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
+        let r = s.commit(vec![put(0, 10, b"x")]).unwrap();
+        assert_eq!(r[&0], SEQ_HEADROOM, "far enough ahead still");
+        let r = s.commit(vec![put(0, SEQ_HEADROOM / 2, b"x")]).unwrap();
+        assert_eq!(r[&0], SEQ_HEADROOM / 2 + 1 + SEQ_HEADROOM);
+    }
+
+    #[test]
+    fn other_streams_start_a_new_session_and_drop_the_old_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let (mut s, first) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
+        s.commit(vec![put(0, 0, b"a")]).unwrap();
+        drop(s);
+        let (_, other) = Spool::open(
+            &path,
+            &[
+                stream(0, StreamKind::Waveform),
+                stream(1, StreamKind::Location),
+            ],
+        )
+        .unwrap();
+        assert!(!other.resumed);
+        assert_ne!(other.session_id, first.session_id);
+        assert_eq!((other.discarded, other.frames.len()), (1, 0));
+        assert_eq!(other.seq_base[&0], 0);
+    }
+
+    #[tokio::test]
+    async fn the_task_commits_in_batches_and_publishes_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let streams = [stream(0, StreamKind::Waveform)];
+        let (s, _) = Spool::open(&path, &streams).unwrap();
+        let (mut h, task) = start(s, Duration::from_millis(20), CancellationToken::new());
+        for seq in 0..200 {
+            h.reserved_beyond(0, seq).await;
+            h.put(FrameId { stream_id: 0, seq }, 2, Bytes::from_static(b"f"))
+                .await;
+        }
+        // Beyond the first reservation: waits for a commit that moves it.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            h.reserved_beyond(0, SEQ_HEADROOM + 10),
+        )
+        .await
+        .unwrap();
+        h.delete((0..100).map(|seq| FrameId { stream_id: 0, seq }))
+            .await;
+        drop(h);
+        task.await.unwrap();
+        let (_, again) = Spool::open(&path, &streams).unwrap();
+        assert_eq!(again.frames.len(), 100);
+        assert_eq!(again.frames[0].id.seq, 100);
+    }
+}
