@@ -22,8 +22,8 @@ use relay_proto::model::{
 };
 use serde::Serialize;
 use tokio::time::Instant;
-use vehicle_agent::config::BearerConfig;
 use vehicle_agent::config::SourceConfig;
+use vehicle_agent::config::{BearerConfig, Policy};
 use vehicle_agent::{Agent, AgentConfig};
 
 use crate::emulator::model::Direction;
@@ -87,6 +87,15 @@ pub struct RunArgs {
     /// Skip the single-bearer baseline phase.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Agent policy for waveforms (default: the agent's, redundant).
+    #[arg(long, value_enum)]
+    pub waveform_policy: Option<Policy>,
+    /// Failover scenario: this far into the measured time, cut (blackhole, both ways) the bearer
+    /// of each vehicle that carried the most in the second before; the report then shows the
+    /// longest gap across the cut. Multi-bearer phases only.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "opt_secs")]
+    pub cut_carrier_at: Option<Duration>,
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -112,6 +121,9 @@ fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
         None => s.serialize_none(),
     }
 }
+
+/// Gaps that begin this soon after the cut count as caused by it.
+const CUT_WINDOW: Duration = Duration::from_secs(5);
 
 pub fn vehicle_id(i: usize) -> String {
     format!("lt-{:04}", i + 1)
@@ -359,6 +371,8 @@ struct OracleBearer {
 struct Timeline {
     run_start: std::sync::OnceLock<Instant>,
     measured_end: std::sync::OnceLock<Instant>,
+    /// When the carrying bearers were cut (`--cut-carrier-at`).
+    cut: std::sync::OnceLock<Instant>,
 }
 
 /// A stream as `(vehicle id, stream id)`.
@@ -565,7 +579,15 @@ async fn subscriber(
                     .last_arrival
                     .or_else(|| timeline.run_start.get().copied())
                 {
-                    acc.longest_gap = acc.longest_gap.max(now.saturating_duration_since(prev));
+                    let gap = now.saturating_duration_since(prev);
+                    acc.longest_gap = acc.longest_gap.max(gap);
+                    if timeline
+                        .cut
+                        .get()
+                        .is_some_and(|&cut| now >= cut && prev <= cut + CUT_WINDOW)
+                    {
+                        acc.gap_around_cut = acc.gap_around_cut.max(Some(gap));
+                    }
                 }
                 st.last_arrival = Some(now);
                 pending.deliveries += 1;
@@ -729,6 +751,9 @@ async fn run_phase(
         cfg.buffer.stop_drain_ms =
             u64::try_from(args.drain_timeout.as_millis()).unwrap_or(u64::MAX);
         cfg.sources = sources(args);
+        if let Some(p) = args.waveform_policy {
+            cfg.scheduling.waveforms = p;
+        }
         agents.push(
             Agent::start(cfg)
                 .await
@@ -743,11 +768,49 @@ async fn run_phase(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(phase.name);
+    // Failover scenario: what each link carried in the second before the cut.
+    let cut_at = args
+        .cut_carrier_at
+        .filter(|_| phase.bearers_per_vehicle > 1 && timeline.cut.get().is_none());
+    let mut carried_before: Option<Vec<Vec<u64>>> = None;
+    let delivered = |links: &Vec<Vec<Link>>| -> Vec<Vec<u64>> {
+        links
+            .iter()
+            .map(|mine| {
+                mine.iter()
+                    .map(|l| l.counters().up.delivered_bytes)
+                    .collect()
+            })
+            .collect()
+    };
     while run_start.elapsed() < args.duration {
-        tokio::time::sleep(
-            Duration::from_millis(500).min(args.duration.saturating_sub(run_start.elapsed())),
-        )
-        .await;
+        let mut step =
+            Duration::from_millis(500).min(args.duration.saturating_sub(run_start.elapsed()));
+        if let Some(at) = cut_at {
+            let sample_at = at.saturating_sub(Duration::from_secs(1));
+            let elapsed = run_start.elapsed();
+            if carried_before.is_none() && elapsed >= sample_at {
+                carried_before = Some(delivered(&links));
+            } else if let Some(before) = carried_before
+                .as_ref()
+                .filter(|_| elapsed >= at && timeline.cut.get().is_none())
+            {
+                let now = delivered(&links);
+                for ((mine, b), n) in links.iter().zip(before).zip(&now) {
+                    let carrier = (0..mine.len()).max_by_key(|&i| n[i].saturating_sub(b[i]));
+                    if let Some(l) = carrier.and_then(|i| mine.get(i)) {
+                        l.cut();
+                    }
+                }
+                let _ = timeline.cut.set(Instant::now());
+            }
+            for t in [sample_at, at] {
+                if t > elapsed {
+                    step = step.min(t - elapsed);
+                }
+            }
+        }
+        tokio::time::sleep(step).await;
         bar.set_position(run_start.elapsed().as_secs());
         let d = shared.lock().unwrap_or_else(|p| p.into_inner()).deliveries;
         bar.set_message(format!("{d} frames delivered"));

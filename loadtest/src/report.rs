@@ -28,6 +28,8 @@ pub struct ClassAccumulator {
     pub payload_bytes: u64,
     pub samples_received: u64,
     pub longest_gap: Duration,
+    /// Longest gap of a stream that spans the bearer cut (`--cut-carrier-at`).
+    pub gap_around_cut: Option<Duration>,
 }
 
 fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
@@ -56,6 +58,7 @@ impl ClassAccumulator {
             payload_bytes: 0,
             samples_received: 0,
             longest_gap: Duration::ZERO,
+            gap_around_cut: None,
         })
     }
 
@@ -89,6 +92,7 @@ impl ClassAccumulator {
         self.payload_bytes += o.payload_bytes;
         self.samples_received += o.samples_received;
         self.longest_gap = self.longest_gap.max(o.longest_gap);
+        self.gap_around_cut = self.gap_around_cut.max(o.gap_around_cut);
     }
 
     pub fn finish(
@@ -126,6 +130,7 @@ impl ClassAccumulator {
             oracle: pct(&self.oracle_us),
             oracle_on_time_fraction: frac(self.oracle_on_time, self.oracle_frames),
             longest_gap_ms: self.longest_gap.as_secs_f64() * 1000.0,
+            gap_around_cut_ms: self.gap_around_cut.map(|g| g.as_secs_f64() * 1000.0),
             payload_bytes: self.payload_bytes,
         }
     }
@@ -162,6 +167,8 @@ pub struct ClassReport {
     pub oracle_on_time_fraction: f64,
     /// Longest time one stream delivered nothing to a subscriber.
     pub longest_gap_ms: f64,
+    /// Longest such time spanning the cut of the bearer carrying the vehicle's ECG (failover).
+    pub gap_around_cut_ms: Option<f64>,
     pub payload_bytes: u64,
 }
 
@@ -298,6 +305,14 @@ impl Report {
                     c.oracle.p99_ms,
                     c.longest_gap_ms
                 );
+            }
+            for (class, c) in &p.classes {
+                if let Some(g) = c.gap_around_cut_ms {
+                    let _ = writeln!(
+                        s,
+                        "   {class}: longest gap across the cut of the carrying bearer {g:.0} ms"
+                    );
+                }
             }
             let lost: u64 = p.classes.values().map(|c| c.samples_lost).sum();
             let _ = writeln!(

@@ -424,3 +424,112 @@ speed = 1.0
     assert!(assert_frames_match_record(&frames, "100") > 0);
     ingest.shutdown().await.unwrap();
 }
+
+/// Record 100 (30 min) replayed at 3x: ten minutes over two bearers driven by the measured
+/// driving traces, with their coverage holes, arrives complete and bit-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_100_over_two_driving_traces_for_10_minutes_arrives_bit_exact() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("store.redb")))
+        .await
+        .unwrap();
+    let traces = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/traces");
+    let mut cache = TraceCache::default();
+    let mut links = Vec::new();
+    for (i, trace) in ["ATT-LTE-driving.up", "TMobile-UMTS-driving.up"]
+        .iter()
+        .enumerate()
+    {
+        let spec = format!("trace={},delay=40ms", traces.join(trace).display());
+        let spec = BearerSpec::parse(&spec, &mut cache).unwrap();
+        links.push(
+            Link::start(
+                "127.0.0.1:0".parse().unwrap(),
+                ingest.quic_addr,
+                spec,
+                i as u64,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut cfg = agent_config(pki.path(), "amb-4", links[0].addr, vec![replay("100", 3.0)]);
+    cfg.framing.frame_ms = 120;
+    over_links(&mut cfg, &links);
+    let agent = Agent::start(cfg).await.unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let collected = collect_until(
+        || url.clone(),
+        &pki.subscriber("ed-console"),
+        &work.path().join("wfdb"),
+        Duration::from_secs(900),
+        |c| c.waveform_samples("amb-4") >= 650_000,
+    )
+    .await;
+    assert_eq!(collected.duplicates, 0);
+    for l in &links {
+        println!("{}: {:?}", l.spec.name, l.counters().up);
+    }
+    assert_bit_exact(collected, "amb-4", "100");
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+/// A bearer bound to an interface (SO_BINDTODEVICE) carries data; one naming a missing
+/// interface (a modem not plugged in) reports why and does not hold the others back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearers_bind_to_interfaces_and_a_missing_one_is_reported() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("store.redb")))
+        .await
+        .unwrap();
+    let mut cfg = agent_config(pki.path(), "amb-1", ingest.quic_addr, vitals_and_gps());
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    cfg.bearers = vec![
+        BearerConfig::new("lo", any),
+        BearerConfig::new("absent", any),
+    ];
+    cfg.bearers[0].interface = Some("lo".into());
+    cfg.bearers[1].interface = Some("nosuchmodem0".into());
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let agent = Agent::start(cfg).await.unwrap();
+    let metric = |body: &str, name: &str, bearer: &str| {
+        labelled_metric(body, name, &format!("bearer=\"{bearer}\"")).unwrap_or(0.0)
+    };
+    // SO_BINDTODEVICE needs CAP_NET_RAW; without it binding fails with a clear error too.
+    let privileged = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .unwrap()
+        .bind_device(Some(b"lo"))
+        .is_ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_get(agent.metrics_addr.unwrap(), "/metrics").await;
+        let absent_failed =
+            metric(&body, "relay_agent_bearer_connect_failures_total", "absent") >= 1.0;
+        let lo_acked = metric(&body, "relay_agent_bearer_frames_acked_total", "lo") >= 5.0;
+        let lo_failed = metric(&body, "relay_agent_bearer_connect_failures_total", "lo") >= 1.0;
+        let done = if privileged {
+            absent_failed && lo_acked
+        } else {
+            absent_failed && lo_failed
+        };
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "privileged={privileged}:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let summary = agent.shutdown().await.unwrap();
+    if privileged {
+        assert_eq!(
+            summary.unacked_at_exit, 0,
+            "the bound bearer carried everything"
+        );
+    }
+    ingest.shutdown().await.unwrap();
+}

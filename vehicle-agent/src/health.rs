@@ -6,7 +6,8 @@
 //! The state follows SRT's rule: a bearer with data outstanding turns *suspect* when nothing
 //! was heard for `2*SRTT + 4*RTTVAR` (floored) since the oldest outstanding frame was sent,
 //! and *down* once that silence lasts `down_after` longer. An idle bearer is judged the same
-//! way against its probe interval, so failover takes a round trip, not the QUIC idle timeout.
+//! way against its probe interval (two probes may go unanswered before it is suspect), so
+//! failover takes a round trip, not the QUIC idle timeout.
 
 use std::time::Duration;
 
@@ -226,6 +227,12 @@ impl Health {
         srtt / 2 + queue + srtt.mul_f64(self.loss)
     }
 
+    /// Silence allowed on an idle bearer: a probe answer is due every probe interval; one
+    /// missed answer (a delayed ACK, a busy host) is not yet a failure.
+    fn idle_allowance(&self) -> Duration {
+        self.cfg.probe_interval * 2 + self.loss_detection_time()
+    }
+
     /// State now, given when the oldest frame still outstanding on this bearer was sent.
     pub fn state(&self, now: Instant, oldest_outstanding: Option<Instant>) -> LinkState {
         let Some(heard) = self.last_heard.filter(|_| self.connected) else {
@@ -241,10 +248,7 @@ impl Health {
                 LinkState::Up
             }
         };
-        let idle = judge(
-            now.saturating_duration_since(heard),
-            self.cfg.probe_interval + ld,
-        );
+        let idle = judge(now.saturating_duration_since(heard), self.idle_allowance());
         let busy = oldest_outstanding.map_or(LinkState::Up, |t| {
             judge(now.saturating_duration_since(t.max(heard)), ld)
         });
@@ -259,7 +263,7 @@ impl Health {
     ) -> Option<Instant> {
         let heard = self.last_heard.filter(|_| self.connected)?;
         let ld = self.loss_detection_time();
-        let idle_base = heard + self.cfg.probe_interval + ld;
+        let idle_base = heard + self.idle_allowance();
         let mut points = vec![idle_base, idle_base + self.cfg.down_after];
         if let Some(t) = oldest_outstanding {
             let base = t.max(heard) + ld;
@@ -348,8 +352,11 @@ mod tests {
         let mut h = connected(t0);
         let ld = h.loss_detection_time();
         let probe = HealthConfig::default().probe_interval;
-        assert_eq!(h.state(t0 + probe + ld - ms(1), None), LinkState::Up);
-        assert_eq!(h.state(t0 + probe + ld + ms(1), None), LinkState::Suspect);
+        assert_eq!(h.state(t0 + probe * 2 + ld - ms(1), None), LinkState::Up);
+        assert_eq!(
+            h.state(t0 + probe * 2 + ld + ms(1), None),
+            LinkState::Suspect
+        );
         let sample = |n| PathSample {
             rx_datagrams: n,
             rtt: ms(50),

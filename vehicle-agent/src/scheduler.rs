@@ -30,7 +30,7 @@ const MAX_SENDS_PER_POLL: usize = 256;
 /// Overdue frames passed over per `poll` at most (they wait on the only bearer that can carry).
 const MAX_SKIPS_PER_POLL: usize = 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     Fastest,
