@@ -230,8 +230,12 @@ pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
         name: "relay",
         description: format!(
             "the relay as built: {} emulated bearer(s) per vehicle, the agent schedules over all \
-             of them with its default policies; the oracle may use all",
-            bearers.len()
+             of them ({}); the oracle may use all",
+            bearers.len(),
+            args.waveform_policy
+                .map_or("default policies".to_owned(), |p| format!(
+                    "waveforms {p:?}"
+                ))
         ),
         bearers_per_vehicle: bearers.len(),
     }];
