@@ -265,10 +265,6 @@ impl Scheduler {
         out
     }
 
-    pub fn bearer_count(&self) -> usize {
-        self.bearers.len()
-    }
-
     pub fn health(&self, bearer: usize) -> Option<&Health> {
         self.bearers.get(bearer).map(|b| &b.health)
     }
@@ -307,6 +303,7 @@ impl Scheduler {
     ) -> Evicted {
         let order = self.next_order;
         let evicted = self.insert_inner(id, rank, kind, bytes);
+        // Only a frame taken now got an order (not a duplicate, not an evicted newcomer).
         if self.entries.contains_key(&id) && self.next_order > order {
             self.recent.push_back((now, order));
         }
