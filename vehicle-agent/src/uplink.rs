@@ -58,6 +58,8 @@ impl UplinkError {
 
 /// How often quinn's statistics of each connection are read into the health estimate.
 const STATS_INTERVAL: Duration = Duration::from_millis(20);
+/// How long bearers get to close their connections when the agent stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often bearer and queue gauges are published.
 const METRICS_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -235,7 +237,13 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
+    // Bearers close their connections and let the close reach the ingest (bounded); what
+    // does not end by then is aborted.
     shutdown.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     for c in &shared.conns {
