@@ -633,6 +633,49 @@ mod tests {
     }
 
     #[test]
+    fn bearers_and_spool_from_flags_and_their_bounds() {
+        let cli = Cli::parse_from([
+            "vehicle-agent",
+            "--bearer",
+            "wan0=10.0.0.2:0",
+            "--bearer",
+            "wan1=0.0.0.0:0@wwan1",
+            "--spool",
+            "/var/lib/x.redb",
+        ]);
+        let mut cfg = AgentConfig::default();
+        cfg.apply(&cli);
+        cfg.validate().unwrap();
+        assert_eq!(cfg.bearers.len(), 2);
+        assert_eq!(cfg.bearers[0].bind, "10.0.0.2:0".parse().unwrap());
+        assert_eq!(cfg.bearers[1].interface.as_deref(), Some("wwan1"));
+        assert_eq!(cfg.spool.path, Path::new("/var/lib/x.redb"));
+        assert!("wan0".parse::<BearerConfig>().is_err(), "address missing");
+
+        let mut twice = cfg.clone();
+        twice.bearers[1].name = "wan0".into();
+        assert!(twice.validate().is_err(), "bearer names are labels: unique");
+        let mut none = cfg.clone();
+        none.bearers.clear();
+        assert!(none.validate().is_err());
+        let mut slow = cfg.clone();
+        slow.spool.sync_interval_ms = 500;
+        assert!(slow.validate().is_err(), "more than 200 ms of data at risk");
+        let toml = r#"
+            [[bearers]]
+            name = "lte-a"
+            interface = "wwan0"
+            budget_bytes = 1000000
+            [scheduling]
+            waveforms = "fastest"
+        "#;
+        let cfg = AgentConfig::from_toml(toml, Path::new("t.toml")).unwrap();
+        assert_eq!(cfg.bearers[0].budget_bytes, Some(1_000_000));
+        assert_eq!(cfg.scheduling.waveforms, Policy::Fastest);
+        assert_eq!(cfg.scheduling.events, Policy::Redundant, "default kept");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = AgentConfig::from_toml("vehicle_idd = \"x\"", Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("vehicle_idd"), "{err}");
