@@ -264,12 +264,13 @@ impl Health {
         let heard = self.last_heard.filter(|_| self.connected)?;
         let ld = self.loss_detection_time();
         let idle_base = heard + self.idle_allowance();
-        let mut points = vec![idle_base, idle_base + self.cfg.down_after];
-        if let Some(t) = oldest_outstanding {
-            let base = t.max(heard) + ld;
-            points.extend([base, base + self.cfg.down_after]);
-        }
-        points.into_iter().filter(|p| *p > now).min()
+        let busy_base = oldest_outstanding.map(|t| t.max(heard) + ld);
+        [Some(idle_base), busy_base]
+            .into_iter()
+            .flatten()
+            .flat_map(|base| [base, base + self.cfg.down_after])
+            .filter(|p| *p > now)
+            .min()
     }
 }
 

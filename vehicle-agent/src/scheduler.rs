@@ -463,9 +463,19 @@ impl Scheduler {
         now: Instant,
     ) -> Acked {
         let mut out = Acked::default();
-        // Acks name ranges of what arrived; they are short (one coalescing window).
-        for seq in start..end.min(start.saturating_add(1 << 16)) {
-            let id = FrameId { stream_id, seq };
+        // The range comes from the network: the work is bounded by what we hold, not by its
+        // width (a wide range scans the held frames instead of every number in it).
+        let width = end.saturating_sub(start);
+        let ids: Vec<FrameId> = if width > self.entries.len() as u64 {
+            self.entries
+                .keys()
+                .filter(|id| id.stream_id == stream_id && (start..end).contains(&id.seq))
+                .copied()
+                .collect()
+        } else {
+            (start..end).map(|seq| FrameId { stream_id, seq }).collect()
+        };
+        for id in ids {
             let Some(e) = self.remove(id) else {
                 continue;
             };
@@ -1049,6 +1059,21 @@ mod tests {
             0,
             "over budget, but the only one left"
         );
+    }
+
+    #[test]
+    fn a_wide_ack_releases_exactly_what_it_covers() {
+        let t0 = Instant::now();
+        let mut s = with_rtts(Policy::Fastest, &[40], t0);
+        for seq in [5, 70_000, 1 << 39] {
+            s.insert(id(0, seq), 1, ECG, frame(10), t0);
+        }
+        s.insert(id(1, 6), 1, ECG, frame(10), t0);
+        let acked = s.on_ack(0, 0, 0, 1 << 39, t0 + ms(40));
+        let mut ids: Vec<FrameId> = acked.released.iter().map(|r| r.0).collect();
+        ids.sort();
+        assert_eq!(ids, vec![id(0, 5), id(0, 70_000)]);
+        assert_eq!(s.len(), 2, "stream 1 and the seq beyond the range stay");
     }
 
     #[test]
