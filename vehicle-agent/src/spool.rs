@@ -129,6 +129,15 @@ fn decode_value(v: &[u8]) -> Option<(i64, i32, &[u8])> {
     Some((put, kind, v.get(12..)?))
 }
 
+/// The file's content is unusable (as opposed to a missing directory, a full disk or a lock).
+fn is_damage(e: &redb::StorageError) -> bool {
+    match e {
+        redb::StorageError::Corrupted(_) => true,
+        redb::StorageError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool. If it holds a session with the same streams, that session
     /// continues; otherwise a new one starts and frames of the old one are dropped (counted).
@@ -139,7 +148,23 @@ impl Spool {
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|e| SpoolError::Open {
+        let db = match Database::create(path) {
+            // A damaged file must not keep the vehicle from streaming: it is kept aside for
+            // inspection and a fresh spool starts (its frames are lost either way).
+            Err(redb::DatabaseError::Storage(e)) if is_damage(&e) => {
+                let why = e.to_string();
+                let aside = path.with_extension("redb.corrupt");
+                tracing::error!(path = %path.display(), aside = %aside.display(), %why, "spool corrupted; starting a fresh one");
+                metrics::counter!("relay_agent_spool_errors_total").increment(1);
+                std::fs::rename(path, &aside).map_err(|source| SpoolError::Dir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                Database::create(path)
+            }
+            other => other,
+        }
+        .map_err(|e| SpoolError::Open {
             path: path.to_owned(),
             source: e.into(),
         })?;
@@ -531,6 +556,20 @@ mod tests {
         assert_ne!(other.session_id, first.session_id);
         assert_eq!((other.discarded, other.frames.len()), (1, 0));
         assert_eq!(other.seq_base[&0], 0);
+    }
+
+    #[test]
+    fn a_corrupted_file_is_kept_aside_and_a_fresh_spool_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
+        let (_, opened) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
+        assert!(!opened.resumed);
+        assert!(opened.frames.is_empty());
+        assert!(
+            dir.path().join("a.redb.corrupt").exists(),
+            "kept for inspection"
+        );
     }
 
     #[tokio::test]
