@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use relay_proto::ops::config::ConfigError;
+pub use relay_ops::config::ConfigError;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -255,11 +255,11 @@ impl Cli {
 
 impl IngestConfig {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_proto::ops::config::parse_toml(text, path)
+        relay_ops::config::parse_toml(text, path)
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_proto::ops::config::read_toml(path)
+        relay_ops::config::read_toml(path)
     }
 
     pub fn load(cli: &Cli) -> Result<Self, ConfigError> {

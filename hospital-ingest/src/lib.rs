@@ -1,23 +1,18 @@
 //! Hospital-side ingest: accepts vehicles over QUIC with mutual TLS, reassembles and stores
 //! their streams durably, acknowledges what is stored, and republishes over gRPC.
-//! Also home of the ED-side client library (subscriber, WFDB writer, terminal view).
 
-pub mod client;
 pub mod config;
-pub mod devcerts;
 pub mod grpc;
 pub mod metrics;
-pub mod monitor;
 pub mod quic;
 pub mod reassembly;
 pub mod store;
 pub mod tls;
-pub mod view;
 pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use relay_proto::model::telemetry_server::TelemetryServer;
@@ -26,20 +21,15 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::IngestConfig;
 
-pub fn now_utc_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use relay_ops::now_utc_ns;
 
 /// What the `hospital-ingest` binary does: load the configuration, run until SIGTERM/ctrl-c,
 /// shut down gracefully.
 pub async fn run_cli(cli: config::Cli) -> anyhow::Result<()> {
-    relay_proto::ops::init_logging("info");
+    relay_ops::init_logging("info");
     let cfg = IngestConfig::load(&cli).context("loading configuration")?;
     let ingest = Ingest::start(cfg).await?;
-    relay_proto::ops::shutdown_signal().await;
+    relay_ops::shutdown_signal().await;
     tracing::info!("shutting down");
     ingest.shutdown().await
 }
@@ -59,7 +49,7 @@ pub struct Ingest {
 impl Ingest {
     pub async fn start(cfg: IngestConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
-        relay_proto::ops::install_crypto_provider();
+        relay_ops::install_crypto_provider();
         crate::metrics::describe();
         let stop = CancellationToken::new();
         let store = store::Store::open(&cfg.store.path)
@@ -140,7 +130,7 @@ impl Ingest {
         });
         let metrics_addr = match cfg.metrics.listen {
             Some(addr) => {
-                Some(relay_proto::ops::serve_metrics(addr, stop.clone().cancelled_owned()).await?)
+                Some(relay_ops::serve_metrics(addr, stop.clone().cancelled_owned()).await?)
             }
             None => None,
         };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_proto::ops::pem::{load_certs, load_key};
+use relay_ops::pem::{load_certs, load_key};
 use rustls::pki_types::CertificateDer;
 
 use crate::config::{IngestConfig, Tls};
@@ -12,7 +12,7 @@ use crate::config::{IngestConfig, Tls};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(transparent)]
-    Pem(#[from] relay_proto::ops::pem::PemError),
+    Pem(#[from] relay_ops::pem::PemError),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::AsyncBufReadExt;
 
-use crate::emulator::spec::parse_duration;
-use crate::emulator::{BearerSpec, Link, TraceCache};
 use crate::loadgen::{self, RunArgs};
+use relay_emulator::spec::parse_duration;
+use relay_emulator::{BearerSpec, Link, TraceCache};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -56,13 +56,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest(c) => hospital_ingest::run_cli(c).await,
         Command::Emulate(a) => {
-            relay_proto::ops::init_logging("warn");
+            relay_ops::init_logging("warn");
             emulate(a).await
         }
         Command::Run(a) => {
             // Fifty agents reconnecting through coverage holes is the point of a run, not news:
             // only errors reach the terminal unless RUST_LOG asks for more.
-            relay_proto::ops::init_logging("error");
+            relay_ops::init_logging("error");
             let exe = std::env::current_exe().context("locating this executable")?;
             let report = loadgen::run(a, &exe).await?;
             println!("{}", report.human());
@@ -115,7 +115,7 @@ async fn emulate(a: EmulateArgs) -> anyhow::Result<()> {
     };
     loop {
         tokio::select! {
-            () = relay_proto::ops::shutdown_signal() => break,
+            () = relay_ops::shutdown_signal() => break,
             _ = tick.tick() => print(&links),
             line = lines.next_line(), if stdin_open => {
                 let Ok(Some(line)) = line else { stdin_open = false; continue; };

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use hospital_ingest::client::ClientTls;
-use hospital_ingest::devcerts::{DevPki, generate};
-use hospital_ingest::monitor::{self, MonitorOptions};
+use ed_client::client::ClientTls;
+use ed_client::monitor::{self, MonitorOptions};
 use hospital_ingest::{Ingest, IngestConfig};
+use relay_devcerts::{DevPki, generate};
 use vehicle_agent::config::SourceConfig;
 use vehicle_agent::{Agent, AgentConfig};
 

@@ -1,8 +1,7 @@
-//! Demo runner, trace-driven link emulator and load generator.
+//! Demo runner and load generator (the link emulator is the `relay-emulator` crate).
 
 pub mod cli;
 pub mod demo;
-pub mod emulator;
 pub mod loadgen;
 pub mod report;
 pub mod seqset;

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ed_client::client::{ClientTls, connect};
 use futures::future::join_all;
-use hospital_ingest::client::{ClientTls, connect};
-use hospital_ingest::devcerts::{DevPki, generate};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use relay_devcerts::{DevPki, generate};
 use relay_proto::model::{
     StreamKind, SubscribeRequest, frame::Payload, subscribe_request::Start,
     subscribe_response::Record,
@@ -26,11 +26,11 @@ use vehicle_agent::config::SourceConfig;
 use vehicle_agent::config::{BearerConfig, Policy};
 use vehicle_agent::{Agent, AgentConfig};
 
-use crate::emulator::model::Direction;
-use crate::emulator::spec::parse_duration;
-use crate::emulator::{BearerSpec, DirectionParams, Link, LinkCounters, TraceCache};
 use crate::report::{ClassAccumulator, IngestUsage, Machine, PhaseReport, Report};
 use crate::seqset::SeqSet;
+use relay_emulator::model::Direction;
+use relay_emulator::spec::parse_duration;
+use relay_emulator::{BearerSpec, DirectionParams, Link, LinkCounters, TraceCache};
 
 /// Subscriber name in the generated PKI.
 const SUBSCRIBER: &str = "loadtest";
@@ -174,7 +174,7 @@ pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
         args.frame_ms >= 1 && args.frame_ms <= 10_000,
         "--frame-ms must be 1..=10000"
     );
-    relay_proto::ops::install_crypto_provider();
+    relay_ops::install_crypto_provider();
     let started_utc_ns = hospital_ingest::now_utc_ns();
     let bearer_texts = if args.bearers.is_empty() {
         default_bearers()

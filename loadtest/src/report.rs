@@ -8,7 +8,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::emulator::LinkCounters;
+use relay_emulator::LinkCounters;
 
 /// Latencies are recorded in microseconds up to one hour.
 const MAX_LATENCY_US: u64 = 3_600_000_000;

@@ -158,10 +158,10 @@ async fn the_emulate_subcommand_relays_and_obeys_cut_and_restore() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_run_can_target_a_running_ingest() {
-    use hospital_ingest::devcerts::{DevPki, generate};
+    use relay_devcerts::{DevPki, generate};
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    relay_proto::ops::install_crypto_provider();
+    relay_ops::install_crypto_provider();
     generate(
         &pki,
         &DevPki {

@@ -21,10 +21,11 @@ pub mod wire {
     }
 }
 
-#[cfg(feature = "ops")]
-pub mod ops;
+pub mod class;
+pub mod codes;
 pub mod seq;
-pub mod wfdb;
+
+pub use class::Class;
 
 pub use telemetry::v1 as model;
 

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hospital_ingest::client::{ClientTls, StreamId, WfdbSink, connect, stream_id};
+use ed_client::client::{ClientTls, StreamId, WfdbSink, connect, stream_id};
 use hospital_ingest::config::IngestConfig;
-use hospital_ingest::devcerts::{DevPki, generate};
+use relay_devcerts::{DevPki, generate};
 use relay_proto::model::{
     StreamKind, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
 };
@@ -32,7 +32,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Self {
-        relay_proto::ops::install_crypto_provider();
+        relay_ops::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let vehicles = VEHICLES.iter().map(|v| v.to_string()).collect();
         let subscribers = vec!["ed-console".into(), "ed-2".into()];
@@ -300,13 +300,13 @@ pub async fn collect_until(
 /// Writes what was collected as WFDB and checks it against the original record: every sample
 /// equal, header checksums equal to the original header's.
 pub fn assert_bit_exact(collected: Collected, vehicle: &str, original: &str) {
-    let orig = relay_proto::wfdb::read_record(&record(original)).unwrap();
+    let orig = relay_wfdb::read_record(&record(original)).unwrap();
     let written = collected.sink.finish().unwrap();
     let (_, hea) = written
         .iter()
         .find(|(id, _)| id.0 == vehicle)
         .expect("a WFDB record for the vehicle");
-    let got = relay_proto::wfdb::read_record(&hea.with_extension("")).unwrap();
+    let got = relay_wfdb::read_record(&hea.with_extension("")).unwrap();
     assert_eq!(got.num_signals(), orig.num_signals());
     assert_eq!(
         got.header.sampling_frequency,
@@ -387,7 +387,7 @@ pub fn labelled_metric(body: &str, name: &str, labels: &str) -> Option<f64> {
 /// record's at its first sample index. Returns how many samples were compared.
 pub fn assert_frames_match_record(frames: &[&relay_proto::model::Frame], original: &str) -> u64 {
     use relay_proto::model::frame::Payload;
-    let orig = relay_proto::wfdb::read_record(&record(original)).unwrap();
+    let orig = relay_wfdb::read_record(&record(original)).unwrap();
     let channels = orig.num_signals();
     let mut compared = 0;
     for f in frames {

@@ -41,7 +41,7 @@ async fn round_trip(vehicle: &str, record_name: &str, speed: f64, frame_ms: u32,
     );
 
     // The vehicle is listed with its streams while connected.
-    let mut client = hospital_ingest::client::connect(&url, &pki.subscriber("ed-2"))
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-2"))
         .await
         .unwrap();
     let list = client

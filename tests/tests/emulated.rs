@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use hospital_ingest::Ingest;
-use loadtest::emulator::{BearerSpec, Link, TraceCache};
 use relay_e2e::*;
+use relay_emulator::{BearerSpec, Link, TraceCache};
 use vehicle_agent::Agent;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hospital_ingest::Ingest;
-use loadtest::emulator::{BearerSpec, Link, TraceCache};
 use relay_e2e::*;
+use relay_emulator::{BearerSpec, Link, TraceCache};
 use tokio::time::Instant;
 use vehicle_agent::Agent;
 use vehicle_agent::config::{AgentConfig, BearerConfig, Policy};

@@ -140,7 +140,7 @@ async fn foreign_ca_and_identity_claims_are_refused() {
     cfg.tls.key = pki.path().join("amb-1.key");
     let impostor = Agent::start(cfg).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut client = hospital_ingest::client::connect(
+    let mut client = ed_client::client::connect(
         &format!("https://{}", ingest.grpc_addr),
         &pki.subscriber("ed-console"),
     )

@@ -37,7 +37,7 @@ async fn stalled_subscriber_is_cut_off_while_another_keeps_up() {
     .unwrap();
 
     // The stalled subscriber: subscribes, then never reads.
-    let mut stalled_client = hospital_ingest::client::connect(&url, &pki.subscriber("ed-2"))
+    let mut stalled_client = ed_client::client::connect(&url, &pki.subscriber("ed-2"))
         .await
         .unwrap();
     let req = SubscribeRequest {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::scheduler::Policy;
-pub use relay_proto::ops::config::ConfigError;
+pub use relay_ops::config::ConfigError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -343,7 +343,7 @@ impl Default for Scheduling {
 }
 
 impl Scheduling {
-    pub fn policies(&self) -> [Policy; crate::scheduler::RANKS] {
+    pub fn policies(&self) -> [Policy; relay_proto::Class::COUNT] {
         [
             self.events,
             self.waveforms,
@@ -424,11 +424,11 @@ pub const MAX_BEARERS: usize = 8;
 
 impl AgentConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_proto::ops::config::read_toml(path)
+        relay_ops::config::read_toml(path)
     }
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_proto::ops::config::parse_toml(text, path)
+        relay_ops::config::parse_toml(text, path)
     }
 
     /// Loads the file named by `cli.config` (or the defaults), applies the flags, validates.

@@ -13,7 +13,7 @@ pub mod spool;
 pub mod tls;
 pub mod uplink;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use relay_proto::wire::v1::Hello;
@@ -43,16 +43,12 @@ pub struct Agent {
     uplink: JoinHandle<Result<usize, std::io::Error>>,
     spool_task: JoinHandle<()>,
     spool_finish: CancellationToken,
+    failed: CancellationToken,
     seq_base: std::collections::HashMap<u32, u64>,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-pub fn now_utc_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use relay_ops::now_utc_ns;
 
 impl Agent {
     /// Prepares sources, TLS and metrics, then starts streaming. Errors here are configuration
@@ -60,7 +56,7 @@ impl Agent {
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
         crate::metrics::describe();
-        relay_proto::ops::install_crypto_provider();
+        relay_ops::install_crypto_provider();
         let keep_alive = Duration::from_millis(cfg.scheduling.probe_interval_ms);
         let client = tls::client_config(&cfg.tls, &cfg.ingest, keep_alive)
             .context("building TLS client configuration")?;
@@ -96,9 +92,10 @@ impl Agent {
             spool_finish.clone(),
         );
         let stop = CancellationToken::new();
+        let failed = CancellationToken::new();
         let metrics_addr = match cfg.metrics.listen {
             Some(addr) => Some(
-                relay_proto::ops::serve_metrics(addr, stop.clone().cancelled_owned())
+                relay_ops::serve_metrics(addr, stop.clone().cancelled_owned())
                     .await
                     .context("starting metrics endpoint")?,
             ),
@@ -143,6 +140,7 @@ impl Agent {
             stop: stop.clone(),
             drain,
             spool: spool_handle,
+            failed: failed.clone(),
             restored: opened.frames,
             seq_base: opened.seq_base.clone(),
         }));
@@ -152,6 +150,7 @@ impl Agent {
             uplink,
             spool_task,
             spool_finish,
+            failed,
             seq_base: opened.seq_base,
             metrics_addr,
         })
@@ -173,6 +172,11 @@ impl Agent {
         // The last acknowledgements reach the spool before we return.
         self.spool_finish.cancel();
         self.spool_task.await.context("spool task")?;
+        if self.failed.is_cancelled() {
+            anyhow::bail!(
+                "the spool failed while running; frames produced since its last commit were not crash-safe"
+            );
+        }
         Ok(AgentSummary {
             frames_produced,
             unacked_at_exit,
@@ -188,5 +192,12 @@ impl Agent {
     /// Resolves when the uplink ends (only after `shutdown` was requested elsewhere).
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// Resolves if the agent can no longer run safely (its spool task died). The caller then
+    /// calls [`Agent::shutdown`], which reports the failure; the service exits non-zero and
+    /// its supervisor restarts it on a reopened spool.
+    pub async fn failed(&self) {
+        self.failed.cancelled().await
     }
 }

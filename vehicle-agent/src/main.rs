@@ -4,11 +4,13 @@ use vehicle_agent::config::{AgentConfig, Cli};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay_proto::ops::init_logging("info");
+    relay_ops::init_logging("info");
     let cli = Cli::parse();
     let cfg = AgentConfig::load(&cli).context("loading configuration")?;
     let agent = vehicle_agent::Agent::start(cfg).await?;
-    relay_proto::ops::shutdown_signal().await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        () = relay_ops::shutdown_signal() => tracing::info!("shutting down"),
+        () = agent.failed() => tracing::error!("agent failed; stopping so the supervisor restarts it"),
+    }
     agent.shutdown().await.map(|_| ())
 }

@@ -1,21 +1,10 @@
 //! Metric names, descriptions and the class mappings they share with the scheduler.
 
-use relay_proto::model::StreamKind;
+use relay_proto::Class;
 
 use crate::scheduler::Lane;
 
 pub use relay_proto::kind_label;
-
-/// Strict priority rank: lower is more urgent (events > waveforms > vitals > location > rest).
-pub fn class_rank(kind: i32) -> u8 {
-    match StreamKind::try_from(kind) {
-        Ok(StreamKind::Events) => 0,
-        Ok(StreamKind::Waveform) => 1,
-        Ok(StreamKind::Vitals) => 2,
-        Ok(StreamKind::Location) => 3,
-        _ => 4,
-    }
-}
 
 /// quinn's `SendStream::set_priority` sends the *higher* value first; this is the one place
 /// that maps our ranks onto it. Every live-lane class goes before any catch-up frame.
@@ -24,7 +13,8 @@ pub fn quinn_priority(kind: i32, lane: Lane) -> i32 {
         Lane::Live => 100,
         Lane::CatchUp => 50,
     };
-    base - 10 * i32::from(class_rank(kind))
+    // Class::index is at most 4, so the cast cannot truncate.
+    base - 10 * Class::of_kind(kind).index() as i32
 }
 
 pub fn describe() {
@@ -167,6 +157,10 @@ pub fn describe() {
         "relay_agent_connect_failures_total",
         "Failed connection attempts, by reason"
     );
+    describe_gauge!(
+        "relay_agent_spool_up",
+        "1 while the spool task commits, 0 once it died (the agent then stops and restarts)"
+    );
     describe_histogram!(
         "relay_agent_ack_latency_seconds",
         Unit::Seconds,
@@ -177,6 +171,7 @@ pub fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_proto::model::StreamKind;
 
     #[test]
     fn priority_is_strict_and_higher_means_sooner() {

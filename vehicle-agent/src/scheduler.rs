@@ -2,7 +2,7 @@
 //! carry it, detects frames a bearer lost and sends them again on another one, and cancels
 //! copies once one was acknowledged.
 //!
-//! - Strict priority by class rank (events > waveforms > vitals > location > bulk), with two
+//! - Strict priority by class (events > waveforms > vitals > location > bulk), with two
 //!   lanes: frames produced within `live_window` form the live lane and go first; older ones
 //!   (the backlog after an outage, or restored from the spool) form the catch-up lane, which
 //!   may only fill half of a bearer's in-flight allowance so the live lane always has room.
@@ -21,10 +21,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use relay_proto::Class;
+
 use crate::health::{Health, HealthConfig, LinkState, PathSample};
 
-/// Number of class ranks (see `metrics::class_rank`).
-pub const RANKS: usize = 5;
 /// Sends decided per `poll` at most, so one call stays short; the caller polls again.
 const MAX_SENDS_PER_POLL: usize = 256;
 /// Overdue frames passed over per `poll` at most (they wait on the only bearer that can carry).
@@ -68,8 +68,8 @@ pub struct Budget {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
-    /// Policy per class rank.
-    pub policies: [Policy; RANKS],
+    /// Policy per class.
+    pub policies: [Policy; Class::COUNT],
     /// Bytes of unacknowledged frames held at most (memory and spool).
     pub max_bytes: usize,
     /// Per bearer: bytes sent and not yet acknowledged at most.
@@ -84,7 +84,7 @@ pub struct SchedulerConfig {
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Send(Send),
+    Transmit(Transmit),
     /// Reset the QUIC stream (or drop the queued write) of this copy: another was acknowledged.
     Cancel {
         bearer: usize,
@@ -94,7 +94,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Send {
+pub struct Transmit {
     pub bearer: usize,
     /// Connection generation of the bearer this copy is meant for.
     pub generation: u64,
@@ -115,7 +115,7 @@ pub struct Acked {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Copy {
+struct InFlightCopy {
     bearer: usize,
     generation: u64,
     sent_at: Instant,
@@ -124,11 +124,11 @@ struct Copy {
 
 #[derive(Debug)]
 struct Entry {
-    rank: u8,
+    class: Class,
     kind: i32,
     order: u64,
     bytes: Bytes,
-    copies: Vec<Copy>,
+    copies: Vec<InFlightCopy>,
     first_sent: Option<Instant>,
     sends: u32,
 }
@@ -197,16 +197,16 @@ impl Bearer {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     entries: HashMap<FrameId, Entry>,
-    /// Every entry by (rank, production order): eviction takes the least urgent, oldest.
-    by_age: BTreeSet<(u8, u64, FrameId)>,
-    /// Frames with no live copy, by (rank, production order).
-    pending: BTreeSet<(u8, u64, FrameId)>,
+    /// Every entry by (class, production order): eviction takes the least urgent, oldest.
+    by_age: BTreeSet<(Class, u64, FrameId)>,
+    /// Frames with no live copy, by (class, production order).
+    pending: BTreeSet<(Class, u64, FrameId)>,
     /// Production time of recent frames, to find where the live lane starts.
     recent: VecDeque<(Instant, u64)>,
     next_order: u64,
     bytes: usize,
     bearers: Vec<Bearer>,
-    evicted: [u64; RANKS],
+    evicted: [u64; Class::COUNT],
 }
 
 /// Frames evicted by an insert (the newcomer itself when everything held is more urgent).
@@ -240,7 +240,7 @@ impl Scheduler {
             next_order: 0,
             bytes: 0,
             bearers,
-            evicted: [0; RANKS],
+            evicted: [0; Class::COUNT],
         }
     }
 
@@ -256,11 +256,11 @@ impl Scheduler {
         self.bytes
     }
 
-    /// Frames waiting for a bearer, per class rank.
-    pub fn queued_per_rank(&self) -> [usize; RANKS] {
-        let mut out = [0; RANKS];
-        for (rank, _, _) in &self.pending {
-            out[usize::from(*rank).min(RANKS - 1)] += 1;
+    /// Frames waiting for a bearer, per class.
+    pub fn queued_per_class(&self) -> [usize; Class::COUNT] {
+        let mut out = [0; Class::COUNT];
+        for (class, _, _) in &self.pending {
+            out[class.index()] += 1;
         }
         out
     }
@@ -286,23 +286,16 @@ impl Scheduler {
         self.bearers.get(bearer).map_or(0, |b| b.in_flight_bytes)
     }
 
-    /// Frames evicted so far, per class rank.
-    pub fn evicted(&self) -> [u64; RANKS] {
+    /// Frames evicted so far, per class.
+    pub fn evicted(&self) -> [u64; Class::COUNT] {
         self.evicted
     }
 
     /// Adds a frame produced now (live lane). Over the byte bound, the least urgent oldest
     /// frames are evicted; if everything held is more urgent, the newcomer is.
-    pub fn insert(
-        &mut self,
-        id: FrameId,
-        rank: u8,
-        kind: i32,
-        bytes: Bytes,
-        now: Instant,
-    ) -> Evicted {
+    pub fn insert(&mut self, id: FrameId, kind: i32, bytes: Bytes, now: Instant) -> Evicted {
         let order = self.next_order;
-        let evicted = self.insert_inner(id, rank, kind, bytes);
+        let evicted = self.insert_inner(id, kind, bytes);
         // Only a frame taken now got an order (not a duplicate, not an evicted newcomer).
         if self.entries.contains_key(&id) && self.next_order > order {
             self.recent.push_back((now, order));
@@ -311,24 +304,25 @@ impl Scheduler {
     }
 
     /// Adds a frame restored from the spool: it joins the catch-up lane.
-    pub fn restore(&mut self, id: FrameId, rank: u8, kind: i32, bytes: Bytes) -> Evicted {
-        self.insert_inner(id, rank, kind, bytes)
+    pub fn restore(&mut self, id: FrameId, kind: i32, bytes: Bytes) -> Evicted {
+        self.insert_inner(id, kind, bytes)
     }
 
-    fn insert_inner(&mut self, id: FrameId, rank: u8, kind: i32, bytes: Bytes) -> Evicted {
+    fn insert_inner(&mut self, id: FrameId, kind: i32, bytes: Bytes) -> Evicted {
+        let class = Class::of_kind(kind);
         let mut evicted = Vec::new();
         if self.entries.contains_key(&id) {
             return evicted;
         }
         while self.bytes + bytes.len() > self.cfg.max_bytes {
-            let Some(&(worst_rank, _, _)) = self.by_age.last() else {
+            let Some(&(worst_class, _, _)) = self.by_age.last() else {
                 break;
             };
             let Some(&victim) = self
                 .by_age
                 .range(
                     (
-                        worst_rank,
+                        worst_class,
                         0,
                         FrameId {
                             stream_id: 0,
@@ -340,25 +334,25 @@ impl Scheduler {
             else {
                 break;
             };
-            if worst_rank < rank {
-                self.evicted[usize::from(rank).min(RANKS - 1)] += 1;
+            if worst_class < class {
+                self.evicted[class.index()] += 1;
                 evicted.push((id, kind));
                 return evicted;
             }
             if let Some(e) = self.remove(victim.2) {
-                self.evicted[usize::from(e.rank).min(RANKS - 1)] += 1;
+                self.evicted[e.class.index()] += 1;
                 evicted.push((victim.2, e.kind));
             }
         }
         let order = self.next_order;
         self.next_order += 1;
         self.bytes += bytes.len();
-        self.by_age.insert((rank, order, id));
-        self.pending.insert((rank, order, id));
+        self.by_age.insert((class, order, id));
+        self.pending.insert((class, order, id));
         self.entries.insert(
             id,
             Entry {
-                rank,
+                class,
                 kind,
                 order,
                 bytes,
@@ -372,8 +366,8 @@ impl Scheduler {
 
     fn remove(&mut self, id: FrameId) -> Option<Entry> {
         let e = self.entries.remove(&id)?;
-        self.by_age.remove(&(e.rank, e.order, id));
-        self.pending.remove(&(e.rank, e.order, id));
+        self.by_age.remove(&(e.class, e.order, id));
+        self.pending.remove(&(e.class, e.order, id));
         self.bytes -= e.bytes.len();
         for c in &e.copies {
             if let Some(b) = self.bearers.get_mut(c.bearer) {
@@ -418,7 +412,7 @@ impl Scheduler {
             if let Some(e) = self.entries.get_mut(&id) {
                 e.copies.retain(|c| c.bearer != bearer);
                 if e.live_copies() == 0 {
-                    self.pending.insert((e.rank, e.order, id));
+                    self.pending.insert((e.class, e.order, id));
                 }
             }
         }
@@ -443,7 +437,7 @@ impl Scheduler {
             b.in_flight_bytes = b.in_flight_bytes.saturating_sub(e.bytes.len());
         }
         if e.live_copies() == 0 {
-            self.pending.insert((e.rank, e.order, id));
+            self.pending.insert((e.class, e.order, id));
         }
     }
 
@@ -520,7 +514,7 @@ impl Scheduler {
                     c.overdue = true;
                 }
                 if e.live_copies() == 0 {
-                    self.pending.insert((e.rank, e.order, id));
+                    self.pending.insert((e.class, e.order, id));
                 }
             }
         }
@@ -551,22 +545,22 @@ impl Scheduler {
         self.recent.front().map_or(u64::MAX, |&(_, o)| o)
     }
 
-    /// The next frame to place: live lane by rank, then the catch-up lane by rank; events are
+    /// The next frame to place: live lane by class, then the catch-up lane by class; events are
     /// always live.
     fn next_candidate(
         &self,
         cutoff: u64,
-        skip: &BTreeSet<(u8, u64, FrameId)>,
-    ) -> Option<((u8, u64, FrameId), Lane)> {
+        skip: &BTreeSet<(Class, u64, FrameId)>,
+    ) -> Option<((Class, u64, FrameId), Lane)> {
         let origin = FrameId {
             stream_id: 0,
             seq: 0,
         };
-        for rank in 0..RANKS as u8 {
-            let from = if rank == 0 { 0 } else { cutoff };
+        for class in Class::ALL {
+            let from = if class == Class::Events { 0 } else { cutoff };
             if let Some(k) = self
                 .pending
-                .range((rank, from, origin)..(rank, u64::MAX, origin))
+                .range((class, from, origin)..(class, u64::MAX, origin))
                 .find(|k| !skip.contains(k))
             {
                 return Some((*k, Lane::Live));
@@ -596,7 +590,7 @@ impl Scheduler {
                 self.pending.remove(&key);
                 continue;
             };
-            let policy = self.cfg.policies[usize::from(e.rank).min(RANKS - 1)];
+            let policy = self.cfg.policies[e.class.index()];
             let need = policy.copies().saturating_sub(e.live_copies()).max(1);
             let in_flight_elsewhere = !e.copies.is_empty();
             let targets = self.choose(id, e.bytes.len(), lane, policy, need, &states, now);
@@ -616,7 +610,7 @@ impl Scheduler {
             let resend = e.sends > 0;
             for b in targets {
                 let bearer = &mut self.bearers[b];
-                e.copies.push(Copy {
+                e.copies.push(InFlightCopy {
                     bearer: b,
                     generation: bearer.generation,
                     sent_at: now,
@@ -635,7 +629,7 @@ impl Scheduler {
                 if let Some(budget) = bearer.budget.as_mut() {
                     budget.used += e.bytes.len() as u64;
                 }
-                actions.push(Action::Send(Send {
+                actions.push(Action::Transmit(Transmit {
                     bearer: b,
                     generation: bearer.generation,
                     id,
@@ -757,7 +751,7 @@ mod tests {
 
     fn cfg(policy: Policy) -> SchedulerConfig {
         SchedulerConfig {
-            policies: [policy; RANKS],
+            policies: [policy; Class::COUNT],
             max_bytes: 1 << 20,
             max_in_flight_bytes: 1 << 16,
             max_in_flight_frames: 64,
@@ -778,7 +772,7 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Send(s) => Some((s.bearer, s.id, s.lane)),
+                Action::Transmit(s) => Some((s.bearer, s.id, s.lane)),
                 Action::Cancel { .. } => None,
             })
             .collect()
@@ -807,7 +801,7 @@ mod tests {
     fn fastest_picks_the_lowest_expected_delivery() {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Fastest, &[120, 40, 80], t0);
-        s.insert(id(0, 0), 1, ECG, frame(100), t0);
+        s.insert(id(0, 0), ECG, frame(100), t0);
         assert_eq!(sends(&s.poll(t0)), vec![(1, id(0, 0), Lane::Live)]);
     }
 
@@ -815,9 +809,9 @@ mod tests {
     fn strict_priority_then_age_within_the_live_lane() {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Fastest, &[40], t0);
-        s.insert(id(2, 0), 3, GPS, frame(10), t0);
-        s.insert(id(0, 0), 1, ECG, frame(10), t0);
-        s.insert(id(0, 1), 1, ECG, frame(10), t0);
+        s.insert(id(2, 0), GPS, frame(10), t0);
+        s.insert(id(0, 0), ECG, frame(10), t0);
+        s.insert(id(0, 1), ECG, frame(10), t0);
         let order: Vec<FrameId> = sends(&s.poll(t0)).into_iter().map(|x| x.1).collect();
         assert_eq!(order, vec![id(0, 0), id(0, 1), id(2, 0)]);
     }
@@ -826,7 +820,7 @@ mod tests {
     fn redundant_uses_the_best_two_and_ack_cancels_the_other_copy() {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Redundant, &[120, 40, 80], t0);
-        s.insert(id(0, 0), 1, ECG, frame(100), t0);
+        s.insert(id(0, 0), ECG, frame(100), t0);
         let mut got = sends(&s.poll(t0));
         got.sort();
         assert_eq!(
@@ -851,10 +845,10 @@ mod tests {
     fn backup_prefers_the_first_bearer_while_it_is_up() {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Backup, &[120, 40], t0);
-        s.insert(id(2, 0), 3, GPS, frame(10), t0);
+        s.insert(id(2, 0), GPS, frame(10), t0);
         assert_eq!(sends(&s.poll(t0)), vec![(0, id(2, 0), Lane::Live)]);
         s.on_disconnected(0, 1);
-        s.insert(id(2, 1), 3, GPS, frame(10), t0);
+        s.insert(id(2, 1), GPS, frame(10), t0);
         let got = sends(&s.poll(t0));
         assert_eq!(got.len(), 2, "both frames go on bearer 1 now: {got:?}");
         assert!(got.iter().all(|g| g.0 == 1));
@@ -864,7 +858,7 @@ mod tests {
     fn overdue_copy_is_recovered_on_another_bearer_and_the_late_one_cancelled() {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Fastest, &[40, 80], t0);
-        s.insert(id(0, 0), 1, ECG, frame(100), t0);
+        s.insert(id(0, 0), ECG, frame(100), t0);
         assert_eq!(sends(&s.poll(t0)), vec![(0, id(0, 0), Lane::Live)]);
         let ld = s
             .health(0)
@@ -899,7 +893,7 @@ mod tests {
         for step in 0..1100u64 {
             let now = t0 + ms(5 * step);
             if step % 8 == 0 && step < 1000 {
-                s.insert(id(0, step / 8), 1, ECG, frame(600), now);
+                s.insert(id(0, step / 8), ECG, frame(600), now);
             }
             // Deliver acks whose round trip completed.
             in_flight.retain(|&(sent, b, fid)| {
@@ -933,7 +927,7 @@ mod tests {
                 );
             }
             for a in s.poll(now) {
-                if let Action::Send(x) = a {
+                if let Action::Transmit(x) = a {
                     in_flight.push((now, x.bearer, x.id));
                 }
             }
@@ -963,9 +957,9 @@ mod tests {
         let mut s = with_rtts(Policy::Fastest, &[40], t0);
         s.on_disconnected(0, 1);
         for i in 0..100u64 {
-            s.insert(id(0, i), 1, ECG, frame(100), t0 + ms(40 * i));
+            s.insert(id(0, i), ECG, frame(100), t0 + ms(40 * i));
         }
-        s.insert(id(2, 0), 3, GPS, frame(10), t0 + ms(3990));
+        s.insert(id(2, 0), GPS, frame(10), t0 + ms(3990));
         let now = t0 + ms(4000);
         assert!(s.poll(now).is_empty(), "no bearer");
         s.on_connected(0, 2, now);
@@ -984,7 +978,7 @@ mod tests {
         );
         assert_eq!(got[25..].iter().filter(|g| g.2 == Lane::CatchUp).count(), 7);
         // Live frames still go while the backlog fills its half.
-        s.insert(id(0, 100), 1, ECG, frame(100), now);
+        s.insert(id(0, 100), ECG, frame(100), now);
         assert_eq!(sends(&s.poll(now)), vec![(0, id(0, 100), Lane::Live)]);
     }
 
@@ -994,24 +988,24 @@ mod tests {
         let mut c = cfg(Policy::Fastest);
         c.max_bytes = 40;
         let mut s = Scheduler::new(c, vec![None], t0);
-        s.insert(id(2, 0), 3, GPS, frame(10), t0);
-        s.insert(id(2, 1), 3, GPS, frame(10), t0);
-        s.insert(id(0, 0), 1, ECG, frame(10), t0);
-        s.insert(id(0, 1), 1, ECG, frame(10), t0);
+        s.insert(id(2, 0), GPS, frame(10), t0);
+        s.insert(id(2, 1), GPS, frame(10), t0);
+        s.insert(id(0, 0), ECG, frame(10), t0);
+        s.insert(id(0, 1), ECG, frame(10), t0);
         assert_eq!(
-            s.insert(id(0, 2), 1, ECG, frame(10), t0),
+            s.insert(id(0, 2), ECG, frame(10), t0),
             vec![(id(2, 0), GPS)]
         );
         assert_eq!(
-            s.insert(id(0, 3), 1, ECG, frame(10), t0),
+            s.insert(id(0, 3), ECG, frame(10), t0),
             vec![(id(2, 1), GPS)]
         );
         assert_eq!(
-            s.insert(id(0, 4), 1, ECG, frame(10), t0),
+            s.insert(id(0, 4), ECG, frame(10), t0),
             vec![(id(0, 0), ECG)]
         );
         assert_eq!(
-            s.insert(id(2, 2), 3, GPS, frame(10), t0),
+            s.insert(id(2, 2), GPS, frame(10), t0),
             vec![(id(2, 2), GPS)],
             "location never displaces ECG"
         );
@@ -1047,13 +1041,13 @@ mod tests {
                 t0,
             );
         }
-        s.insert(id(0, 0), 1, ECG, frame(100), t0);
-        s.insert(id(0, 1), 1, ECG, frame(100), t0);
+        s.insert(id(0, 0), ECG, frame(100), t0);
+        s.insert(id(0, 1), ECG, frame(100), t0);
         let got = sends(&s.poll(t0));
         assert_eq!(got[0].0, 0, "fast metered bearer within its budget");
         assert_eq!(got[1].0, 1, "budget spent: the unmetered bearer");
         s.on_disconnected(1, 1);
-        s.insert(id(0, 2), 1, ECG, frame(100), t0);
+        s.insert(id(0, 2), ECG, frame(100), t0);
         assert_eq!(
             sends(&s.poll(t0))[0].0,
             0,
@@ -1066,9 +1060,9 @@ mod tests {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Fastest, &[40], t0);
         for seq in [5, 70_000, 1 << 39] {
-            s.insert(id(0, seq), 1, ECG, frame(10), t0);
+            s.insert(id(0, seq), ECG, frame(10), t0);
         }
-        s.insert(id(1, 6), 1, ECG, frame(10), t0);
+        s.insert(id(1, 6), ECG, frame(10), t0);
         let acked = s.on_ack(0, 0, 0, 1 << 39, t0 + ms(40));
         let mut ids: Vec<FrameId> = acked.released.iter().map(|r| r.0).collect();
         ids.sort();
@@ -1081,7 +1075,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = with_rtts(Policy::Fastest, &[40], t0);
         for i in 0..3 {
-            s.insert(id(0, i), 1, ECG, frame(10), t0);
+            s.insert(id(0, i), ECG, frame(10), t0);
         }
         assert_eq!(sends(&s.poll(t0)).len(), 3);
         s.on_disconnected(0, 1);
@@ -1091,7 +1085,7 @@ mod tests {
         assert!(
             again
                 .iter()
-                .all(|a| matches!(a, Action::Send(x) if x.resend && x.generation == 2))
+                .all(|a| matches!(a, Action::Transmit(x) if x.resend && x.generation == 2))
         );
     }
 }

@@ -11,7 +11,7 @@ use relay_proto::model::{
     ChannelInfo, FixQuality, Frame, Location, StreamDescriptor, StreamKind, VitalSign,
     VitalsReport, WaveformInfo, frame::Payload,
 };
-use relay_proto::wfdb::{self, Record, WfdbError};
+use relay_wfdb::{self as wfdb, Record, WfdbError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,39 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SourceConfig;
 use crate::framer::{SequenceCounter, WaveformFramer};
 
-/// IEEE 11073-10101 codes used by the generators and the lead mapping.
-pub mod mdc {
-    pub const ECG_HEART_RATE: u32 = 147_842;
-    pub const PULS_OXIM_SAT_O2: u32 = 150_456;
-    pub const PRESS_BLD_NONINV_SYS: u32 = 150_021;
-    pub const PRESS_BLD_NONINV_DIA: u32 = 150_022;
-    pub const PRESS_BLD_NONINV_MEAN: u32 = 150_023;
-    pub const RESP_RATE: u32 = 151_562;
-    pub const AWAY_CO2_ET: u32 = 151_708;
-    pub const TEMP_BODY: u32 = 150_364;
-    /// MDC_ECG_ELEC_POTL: an ECG lead of unspecified placement (e.g. modified leads).
-    pub const ECG_ELEC_POTL: u32 = 131_328;
-
-    /// MDC code of a standard ECG lead name, or the generic ECG code.
-    pub fn ecg_lead(name: &str) -> u32 {
-        let term = match name.to_ascii_lowercase().as_str() {
-            "i" => 1,
-            "ii" => 2,
-            "v1" => 3,
-            "v2" => 4,
-            "v3" => 5,
-            "v4" => 6,
-            "v5" => 7,
-            "v6" => 8,
-            "iii" => 61,
-            "avr" => 62,
-            "avl" => 63,
-            "avf" => 64,
-            _ => return ECG_ELEC_POTL,
-        };
-        ECG_ELEC_POTL + term
-    }
-}
+use relay_proto::codes as mdc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -447,43 +415,24 @@ impl SyntheticVitals {
         Self::drift(r, &mut self.rr, 0.3, 10.0, 26.0);
         Self::drift(r, &mut self.etco2, 0.3, 30.0, 45.0);
         Self::drift(r, &mut self.temp, 0.01, 36.0, 38.5);
-        let v = |mdc_code, label: &str, value: f64, unit: &str| VitalSign {
+        // Units come from the shared code table, so every end names them alike.
+        let v = |mdc_code, label: &str, value: f64| VitalSign {
             mdc_code,
             label: label.into(),
             value,
-            unit: unit.into(),
+            unit: mdc::ucum_unit(mdc_code).unwrap_or_default().into(),
         };
         let mean = (self.sys + 2.0 * self.dia) / 3.0;
         VitalsReport {
             values: vec![
-                v(mdc::ECG_HEART_RATE, "HR", self.hr.round(), "/min"),
-                v(mdc::PULS_OXIM_SAT_O2, "SpO2", self.spo2.round(), "%"),
-                v(
-                    mdc::PRESS_BLD_NONINV_SYS,
-                    "NIBP-sys",
-                    self.sys.round(),
-                    "mm[Hg]",
-                ),
-                v(
-                    mdc::PRESS_BLD_NONINV_DIA,
-                    "NIBP-dia",
-                    self.dia.round(),
-                    "mm[Hg]",
-                ),
-                v(
-                    mdc::PRESS_BLD_NONINV_MEAN,
-                    "NIBP-mean",
-                    mean.round(),
-                    "mm[Hg]",
-                ),
-                v(mdc::RESP_RATE, "RR", self.rr.round(), "/min"),
-                v(mdc::AWAY_CO2_ET, "EtCO2", self.etco2.round(), "mm[Hg]"),
-                v(
-                    mdc::TEMP_BODY,
-                    "Temp",
-                    (self.temp * 10.0).round() / 10.0,
-                    "Cel",
-                ),
+                v(mdc::ECG_HEART_RATE, "HR", self.hr.round()),
+                v(mdc::PULS_OXIM_SAT_O2, "SpO2", self.spo2.round()),
+                v(mdc::PRESS_BLD_NONINV_SYS, "NIBP-sys", self.sys.round()),
+                v(mdc::PRESS_BLD_NONINV_DIA, "NIBP-dia", self.dia.round()),
+                v(mdc::PRESS_BLD_NONINV_MEAN, "NIBP-mean", mean.round()),
+                v(mdc::RESP_RATE, "RR", self.rr.round()),
+                v(mdc::AWAY_CO2_ET, "EtCO2", self.etco2.round()),
+                v(mdc::TEMP_BODY, "Temp", (self.temp * 10.0).round() / 10.0),
             ],
         }
     }
@@ -533,14 +482,6 @@ impl GpsTrack {
 mod tests {
     use super::*;
     use std::path::Path;
-
-    #[test]
-    fn lead_codes() {
-        assert_eq!(mdc::ecg_lead("I"), 131_329);
-        assert_eq!(mdc::ecg_lead("v6"), 131_336);
-        assert_eq!(mdc::ecg_lead("aVF"), 131_392);
-        assert_eq!(mdc::ecg_lead("MLII"), mdc::ECG_ELEC_POTL);
-    }
 
     #[test]
     fn synthetic_ecg_has_r_peaks_at_the_heart_rate() {

@@ -45,23 +45,40 @@ pub const SEQ_HEADROOM: u64 = 256;
 /// Commands queued for the spool at most before producers wait.
 const COMMAND_QUEUE: usize = 65_536;
 
+/// Why the spool could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// The spool file could not be opened or created.
     #[error("spool {path}: {source}")]
     Open {
+        /// The spool file.
         path: PathBuf,
+        /// What redb reported.
         #[source]
         source: redb::Error,
     },
+    /// A transaction on the open spool failed (I/O error, full disk).
     #[error("spool: {0}")]
     Redb(#[from] redb::Error),
+    /// The spool's directory could not be created, or a damaged file not moved aside.
     #[error("spool directory {path}: {source}")]
     Dir {
+        /// The directory or file concerned.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The database was dropped after an I/O error and reopening it failed so far.
+    #[error("spool closed after an I/O error and not yet reopened")]
+    Closed,
 }
+
+/// The spool task is gone (it panicked or ended): frames can no longer be made crash-safe
+/// and sequence numbers no longer reserved, so the agent must not go on as if they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the spool task has stopped: frames are no longer crash-safe")]
+pub struct SpoolGone;
 
 macro_rules! redb_from {
     ($($t:ty),*) => {$(
@@ -103,9 +120,12 @@ pub struct Opened {
     pub discarded: u64,
 }
 
+/// The spool file and what the agent keeps in memory about it.
 #[derive(Debug)]
 pub struct Spool {
-    db: Database,
+    /// `None` only between dropping a database after an I/O error and reopening it.
+    db: Option<Database>,
+    path: PathBuf,
     /// Highest seq put per stream, and the durable reservation.
     highest: HashMap<u32, u64>,
     reserved: HashMap<u32, u64>,
@@ -115,8 +135,11 @@ pub struct Spool {
     bytes: usize,
 }
 
+/// Bytes a stored value holds before the frame (put time and kind).
+const VALUE_HEADER_BYTES: usize = 12;
+
 fn encode_value(put_ns: i64, kind: i32, frame: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12 + frame.len());
+    let mut v = Vec::with_capacity(VALUE_HEADER_BYTES + frame.len());
     v.extend_from_slice(&put_ns.to_le_bytes());
     v.extend_from_slice(&kind.to_le_bytes());
     v.extend_from_slice(frame);
@@ -168,6 +191,16 @@ impl Spool {
             path: path.to_owned(),
             source: e.into(),
         })?;
+        Self::from_database(db, path, streams)
+    }
+
+    /// Opens the spool on an already opened database (`path` names the file it lives in, for
+    /// reopening after an I/O error). Tests pass a database on a failing storage backend.
+    pub fn from_database(
+        db: Database,
+        path: &Path,
+        streams: &[StreamDescriptor],
+    ) -> Result<(Self, Opened), SpoolError> {
         let wanted = Hello {
             streams: streams.to_vec(),
             ..Hello::default()
@@ -189,7 +222,8 @@ impl Spool {
         };
         let resumed = stored_session.is_some() && stored_streams.as_deref() == Some(&wanted[..]);
         let mut spool = Self {
-            db,
+            db: Some(db),
+            path: path.to_owned(),
             highest: HashMap::new(),
             reserved: HashMap::new(),
             index: HashMap::new(),
@@ -202,7 +236,7 @@ impl Spool {
             (true, Some(s)) => s,
             _ => rand::random(),
         };
-        let txn = spool.db.begin_write()?;
+        let txn = spool.db()?.begin_write()?;
         {
             let mut table = txn.open_table(FRAMES)?;
             let mut reserved = txn.open_table(RESERVED)?;
@@ -244,7 +278,7 @@ impl Spool {
         }
         txn.commit()?;
         for f in &frames {
-            spool.track(f.id, f.put_ns, f.bytes.len() + 12);
+            spool.track(f.id, f.put_ns, f.bytes.len() + VALUE_HEADER_BYTES);
         }
         let seq_base = streams
             .iter()
@@ -282,9 +316,31 @@ impl Spool {
         }
     }
 
-    /// Writes one batch durably (fsync). Returns the reservations now durable.
-    pub fn commit(&mut self, batch: Vec<SpoolCmd>) -> Result<HashMap<u32, u64>, SpoolError> {
-        let txn = self.db.begin_write()?;
+    fn db(&self) -> Result<&Database, SpoolError> {
+        self.db.as_ref().ok_or(SpoolError::Closed)
+    }
+
+    /// Reopens the file after a failed commit: redb refuses every later transaction on a
+    /// database that saw an I/O error, and reopening runs its repair. The in-memory state is
+    /// kept: it describes only what earlier, successful commits made durable.
+    pub fn reopen(&mut self) -> Result<(), SpoolError> {
+        // The old handle must be gone first: it holds the file lock.
+        self.db = None;
+        let db = Database::create(&self.path).map_err(|e| SpoolError::Open {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        self.db = Some(db);
+        Ok(())
+    }
+
+    /// Writes one batch durably (fsync) and returns the reservations now durable. Nothing in
+    /// memory changes unless the commit succeeded, so a failed batch can be retried as it is
+    /// and no reservation is ever published before it is on disk.
+    pub fn commit(&mut self, batch: &[SpoolCmd]) -> Result<HashMap<u32, u64>, SpoolError> {
+        let mut highest = self.highest.clone();
+        let mut reserved = self.reserved.clone();
+        let txn = self.db()?.begin_write()?;
         {
             let mut table = txn.open_table(FRAMES)?;
             for cmd in batch {
@@ -295,29 +351,37 @@ impl Spool {
                         put_ns,
                         bytes,
                     } => {
-                        let value = encode_value(put_ns, kind, &bytes);
+                        let value = encode_value(*put_ns, *kind, bytes);
                         table.insert((id.stream_id, id.seq), &value[..])?;
-                        self.track(id, put_ns, value.len());
-                        let h = self.highest.entry(id.stream_id).or_default();
+                        let h = highest.entry(id.stream_id).or_default();
                         *h = (*h).max(id.seq + 1);
                     }
                     SpoolCmd::Delete(id) => {
                         table.remove((id.stream_id, id.seq))?;
-                        self.untrack(id);
                     }
                 }
             }
-            let mut reserved = txn.open_table(RESERVED)?;
-            for (&stream, &next) in &self.highest {
-                let r = self.reserved.get(&stream).copied().unwrap_or(0);
+            let mut table = txn.open_table(RESERVED)?;
+            for (&stream, &next) in &highest {
+                let r = reserved.get(&stream).copied().unwrap_or(0);
                 if next + SEQ_HEADROOM / 2 > r {
                     let ahead = next + SEQ_HEADROOM;
-                    reserved.insert(stream, ahead)?;
-                    self.reserved.insert(stream, ahead);
+                    table.insert(stream, ahead)?;
+                    reserved.insert(stream, ahead);
                 }
             }
         }
         txn.commit()?;
+        for cmd in batch {
+            match cmd {
+                SpoolCmd::Put {
+                    id, put_ns, bytes, ..
+                } => self.track(*id, *put_ns, bytes.len() + VALUE_HEADER_BYTES),
+                SpoolCmd::Delete(id) => self.untrack(*id),
+            }
+        }
+        self.highest = highest;
+        self.reserved = reserved;
         Ok(self.reserved.clone())
     }
 
@@ -354,37 +418,49 @@ pub struct SpoolHandle {
 }
 
 impl SpoolHandle {
-    pub async fn put(&self, id: FrameId, kind: i32, bytes: Bytes) {
+    /// Queues a frame for the next commit.
+    pub async fn put(&self, id: FrameId, kind: i32, bytes: Bytes) -> Result<(), SpoolGone> {
         let put_ns = crate::now_utc_ns();
-        let _ = self
-            .tx
+        self.tx
             .send(SpoolCmd::Put {
                 id,
                 kind,
                 put_ns,
                 bytes,
             })
-            .await;
+            .await
+            .map_err(|_| SpoolGone)
     }
 
-    pub async fn delete(&self, ids: impl IntoIterator<Item = FrameId>) {
+    /// Queues the deletion of acknowledged or evicted frames for the next commit.
+    pub async fn delete(&self, ids: impl IntoIterator<Item = FrameId>) -> Result<(), SpoolGone> {
         for id in ids {
-            let _ = self.tx.send(SpoolCmd::Delete(id)).await;
+            self.tx
+                .send(SpoolCmd::Delete(id))
+                .await
+                .map_err(|_| SpoolGone)?;
         }
+        Ok(())
     }
 
     /// Waits until `seq` of `stream` is durably reserved (it may leave the vehicle).
-    pub async fn reserved_beyond(&mut self, stream: u32, seq: u64) {
-        let _ = self
-            .reserved
+    pub async fn reserved_beyond(&mut self, stream: u32, seq: u64) -> Result<(), SpoolGone> {
+        self.reserved
             .wait_for(|r| r.get(&stream).is_some_and(|&n| seq < n))
-            .await;
+            .await
+            .map(|_| ())
+            .map_err(|_| SpoolGone)
     }
 }
 
 /// Runs the spool: commits what arrived every `sync_interval` until `finish` fires (or every
-/// handle is dropped), then commits what is queued and ends. Errors are logged and counted;
-/// the frames stay in memory and the next commit tries again with what arrives then.
+/// handle is dropped), then commits what is queued and ends.
+///
+/// A failed commit changes nothing in memory: its batch is kept and retried first in the next
+/// round, after the database was reopened (redb refuses further transactions after an I/O
+/// error); meanwhile reservations do not advance, so the intake waits rather than let numbers
+/// leave that a restart could reuse. Errors are logged and counted. If the task itself dies,
+/// every handle call returns [`SpoolGone`].
 pub fn start(
     spool: Spool,
     sync_interval: Duration,
@@ -392,17 +468,20 @@ pub fn start(
 ) -> (SpoolHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel(COMMAND_QUEUE);
     let (reserved_tx, reserved_rx) = watch::channel(spool.reserved());
+    metrics::gauge!("relay_agent_spool_up").set(1.0);
     let task = tokio::spawn(async move {
         let mut spool = Some(spool);
         let mut open = true;
-        while open {
+        // What a failed commit left to write; retried before anything newer.
+        let mut batch: Vec<SpoolCmd> = Vec::new();
+        let mut needs_reopen = false;
+        while open || !batch.is_empty() {
             let deadline = tokio::time::Instant::now() + sync_interval;
-            let mut batch = Vec::new();
-            loop {
+            while open {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         Some(c) => batch.push(c),
-                        None => { open = false; break; }
+                        None => open = false,
                     },
                     () = tokio::time::sleep_until(deadline) => break,
                     () = finish.cancelled() => {
@@ -410,7 +489,6 @@ pub fn start(
                             batch.push(c);
                         }
                         open = false;
-                        break;
                     }
                 }
             }
@@ -419,27 +497,40 @@ pub fn start(
             }
             let Some(mut s) = spool.take() else { break };
             let started = tokio::time::Instant::now();
-            let (s, result) = match tokio::task::spawn_blocking(move || {
-                let r = s.commit(batch);
-                (s, r)
+            let reopen = needs_reopen;
+            let work = std::mem::take(&mut batch);
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = if reopen { s.reopen() } else { Ok(()) }.and_then(|()| s.commit(&work));
+                (s, work, r)
             })
-            .await
-            {
+            .await;
+            let (s, work, result) = match joined {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::error!(error = %e, "spool commit task failed");
-                    break;
+                    // Dropping the receiver and the watch makes every handle see SpoolGone.
+                    metrics::counter!("relay_agent_spool_errors_total").increment(1);
+                    metrics::gauge!("relay_agent_spool_up").set(0.0);
+                    tracing::error!(error = %e, "spool task died; frames are no longer crash-safe");
+                    return;
                 }
             };
             metrics::histogram!("relay_agent_spool_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(reserved) => {
+                    needs_reopen = false;
                     reserved_tx.send_replace(reserved);
                 }
                 Err(e) => {
                     metrics::counter!("relay_agent_spool_errors_total").increment(1);
-                    tracing::error!(error = %e, "spool commit failed");
+                    tracing::error!(error = %e, commands = work.len(), "spool commit failed; retrying");
+                    needs_reopen = true;
+                    batch = work;
+                    if !open {
+                        // Stopping: one more try was made above; what is left is lost as on a
+                        // power cut, and the next start resumes from the last commit.
+                        break;
+                    }
                 }
             }
             let (frames, bytes, oldest) = s.depth();
@@ -495,9 +586,9 @@ mod tests {
         let (mut s, first) = Spool::open(&path, &streams).unwrap();
         assert!(!first.resumed);
         assert_eq!(first.seq_base[&0], 0);
-        s.commit(vec![put(0, 0, b"a"), put(0, 1, b"b"), put(1, 0, b"c")])
+        s.commit(&[put(0, 0, b"a"), put(0, 1, b"b"), put(1, 0, b"c")])
             .unwrap();
-        s.commit(vec![SpoolCmd::Delete(FrameId {
+        s.commit(&[SpoolCmd::Delete(FrameId {
             stream_id: 0,
             seq: 0,
         })])
@@ -531,9 +622,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.redb");
         let (mut s, _) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
-        let r = s.commit(vec![put(0, 10, b"x")]).unwrap();
+        let r = s.commit(&[put(0, 10, b"x")]).unwrap();
         assert_eq!(r[&0], SEQ_HEADROOM, "far enough ahead still");
-        let r = s.commit(vec![put(0, SEQ_HEADROOM / 2, b"x")]).unwrap();
+        let r = s.commit(&[put(0, SEQ_HEADROOM / 2, b"x")]).unwrap();
         assert_eq!(r[&0], SEQ_HEADROOM / 2 + 1 + SEQ_HEADROOM);
     }
 
@@ -542,7 +633,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.redb");
         let (mut s, first) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
-        s.commit(vec![put(0, 0, b"a")]).unwrap();
+        s.commit(&[put(0, 0, b"a")]).unwrap();
         drop(s);
         let (_, other) = Spool::open(
             &path,
@@ -580,9 +671,10 @@ mod tests {
         let (s, _) = Spool::open(&path, &streams).unwrap();
         let (mut h, task) = start(s, Duration::from_millis(20), CancellationToken::new());
         for seq in 0..200 {
-            h.reserved_beyond(0, seq).await;
+            h.reserved_beyond(0, seq).await.unwrap();
             h.put(FrameId { stream_id: 0, seq }, 2, Bytes::from_static(b"f"))
-                .await;
+                .await
+                .unwrap();
         }
         // Beyond the first reservation: waits for a commit that moves it.
         tokio::time::timeout(
@@ -590,13 +682,111 @@ mod tests {
             h.reserved_beyond(0, SEQ_HEADROOM + 10),
         )
         .await
+        .unwrap()
         .unwrap();
         h.delete((0..100).map(|seq| FrameId { stream_id: 0, seq }))
-            .await;
+            .await
+            .unwrap();
         drop(h);
         task.await.unwrap();
         let (_, again) = Spool::open(&path, &streams).unwrap();
         assert_eq!(again.frames.len(), 100);
         assert_eq!(again.frames[0].id.seq, 100);
+    }
+
+    /// A storage backend that fails every fsync while `fail` is set, like flash that went
+    /// read-only or a full disk.
+    #[derive(Debug)]
+    struct FlakyBackend {
+        inner: redb::backends::FileBackend,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FlakyBackend {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.inner.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing_and_a_restart_never_reuses_a_published_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let streams = [stream(0, StreamKind::Waveform)];
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let backend = FlakyBackend {
+            inner: redb::backends::FileBackend::new(file).unwrap(),
+            fail: fail.clone(),
+        };
+        let db = Database::builder().create_with_backend(backend).unwrap();
+        let (mut s, _) = Spool::from_database(db, &path, &streams).unwrap();
+        s.commit(&[put(0, 0, b"a")]).unwrap();
+        let before = s.reserved();
+        assert_eq!(before[&0], SEQ_HEADROOM);
+
+        // This batch would move the reservation; its commit fails.
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let batch = [put(0, SEQ_HEADROOM - 1, b"b")];
+        assert!(s.commit(&batch).is_err());
+        assert_eq!(
+            s.reserved(),
+            before,
+            "nothing published that is not on disk"
+        );
+        assert_eq!(s.depth().0, 1, "the failed put is not counted as held");
+
+        // The disk recovers; the spool task reopens and retries the same batch.
+        fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        s.reopen().unwrap();
+        let published = s.commit(&batch).unwrap();
+        assert_eq!(published[&0], 2 * SEQ_HEADROOM);
+        assert_eq!(s.depth().0, 2);
+        drop(s);
+
+        // A restart continues after every number that was ever published.
+        let (_, again) = Spool::open(&path, &streams).unwrap();
+        assert!(again.resumed);
+        assert_eq!(again.seq_base[&0], published[&0]);
+        let seqs: Vec<u64> = again.frames.iter().map(|f| f.id.seq).collect();
+        assert_eq!(seqs, vec![0, SEQ_HEADROOM - 1]);
+    }
+
+    #[tokio::test]
+    async fn handles_report_a_dead_spool_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let (s, _) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
+        let (mut h, task) = start(s, Duration::from_millis(20), CancellationToken::new());
+        task.abort();
+        let _ = task.await;
+        let id = FrameId {
+            stream_id: 0,
+            seq: 0,
+        };
+        assert_eq!(h.put(id, 2, Bytes::from_static(b"f")).await, Err(SpoolGone));
+        assert_eq!(h.delete([id]).await, Err(SpoolGone));
+        assert_eq!(h.reserved_beyond(0, SEQ_HEADROOM).await, Err(SpoolGone));
     }
 }

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_proto::ops::pem::{load_certs, load_key};
+use relay_ops::pem::{load_certs, load_key};
 
 use crate::config::{IngestEndpoint, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(transparent)]
-    Pem(#[from] relay_proto::ops::pem::PemError),
+    Pem(#[from] relay_ops::pem::PemError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("QUIC crypto configuration: {0}")]

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, BearerConfig};
 use crate::health::PathSample;
-use crate::metrics::{class_rank, kind_label, quinn_priority};
-use crate::scheduler::{Action, Budget, FrameId, RANKS, Scheduler, SchedulerConfig, Send};
-use crate::spool::{SpoolHandle, StoredFrame};
+use crate::metrics::{kind_label, quinn_priority};
+use crate::scheduler::{Action, Budget, FrameId, Scheduler, SchedulerConfig, Transmit};
+use crate::spool::{SpoolGone, SpoolHandle, StoredFrame};
+use relay_proto::Class;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -85,6 +86,8 @@ struct Shared {
     next_copy: AtomicU64,
     names: Vec<String>,
     spool: SpoolHandle,
+    /// Cancelled when the agent can no longer keep its promise of crash safety.
+    failed: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -94,6 +97,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn new(
+        sched: Scheduler,
+        names: Vec<String>,
+        spool: SpoolHandle,
+        failed: CancellationToken,
+    ) -> Self {
+        Self {
+            sched: Mutex::new(sched),
+            wake: Notify::new(),
+            drained: Notify::new(),
+            intake_done: AtomicBool::new(false),
+            conns: names.iter().map(|_| Mutex::new(None)).collect(),
+            copies: Mutex::new(HashMap::new()),
+            next_copy: AtomicU64::new(0),
+            names,
+            spool,
+            failed,
+        }
+    }
+
     fn sched(&self) -> MutexGuard<'_, Scheduler> {
         lock(&self.sched)
     }
@@ -105,6 +128,17 @@ impl Shared {
 
     fn connected_bearers(&self) -> usize {
         self.conns.iter().filter(|c| lock(c).is_some()).count()
+    }
+
+    /// The spool task is gone: no frame can be made crash-safe or numbered safely any more.
+    /// The agent is told to stop (and, as a service, restarts on a reopened spool) rather
+    /// than stream on pretending to be crash-safe.
+    fn spool_lost(&self, e: SpoolGone) {
+        if !self.failed.is_cancelled() {
+            tracing::error!(error = %e, "stopping the agent: the spool is gone");
+            metrics::gauge!("relay_agent_spool_up").set(0.0);
+        }
+        self.failed.cancel();
     }
 }
 
@@ -123,6 +157,8 @@ pub struct Uplink {
     pub stop: CancellationToken,
     pub drain: Duration,
     pub spool: SpoolHandle,
+    /// Cancelled by the uplink when the spool is gone (see [`SpoolGone`]).
+    pub failed: CancellationToken,
     /// Unacknowledged frames of an earlier run of this session.
     pub restored: Vec<StoredFrame>,
     /// Per stream: added to the sources' sequence numbers (a resumed session continues).
@@ -157,6 +193,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
         stop,
         drain,
         spool,
+        failed,
         restored,
         seq_base,
     } = up;
@@ -179,7 +216,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
     let mut dropped = Vec::new();
     for f in restored {
         let kind = kinds.get(&f.id.stream_id).copied().unwrap_or(f.kind);
-        for (id, kind) in sched.restore(f.id, class_rank(kind), kind, f.bytes) {
+        for (id, kind) in sched.restore(f.id, kind, f.bytes) {
             count_eviction(id, kind);
             dropped.push(id);
         }
@@ -191,18 +228,12 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
             "re-sending what the spool held from the last run"
         );
     }
-    spool.delete(dropped).await;
-    let shared = Arc::new(Shared {
-        sched: Mutex::new(sched),
-        wake: Notify::new(),
-        drained: Notify::new(),
-        intake_done: AtomicBool::new(false),
-        conns: cfg.bearers.iter().map(|_| Mutex::new(None)).collect(),
-        copies: Mutex::new(HashMap::new()),
-        next_copy: AtomicU64::new(0),
-        names: cfg.bearers.iter().map(|b| b.name.clone()).collect(),
-        spool,
-    });
+    let dropped = spool.delete(dropped).await;
+    let names = cfg.bearers.iter().map(|b| b.name.clone()).collect();
+    let shared = Arc::new(Shared::new(sched, names, spool, failed));
+    if let Err(e) = dropped {
+        shared.spool_lost(e);
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(intake(
@@ -303,16 +334,21 @@ async fn intake(
                 .increment(1);
             continue;
         }
-        // A number may leave the vehicle only once a restart can no longer reuse it.
-        spool.reserved_beyond(id.stream_id, id.seq).await;
-        spool.put(id, kind, bytes.clone()).await;
-        let evicted = shared
-            .sched()
-            .insert(id, class_rank(kind), kind, bytes, Instant::now());
+        // A number may leave the vehicle only once a restart can no longer reuse it, and a
+        // frame only once it is on its way into the spool.
+        if let Err(e) = spool.reserved_beyond(id.stream_id, id.seq).await {
+            return shared.spool_lost(e);
+        }
+        if let Err(e) = spool.put(id, kind, bytes.clone()).await {
+            return shared.spool_lost(e);
+        }
+        let evicted = shared.sched().insert(id, kind, bytes, Instant::now());
         for (id, kind) in &evicted {
             count_eviction(*id, *kind);
         }
-        spool.delete(evicted.into_iter().map(|(id, _)| id)).await;
+        if let Err(e) = spool.delete(evicted.into_iter().map(|(id, _)| id)).await {
+            return shared.spool_lost(e);
+        }
         shared.wake.notify_one();
     }
     // The sources have stopped: a draining agent may now finish once everything is acked.
@@ -333,7 +369,7 @@ async fn dispatch(shared: Arc<Shared>, shutdown: CancellationToken) {
         let more = actions.len() >= 128;
         for a in actions {
             match a {
-                Action::Send(send) => start_copy(&shared, send),
+                Action::Transmit(send) => start_copy(&shared, send),
                 Action::Cancel { bearer, id, .. } => cancel_copy(&shared, bearer, id),
             }
         }
@@ -379,9 +415,8 @@ fn publish_metrics(shared: &Shared, now: Instant) {
             .absolute(c.frames_recovered);
         metrics::counter!("relay_agent_bearer_failovers_total", &label).absolute(c.failovers);
     }
-    for (rank, queued) in s.queued_per_rank().iter().enumerate() {
-        metrics::gauge!("relay_agent_queued_frames", "class" => CLASS_LABELS[rank])
-            .set(*queued as f64);
+    for (class, queued) in Class::ALL.iter().zip(s.queued_per_class()) {
+        metrics::gauge!("relay_agent_queued_frames", "class" => class.label()).set(queued as f64);
     }
     metrics::gauge!("relay_agent_unacked_frames").set(s.len() as f64);
     metrics::gauge!("relay_agent_unacked_bytes").set(s.bytes() as f64);
@@ -389,10 +424,7 @@ fn publish_metrics(shared: &Shared, now: Instant) {
     metrics::gauge!("relay_agent_connected").set(shared.connected_bearers() as f64);
 }
 
-/// Class names by rank, for the queue-depth label.
-const CLASS_LABELS: [&str; RANKS] = ["events", "waveforms", "vitals", "location", "bulk"];
-
-fn start_copy(shared: &Arc<Shared>, send: Send) {
+fn start_copy(shared: &Arc<Shared>, send: Transmit) {
     let conn = match &*lock(&shared.conns[send.bearer]) {
         Some((g, c)) if *g == send.generation => c.clone(),
         _ => {
@@ -450,9 +482,9 @@ fn cancel_copy(shared: &Shared, bearer: usize, id: FrameId) {
 /// has it all, so an acknowledgement via another bearer can still reset it.
 async fn write_copy(
     conn: &quinn::Connection,
-    send: &Send,
+    send: &Transmit,
     cancel: &CancellationToken,
-) -> Result<(), Box<dyn std::error::Error + std::marker::Send + Sync>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let reset = |s: &mut quinn::SendStream| {
         let _ = s.reset(quinn::VarInt::from_u32(0));
     };
@@ -788,9 +820,63 @@ async fn handle_ack(shared: &Shared, bearer: usize, ack: &relay_proto::wire::v1:
         }
     }
     metrics::counter!("relay_agent_frames_acked_total").increment(released.len() as u64);
-    shared
+    let deleted = shared
         .spool
         .delete(released.into_iter().map(|(id, _, _)| id))
         .await;
+    if let Err(e) = deleted {
+        shared.spool_lost(e);
+    }
     shared.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{StreamDescriptor, StreamKind};
+
+    #[tokio::test]
+    async fn a_dead_spool_stops_the_agent_instead_of_streaming_unprotected() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = [StreamDescriptor {
+            stream_id: 0,
+            kind: StreamKind::Vitals as i32,
+            name: "vitals".into(),
+            waveform: None,
+        }];
+        let (spool, _) = crate::spool::Spool::open(&dir.path().join("s.redb"), &streams).unwrap();
+        let (handle, task) =
+            crate::spool::start(spool, Duration::from_millis(20), CancellationToken::new());
+        task.abort();
+        let _ = task.await;
+        let failed = CancellationToken::new();
+        let sched = Scheduler::new(
+            scheduler_config(&AgentConfig::default()),
+            vec![None],
+            Instant::now(),
+        );
+        let shared = Arc::new(Shared::new(
+            sched,
+            vec!["wan0".into()],
+            handle,
+            failed.clone(),
+        ));
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Frame {
+            stream_id: 0,
+            seq: 0,
+            capture_time_ns: 1,
+            payload: None,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let kinds = HashMap::from([(0, StreamKind::Vitals as i32)]);
+        intake(rx, shared.clone(), kinds, HashMap::new(), 1 << 16).await;
+        assert!(failed.is_cancelled(), "the agent is told to stop");
+        assert!(
+            shared.sched().is_empty(),
+            "no frame goes out that the spool did not take"
+        );
+    }
 }

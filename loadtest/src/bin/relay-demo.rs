@@ -2,6 +2,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay_proto::ops::init_logging("warn");
+    relay_ops::init_logging("warn");
     loadtest::demo::run(loadtest::demo::DemoArgs::parse()).await
 }

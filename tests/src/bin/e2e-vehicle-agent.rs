@@ -6,9 +6,9 @@ use vehicle_agent::config::{AgentConfig, Cli};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay_proto::ops::init_logging("info");
+    relay_ops::init_logging("info");
     let cfg = AgentConfig::load(&Cli::parse()).context("loading configuration")?;
     let agent = vehicle_agent::Agent::start(cfg).await?;
-    relay_proto::ops::shutdown_signal().await;
+    relay_ops::shutdown_signal().await;
     agent.shutdown().await.map(|_| ())
 }

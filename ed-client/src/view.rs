@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use relay_proto::codes;
 use relay_proto::model::{SubscribeResponse, frame::Payload, subscribe_response::Record};
 
 #[derive(Debug, Default, Clone)]
@@ -59,11 +60,11 @@ impl Dashboard {
                     Some(Payload::Vitals(r)) => {
                         for x in &r.values {
                             match x.mdc_code {
-                                147_842 => v.hr = Some(x.value),
-                                150_456 => v.spo2 = Some(x.value),
-                                150_021 => v.nibp.0 = Some(x.value),
-                                150_022 => v.nibp.1 = Some(x.value),
-                                150_023 => v.nibp.2 = Some(x.value),
+                                codes::ECG_HEART_RATE => v.hr = Some(x.value),
+                                codes::PULS_OXIM_SAT_O2 => v.spo2 = Some(x.value),
+                                codes::PRESS_BLD_NONINV_SYS => v.nibp.0 = Some(x.value),
+                                codes::PRESS_BLD_NONINV_DIA => v.nibp.1 = Some(x.value),
+                                codes::PRESS_BLD_NONINV_MEAN => v.nibp.2 = Some(x.value),
                                 _ => {}
                             }
                         }

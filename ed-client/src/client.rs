@@ -9,7 +9,7 @@ use relay_proto::model::{
     StreamInfo, StreamKind, StreamRef, SubscribeResponse, frame::Payload,
     subscribe_response::Record,
 };
-use relay_proto::wfdb::{ChannelSpec, Format16Writer, WfdbError};
+use relay_wfdb::{ChannelSpec, Format16Writer, WfdbError};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ impl ClientTls {
 
 /// Connects to `url` (e.g. `https://127.0.0.1:50051`) with mutual TLS.
 pub async fn connect(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Channel>, ClientError> {
-    relay_proto::ops::install_crypto_provider();
+    relay_ops::install_crypto_provider();
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| ClientError::Io {
             path: p.to_owned(),

@@ -96,7 +96,7 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(m)) => {
-                        dash.apply(&m, crate::now_utc_ns());
+                        dash.apply(&m, relay_ops::now_utc_ns());
                         if let Some(s) = sink.as_mut() {
                             s.handle(&m).context("writing WFDB")?;
                         }

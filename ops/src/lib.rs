@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -79,6 +80,15 @@ pub async fn serve_metrics(
         }
     });
     Ok(local)
+}
+
+/// The wall clock as UTC nanoseconds since the Unix epoch, the unit of every capture and
+/// arrival time in the protocol (0 before 1970, saturating in 2262).
+pub fn now_utc_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Structured logs to stderr; `RUST_LOG` overrides `default_filter`. Safe to call twice.

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use loadtest::emulator::{BearerSpec, Link, TraceCache, start_links, trace::OPPORTUNITY_BYTES};
+use relay_emulator::{BearerSpec, Link, TraceCache, start_links, trace::OPPORTUNITY_BYTES};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -28,7 +28,7 @@ async fn a_trace_link_delivers_the_trace_capacity_over_30_s_on_real_sockets() {
     )
     .unwrap();
     let expected_opportunities = match &spec.up.capacity {
-        loadtest::emulator::Capacity::Trace { trace, .. } => {
+        relay_emulator::Capacity::Trace { trace, .. } => {
             trace.opportunities_between(200_000, 230_000)
         }
         _ => unreachable!(),

@@ -1,12 +1,11 @@
-//! The shipped command-line tools: relay-devcerts makes a PKI the services accept, and
-//! ed-monitor exports a stored recording as a bit-exact WFDB record.
+//! ed-monitor, the shipped command-line subscriber, exports a stored recording as a
+//! bit-exact WFDB record and keeps the cursor to resume from.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use hospital_ingest::client::{ClientTls, connect};
+use ed_client::client::{ClientTls, connect};
 use hospital_ingest::{Ingest, IngestConfig};
 use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
 use vehicle_agent::config::{BearerConfig, SourceConfig};
@@ -22,16 +21,15 @@ fn data(name: &str) -> std::path::PathBuf {
 async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
-        .args(["--vehicle", "amb-9", "--subscriber", "ed-console", "--out"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay_devcerts::generate(
+        &certs,
+        &relay_devcerts::DevPki {
+            vehicles: vec!["amb-9".into()],
+            subscribers: vec!["ed-console".into()],
+            ..relay_devcerts::DevPki::default()
+        },
+    )
+    .unwrap();
 
     let mut cfg = IngestConfig::default();
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
@@ -121,8 +119,8 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "hea"))
         .unwrap();
-    let got = relay_proto::wfdb::read_record(&hea.with_extension("")).unwrap();
-    let orig = relay_proto::wfdb::read_record(&data("s0010_re")).unwrap();
+    let got = relay_wfdb::read_record(&hea.with_extension("")).unwrap();
+    let orig = relay_wfdb::read_record(&data("s0010_re")).unwrap();
     assert_eq!(got.samples_per_signal, orig.samples_per_signal);
     assert!(got.samples == orig.samples);
     for (g, o) in got.header.signals.iter().zip(&orig.header.signals) {

@@ -164,11 +164,10 @@ mod tests {
             "amb-2",
             "ed-console",
         ] {
-            let certs =
-                relay_proto::ops::pem::load_certs(&dir.path().join(format!("{f}.pem"))).unwrap();
-            relay_proto::ops::pem::load_key(&dir.path().join(format!("{f}.key"))).unwrap();
+            let certs = relay_ops::pem::load_certs(&dir.path().join(format!("{f}.pem"))).unwrap();
+            relay_ops::pem::load_key(&dir.path().join(format!("{f}.key"))).unwrap();
             if f.starts_with("amb") {
-                assert_eq!(crate::tls::vehicle_id(&certs[0]).unwrap(), f);
+                assert_eq!(hospital_ingest::tls::vehicle_id(&certs[0]).unwrap(), f);
             }
         }
     }

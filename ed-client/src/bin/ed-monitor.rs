@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use hospital_ingest::client::ClientTls;
-use hospital_ingest::monitor::{MonitorOptions, run};
+use ed_client::client::ClientTls;
+use ed_client::monitor::{MonitorOptions, run};
 use relay_proto::model::StreamKind;
 
 #[derive(Debug, Parser)]
@@ -71,7 +71,7 @@ fn parse_kind(s: &str) -> Result<i32, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    relay_proto::ops::init_logging("warn");
+    relay_ops::init_logging("warn");
     let a = Args::parse();
     let opts = MonitorOptions {
         server: a.server,

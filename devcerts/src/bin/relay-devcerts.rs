@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use hospital_ingest::devcerts::{DevPki, generate};
+use relay_devcerts::{DevPki, generate};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,0 +1,8 @@
+//! The emergency-department side of the relay, as a client of the public gRPC API: the
+//! connection and subscription library ([`client`]), the terminal dashboard ([`view`]) and the
+//! monitor loop behind the `ed-monitor` binary ([`monitor`]). It depends on the API only, never
+//! on the ingest's internals, so it runs on any ED machine.
+
+pub mod client;
+pub mod monitor;
+pub mod view;
