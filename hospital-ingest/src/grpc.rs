@@ -69,7 +69,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|_| Status::internal("store task failed"))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "store task failed");
+            Status::internal("store task failed")
+        })?
         .map_err(internal)
 }
 
@@ -91,11 +94,20 @@ impl Filter {
     }
 }
 
+/// A status handed from the subscription task to its response stream.
+type StatusSlot = Arc<std::sync::Mutex<Option<Status>>>;
+
+fn take_status(slot: &StatusSlot) -> Option<Status> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 /// The response stream: queued messages, unless the subscriber was cut off, in which case the
-/// error comes first (its queue is full by definition) and the stream ends.
+/// error comes first (its queue is full by definition) and the stream ends. A subscription
+/// that failed (the store could not be read) ends with its error after what was queued.
 pub struct SubscriberStream {
     rx: mpsc::Receiver<SubscribeResponse>,
-    cut_off: Arc<std::sync::Mutex<Option<Status>>>,
+    cut_off: StatusSlot,
+    failure: StatusSlot,
     done: bool,
     _slot: OwnedSemaphorePermit,
 }
@@ -107,17 +119,18 @@ impl Stream for SubscriberStream {
         if self.done {
             return Poll::Ready(None);
         }
-        let cut = self
-            .cut_off
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(status) = cut {
+        if let Some(status) = take_status(&self.cut_off) {
             self.done = true;
             self.rx.close();
             return Poll::Ready(Some(Err(status)));
         }
-        self.rx.poll_recv(cx).map(|m| m.map(Ok))
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(take_status(&self.failure).map(Err))
+            }
+            other => other.map(|m| m.map(Ok)),
+        }
     }
 }
 
@@ -125,13 +138,18 @@ impl Stream for SubscriberStream {
 struct Outlet {
     tx: mpsc::Sender<SubscribeResponse>,
     timeout: Duration,
-    cut_off: Arc<std::sync::Mutex<Option<Status>>>,
+    cut_off: StatusSlot,
 }
 
+/// Why a subscription ended early.
 #[derive(Debug)]
 enum Stop {
+    /// The client went away.
     Gone,
+    /// The client did not read; it was cut off.
     Slow,
+    /// The subscription cannot go on (the store could not be read); the client gets this.
+    Failed(Status),
 }
 
 impl Outlet {
@@ -168,7 +186,7 @@ impl TelemetryService {
             let store = self.store.clone();
             let page = blocking(move || store.read_after(after, up_to, BACKLOG_PAGE))
                 .await
-                .map_err(|_| Stop::Gone)?;
+                .map_err(Stop::Failed)?;
             let Some(last) = page.last().map(|(c, _)| *c) else {
                 break;
             };
@@ -187,15 +205,13 @@ impl TelemetryService {
         self,
         filter: Filter,
         start: Option<Start>,
-        mut out: Outlet,
+        out: &mut Outlet,
     ) -> Result<(), Stop> {
         // Subscribe to the bus before reading the head: whatever is committed after the head
         // arrives live, so backlog and live meet without gap; duplicates are skipped by cursor.
         let mut live = self.bus.subscribe();
         let store = self.store.clone();
-        let head = blocking(move || store.head())
-            .await
-            .map_err(|_| Stop::Gone)?;
+        let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
         let mut cursor = match start {
             Some(Start::AfterCursor(c)) => c.min(head),
             Some(Start::Live(_)) | None => head,
@@ -204,7 +220,7 @@ impl TelemetryService {
         let store = self.store.clone();
         let streams = blocking(move || store.streams())
             .await
-            .map_err(|_| Stop::Gone)?;
+            .map_err(Stop::Failed)?;
         for info in streams {
             let matches = info
                 .stream
@@ -218,7 +234,7 @@ impl TelemetryService {
                 .await?;
             }
         }
-        let (reached, backlog) = self.send_backlog(&filter, cursor, head, &mut out).await?;
+        let (reached, backlog) = self.send_backlog(&filter, cursor, head, out).await?;
         cursor = reached;
         out.send(SubscribeResponse {
             cursor,
@@ -241,7 +257,7 @@ impl TelemetryService {
                     if e.cursor > cursor + 1 {
                         // Something between was committed but not seen live (cannot happen
                         // with an intact bus; cheap to heal from the store).
-                        self.send_backlog(&filter, cursor, e.cursor - 1, &mut out)
+                        self.send_backlog(&filter, cursor, e.cursor - 1, out)
                             .await?;
                     }
                     cursor = e.cursor;
@@ -259,10 +275,8 @@ impl TelemetryService {
                     })
                     .await?;
                     let store = self.store.clone();
-                    let head = blocking(move || store.head())
-                        .await
-                        .map_err(|_| Stop::Gone)?;
-                    let (reached, _) = self.send_backlog(&filter, cursor, head, &mut out).await?;
+                    let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
+                    let (reached, _) = self.send_backlog(&filter, cursor, head, out).await?;
                     cursor = reached;
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -331,20 +345,74 @@ impl Telemetry for TelemetryService {
             timeout: self.settings.slow_subscriber_timeout,
             cut_off: cut_off.clone(),
         };
+        let failure = StatusSlot::default();
         let svc = self.clone();
+        let failed = failure.clone();
         metrics::gauge!("relay_ingest_subscribers").increment(1.0);
         tokio::spawn(async move {
-            let result = svc.run_subscription(filter, req.start, out).await;
+            let mut out = out;
+            let result = svc.run_subscription(filter, req.start, &mut out).await;
             metrics::gauge!("relay_ingest_subscribers").decrement(1.0);
-            if let Err(Stop::Slow) = result {
-                tracing::warn!("slow subscriber cut off");
+            match result {
+                Err(Stop::Slow) => tracing::warn!("slow subscriber cut off"),
+                // Set before the queue closes, so the stream ends with it.
+                Err(Stop::Failed(status)) => {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                }
+                Ok(()) | Err(Stop::Gone) => {}
             }
+            drop(out);
         });
         Ok(Response::new(SubscriberStream {
             rx,
             cut_off,
+            failure,
             done: false,
             _slot: slot,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_store_read_error_ends_the_subscription_with_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        store.damage_record_for_tests(1).unwrap();
+        let (bus, _) = broadcast::channel(16);
+        let svc = TelemetryService::new(
+            store,
+            bus,
+            Arc::new(Online::default()),
+            GrpcSettings {
+                subscriber_queue: 16,
+                slow_subscriber_timeout: Duration::from_secs(5),
+            },
+            4,
+            CancellationToken::new(),
+        );
+        let req = SubscribeRequest {
+            start: Some(Start::AfterCursor(0)),
+            ..SubscribeRequest::default()
+        };
+        let mut stream = svc.subscribe(Request::new(req)).await.unwrap().into_inner();
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(_)) => continue,
+                    other => break other,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let status = end
+            .expect("the stream ends with an error, not cleanly")
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     }
 }

@@ -115,6 +115,19 @@ impl Store {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// Overwrites the log record at `cursor` with bytes that do not decode, as a damaged disk
+    /// would; tests use it to see how readers fail.
+    #[cfg(test)]
+    pub(crate) fn damage_record_for_tests(&self, cursor: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            log.insert(cursor, &[0xff_u8, 0xff, 0xff][..])?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn begin(&self) -> Result<WriteBatch, StoreError> {
         let txn = self.db.begin_write()?;
         let (next_cursor, log_bytes) = {
