@@ -357,6 +357,56 @@ impl Writer {
     }
 }
 
+/// What the writer thread does in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterStep {
+    /// Commit a batch: commands arrived or held frames' reorder window ended.
+    pub batch: bool,
+    /// Run the retention sweep.
+    pub sweep: bool,
+}
+
+/// Sans-IO timing of the writer thread: when to wake (the first of the reassembler's next
+/// reorder deadline and the next retention sweep) and what is due when it wakes.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterTimer {
+    sweep_interval: Duration,
+    next_sweep: Instant,
+}
+
+impl WriterTimer {
+    /// The first sweep is one interval after `now`.
+    pub fn new(sweep_interval: Duration, now: Instant) -> Self {
+        Self {
+            sweep_interval,
+            next_sweep: now + sweep_interval,
+        }
+    }
+
+    /// When to wake at the latest if no command arrives.
+    pub fn wake_at(&self, reorder_deadline: Option<Instant>) -> Instant {
+        reorder_deadline.map_or(self.next_sweep, |d| d.min(self.next_sweep))
+    }
+
+    /// What is due at `now`, with or without commands waiting.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        has_commands: bool,
+        reorder_deadline: Option<Instant>,
+    ) -> WriterStep {
+        let reorder_due = reorder_deadline.is_some_and(|d| d <= now);
+        let sweep = now >= self.next_sweep;
+        if sweep {
+            self.next_sweep = now + self.sweep_interval;
+        }
+        WriterStep {
+            batch: has_commands || reorder_due,
+            sweep,
+        }
+    }
+}
+
 /// Starts the writer thread. Returns the command sender; the thread ends when every sender is
 /// dropped, after finishing its last batch (frames still held for reordering are not
 /// acknowledged and will be re-sent by their agents).
@@ -373,12 +423,9 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || {
-            let mut next_sweep = Instant::now() + retention.interval;
+            let mut timer = WriterTimer::new(retention.interval, Instant::now());
             loop {
-                let wake = writer
-                    .reassembler
-                    .next_deadline()
-                    .map_or(next_sweep, |d| d.min(next_sweep));
+                let wake = timer.wake_at(writer.reassembler.next_deadline());
                 let first =
                     runtime.block_on(async { tokio::time::timeout_at(wake, rx.recv()).await });
                 let mut cmds = Vec::new();
@@ -395,8 +442,8 @@ pub fn spawn(
                 }
                 metrics::gauge!("relay_ingest_store_queue_depth").set(rx.len() as f64);
                 let now = Instant::now();
-                let reorder_due = writer.reassembler.next_deadline().is_some_and(|d| d <= now);
-                if (!cmds.is_empty() || reorder_due)
+                let step = timer.poll(now, !cmds.is_empty(), writer.reassembler.next_deadline());
+                if step.batch
                     && let Err(e) = writer.run_batch(cmds, now)
                 {
                     // Nothing was acknowledged; agents keep their frames and re-send. The
@@ -408,8 +455,7 @@ pub fn spawn(
                         Err(e) => tracing::error!(error = %e, "reloading reassembly state failed"),
                     }
                 }
-                if now >= next_sweep {
-                    next_sweep = now + retention.interval;
+                if step.sweep {
                     writer.sweep(&retention);
                 }
             }
@@ -417,4 +463,30 @@ pub fn spawn(
         })
         .map_err(|e| StoreError::Redb(redb::Error::Io(e)))?;
     Ok((tx, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_wakes_for_reordering_and_sweeps_on_its_interval() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut t = WriterTimer::new(ms(1000), t0);
+        assert_eq!(t.wake_at(None), t0 + ms(1000));
+        assert_eq!(t.wake_at(Some(t0 + ms(50))), t0 + ms(50));
+        let idle = t.poll(t0 + ms(10), false, Some(t0 + ms(50)));
+        let step = |batch, sweep| WriterStep { batch, sweep };
+        assert_eq!(idle, step(false, false));
+        let reorder = t.poll(t0 + ms(50), false, Some(t0 + ms(50)));
+        assert_eq!(reorder, step(true, false));
+        let both = t.poll(t0 + ms(1000), true, None);
+        assert_eq!(both, step(true, true));
+        assert_eq!(
+            t.wake_at(None),
+            t0 + ms(2000),
+            "the next sweep one interval later"
+        );
+    }
 }

@@ -5,8 +5,10 @@
 
 pub mod config;
 pub mod framer;
+pub mod handshake;
 pub mod health;
 pub mod metrics;
+pub mod redial;
 pub mod scheduler;
 pub mod sources;
 pub mod spool;

@@ -1,5 +1,8 @@
 //! The public gRPC API: ListVehicles and Subscribe (backlog from the store, a sync marker, then
-//! live records from the bus; every message carries its resume cursor).
+//! live records from the bus; every message carries its resume cursor). Where a subscription
+//! stands is the sans-IO [`flow::SubscriptionFlow`]; this module moves records and time.
+
+pub mod flow;
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
@@ -10,8 +13,8 @@ use std::time::Duration;
 use futures::Stream;
 use relay_proto::model::telemetry_server::Telemetry;
 use relay_proto::model::{
-    LaggedNotice, ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest, SubscribeResponse,
-    SyncMarker, Vehicle, subscribe_request::Start, subscribe_response::Record,
+    ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest, SubscribeResponse, Vehicle,
+    subscribe_request::Start, subscribe_response::Record,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::quic::Online;
 use crate::store::{LogEntry, Store, StoreError, record_scope};
+use flow::{LiveStep, SubscriptionFlow};
 
 /// Records read from the store per page while sending a backlog.
 const BACKLOG_PAGE: usize = 512;
@@ -212,10 +216,7 @@ impl TelemetryService {
         let mut live = self.bus.subscribe();
         let store = self.store.clone();
         let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
-        let mut cursor = match start {
-            Some(Start::AfterCursor(c)) => c.min(head),
-            Some(Start::Live(_)) | None => head,
-        };
+        let mut flow = SubscriptionFlow::new(start.as_ref(), head);
         // Descriptors of the matching streams first, so every data record can be interpreted.
         let store = self.store.clone();
         let streams = blocking(move || store.streams())
@@ -228,21 +229,16 @@ impl TelemetryService {
                 .is_some_and(|s| filter.matches(&s.vehicle_id, s.kind));
             if matches {
                 out.send(SubscribeResponse {
-                    cursor,
+                    cursor: flow.cursor(),
                     record: Some(Record::Stream(info)),
                 })
                 .await?;
             }
         }
-        let (reached, backlog) = self.send_backlog(&filter, cursor, head, out).await?;
-        cursor = reached;
-        out.send(SubscribeResponse {
-            cursor,
-            record: Some(Record::Sync(SyncMarker {
-                backlog_records: backlog,
-            })),
-        })
-        .await?;
+        let (after, up_to) = flow.backlog();
+        let (reached, backlog) = self.send_backlog(&filter, after, up_to, out).await?;
+        flow.handle_caught_up(reached);
+        out.send(flow.sync_marker(backlog)).await?;
         loop {
             let entry = tokio::select! {
                 r = live.recv() => r,
@@ -250,34 +246,26 @@ impl TelemetryService {
                 () = out.tx.closed() => return Err(Stop::Gone),
             };
             match entry {
-                Ok(e) => {
-                    if e.cursor <= cursor {
-                        continue;
+                Ok(e) => match flow.handle_live(e.cursor) {
+                    LiveStep::Skip => {}
+                    LiveStep::Deliver { heal } => {
+                        if let Some((after, up_to)) = heal {
+                            // Committed but not seen live (cannot happen with an intact bus;
+                            // cheap to heal from the store).
+                            self.send_backlog(&filter, after, up_to, out).await?;
+                        }
+                        if filter.matches(&e.vehicle, e.kind) {
+                            out.send(e.message.clone()).await?;
+                        }
                     }
-                    if e.cursor > cursor + 1 {
-                        // Something between was committed but not seen live (cannot happen
-                        // with an intact bus; cheap to heal from the store).
-                        self.send_backlog(&filter, cursor, e.cursor - 1, out)
-                            .await?;
-                    }
-                    cursor = e.cursor;
-                    if filter.matches(&e.vehicle, e.kind) {
-                        out.send(e.message.clone()).await?;
-                    }
-                }
+                },
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     metrics::counter!("relay_ingest_subscriber_lagged_total").increment(1);
-                    out.send(SubscribeResponse {
-                        cursor,
-                        record: Some(Record::Lagged(LaggedNotice {
-                            missed_live_records: missed,
-                        })),
-                    })
-                    .await?;
+                    out.send(flow.handle_lagged(missed)).await?;
                     let store = self.store.clone();
                     let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
-                    let (reached, _) = self.send_backlog(&filter, cursor, head, out).await?;
-                    cursor = reached;
+                    let (reached, _) = self.send_backlog(&filter, flow.cursor(), head, out).await?;
+                    flow.handle_caught_up(reached);
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }

@@ -1,0 +1,208 @@
+//! One vehicle bearer connection after its TLS handshake: the Hello exchange, then frames in
+//! (one unidirectional stream each, read within a size bound, validated, handed to the store
+//! writer) and acknowledgements out once the writer made them durable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use prost::Message;
+use relay_proto::model::{Frame, StreamDescriptor};
+use relay_proto::wire::v1::{ControlMessage, control_message::Body};
+use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use super::acks::{AckCoalescer, MAX_ACK_SEQS};
+use super::handshake::ServerHandshake;
+use super::registry::OnlineGuard;
+use super::validate::validate_frame;
+use super::{QuicContext, Refusal, refuse};
+use crate::writer::WriterCmd;
+
+/// How long acknowledgements may gather before they are written.
+const ACK_COALESCE: Duration = Duration::from_millis(5);
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_CONTROL_MESSAGE_BYTES)
+        .new_codec()
+}
+
+pub(super) async fn serve_vehicle(
+    conn: &quinn::Connection,
+    vehicle: Arc<str>,
+    ctx: &QuicContext,
+    stop: &CancellationToken,
+) -> Result<(), Refusal> {
+    let hs = ServerHandshake::new(
+        Instant::now(),
+        Duration::from_millis(ctx.cfg.hello_timeout_ms),
+    );
+    let accepted = tokio::time::timeout_at(hs.poll_timeout(), conn.accept_bi())
+        .await
+        .map_err(|_| hs.handle_timeout("control stream"))?;
+    let Ok((send, recv)) = accepted else {
+        return Ok(()); // the peer went away before opening its control stream
+    };
+    let mut control_out = FramedWrite::new(send, codec());
+    let mut control_in = FramedRead::new(recv, codec());
+    let first = tokio::time::timeout_at(hs.poll_timeout(), control_in.next())
+        .await
+        .map_err(|_| hs.handle_timeout("hello"))?;
+    let hello = match first {
+        Some(Ok(bytes)) => hs.handle_message(&bytes, &vehicle)?,
+        Some(Err(e)) => return Err(hs.handle_end(Some(e))),
+        None => return Err(hs.handle_end(None)),
+    };
+    let session = hello.session_id;
+    let streams: HashMap<u32, StreamDescriptor> = hello
+        .streams
+        .iter()
+        .map(|s| (s.stream_id, s.clone()))
+        .collect();
+    let (done_tx, done_rx) = oneshot::channel();
+    ctx.writer
+        .send(WriterCmd::Streams {
+            vehicle: vehicle.clone(),
+            session,
+            streams: hello.streams,
+            done: done_tx,
+        })
+        .await
+        .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))?;
+    match done_rx.await {
+        Ok(Ok(())) => {}
+        _ => return Err(refuse(CloseCode::Overloaded, "could not register streams")),
+    }
+    let ack = ServerHandshake::hello_ack(crate::now_utc_ns());
+    if control_out.send(ack).await.is_err() {
+        return Ok(()); // the peer went away during the handshake
+    }
+    tracing::info!(vehicle = %vehicle, session, streams = streams.len(), remote = %conn.remote_address(), "vehicle connected");
+    let _online = OnlineGuard::new(&ctx.online, &vehicle);
+
+    let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
+    let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
+    let streams = Arc::new(streams);
+    let (fail_tx, mut fail_rx) = mpsc::channel::<Refusal>(1);
+    let mut readers = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    let (streams, writer, ack, fail) = (streams.clone(), ctx.writer.clone(), ack_tx.clone(), fail_tx.clone());
+                    let (vehicle, max) = (vehicle.clone(), ctx.cfg.max_frame_bytes);
+                    readers.spawn(async move {
+                        if let Err(r) = read_frame(recv, max, &streams, &vehicle, session, &writer, ack).await {
+                            let _ = fail.try_send(r);
+                        }
+                    });
+                    while readers.try_join_next().is_some() {}
+                }
+                Err(_) => break Ok(()),
+            },
+            Some(r) = fail_rx.recv() => break Err(r),
+            _ = &mut ack_writer => break match conn.close_reason() {
+                Some(_) => Ok(()),
+                None => Err(refuse(CloseCode::BadHandshake, "control stream closed")),
+            },
+            msg = control_in.next() => match msg {
+                Some(Ok(_)) => {} // nothing else is expected from the agent yet; ignore
+                // A read error on a connection that is already closed is a disconnect, not
+                // bad input.
+                Some(Err(_)) if conn.close_reason().is_some() => break Ok(()),
+                Some(Err(e)) => break Err(refuse(CloseCode::Malformed, format!("control stream: {e}"))),
+                None => break Ok(()),
+            },
+            () = stop.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(CloseCode::ServerShutdown.as_u32()), b"ingest shutting down");
+                break Ok(());
+            }
+        }
+    };
+    readers.abort_all();
+    ack_writer.abort();
+    result
+}
+
+async fn read_frame(
+    mut recv: quinn::RecvStream,
+    max: usize,
+    streams: &HashMap<u32, StreamDescriptor>,
+    vehicle: &Arc<str>,
+    session: u64,
+    writer: &mpsc::Sender<WriterCmd>,
+    ack: mpsc::Sender<(u32, u64)>,
+) -> Result<(), Refusal> {
+    let bytes = match recv.read_to_end(max).await {
+        Ok(b) => b,
+        Err(quinn::ReadToEndError::TooLong) => {
+            return Err(refuse(
+                CloseCode::FrameTooLarge,
+                format!("frame larger than {max} bytes"),
+            ));
+        }
+        Err(_) => return Ok(()), // stream reset or connection lost: the agent re-sends
+    };
+    metrics::counter!("relay_ingest_frame_bytes_total").increment(bytes.len() as u64);
+    let frame = Frame::decode(bytes.as_slice())
+        .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
+    validate_frame(&frame, streams)?;
+    metrics::counter!("relay_ingest_frames_received_total").increment(1);
+    if ack.capacity() == 0 {
+        // The agent does not read its acknowledgements: stop taking its frames.
+        return Err(refuse(
+            CloseCode::Overloaded,
+            "acknowledgements not drained",
+        ));
+    }
+    let cmd = WriterCmd::Frame {
+        vehicle: vehicle.clone(),
+        session,
+        frame,
+        received_ns: crate::now_utc_ns(),
+        ack,
+    };
+    writer
+        .send(cmd)
+        .await
+        .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))
+}
+
+/// Writes the acknowledgements the [`AckCoalescer`] forms from durable (stream, seq).
+async fn write_acks(
+    mut rx: mpsc::Receiver<(u32, u64)>,
+    mut out: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+) {
+    let mut acks = AckCoalescer::new(ACK_COALESCE, MAX_ACK_SEQS);
+    let mut open = true;
+    while open {
+        let due = acks.poll_timeout();
+        tokio::select! {
+            durable = rx.recv() => match durable {
+                Some((stream_id, seq)) => acks.handle_durable(Instant::now(), stream_id, seq),
+                None => open = false,
+            },
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+        }
+        let ack = if open {
+            acks.poll_ack(Instant::now())
+        } else {
+            acks.flush()
+        };
+        if let Some(ack) = ack {
+            let msg = ControlMessage {
+                body: Some(Body::Ack(ack)),
+            };
+            if out.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
+                return;
+            }
+        }
+    }
+}

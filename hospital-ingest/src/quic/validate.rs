@@ -1,0 +1,276 @@
+//! Validation of what a vehicle sends: the Hello against its certificate and our bounds, and
+//! every frame against the stream it claims. Pure functions; a failure names the close code.
+
+use std::collections::{HashMap, HashSet};
+
+use relay_proto::model::{Frame, StreamDescriptor, StreamKind, frame::Payload};
+use relay_proto::wire::v1::Hello;
+use relay_proto::{CloseCode, PROTOCOL_VERSION};
+
+use super::{Refusal, refuse};
+
+/// Bounds of what a Hello may declare.
+const MAX_STREAMS_PER_SESSION: usize = 64;
+const MAX_CHANNELS: usize = 256;
+const MAX_SAMPLES_PER_FRAME: u32 = 100_000;
+/// Highest sequence number accepted: 2^40 frames is over 1,000 years of 40 ms frames, and
+/// keeps every seq and sample-index computation far from overflow.
+pub const MAX_SEQ: u64 = 1 << 40;
+const MAX_VITALS_PER_FRAME: usize = 256;
+/// Checks a Hello against the certificate and our bounds.
+pub fn validate_hello(hello: &Hello, vehicle: &str) -> Result<(), Refusal> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(refuse(
+            CloseCode::BadHandshake,
+            format!("protocol version {} unsupported", hello.protocol_version),
+        ));
+    }
+    if hello.vehicle_id != vehicle {
+        metrics::counter!("relay_ingest_security_events_total", "reason" => "identity_mismatch")
+            .increment(1);
+        return Err(refuse(
+            CloseCode::IdentityMismatch,
+            format!(
+                "hello claims vehicle {:?}, certificate says {vehicle:?}",
+                hello.vehicle_id.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    if hello.streams.is_empty() || hello.streams.len() > MAX_STREAMS_PER_SESSION {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!("1..={MAX_STREAMS_PER_SESSION} streams required"),
+        ));
+    }
+    let mut ids = HashSet::new();
+    for s in &hello.streams {
+        if !ids.insert(s.stream_id) {
+            return Err(refuse(
+                CloseCode::Malformed,
+                format!("stream id {} declared twice", s.stream_id),
+            ));
+        }
+        validate_descriptor(s)?;
+    }
+    Ok(())
+}
+
+fn validate_descriptor(s: &StreamDescriptor) -> Result<(), Refusal> {
+    let kind = StreamKind::try_from(s.kind).map_err(|_| {
+        refuse(
+            CloseCode::Malformed,
+            format!("stream {}: unknown kind {}", s.stream_id, s.kind),
+        )
+    })?;
+    if kind == StreamKind::Unspecified || s.name.len() > 64 {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!("stream {}: kind or name invalid", s.stream_id),
+        ));
+    }
+    match (kind, &s.waveform) {
+        (StreamKind::Waveform, Some(w)) => {
+            let rate_ok = w.sample_rate_hz.is_finite()
+                && w.sample_rate_hz > 0.0
+                && w.sample_rate_hz <= 100_000.0;
+            if !rate_ok || w.channels.is_empty() || w.channels.len() > MAX_CHANNELS {
+                return Err(refuse(
+                    CloseCode::Malformed,
+                    format!("stream {}: bad waveform rate or channels", s.stream_id),
+                ));
+            }
+            if w.channels.iter().any(|c| {
+                !(c.gain.is_finite() && c.gain > 0.0) || c.name.len() > 64 || c.unit.len() > 32
+            }) {
+                return Err(refuse(
+                    CloseCode::Malformed,
+                    format!("stream {}: bad channel description", s.stream_id),
+                ));
+            }
+        }
+        (StreamKind::Waveform, None) => {
+            return Err(refuse(
+                CloseCode::Malformed,
+                format!("stream {}: waveform without description", s.stream_id),
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks a frame against its stream's declaration.
+pub fn validate_frame(
+    frame: &Frame,
+    streams: &HashMap<u32, StreamDescriptor>,
+) -> Result<(), Refusal> {
+    let Some(desc) = streams.get(&frame.stream_id) else {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!("frame for undeclared stream {}", frame.stream_id),
+        ));
+    };
+    if frame.seq > MAX_SEQ {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!(
+                "stream {} seq {} beyond {MAX_SEQ}",
+                frame.stream_id, frame.seq
+            ),
+        ));
+    }
+    let kind = StreamKind::try_from(desc.kind).unwrap_or(StreamKind::Unspecified);
+    let ok = match (&frame.payload, kind) {
+        (Some(Payload::Waveform(w)), StreamKind::Waveform) => {
+            let channels = desc.waveform.as_ref().map_or(0, |w| w.channels.len());
+            w.sample_count > 0
+                && w.sample_count <= MAX_SAMPLES_PER_FRAME
+                && w.samples.len() == w.sample_count as usize * channels
+                // Sample index consistent with the frame number: frames before this one
+                // hold at most MAX_SAMPLES_PER_FRAME each.
+                && w.first_sample_index <= frame.seq * u64::from(MAX_SAMPLES_PER_FRAME)
+        }
+        (Some(Payload::Vitals(v)), StreamKind::Vitals) => {
+            !v.values.is_empty()
+                && v.values.len() <= MAX_VITALS_PER_FRAME
+                && v.values.iter().all(|x| x.value.is_finite())
+        }
+        (Some(Payload::Location(l)), StreamKind::Location) => {
+            (-90.0..=90.0).contains(&l.latitude_deg) && (-180.0..=180.0).contains(&l.longitude_deg)
+        }
+        (Some(Payload::Event(_)), StreamKind::Events) => true,
+        _ => false,
+    };
+    if !ok {
+        return Err(refuse(
+            CloseCode::Malformed,
+            format!(
+                "stream {} seq {}: payload does not match its stream",
+                frame.stream_id, frame.seq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{ChannelInfo, Location, WaveformChunk, WaveformInfo};
+    use relay_proto::model::{StreamDescriptor, StreamKind};
+
+    fn ecg(id: u32) -> StreamDescriptor {
+        let ch = |n: &str| ChannelInfo {
+            name: n.into(),
+            unit: "mV".into(),
+            gain: 200.0,
+            ..ChannelInfo::default()
+        };
+        StreamDescriptor {
+            stream_id: id,
+            kind: StreamKind::Waveform as i32,
+            name: "ecg".into(),
+            waveform: Some(WaveformInfo {
+                sample_rate_hz: 360.0,
+                channels: vec![ch("MLII"), ch("V5")],
+                source: String::new(),
+            }),
+        }
+    }
+
+    fn hello(streams: Vec<StreamDescriptor>) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            vehicle_id: "amb-1".into(),
+            session_id: 1,
+            streams,
+            agent_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn hello_must_match_certificate_and_bounds() {
+        assert!(validate_hello(&hello(vec![ecg(0)]), "amb-1").is_ok());
+        assert_eq!(
+            validate_hello(&hello(vec![ecg(0)]), "amb-2")
+                .unwrap_err()
+                .code,
+            CloseCode::IdentityMismatch
+        );
+        assert_eq!(
+            validate_hello(&hello(vec![ecg(0), ecg(0)]), "amb-1")
+                .unwrap_err()
+                .code,
+            CloseCode::Malformed
+        );
+        assert_eq!(
+            validate_hello(&hello(vec![]), "amb-1").unwrap_err().code,
+            CloseCode::Malformed
+        );
+        let mut bad_rate = ecg(0);
+        if let Some(w) = bad_rate.waveform.as_mut() {
+            w.sample_rate_hz = f64::NAN;
+        }
+        assert!(validate_hello(&hello(vec![bad_rate]), "amb-1").is_err());
+        let mut old = hello(vec![ecg(0)]);
+        old.protocol_version = 99;
+        assert_eq!(
+            validate_hello(&old, "amb-1").unwrap_err().code,
+            CloseCode::BadHandshake
+        );
+    }
+
+    #[test]
+    fn frames_must_match_their_stream() {
+        let streams: HashMap<u32, StreamDescriptor> = [(0, ecg(0))].into_iter().collect();
+        let wave = |count: u32, n: usize| Frame {
+            stream_id: 0,
+            seq: 0,
+            capture_time_ns: 0,
+            payload: Some(Payload::Waveform(WaveformChunk {
+                first_sample_index: 0,
+                sample_count: count,
+                samples: vec![0; n],
+            })),
+        };
+        assert!(validate_frame(&wave(3, 6), &streams).is_ok());
+        assert!(
+            validate_frame(&wave(3, 5), &streams).is_err(),
+            "samples not count x channels"
+        );
+        assert!(validate_frame(&wave(0, 0), &streams).is_err());
+        let mut other = wave(3, 6);
+        other.stream_id = 1;
+        assert!(
+            validate_frame(&other, &streams).is_err(),
+            "undeclared stream"
+        );
+        let loc = Frame {
+            payload: Some(Payload::Location(Location::default())),
+            ..wave(1, 2)
+        };
+        assert!(
+            validate_frame(&loc, &streams).is_err(),
+            "payload kind differs from the stream's"
+        );
+        let mut far = wave(3, 6);
+        far.seq = MAX_SEQ + 1;
+        assert!(
+            validate_frame(&far, &streams).is_err(),
+            "seq beyond the bound"
+        );
+        let mut jump = wave(3, 6);
+        if let Some(Payload::Waveform(w)) = jump.payload.as_mut() {
+            w.first_sample_index = 1 << 50;
+        }
+        assert!(
+            validate_frame(&jump, &streams).is_err(),
+            "sample index inconsistent with seq"
+        );
+        let no_payload = Frame {
+            payload: None,
+            ..wave(1, 2)
+        };
+        assert!(validate_frame(&no_payload, &streams).is_err());
+    }
+}
