@@ -15,6 +15,8 @@ use relay_proto::model::{
 };
 use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
+pub mod sim;
+
 pub const VEHICLES: [&str; 4] = ["amb-1", "amb-2", "amb-3", "amb-4"];
 
 /// Shipped copy of a PhysioNet record (see data/NOTICE).
