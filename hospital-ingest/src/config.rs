@@ -1,91 +1,201 @@
-//! Ingest configuration: TOML file with embedded defaults, flags override single values.
+//! Ingest configuration: one struct, [`IngestConfig`], read from a TOML file (every key
+//! optional, embedded defaults, unknown keys refused) and overridden key by key by flags
+//! (`--help` lists them). Durations are written as durations (`"10s"`, `"72h"`); the keys of
+//! earlier versions (`*_ms`, `*_s`, `retention_hours`) are refused with a message naming their
+//! replacement. `deploy/config/hospital-ingest.toml` shows every key with its default (a test
+//! holds it to that).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use clap::{Args, Parser};
+use relay_ops::config::{Rename, parse_duration};
+use serde::{Deserialize, Serialize};
 
 pub use relay_ops::config::ConfigError;
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// Keys of earlier versions and their replacements.
+pub const RENAMED_KEYS: &[Rename] = &[
+    ("quic.idle_timeout_ms", "quic.idle_timeout"),
+    ("quic.hello_timeout_ms", "quic.hello_timeout"),
+    (
+        "grpc.slow_subscriber_timeout_ms",
+        "grpc.slow_subscriber_timeout",
+    ),
+    ("store.retention_hours", "store.retention"),
+    ("store.retention_interval_s", "store.retention_interval"),
+    ("reassembly.reorder_window_ms", "reassembly.reorder_window"),
+];
+
+/// Everything the ingest is told, from the file and the command line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Parser)]
 #[serde(deny_unknown_fields, default)]
+#[command(
+    name = "hospital-ingest",
+    version,
+    about = "Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over gRPC",
+    long_about = "Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over gRPC.\n\nEvery setting has a default; --config names a TOML file (see deploy/config/hospital-ingest.toml) and each flag overrides one key of it."
+)]
 pub struct IngestConfig {
+    /// TOML configuration file; flags override single keys of it.
+    #[serde(skip)]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The QUIC endpoint vehicles connect to.
+    #[command(flatten)]
     pub quic: Quic,
+    /// The gRPC API for emergency departments.
+    #[command(flatten)]
     pub grpc: Grpc,
+    /// Certificates and the CAs of vehicles and subscribers.
+    #[command(flatten)]
     pub tls: Tls,
+    /// The durable store.
+    #[command(flatten)]
     pub store: StoreConfig,
+    /// Putting each stream back in order.
+    #[command(flatten)]
     pub reassembly: Reassembly,
+    /// The Prometheus endpoint.
+    #[command(flatten)]
     pub metrics: Metrics,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Putting each stream back in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reassembly {
-    /// A frame that overtook others waits this long for them before a gap is announced,
-    /// milliseconds (0 = announce at once).
-    pub reorder_window_ms: u64,
+    /// A frame that overtook others waits this long for them before a gap is announced
+    /// (0s announces at once; at most 10s).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "reassembly.reorder_window", long = "reassembly-reorder-window", value_name = "DURATION", value_parser = parse_duration)]
+    pub reorder_window: Duration,
     /// Frames held per stream while waiting; beyond, the gap is announced at once.
+    #[arg(
+        id = "reassembly.max_held_frames",
+        long = "reassembly-max-held-frames",
+        value_name = "N"
+    )]
     pub max_held_frames: usize,
     /// Announced gaps tracked per stream; beyond, the oldest is given up.
+    #[arg(
+        id = "reassembly.max_open_gaps",
+        long = "reassembly-max-open-gaps",
+        value_name = "N"
+    )]
     pub max_open_gaps: usize,
 }
 
 impl Default for Reassembly {
     fn default() -> Self {
         Self {
-            reorder_window_ms: 50,
+            reorder_window: Duration::from_millis(50),
             max_held_frames: 1024,
             max_open_gaps: 65_536,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The QUIC endpoint vehicles connect to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Quic {
     /// UDP address vehicles connect to.
+    #[arg(id = "quic.listen", long = "quic-listen", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Concurrent vehicle connections (bearers) at most.
+    #[arg(
+        id = "quic.max_connections",
+        long = "quic-max-connections",
+        value_name = "N"
+    )]
     pub max_connections: usize,
     /// Largest frame accepted; a larger one closes that connection.
+    #[arg(
+        id = "quic.max_frame_bytes",
+        long = "max-frame-bytes",
+        value_name = "BYTES"
+    )]
     pub max_frame_bytes: usize,
     /// Frames in flight per connection (concurrent unidirectional streams).
+    #[arg(
+        id = "quic.max_concurrent_frames",
+        long = "quic-max-concurrent-frames",
+        value_name = "N"
+    )]
     pub max_concurrent_frames: u32,
-    /// A connection silent this long is dropped, milliseconds.
-    pub idle_timeout_ms: u64,
-    /// Hello must arrive within this after the handshake, milliseconds.
-    pub hello_timeout_ms: u64,
+    /// A connection silent this long is dropped.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "quic.idle_timeout", long = "quic-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Hello must arrive within this after the handshake.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "quic.hello_timeout", long = "quic-hello-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub hello_timeout: Duration,
     /// Acknowledgements waiting to be written per connection before it is closed as stuck.
+    #[arg(
+        id = "quic.max_pending_acks",
+        long = "quic-max-pending-acks",
+        value_name = "N"
+    )]
     pub max_pending_acks: usize,
     /// Bytes a connection may have in flight towards the ingest (QUIC flow control): the
     /// memory one vehicle connection can occupy with unread frames.
+    #[arg(
+        id = "quic.connection_receive_window_bytes",
+        long = "quic-connection-receive-window-bytes",
+        value_name = "BYTES"
+    )]
     pub connection_receive_window_bytes: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The gRPC API for emergency departments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Grpc {
     /// TCP address of the gRPC API (TLS, client certificates required).
+    #[arg(id = "grpc.listen", long = "grpc-listen", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Messages queued per subscriber.
+    #[arg(
+        id = "grpc.subscriber_queue",
+        long = "grpc-subscriber-queue",
+        value_name = "N"
+    )]
     pub subscriber_queue: usize,
-    /// A subscriber whose queue stays full this long is cut off, milliseconds.
-    pub slow_subscriber_timeout_ms: u64,
+    /// A subscriber whose queue stays full this long is cut off.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "grpc.slow_subscriber_timeout", long = "grpc-slow-subscriber-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub slow_subscriber_timeout: Duration,
     /// Live records buffered for subscribers that are momentarily behind.
+    #[arg(id = "grpc.live_buffer", long = "grpc-live-buffer", value_name = "N")]
     pub live_buffer: usize,
     /// Concurrent subscriptions at most.
+    #[arg(
+        id = "grpc.max_subscribers",
+        long = "grpc-max-subscribers",
+        value_name = "N"
+    )]
     pub max_subscribers: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Certificates and the CAs of vehicles and subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
-    /// The ingest's certificate chain and key (PEM), for QUIC and gRPC.
+    /// The ingest's certificate chain (PEM), for QUIC and gRPC.
+    #[arg(id = "tls.cert", long = "cert", value_name = "PEM")]
     pub cert: PathBuf,
+    /// The ingest's private key (PEM).
+    #[arg(id = "tls.key", long = "key", value_name = "PEM")]
     pub key: PathBuf,
     /// CA whose client certificates may connect as vehicles (CN = vehicle id).
+    #[arg(id = "tls.fleet_ca", long = "fleet-ca", value_name = "PEM")]
     pub fleet_ca: PathBuf,
     /// CA whose client certificates may use the gRPC API.
+    #[arg(id = "tls.subscriber_ca", long = "subscriber-ca", value_name = "PEM")]
     pub subscriber_ca: PathBuf,
 }
 
@@ -101,25 +211,40 @@ impl Tls {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The durable store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// redb database file.
+    #[arg(id = "store.path", long = "store-path", value_name = "FILE")]
     pub path: PathBuf,
-    /// Records older than this are deleted, hours.
-    pub retention_hours: f64,
+    /// Records older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "store.retention", long = "store-retention", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention: Duration,
     /// The log is kept below this many bytes (oldest deleted first).
+    #[arg(id = "store.max_bytes", long = "store-max-bytes", value_name = "BYTES")]
     pub max_bytes: u64,
-    /// How often retention runs, seconds.
-    pub retention_interval_s: u64,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "store.retention_interval", long = "store-retention-interval", value_name = "DURATION", value_parser = parse_duration)]
+    pub retention_interval: Duration,
     /// Frames waiting for the writer at most (back-pressure to the vehicles beyond).
+    #[arg(
+        id = "store.writer_queue",
+        long = "store-writer-queue",
+        value_name = "N"
+    )]
     pub writer_queue: usize,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Prometheus endpoint (GET /metrics); none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(id = "metrics.listen", long = "metrics-listen", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 }
 
@@ -130,8 +255,8 @@ impl Default for Quic {
             max_connections: 1024,
             max_frame_bytes: relay_proto::DEFAULT_MAX_FRAME_BYTES,
             max_concurrent_frames: 512,
-            idle_timeout_ms: 10_000,
-            hello_timeout_ms: 10_000,
+            idle_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
             max_pending_acks: 65_536,
             connection_receive_window_bytes: 4 * 1024 * 1024,
         }
@@ -143,7 +268,7 @@ impl Default for Grpc {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             subscriber_queue: 1024,
-            slow_subscriber_timeout_ms: 10_000,
+            slow_subscriber_timeout: Duration::from_secs(10),
             live_buffer: 8192,
             max_subscribers: 256,
         }
@@ -165,167 +290,118 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: "ingest-data/relay.redb".into(),
-            retention_hours: 72.0,
+            retention: Duration::from_secs(72 * 3600),
             max_bytes: 10 * 1024 * 1024 * 1024,
-            retention_interval_s: 10,
+            retention_interval: Duration::from_secs(10),
             writer_queue: 8192,
         }
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, clap::Parser)]
-#[command(
-    name = "hospital-ingest",
-    version,
-    about = "Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over gRPC"
-)]
-pub struct Cli {
-    /// TOML configuration file (see deploy/config/hospital-ingest.toml).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub quic_listen: Option<SocketAddr>,
-    #[arg(long)]
-    pub grpc_listen: Option<SocketAddr>,
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    #[arg(long)]
-    pub store_path: Option<PathBuf>,
-    #[arg(long)]
-    pub cert: Option<PathBuf>,
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    #[arg(long)]
-    pub fleet_ca: Option<PathBuf>,
-    #[arg(long)]
-    pub subscriber_ca: Option<PathBuf>,
-    #[arg(long)]
-    pub max_frame_bytes: Option<usize>,
-}
-
-impl Cli {
-    /// Flags naming the TLS files of the development PKI in `dir`.
-    pub fn for_dev_pki(dir: &Path) -> Self {
-        let tls = Tls::from_dev_dir(dir);
-        Self {
-            cert: Some(tls.cert),
-            key: Some(tls.key),
-            fleet_ca: Some(tls.fleet_ca),
-            subscriber_ca: Some(tls.subscriber_ca),
-            ..Self::default()
-        }
-    }
-
-    /// The command line that parses back into `self`, for starting the ingest as a process.
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
-        let mut out = Vec::new();
-        let mut flag = |name: &str, value: Option<std::ffi::OsString>| {
-            if let Some(v) = value {
-                out.push(name.into());
-                out.push(v);
-            }
-        };
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.clone().into_os_string());
-        let text = |v: Option<String>| v.map(Into::into);
-        flag("--config", path(&self.config));
-        flag(
-            "--quic-listen",
-            text(self.quic_listen.map(|a| a.to_string())),
-        );
-        flag(
-            "--grpc-listen",
-            text(self.grpc_listen.map(|a| a.to_string())),
-        );
-        flag(
-            "--metrics-listen",
-            text(self.metrics_listen.map(|a| a.to_string())),
-        );
-        flag("--store-path", path(&self.store_path));
-        flag("--cert", path(&self.cert));
-        flag("--key", path(&self.key));
-        flag("--fleet-ca", path(&self.fleet_ca));
-        flag("--subscriber-ca", path(&self.subscriber_ca));
-        flag(
-            "--max-frame-bytes",
-            text(self.max_frame_bytes.map(|n| n.to_string())),
-        );
-        out
-    }
-}
-
 impl IngestConfig {
+    /// Parses TOML text; `path` names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::parse_toml(text, path)
+        relay_ops::config::parse_toml(text, path, RENAMED_KEYS)
     }
 
+    /// Parses a configuration file (renamed keys are refused with their replacement).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::read_toml(path)
+        relay_ops::config::read_toml(path, RENAMED_KEYS)
     }
 
-    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
-        let mut cfg = match &cli.config {
-            Some(p) => Self::from_file(p)?,
+    /// The configuration a command line asks for: the defaults, overridden by the file that
+    /// `--config` names, overridden by every other flag given; then validated. `--help` and
+    /// `--version` come back as [`ConfigError::Cli`] (call `exit()` on it).
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let mut flags = Self::default();
+        flags.try_update_from(&args)?;
+        let mut cfg = match &flags.config {
+            Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        cfg.apply(cli);
+        cfg.try_update_from(&args)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn apply(&mut self, cli: &Cli) {
-        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
-            if let Some(v) = src {
-                *dst = v.clone();
-            }
-        }
-        set(&mut self.quic.listen, &cli.quic_listen);
-        set(&mut self.grpc.listen, &cli.grpc_listen);
-        if cli.metrics_listen.is_some() {
-            self.metrics.listen = cli.metrics_listen;
-        }
-        set(&mut self.store.path, &cli.store_path);
-        set(&mut self.tls.cert, &cli.cert);
-        set(&mut self.tls.key, &cli.key);
-        set(&mut self.tls.fleet_ca, &cli.fleet_ca);
-        set(&mut self.tls.subscriber_ca, &cli.subscriber_ca);
-        set(&mut self.quic.max_frame_bytes, &cli.max_frame_bytes);
+    /// The configuration as TOML (what a file must hold to give it back); tests and the load
+    /// generator start ingest processes with it.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 
+    /// Checks every bound; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
-        if self.quic.max_frame_bytes < 1024 || self.quic.max_frame_bytes > 16 * 1024 * 1024 {
-            return bad("quic.max_frame_bytes must be in 1 KiB..=16 MiB");
-        }
-        if self.quic.max_connections == 0
-            || self.quic.max_concurrent_frames == 0
-            || self.quic.max_pending_acks == 0
-        {
-            return bad("quic limits must be positive");
-        }
-        if (self.quic.connection_receive_window_bytes as usize) < self.quic.max_frame_bytes {
-            return bad("quic.connection_receive_window_bytes must hold at least one frame");
-        }
-        if self.grpc.subscriber_queue == 0
-            || self.grpc.live_buffer == 0
-            || self.grpc.max_subscribers == 0
-        {
-            return bad("grpc limits must be positive");
-        }
-        if !(self.store.retention_hours.is_finite() && self.store.retention_hours > 0.0) {
-            return bad("store.retention_hours must be positive");
-        }
-        if self.reassembly.reorder_window_ms > 10_000
-            || self.reassembly.max_held_frames == 0
-            || self.reassembly.max_open_gaps == 0
-        {
-            return bad("reassembly: reorder_window_ms <= 10000, limits positive");
-        }
-        if self.store.max_bytes < 1024 * 1024
-            || self.store.writer_queue == 0
-            || self.store.retention_interval_s == 0
-        {
+        let bad = |key: &str, value: &dyn std::fmt::Debug, reason: &str| {
+            Err(ConfigError::invalid(key, value, reason))
+        };
+        let q = &self.quic;
+        if !(1024..=16 * 1024 * 1024).contains(&q.max_frame_bytes) {
             return bad(
-                "store: max_bytes >= 1 MiB, writer_queue and retention_interval_s positive",
+                "quic.max_frame_bytes",
+                &q.max_frame_bytes,
+                "must be in 1 KiB..=16 MiB",
+            );
+        }
+        for (key, value) in [
+            ("quic.max_connections", q.max_connections),
+            (
+                "quic.max_concurrent_frames",
+                q.max_concurrent_frames as usize,
+            ),
+            ("quic.max_pending_acks", q.max_pending_acks),
+            ("grpc.subscriber_queue", self.grpc.subscriber_queue),
+            ("grpc.live_buffer", self.grpc.live_buffer),
+            ("grpc.max_subscribers", self.grpc.max_subscribers),
+            ("store.writer_queue", self.store.writer_queue),
+            (
+                "reassembly.max_held_frames",
+                self.reassembly.max_held_frames,
+            ),
+            ("reassembly.max_open_gaps", self.reassembly.max_open_gaps),
+        ] {
+            if value == 0 {
+                return bad(key, &value, "must be positive");
+            }
+        }
+        for (key, value) in [
+            ("quic.idle_timeout", q.idle_timeout),
+            ("quic.hello_timeout", q.hello_timeout),
+            (
+                "grpc.slow_subscriber_timeout",
+                self.grpc.slow_subscriber_timeout,
+            ),
+            ("store.retention", self.store.retention),
+            ("store.retention_interval", self.store.retention_interval),
+        ] {
+            if value.is_zero() {
+                return bad(key, &value, "must be positive");
+            }
+        }
+        if (q.connection_receive_window_bytes as usize) < q.max_frame_bytes {
+            return bad(
+                "quic.connection_receive_window_bytes",
+                &q.connection_receive_window_bytes,
+                "must hold at least one frame (quic.max_frame_bytes)",
+            );
+        }
+        if self.reassembly.reorder_window > Duration::from_secs(10) {
+            return bad(
+                "reassembly.reorder_window",
+                &self.reassembly.reorder_window,
+                "must be at most 10s",
+            );
+        }
+        if self.store.max_bytes < 1024 * 1024 {
+            return bad(
+                "store.max_bytes",
+                &self.store.max_bytes,
+                "must be at least 1 MiB",
             );
         }
         Ok(())
@@ -335,64 +411,120 @@ impl IngestConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[test]
-    fn shipped_example_config_parses_and_validates() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/hospital-ingest.toml");
-        let cfg = IngestConfig::from_file(&path).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+    fn example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/hospital-ingest.toml")
     }
 
     #[test]
-    fn rendered_flags_parse_back_into_the_same_cli() {
-        let cli = Cli {
-            config: Some("/etc/relay/ingest.toml".into()),
-            quic_listen: Some("127.0.0.1:4433".parse().unwrap()),
-            grpc_listen: Some("[::1]:50051".parse().unwrap()),
-            metrics_listen: Some("127.0.0.1:9100".parse().unwrap()),
-            store_path: Some("/var/lib/relay.redb".into()),
-            max_frame_bytes: Some(65_536),
-            ..Cli::for_dev_pki(Path::new("/certs"))
-        };
-        let args = std::iter::once("hospital-ingest".into()).chain(cli.to_args());
-        assert_eq!(Cli::parse_from(args), cli);
+    fn the_commented_example_file_is_the_defaults() {
+        let text = std::fs::read_to_string(example()).unwrap();
+        let as_shipped = IngestConfig::from_toml(&text, &example()).unwrap();
         assert_eq!(
-            Cli::parse_from(
-                std::iter::once("hospital-ingest".into()).chain(Cli::default().to_args())
-            ),
-            Cli::default()
+            as_shipped,
+            IngestConfig::default(),
+            "every key is commented out"
         );
+        let uncommented = relay_ops::config::uncomment_example(&text);
+        let every_key = IngestConfig::from_toml(&uncommented, &example()).unwrap();
+        assert_eq!(
+            every_key,
+            IngestConfig::default(),
+            "each shown value is the default"
+        );
+        every_key.validate().unwrap();
+        let shown: toml::Table = toml::from_str(&uncommented).unwrap();
+        let all: toml::Table = toml::from_str(&IngestConfig::default().to_toml().unwrap()).unwrap();
+        for (section, value) in &all {
+            let Some(want) = value.as_table().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            let have = shown[section.as_str()].as_table().unwrap();
+            for key in want.keys() {
+                assert!(
+                    have.contains_key(key),
+                    "{section}.{key} missing from the example"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_rendered_configuration_parses_back_the_same() {
+        let mut cfg = IngestConfig {
+            tls: Tls::from_dev_dir(Path::new("/certs")),
+            ..IngestConfig::default()
+        };
+        cfg.metrics.listen = Some("127.0.0.1:9100".parse().unwrap());
+        cfg.store.retention = Duration::from_secs(90 * 60);
+        let text = cfg.to_toml().unwrap();
+        assert!(text.contains("retention = \"1h 30m\""), "{text}");
+        assert_eq!(IngestConfig::from_toml(&text, Path::new("t")).unwrap(), cfg);
     }
 
     #[test]
     fn flags_override_only_what_they_name() {
-        let mut cfg = IngestConfig::from_toml(
-            "[store]\npath = \"/var/lib/x.redb\"\nretention_hours = 5\n",
-            Path::new("t"),
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ingest.toml");
+        std::fs::write(
+            &file,
+            "[store]\npath = \"/var/lib/x.redb\"\nretention = \"5h\"\n",
         )
         .unwrap();
-        cfg.apply(&Cli::parse_from([
-            "hospital-ingest",
-            "--grpc-listen",
-            "127.0.0.1:1",
-        ]));
+        let cfg = IngestConfig::load_from([
+            "hospital-ingest".as_ref(),
+            "--config".as_ref(),
+            file.as_os_str(),
+            "--grpc-listen".as_ref(),
+            "127.0.0.1:1".as_ref(),
+            "--reassembly-reorder-window".as_ref(),
+            "0s".as_ref(),
+        ] as [&std::ffi::OsStr; 7])
+        .unwrap();
         assert_eq!(cfg.store.path, PathBuf::from("/var/lib/x.redb"));
-        assert_eq!(cfg.store.retention_hours, 5.0);
+        assert_eq!(cfg.store.retention, Duration::from_secs(5 * 3600));
         assert_eq!(cfg.grpc.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(cfg.reassembly.reorder_window, Duration::ZERO);
         assert_eq!(cfg.quic.listen, Quic::default().listen);
     }
 
     #[test]
-    fn bad_values_are_refused() {
-        assert!(
-            IngestConfig::from_toml("[quic]\nmax_frame_bytes = \"x\"", Path::new("t")).is_err()
-        );
+    fn bad_values_unknown_and_renamed_keys_are_refused_by_name() {
+        let err =
+            IngestConfig::from_toml("[quic]\nmax_frame_bytes = \"x\"", Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("max_frame_bytes"), "{err}");
         assert!(IngestConfig::from_toml("[quik]\n", Path::new("t")).is_err());
+        let err =
+            IngestConfig::from_toml("[store]\nretention_hours = 72", Path::new("t")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Renamed {
+                    new: "store.retention",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let mut cfg = IngestConfig::default();
         cfg.quic.max_frame_bytes = 10;
-        assert!(cfg.validate().is_err());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("quic.max_frame_bytes = 10"), "{err}");
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        use clap::CommandFactory;
+        IngestConfig::command().debug_assert();
+        for arg in IngestConfig::command_for_update().get_arguments() {
+            if ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help().is_some(),
+                "--{:?} has no help",
+                arg.get_long()
+            );
+        }
     }
 }

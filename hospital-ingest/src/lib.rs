@@ -23,11 +23,17 @@ pub use config::IngestConfig;
 
 pub use relay_ops::now_utc_ns;
 
-/// What the `hospital-ingest` binary does: load the configuration, run until SIGTERM/ctrl-c,
-/// shut down gracefully.
-pub async fn run_cli(cli: config::Cli) -> anyhow::Result<()> {
+/// What the `hospital-ingest` binary does with its command line: load the configuration
+/// (printing help or version and exiting when asked), run until SIGTERM/ctrl-c, shut down
+/// gracefully.
+pub async fn run_cli<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     relay_ops::init_logging("info");
-    let cfg = IngestConfig::load(&cli).context("loading configuration")?;
+    let cfg = relay_ops::config::exit_on_cli(IngestConfig::load_from(args))
+        .context("loading configuration")?;
     let ingest = Ingest::start(cfg).await?;
     relay_ops::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -56,12 +62,12 @@ impl Ingest {
             .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
         let (bus, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
         let retention = writer::RetentionPolicy {
-            max_age: Duration::from_secs_f64(cfg.store.retention_hours * 3600.0),
+            max_age: cfg.store.retention,
             max_bytes: cfg.store.max_bytes,
-            interval: Duration::from_secs(cfg.store.retention_interval_s),
+            interval: cfg.store.retention_interval,
         };
         let limits = reassembly::Limits {
-            reorder_window: Duration::from_millis(cfg.reassembly.reorder_window_ms),
+            reorder_window: cfg.reassembly.reorder_window,
             max_held: cfg.reassembly.max_held_frames,
             max_gaps: cfg.reassembly.max_open_gaps,
         };
@@ -94,7 +100,7 @@ impl Ingest {
         let grpc_addr = listener.local_addr()?;
         let settings = grpc::GrpcSettings {
             subscriber_queue: cfg.grpc.subscriber_queue,
-            slow_subscriber_timeout: Duration::from_millis(cfg.grpc.slow_subscriber_timeout_ms),
+            slow_subscriber_timeout: cfg.grpc.slow_subscriber_timeout,
         };
         let svc = grpc::TelemetryService::new(
             store,

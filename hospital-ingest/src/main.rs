@@ -1,6 +1,4 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    hospital_ingest::run_cli(hospital_ingest::config::Cli::parse()).await
+    hospital_ingest::run_cli(std::env::args_os()).await
 }

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use relay_ops::pem::{load_certs, load_key};
 use rustls::pki_types::CertificateDer;
@@ -85,7 +84,7 @@ pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, Tls
             u32::try_from(cfg.quic.max_frame_bytes).unwrap_or(u32::MAX),
         ))
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_millis(cfg.quic.idle_timeout_ms))
+            quinn::IdleTimeout::try_from(cfg.quic.idle_timeout)
                 .map_err(|e| TlsError::Quic(e.to_string()))?,
         ));
     server.transport_config(Arc::new(transport));

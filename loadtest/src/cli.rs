@@ -29,9 +29,14 @@ pub enum Command {
     Run(RunArgs),
     /// Run emulated links in front of a UDP service (e.g. an ingest's QUIC port).
     Emulate(EmulateArgs),
-    /// Run a hospital ingest (used by `run` to measure it as a separate process).
+    /// Run a hospital ingest (used by `run` to measure it as a separate process); takes the
+    /// ingest's own flags.
     #[command(hide = true)]
-    Ingest(hospital_ingest::config::Cli),
+    Ingest {
+        /// hospital-ingest flags, e.g. --config FILE.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,7 +59,10 @@ pub struct EmulateArgs {
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Ingest(c) => hospital_ingest::run_cli(c).await,
+        Command::Ingest { args } => {
+            let argv = std::iter::once(std::ffi::OsString::from("hospital-ingest")).chain(args);
+            hospital_ingest::run_cli(argv).await
+        }
         Command::Emulate(a) => {
             relay_ops::init_logging("warn");
             emulate(a).await

@@ -59,9 +59,11 @@ fn agent(
     c.tls.key = pki.join(format!("{vehicle}.key"));
     c.sources = vec![
         ecg,
-        SourceConfig::SyntheticVitals { interval_ms: 1000 },
+        SourceConfig::SyntheticVitals {
+            interval: Duration::from_secs(1),
+        },
         SourceConfig::SyntheticGps {
-            interval_ms: 1000,
+            interval: Duration::from_secs(1),
             start_latitude_deg: lat,
             start_longitude_deg: lon,
         },

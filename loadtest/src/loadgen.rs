@@ -291,15 +291,17 @@ async fn start_ingest(
     }
     let (quic_port, grpc_port) = free_port_pair()?;
     let log = std::fs::File::create(dir.join("ingest.log")).context("creating ingest.log")?;
-    let cli = hospital_ingest::config::Cli {
-        quic_listen: Some(SocketAddr::from(([127, 0, 0, 1], quic_port))),
-        grpc_listen: Some(SocketAddr::from(([127, 0, 0, 1], grpc_port))),
-        store_path: Some(dir.join("store.redb")),
-        ..hospital_ingest::config::Cli::for_dev_pki(pki)
-    };
+    let mut cfg = hospital_ingest::IngestConfig::default();
+    cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
+    cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+    cfg.store.path = dir.join("store.redb");
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
+    let config = dir.join("ingest.toml");
+    std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
     let child = tokio::process::Command::new(ingest_exe)
         .arg("ingest")
-        .args(cli.to_args())
+        .arg("--config")
+        .arg(&config)
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().context("ingest log")?)
         .stderr(log)
@@ -353,10 +355,10 @@ fn sources(args: &RunArgs) -> Vec<SourceConfig> {
     vec![
         ecg,
         SourceConfig::SyntheticVitals {
-            interval_ms: args.vitals_interval_ms,
+            interval: Duration::from_millis(args.vitals_interval_ms),
         },
         SourceConfig::SyntheticGps {
-            interval_ms: args.gps_interval_ms,
+            interval: Duration::from_millis(args.gps_interval_ms),
             start_latitude_deg: 52.52,
             start_longitude_deg: 13.405,
         },
@@ -751,9 +753,8 @@ async fn run_phase(
         cfg.tls.ca_cert = pki.join("hospital-ca.pem");
         cfg.tls.cert = pki.join(format!("{}.pem", plan.id));
         cfg.tls.key = pki.join(format!("{}.key", plan.id));
-        cfg.framing.frame_ms = args.frame_ms;
-        cfg.buffer.stop_drain_ms =
-            u64::try_from(args.drain_timeout.as_millis()).unwrap_or(u64::MAX);
+        cfg.framing.frame = Duration::from_millis(u64::from(args.frame_ms));
+        cfg.buffer.stop_drain = args.drain_timeout;
         cfg.sources = sources(args);
         if let Some(p) = args.waveform_policy {
             cfg.scheduling.waveforms = p;

@@ -168,44 +168,222 @@ pub mod pem {
     }
 }
 
-/// Configuration files: TOML parsed into a service's config struct, with errors naming the file.
+/// Configuration: one struct per service, read from a TOML file and overridden by flags, with
+/// errors that name the file, the key and the value.
 pub mod config {
     use std::path::{Path, PathBuf};
+    use std::time::Duration;
 
+    /// What a duration looks like in files and flags.
+    pub const DURATION_HINT: &str = "a duration such as \"500ms\", \"10s\" or \"72h\"";
+
+    /// Why a configuration was not accepted.
     #[derive(Debug, thiserror::Error)]
     pub enum ConfigError {
+        /// The file could not be read.
         #[error("reading config {path}: {source}")]
         Read {
+            /// The file.
             path: PathBuf,
+            /// The operating system's error.
             #[source]
             source: std::io::Error,
         },
+        /// The file is not TOML of this service's shape (syntax, unknown key, wrong type).
         #[error("parsing config {path}: {source}")]
         Parse {
+            /// The file.
             path: PathBuf,
+            /// toml's error, with line and column.
             #[source]
             source: Box<toml::de::Error>,
         },
-        #[error("invalid config: {0}")]
-        Invalid(String),
+        /// The file uses a key that an earlier version read and this one no longer does.
+        #[error("config {path}: `{old}` is no longer read; use `{new}`, {hint}")]
+        Renamed {
+            /// The file.
+            path: PathBuf,
+            /// The old key (dotted path; `[]` stands for any element of an array).
+            old: &'static str,
+            /// Its replacement.
+            new: &'static str,
+            /// What the new key takes.
+            hint: &'static str,
+        },
+        /// A value is outside its bounds.
+        #[error("invalid config: {key} = {value}: {reason}")]
+        Invalid {
+            /// The key (dotted path).
+            key: String,
+            /// The value given.
+            value: String,
+            /// What it must be.
+            reason: String,
+        },
+        /// The command line could not be parsed, or asked for `--help` or `--version` (call
+        /// `exit()` on it to print what it holds).
+        #[error(transparent)]
+        Cli(#[from] clap::Error),
     }
 
-    /// Parses TOML text; `path` only names the source in errors.
+    impl ConfigError {
+        /// An out-of-bounds value.
+        pub fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: &str) -> Self {
+            Self::Invalid {
+                key: key.into(),
+                value: format!("{value:?}"),
+                reason: reason.into(),
+            }
+        }
+    }
+
+    /// For binaries: a command-line error, `--help` or `--version` is printed and ends the
+    /// process (as clap does); anything else is passed on.
+    pub fn exit_on_cli<T>(result: Result<T, ConfigError>) -> Result<T, ConfigError> {
+        match result {
+            Err(ConfigError::Cli(e)) => e.exit(),
+            other => other,
+        }
+    }
+
+    /// A key that was renamed: `(old, new)`, dotted paths where `[]` matches every element of
+    /// an array of tables (e.g. `bearers[].budget_period_s`).
+    pub type Rename = (&'static str, &'static str);
+
+    fn find_key(value: &toml::Value, path: &[&str]) -> bool {
+        let Some((first, rest)) = path.split_first() else {
+            return true;
+        };
+        let (name, each) = match first.strip_suffix("[]") {
+            Some(n) => (n, true),
+            None => (*first, false),
+        };
+        let Some(v) = value.as_table().and_then(|t| t.get(name)) else {
+            return false;
+        };
+        match (each, v) {
+            (true, toml::Value::Array(items)) => items.iter().any(|i| find_key(i, rest)),
+            (true, _) => false,
+            (false, v) => find_key(v, rest),
+        }
+    }
+
+    /// Parses TOML text; `path` only names the source in errors. A key listed in `renames`
+    /// is refused with a message naming its replacement (the durations' new keys take
+    /// [`DURATION_HINT`]).
     pub fn parse_toml<T: serde::de::DeserializeOwned>(
         text: &str,
         path: &Path,
+        renames: &[Rename],
     ) -> Result<T, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(e),
-        })
+        };
+        let value: toml::Value = toml::from_str(text).map_err(parse)?;
+        for &(old, new) in renames {
+            let parts: Vec<&str> = old.split('.').collect();
+            if find_key(&value, &parts) {
+                return Err(ConfigError::Renamed {
+                    path: path.to_owned(),
+                    old,
+                    new,
+                    hint: DURATION_HINT,
+                });
+            }
+        }
+        toml::from_str(text).map_err(parse)
     }
 
-    pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    /// Reads and parses a TOML file (see [`parse_toml`]).
+    pub fn read_toml<T: serde::de::DeserializeOwned>(
+        path: &Path,
+        renames: &[Rename],
+    ) -> Result<T, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        parse_toml(&text, path)
+        parse_toml(&text, path, renames)
+    }
+
+    /// Parses a flag's duration (`500ms`, `10s`, `72h`, `1h 30m`).
+    pub fn parse_duration(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text).map_err(|e| format!("{e}; expected {DURATION_HINT}"))
+    }
+
+    /// The commented example file, with every setting line uncommented: example files show
+    /// every key as `# key = default` (and prose as `## ...`), so this text must parse to
+    /// the defaults.
+    pub fn uncomment_example(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if !l.starts_with("##") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[derive(Debug, serde::Deserialize, PartialEq, Default)]
+        #[serde(deny_unknown_fields, default)]
+        struct Sample {
+            #[serde(with = "humantime_serde_like")]
+            wait: Duration,
+            items: Vec<Item>,
+        }
+
+        #[derive(Debug, serde::Deserialize, PartialEq, Default)]
+        #[serde(deny_unknown_fields, default)]
+        struct Item {
+            n: u32,
+        }
+
+        mod humantime_serde_like {
+            use std::time::Duration;
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<Duration, D::Error> {
+                let s: String = serde::Deserialize::deserialize(d)?;
+                humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        const RENAMES: &[Rename] = &[("wait_ms", "wait"), ("items[].n_s", "items[].n")];
+
+        #[test]
+        fn renamed_keys_are_refused_naming_the_new_one() {
+            let p = Path::new("x.toml");
+            let ok: Sample = parse_toml("wait = \"1s\"\n[[items]]\nn = 2", p, RENAMES).unwrap();
+            assert_eq!(ok.wait, Duration::from_secs(1));
+            let err = parse_toml::<Sample>("wait_ms = 5", p, RENAMES).unwrap_err();
+            assert!(err.to_string().contains("use `wait`"), "{err}");
+            let err = parse_toml::<Sample>("[[items]]\nn = 1\n[[items]]\nn_s = 3", p, RENAMES)
+                .unwrap_err();
+            assert!(err.to_string().contains("`items[].n_s`"), "{err}");
+            let err = parse_toml::<Sample>("wiat = \"1s\"", p, RENAMES).unwrap_err();
+            assert!(
+                err.to_string().contains("wiat"),
+                "unknown keys still named: {err}"
+            );
+        }
+
+        #[test]
+        fn durations_and_example_files() {
+            assert_eq!(
+                parse_duration("72h").unwrap(),
+                Duration::from_secs(72 * 3600)
+            );
+            assert!(parse_duration("5 parsecs").unwrap_err().contains("500ms"));
+            let text = "## prose stays\n# key = 1\nreal = 2\n#not = 3";
+            assert_eq!(
+                uncomment_example(text),
+                "## prose stays\nkey = 1\nreal = 2\n#not = 3"
+            );
+        }
     }
 }

@@ -98,9 +98,9 @@ pub fn agent_config(
     c.ingest.address = ingest;
     c.bearers = vec![BearerConfig::new("wan0", "127.0.0.1:0".parse().unwrap())];
     c.spool.path = pki_dir.join(format!("spool-{vehicle}.redb"));
-    c.ingest.idle_timeout_ms = 3_000;
-    c.reconnect.initial_backoff_ms = 100;
-    c.reconnect.max_backoff_ms = 1_000;
+    c.ingest.idle_timeout = Duration::from_secs(3);
+    c.reconnect.initial_backoff = Duration::from_millis(100);
+    c.reconnect.max_backoff = Duration::from_secs(1);
     c.tls.ca_cert = pki_dir.join("hospital-ca.pem");
     c.tls.cert = pki_dir.join(format!("{vehicle}.pem"));
     c.tls.key = pki_dir.join(format!("{vehicle}.key"));
@@ -119,9 +119,11 @@ pub fn replay(name: &str, speed: f64) -> SourceConfig {
 
 pub fn vitals_and_gps() -> Vec<SourceConfig> {
     vec![
-        SourceConfig::SyntheticVitals { interval_ms: 200 },
+        SourceConfig::SyntheticVitals {
+            interval: Duration::from_millis(200),
+        },
         SourceConfig::SyntheticGps {
-            interval_ms: 200,
+            interval: Duration::from_millis(200),
             start_latitude_deg: 52.5,
             start_longitude_deg: 13.4,
         },

@@ -91,7 +91,7 @@ impl SimConfig {
             agent: AgentConfig::default(),
             speed: 1.0,
             limits: Limits {
-                reorder_window: Duration::from_millis(ingest.reassembly.reorder_window_ms),
+                reorder_window: ingest.reassembly.reorder_window,
                 max_held: ingest.reassembly.max_held_frames,
                 max_gaps: ingest.reassembly.max_open_gaps,
             },
@@ -371,7 +371,7 @@ impl Sim {
             ECG,
             record.num_signals(),
             record.header.sampling_frequency,
-            cfg.agent.framing.frame_ms,
+            cfg.agent.framing.frame,
             1_700_000_000_000_000_000,
         );
         let agent = AgentState {
@@ -420,10 +420,7 @@ impl Sim {
             cfg,
         };
         sim.schedule_produce();
-        sim.at(
-            Duration::from_millis(sim.cfg.agent.spool.sync_interval_ms),
-            Event::SpoolCommit,
-        );
+        sim.at(sim.cfg.agent.spool.sync_interval, Event::SpoolCommit);
         for b in 0..sim.bearers.len() {
             sim.at(STATS_INTERVAL, Event::Stats(b));
         }
@@ -767,7 +764,7 @@ impl Sim {
         self.next_attempt += 1;
         self.bearers[b].attempts.insert(attempt, self.now);
         self.offer(b, 0, Way::Up, Packet::Initial { attempt }, HANDSHAKE_PACKET);
-        let timeout = Duration::from_millis(self.cfg.agent.reconnect.handshake_timeout_ms);
+        let timeout = self.cfg.agent.reconnect.handshake_timeout;
         self.at(self.now + timeout, Event::DialTimeout(b, attempt));
     }
 
@@ -778,7 +775,7 @@ impl Sim {
             Event::Produce => self.produce(),
             Event::Stats(b) => {
                 self.at(now + STATS_INTERVAL, Event::Stats(b));
-                let idle = Duration::from_millis(self.cfg.agent.ingest.idle_timeout_ms);
+                let idle = self.cfg.agent.ingest.idle_timeout;
                 let link = &mut self.bearers[b];
                 let (Some(generation), Some(agent)) = (link.connected, self.agent.as_mut()) else {
                     return;
@@ -802,7 +799,7 @@ impl Sim {
             Event::Probe(b, generation) => {
                 if self.agent.is_some() && self.bearers[b].connected == Some(generation) {
                     self.offer(b, generation, Way::Up, Packet::Ping, SMALL_PACKET);
-                    let every = Duration::from_millis(self.cfg.agent.scheduling.probe_interval_ms);
+                    let every = self.cfg.agent.scheduling.probe_interval;
                     self.at(now + every, Event::Probe(b, generation));
                 }
             }
@@ -819,7 +816,7 @@ impl Sim {
                 if alive && !cancelled {
                     self.bearers[r.bearer].lost_packets += 1;
                     self.bearers[r.bearer].stats.packets_lost += 1;
-                    let idle = Duration::from_millis(self.cfg.agent.ingest.idle_timeout_ms);
+                    let idle = self.cfg.agent.ingest.idle_timeout;
                     let pto = (r.pto * 2).min(idle);
                     self.send_reliable_with(r.bearer, r.generation, r.way, r.packet, r.size, pto);
                 }
@@ -833,7 +830,7 @@ impl Sim {
             }
             Event::IngestCommit => self.commit_at_ingest(),
             Event::SpoolCommit => {
-                let every = Duration::from_millis(self.cfg.agent.spool.sync_interval_ms);
+                let every = self.cfg.agent.spool.sync_interval;
                 self.at(now + every, Event::SpoolCommit);
                 self.commit_spool();
             }
@@ -969,7 +966,7 @@ impl Sim {
             ECG,
             self.record.num_signals(),
             self.record.header.sampling_frequency,
-            self.cfg.agent.framing.frame_ms,
+            self.cfg.agent.framing.frame,
             1_700_000_000_000_000_000 + self.now.as_nanos() as i64,
         );
         self.source_start = self.now;
@@ -1051,7 +1048,7 @@ impl Sim {
                 link.rtt = Some((now - started) / 2);
                 link.stats.connects += 1;
                 agent.sched.on_connected(b, g, inst);
-                let every = Duration::from_millis(self.cfg.agent.scheduling.probe_interval_ms);
+                let every = self.cfg.agent.scheduling.probe_interval;
                 self.at(now + every, Event::Probe(b, g));
             }
             Packet::QuicAck { sent_at } => {

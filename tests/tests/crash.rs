@@ -27,14 +27,16 @@ fn spawn_ingest(
         .append(true)
         .open(log)
         .unwrap();
-    let cli = hospital_ingest::config::Cli {
-        quic_listen: Some(format!("127.0.0.1:{quic}").parse().unwrap()),
-        grpc_listen: Some(format!("127.0.0.1:{grpc}").parse().unwrap()),
-        store_path: Some(store.to_owned()),
-        ..hospital_ingest::config::Cli::for_dev_pki(pki.path())
-    };
+    let mut cfg = hospital_ingest::IngestConfig::default();
+    cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
+    cfg.store.path = store.to_owned();
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki.path());
+    let config = store.with_extension("toml");
+    std::fs::write(&config, cfg.to_toml().unwrap()).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
-        .args(cli.to_args())
+        .arg("--config")
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -62,7 +64,7 @@ async fn ingest_killed_twice_mid_stream_loses_no_sample() {
         format!("127.0.0.1:{quic}").parse().unwrap(),
         sources,
     );
-    cfg.framing.frame_ms = 200;
+    cfg.framing.frame = Duration::from_millis(200);
     // Two bearers, both to the ingest that dies: each must find the restarted one.
     cfg.bearers = ["wan0", "wan1"]
         .map(|n| BearerConfig::new(n, "127.0.0.1:0".parse().unwrap()))

@@ -17,7 +17,7 @@ async fn round_trip(vehicle: &str, record_name: &str, speed: f64, frame_ms: u32,
     let mut sources = vec![replay(record_name, speed)];
     sources.extend(vitals_and_gps());
     let mut cfg = agent_config(pki.path(), vehicle, ingest.quic_addr, sources);
-    cfg.framing.frame_ms = frame_ms;
+    cfg.framing.frame = Duration::from_millis(u64::from(frame_ms));
     let agent = Agent::start(cfg).await.unwrap();
 
     let url = format!("https://{}", ingest.grpc_addr);

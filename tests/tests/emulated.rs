@@ -28,7 +28,7 @@ async fn record_100_crosses_a_link_with_5_percent_loss_and_50_ms_delay_bit_exact
     let mut sources = vec![replay("100", 60.0)];
     sources.extend(vitals_and_gps());
     let mut cfg = agent_config(pki.path(), "amb-1", link.addr, sources);
-    cfg.framing.frame_ms = 200;
+    cfg.framing.frame = Duration::from_millis(200);
     let agent = Agent::start(cfg).await.unwrap();
 
     let url = format!("https://{}", ingest.grpc_addr);
@@ -69,10 +69,10 @@ async fn a_stopping_agent_dials_again_to_drain_what_is_unacknowledged() {
         .await
         .unwrap();
     let mut cfg = agent_config(pki.path(), "amb-2", link.addr, vitals_and_gps());
-    cfg.buffer.stop_drain_ms = 30_000;
+    cfg.buffer.stop_drain = Duration::from_secs(30);
     // Attempts fail fast while the link is down, so the stop request finds the agent between
     // attempts rather than inside a handshake that might outlive the outage.
-    cfg.reconnect.handshake_timeout_ms = 1_000;
+    cfg.reconnect.handshake_timeout = Duration::from_secs(1);
     let agent = Agent::start(cfg).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The connection dies (idle timeout 3 s) while frames keep being produced; the agent is

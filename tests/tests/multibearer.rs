@@ -311,17 +311,17 @@ async fn agent_killed_mid_run_loses_nothing_older_than_the_sync_interval() {
 vehicle_id = "amb-3"
 [ingest]
 address = "{ingest}"
-idle_timeout_ms = 3000
+idle_timeout = "3s"
 [tls]
 ca_cert = "{ca}"
 cert = "{cert}"
 key = "{key}"
 [reconnect]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
+initial_backoff = "100ms"
+max_backoff = "1s"
 [spool]
 path = "{spool}"
-sync_interval_ms = {sync_ms}
+sync_interval = "{sync_ms}ms"
 [[bearers]]
 name = "wan0"
 bind = "127.0.0.1:0"
@@ -459,7 +459,7 @@ async fn record_100_over_two_driving_traces_for_10_minutes_arrives_bit_exact() {
         );
     }
     let mut cfg = agent_config(pki.path(), "amb-4", links[0].addr, vec![replay("100", 3.0)]);
-    cfg.framing.frame_ms = 120;
+    cfg.framing.frame = Duration::from_millis(120);
     over_links(&mut cfg, &links);
     let agent = Agent::start(cfg).await.unwrap();
     let url = format!("https://{}", ingest.grpc_addr);

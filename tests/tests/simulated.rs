@@ -156,7 +156,7 @@ fn record_100_over_two_driving_traces_for_10_minutes_arrives_bit_exact() {
         .collect();
     let mut cfg = SimConfig::new(links);
     cfg.speed = 3.0;
-    cfg.agent.framing.frame_ms = 120;
+    cfg.agent.framing.frame = ms(120);
     let mut sim = Sim::new(cfg, &record("100"));
     sim.stop_producing_at(s(600));
     assert!(sim.run_until_drained(s(900)), "everything is acknowledged");

@@ -15,7 +15,7 @@ async fn stalled_subscriber_is_cut_off_while_another_keeps_up() {
     let work = tempfile::tempdir().unwrap();
     let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
     cfg.grpc.subscriber_queue = 16;
-    cfg.grpc.slow_subscriber_timeout_ms = 1_000;
+    cfg.grpc.slow_subscriber_timeout = Duration::from_secs(1);
     cfg.grpc.live_buffer = 256;
     let ingest = Ingest::start(cfg).await.unwrap();
     let url = format!("https://{}", ingest.grpc_addr);

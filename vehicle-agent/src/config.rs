@@ -1,34 +1,103 @@
-//! Agent configuration: a TOML file with every key optional (embedded defaults), and CLI flags
-//! that override single values without clobbering the rest of the file.
+//! Agent configuration: one struct, [`AgentConfig`], read from a TOML file (every key
+//! optional, embedded defaults, unknown keys refused) and overridden key by key by flags
+//! (`--help` lists them; an absent flag keeps the file's value). Durations are written as
+//! durations (`"500ms"`, `"10s"`); the keys of earlier versions (`*_ms`, `*_s`) are refused
+//! with a message naming their replacement. `deploy/config/vehicle-agent.toml` shows every key
+//! with its default (a test holds it to that).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use clap::{Args, Parser};
+use relay_ops::config::{Rename, parse_duration};
+use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Policy;
 pub use relay_ops::config::ConfigError;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Keys of earlier versions and their replacements.
+pub const RENAMED_KEYS: &[Rename] = &[
+    ("ingest.idle_timeout_ms", "ingest.idle_timeout"),
+    ("scheduling.live_window_ms", "scheduling.live_window"),
+    ("scheduling.suspect_floor_ms", "scheduling.suspect_floor"),
+    ("scheduling.down_after_ms", "scheduling.down_after"),
+    ("scheduling.probe_interval_ms", "scheduling.probe_interval"),
+    ("spool.sync_interval_ms", "spool.sync_interval"),
+    ("framing.frame_ms", "framing.frame"),
+    ("buffer.stop_drain_ms", "buffer.stop_drain"),
+    ("reconnect.initial_backoff_ms", "reconnect.initial_backoff"),
+    ("reconnect.max_backoff_ms", "reconnect.max_backoff"),
+    ("reconnect.redial_interval_ms", "reconnect.redial_interval"),
+    (
+        "reconnect.handshake_timeout_ms",
+        "reconnect.handshake_timeout",
+    ),
+    ("bearers[].budget_period_s", "bearers[].budget_period"),
+    ("sources[].interval_ms", "sources[].interval"),
+];
+
+/// Modems on one router, at most.
+pub const MAX_BEARERS: usize = 8;
+
+/// Everything the agent is told, from the file and the command line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Parser)]
 #[serde(deny_unknown_fields, default)]
+#[command(
+    name = "vehicle-agent",
+    version,
+    about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS",
+    long_about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS.\n\nEvery setting has a default; --config names a TOML file (see deploy/config/vehicle-agent.toml) and each flag overrides one key of it."
+)]
 pub struct AgentConfig {
+    /// TOML configuration file; flags override single keys of it.
+    #[serde(skip)]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Vehicle id; must equal the common name of the vehicle certificate.
+    #[arg(id = "vehicle_id", long = "vehicle-id", value_name = "ID")]
     pub vehicle_id: String,
+    /// The hospital ingest.
+    #[command(flatten)]
     pub ingest: IngestEndpoint,
+    /// This vehicle's certificate and the pinned ingest CA.
+    #[command(flatten)]
     pub tls: TlsFiles,
+    /// How waveforms are cut into frames.
+    #[command(flatten)]
     pub framing: Framing,
+    /// What is held until acknowledged.
+    #[command(flatten)]
     pub buffer: Buffer,
+    /// How bearers reconnect.
+    #[command(flatten)]
     pub reconnect: Reconnect,
+    /// The Prometheus endpoint.
+    #[command(flatten)]
     pub metrics: Metrics,
-    /// Cellular bearers: one QUIC connection each.
+    /// Cellular bearers, one QUIC connection each: NAME=ADDRESS[@INTERFACE], repeated; the
+    /// flags replace the file's list.
+    #[arg(id = "bearers", long = "bearer", value_name = "NAME=ADDR[@IFACE]")]
     pub bearers: Vec<BearerConfig>,
+    /// How frames are spread over the bearers.
+    #[command(flatten)]
     pub scheduling: Scheduling,
+    /// The crash-safe spool.
+    #[command(flatten)]
     pub spool: SpoolConfig,
+    /// Data sources, each one stream ([[sources]] in the file; --wfdb-record on the command
+    /// line).
+    #[arg(skip)]
     pub sources: Vec<SourceConfig>,
+    /// Command-line shortcut for a WFDB replay source.
+    #[serde(skip)]
+    #[command(flatten)]
+    pub replay: ReplayFlags,
 }
 
 /// One bearer (modem): its own local address or network interface.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BearerConfig {
     /// Name used in logs and metric labels.
@@ -37,25 +106,27 @@ pub struct BearerConfig {
     #[serde(default = "any_address")]
     pub bind: SocketAddr,
     /// Network interface to bind with SO_BINDTODEVICE (Linux; needs CAP_NET_RAW).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
     /// Ingest address over this bearer when it differs from `ingest.address` (a carrier's
     /// private APN, or a link emulator in tests).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<SocketAddr>,
-    /// Bytes this bearer may send per `budget_period_s` (metered SIM); beyond it the bearer is
+    /// Bytes this bearer may send per `budget_period` (metered SIM); beyond it the bearer is
     /// used only when no other can carry.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_bytes: Option<u64>,
-    #[serde(default = "default_budget_period")]
-    pub budget_period_s: u64,
+    /// The period of `budget_bytes`.
+    #[serde(default = "default_budget_period", with = "humantime_serde")]
+    pub budget_period: Duration,
 }
 
 fn any_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
-fn default_budget_period() -> u64 {
-    30 * 24 * 3600
+
+fn default_budget_period() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 impl std::str::FromStr for BearerConfig {
@@ -89,107 +160,210 @@ impl BearerConfig {
             interface: None,
             remote: None,
             budget_bytes: None,
-            budget_period_s: default_budget_period(),
+            budget_period: default_budget_period(),
         }
     }
 }
 
 /// How frames are spread over the bearers.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scheduling {
-    /// Policy per class: "fastest", "redundant" (best two bearers) or "backup" (the first
+    /// Policy for events: "fastest", "redundant" (best two bearers) or "backup" (the first
     /// configured bearer while it is up, others only when it is not).
+    #[arg(
+        id = "scheduling.events",
+        long = "scheduling-events",
+        value_name = "POLICY"
+    )]
     pub events: Policy,
+    /// Policy for ECG and other waveforms.
+    #[arg(
+        id = "scheduling.waveforms",
+        long = "scheduling-waveforms",
+        value_name = "POLICY"
+    )]
     pub waveforms: Policy,
+    /// Policy for vital signs.
+    #[arg(
+        id = "scheduling.vitals",
+        long = "scheduling-vitals",
+        value_name = "POLICY"
+    )]
     pub vitals: Policy,
+    /// Policy for position reports.
+    #[arg(
+        id = "scheduling.location",
+        long = "scheduling-location",
+        value_name = "POLICY"
+    )]
     pub location: Policy,
+    /// Policy for anything else.
+    #[arg(
+        id = "scheduling.bulk",
+        long = "scheduling-bulk",
+        value_name = "POLICY"
+    )]
     pub bulk: Policy,
-    /// Frames younger than this form the live lane and go before any backlog, milliseconds.
-    pub live_window_ms: u64,
+    /// Frames younger than this form the live lane and go before any backlog.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "scheduling.live_window", long = "scheduling-live-window", value_name = "DURATION", value_parser = parse_duration)]
+    pub live_window: Duration,
     /// Per bearer: bytes sent and not yet acknowledged at most.
+    #[arg(
+        id = "scheduling.max_in_flight_bytes",
+        long = "scheduling-max-in-flight-bytes",
+        value_name = "BYTES"
+    )]
     pub max_in_flight_bytes: usize,
-    /// Floor of the loss-detection time (2*SRTT + 4*RTTVAR), milliseconds.
-    pub suspect_floor_ms: u64,
-    /// A suspect bearer is down after this much more silence, milliseconds.
-    pub down_after_ms: u64,
-    /// Probe (QUIC keep-alive) interval on every bearer, milliseconds.
-    pub probe_interval_ms: u64,
+    /// Floor of the loss-detection time (2*SRTT + 4*RTTVAR).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "scheduling.suspect_floor", long = "scheduling-suspect-floor", value_name = "DURATION", value_parser = parse_duration)]
+    pub suspect_floor: Duration,
+    /// A suspect bearer is down after this much more silence.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "scheduling.down_after", long = "scheduling-down-after", value_name = "DURATION", value_parser = parse_duration)]
+    pub down_after: Duration,
+    /// Probe (QUIC keep-alive) interval on every bearer.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "scheduling.probe_interval", long = "scheduling-probe-interval", value_name = "DURATION", value_parser = parse_duration)]
+    pub probe_interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The crash-safe spool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
-    /// Crash-safe store of unacknowledged frames (created if missing).
+    /// Spool file (redb; created if missing).
+    #[arg(id = "spool.path", long = "spool", value_name = "FILE")]
     pub path: PathBuf,
-    /// Commit (fsync) interval, milliseconds: at most this much data is at risk on power loss.
-    pub sync_interval_ms: u64,
+    /// Commit (fsync) interval: at most this much data is at risk on power loss (1ms..=200ms).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "spool.sync_interval", long = "spool-sync-interval", value_name = "DURATION", value_parser = parse_duration)]
+    pub sync_interval: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The hospital ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestEndpoint {
     /// UDP address of the ingest's QUIC endpoint.
+    #[arg(id = "ingest.address", long = "ingest", value_name = "ADDR")]
     pub address: SocketAddr,
     /// Name the ingest certificate must carry.
+    #[arg(id = "ingest.server_name", long = "server-name", value_name = "NAME")]
     pub server_name: String,
-    /// Connection considered dead after this long without any packet, milliseconds.
-    pub idle_timeout_ms: u64,
+    /// A bearer's connection is closed after this long without any packet.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "ingest.idle_timeout", long = "ingest-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Per bearer: frames sent and not yet acknowledged at most (each on its own QUIC stream).
+    #[arg(
+        id = "ingest.max_in_flight_frames",
+        long = "ingest-max-in-flight-frames",
+        value_name = "N"
+    )]
     pub max_in_flight_frames: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// This vehicle's certificate and the pinned ingest CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsFiles {
     /// CA that signed the ingest certificate (pinned; the system store is never used).
+    #[arg(id = "tls.ca_cert", long = "ca-cert", value_name = "PEM")]
     pub ca_cert: PathBuf,
     /// This vehicle's certificate chain (PEM).
+    #[arg(id = "tls.cert", long = "cert", value_name = "PEM")]
     pub cert: PathBuf,
     /// This vehicle's private key (PEM).
+    #[arg(id = "tls.key", long = "key", value_name = "PEM")]
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// How waveforms are cut into frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Framing {
-    /// Duration of one waveform frame, milliseconds.
-    pub frame_ms: u32,
+    /// Duration of one waveform frame (whole milliseconds, 1ms..=1s).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "framing.frame", long = "frame", value_name = "DURATION", value_parser = parse_duration)]
+    pub frame: Duration,
     /// Largest encoded frame; must not exceed the ingest's bound.
+    #[arg(
+        id = "framing.max_frame_bytes",
+        long = "max-frame-bytes",
+        value_name = "BYTES"
+    )]
     pub max_frame_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// What is held until acknowledged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Buffer {
     /// Bytes of frames kept until acknowledged; when full, the lowest-priority oldest frames
     /// are evicted (and counted).
+    #[arg(
+        id = "buffer.max_unacked_bytes",
+        long = "buffer-max-unacked-bytes",
+        value_name = "BYTES"
+    )]
     pub max_unacked_bytes: usize,
-    /// On shutdown, keep delivering unacknowledged frames this long, milliseconds.
-    pub stop_drain_ms: u64,
+    /// On shutdown, keep delivering unacknowledged frames this long.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "buffer.stop_drain", long = "buffer-stop-drain", value_name = "DURATION", value_parser = parse_duration)]
+    pub stop_drain: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// How bearers reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reconnect {
-    /// Backoff after the ingest refused or closed a connection attempt.
-    pub initial_backoff_ms: u64,
-    pub max_backoff_ms: u64,
+    /// First backoff after the ingest refused or closed a connection attempt.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "reconnect.initial_backoff", long = "reconnect-initial-backoff", value_name = "DURATION", value_parser = parse_duration)]
+    pub initial_backoff: Duration,
+    /// Longest backoff.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "reconnect.max_backoff", long = "reconnect-max-backoff", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_backoff: Duration,
     /// While a bearer's path is silent, a new connection attempt starts this often.
-    pub redial_interval_ms: u64,
-    /// Handshake (QUIC + Hello) must finish within this, milliseconds.
-    pub handshake_timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "reconnect.redial_interval", long = "reconnect-redial-interval", value_name = "DURATION", value_parser = parse_duration)]
+    pub redial_interval: Duration,
+    /// Handshake (QUIC + Hello) must finish within this.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "reconnect.handshake_timeout", long = "reconnect-handshake-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// Prometheus endpoint (`GET /metrics`); none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(id = "metrics.listen", long = "metrics-listen", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 }
 
+/// Command-line shortcut: replace the configured ECG source by a WFDB replay.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct ReplayFlags {
+    /// Replay this WFDB record (path without extension) instead of the configured ECG source.
+    #[arg(long, value_name = "RECORD")]
+    pub wfdb_record: Option<PathBuf>,
+    /// Replay speed for --wfdb-record (1 = real time).
+    #[arg(long, requires = "wfdb_record", value_name = "FACTOR")]
+    pub speed: Option<f64>,
+    /// Loop --wfdb-record.
+    #[arg(long = "loop", requires = "wfdb_record")]
+    pub r#loop: bool,
+}
+
 /// A data source; each becomes one stream.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
 pub enum SourceConfig {
     /// Replays a PhysioNet WFDB record.
@@ -202,29 +376,37 @@ pub enum SourceConfig {
         /// Start again at the end (sample indices keep counting).
         #[serde(default)]
         r#loop: bool,
+        /// Stream name shown to subscribers.
         #[serde(default = "ecg_name")]
         name: String,
     },
     /// 12-lead ECG generator.
     SyntheticEcg {
+        /// Samples per second per lead.
         #[serde(default = "default_ecg_rate")]
         rate_hz: u32,
+        /// Heart rate of the generated rhythm.
         #[serde(default = "default_heart_rate")]
         heart_rate_bpm: f64,
+        /// Stream name shown to subscribers.
         #[serde(default = "ecg_name")]
         name: String,
     },
     /// HR, SpO2, NIBP, RR, EtCO2 and temperature.
     SyntheticVitals {
-        #[serde(default = "default_interval")]
-        interval_ms: u64,
+        /// One report per interval.
+        #[serde(default = "default_interval", with = "humantime_serde")]
+        interval: Duration,
     },
     /// A GPS track.
     SyntheticGps {
-        #[serde(default = "default_interval")]
-        interval_ms: u64,
+        /// One position per interval.
+        #[serde(default = "default_interval", with = "humantime_serde")]
+        interval: Duration,
+        /// Where the track starts.
         #[serde(default = "default_lat")]
         start_latitude_deg: f64,
+        /// Where the track starts.
         #[serde(default = "default_lon")]
         start_longitude_deg: f64,
     },
@@ -242,8 +424,8 @@ fn default_ecg_rate() -> u32 {
 fn default_heart_rate() -> f64 {
     72.0
 }
-fn default_interval() -> u64 {
-    1000
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_lat() -> f64 {
     52.5200
@@ -255,6 +437,7 @@ fn default_lon() -> f64 {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
+            config: None,
             vehicle_id: "amb-1".into(),
             ingest: IngestEndpoint::default(),
             tls: TlsFiles::default(),
@@ -272,14 +455,15 @@ impl Default for AgentConfig {
                     name: ecg_name(),
                 },
                 SourceConfig::SyntheticVitals {
-                    interval_ms: default_interval(),
+                    interval: default_interval(),
                 },
                 SourceConfig::SyntheticGps {
-                    interval_ms: default_interval(),
+                    interval: default_interval(),
                     start_latitude_deg: default_lat(),
                     start_longitude_deg: default_lon(),
                 },
             ],
+            replay: ReplayFlags::default(),
         }
     }
 }
@@ -289,7 +473,7 @@ impl Default for IngestEndpoint {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 4433)),
             server_name: "localhost".into(),
-            idle_timeout_ms: 10_000,
+            idle_timeout: Duration::from_secs(10),
             max_in_flight_frames: 256,
         }
     }
@@ -308,7 +492,7 @@ impl Default for TlsFiles {
 impl Default for Framing {
     fn default() -> Self {
         Self {
-            frame_ms: 40,
+            frame: Duration::from_millis(40),
             max_frame_bytes: relay_proto::DEFAULT_MAX_FRAME_BYTES,
         }
     }
@@ -318,7 +502,7 @@ impl Default for Buffer {
     fn default() -> Self {
         Self {
             max_unacked_bytes: 64 * 1024 * 1024,
-            stop_drain_ms: 3_000,
+            stop_drain: Duration::from_secs(3),
         }
     }
 }
@@ -333,16 +517,17 @@ impl Default for Scheduling {
             vitals: Policy::Fastest,
             location: Policy::Fastest,
             bulk: Policy::Backup,
-            live_window_ms: 1_000,
+            live_window: Duration::from_secs(1),
             max_in_flight_bytes: 4 * 1024 * 1024,
-            suspect_floor_ms: 60,
-            down_after_ms: 1_000,
-            probe_interval_ms: 250,
+            suspect_floor: Duration::from_millis(60),
+            down_after: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(250),
         }
     }
 }
 
 impl Scheduling {
+    /// Policy per class, indexed by [`relay_proto::Class::index`].
     pub fn policies(&self) -> [Policy; relay_proto::Class::COUNT] {
         [
             self.events,
@@ -358,7 +543,7 @@ impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
             path: "spool/vehicle-agent.redb".into(),
-            sync_interval_ms: 100,
+            sync_interval: Duration::from_millis(100),
         }
     }
 }
@@ -366,196 +551,187 @@ impl Default for SpoolConfig {
 impl Default for Reconnect {
     fn default() -> Self {
         Self {
-            initial_backoff_ms: 200,
-            max_backoff_ms: 5_000,
-            redial_interval_ms: 500,
-            handshake_timeout_ms: 4_000,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            redial_interval: Duration::from_millis(500),
+            handshake_timeout: Duration::from_secs(4),
         }
     }
 }
 
-/// Flags that override the file. Every field is optional so an absent flag keeps the file's value.
-#[derive(Debug, Clone, Default, clap::Parser)]
-#[command(
-    name = "vehicle-agent",
-    version,
-    about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS"
-)]
-pub struct Cli {
-    /// TOML configuration file (see deploy/config/vehicle-agent.toml).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub vehicle_id: Option<String>,
-    /// Ingest QUIC address, e.g. 127.0.0.1:4433.
-    #[arg(long)]
-    pub ingest: Option<SocketAddr>,
-    #[arg(long)]
-    pub server_name: Option<String>,
-    #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
-    #[arg(long)]
-    pub cert: Option<PathBuf>,
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    #[arg(long)]
-    pub frame_ms: Option<u32>,
-    /// Spool file (overrides spool.path).
-    #[arg(long)]
-    pub spool: Option<PathBuf>,
-    /// Bearers, replacing the configured list: NAME=ADDRESS[@INTERFACE], repeated.
-    #[arg(long = "bearer")]
-    pub bearers: Vec<BearerConfig>,
-    /// Replace the configured ECG source by a WFDB record replay.
-    #[arg(long)]
-    pub wfdb_record: Option<PathBuf>,
-    /// Replay speed for --wfdb-record.
-    #[arg(long, requires = "wfdb_record")]
-    pub speed: Option<f64>,
-    /// Loop --wfdb-record.
-    #[arg(long = "loop", requires = "wfdb_record")]
-    pub r#loop: bool,
-}
-
-/// Modems on one router, at most.
-pub const MAX_BEARERS: usize = 8;
-
 impl AgentConfig {
+    /// Parses a configuration file (renamed keys are refused with their replacement).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::read_toml(path)
+        relay_ops::config::read_toml(path, RENAMED_KEYS)
     }
 
+    /// Parses TOML text; `path` names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::parse_toml(text, path)
+        relay_ops::config::parse_toml(text, path, RENAMED_KEYS)
     }
 
-    /// Loads the file named by `cli.config` (or the defaults), applies the flags, validates.
-    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
-        let mut cfg = match &cli.config {
-            Some(p) => Self::from_file(p)?,
+    /// The configuration a command line asks for: the defaults, overridden by the file that
+    /// `--config` names, overridden by every other flag given; then validated. `--help` and
+    /// `--version` come back as [`ConfigError::Cli`] (call `exit()` on it).
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let mut flags = Self::default();
+        flags.try_update_from(&args)?;
+        let mut cfg = match &flags.config {
+            Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        cfg.apply(cli);
+        cfg.try_update_from(&args)?;
+        cfg.apply_replay_flags();
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn apply(&mut self, cli: &Cli) {
-        if let Some(v) = &cli.vehicle_id {
-            self.vehicle_id = v.clone();
-        }
-        if let Some(v) = cli.ingest {
-            self.ingest.address = v;
-        }
-        if let Some(v) = &cli.server_name {
-            self.ingest.server_name = v.clone();
-        }
-        if let Some(v) = &cli.ca_cert {
-            self.tls.ca_cert = v.clone();
-        }
-        if let Some(v) = &cli.cert {
-            self.tls.cert = v.clone();
-        }
-        if let Some(v) = &cli.key {
-            self.tls.key = v.clone();
-        }
-        if let Some(v) = cli.metrics_listen {
-            self.metrics.listen = Some(v);
-        }
-        if let Some(v) = cli.frame_ms {
-            self.framing.frame_ms = v;
-        }
-        if let Some(v) = &cli.spool {
-            self.spool.path = v.clone();
-        }
-        if !cli.bearers.is_empty() {
-            self.bearers = cli.bearers.clone();
-        }
-        if let Some(record) = &cli.wfdb_record {
-            let replay = SourceConfig::Wfdb {
-                record: record.clone(),
-                speed: cli.speed.unwrap_or(1.0),
-                r#loop: cli.r#loop,
-                name: ecg_name(),
-            };
-            let ecg = self.sources.iter().position(|s| {
-                matches!(
-                    s,
-                    SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. }
-                )
-            });
-            match ecg {
-                Some(i) => self.sources[i] = replay,
-                None => self.sources.insert(0, replay),
-            }
+    /// `--wfdb-record` replaces the configured ECG source (or comes first if there is none).
+    fn apply_replay_flags(&mut self) {
+        let Some(record) = self.replay.wfdb_record.clone() else {
+            return;
+        };
+        let replay = SourceConfig::Wfdb {
+            record,
+            speed: self.replay.speed.unwrap_or(1.0),
+            r#loop: self.replay.r#loop,
+            name: ecg_name(),
+        };
+        let ecg = self.sources.iter().position(|s| {
+            matches!(
+                s,
+                SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. }
+            )
+        });
+        match ecg {
+            Some(i) => self.sources[i] = replay,
+            None => self.sources.insert(0, replay),
         }
     }
 
+    /// The configuration as TOML (what a file must hold to give it back).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
+    /// Checks every bound; the error names the key and the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let bad = |key: &str, value: &dyn std::fmt::Debug, reason: &str| {
+            Err(ConfigError::invalid(key, value, reason))
+        };
         if !relay_proto::is_valid_vehicle_id(&self.vehicle_id) {
-            return bad(format!(
-                "vehicle_id {:?} must be 1-64 of [A-Za-z0-9._-]",
-                self.vehicle_id
-            ));
+            return bad(
+                "vehicle_id",
+                &self.vehicle_id,
+                "must be 1-64 of [A-Za-z0-9._-]",
+            );
         }
-        if !(1..=1000).contains(&self.framing.frame_ms) {
-            return bad("framing.frame_ms must be 1..=1000".into());
+        let frame = self.framing.frame;
+        if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&frame)
+            || !frame.subsec_nanos().is_multiple_of(1_000_000)
+        {
+            return bad(
+                "framing.frame",
+                &frame,
+                "must be whole milliseconds, 1ms..=1s",
+            );
         }
         if self.framing.max_frame_bytes < 1024 {
-            return bad("framing.max_frame_bytes must be at least 1024".into());
+            return bad(
+                "framing.max_frame_bytes",
+                &self.framing.max_frame_bytes,
+                "must be at least 1024",
+            );
         }
         if self.ingest.max_in_flight_frames == 0 {
-            return bad("ingest.max_in_flight_frames must be positive".into());
+            return bad("ingest.max_in_flight_frames", &0, "must be positive");
+        }
+        if self.ingest.idle_timeout < Duration::from_millis(100) {
+            return bad(
+                "ingest.idle_timeout",
+                &self.ingest.idle_timeout,
+                "must be at least 100ms",
+            );
         }
         if self.buffer.max_unacked_bytes < self.framing.max_frame_bytes {
-            return bad("buffer.max_unacked_bytes must hold at least one frame".into());
+            return bad(
+                "buffer.max_unacked_bytes",
+                &self.buffer.max_unacked_bytes,
+                "must hold at least one frame (framing.max_frame_bytes)",
+            );
         }
-        if self.reconnect.redial_interval_ms == 0 || self.reconnect.handshake_timeout_ms == 0 {
-            return bad("reconnect: redial_interval_ms and handshake_timeout_ms positive".into());
+        let r = &self.reconnect;
+        for (key, value) in [
+            ("reconnect.redial_interval", r.redial_interval),
+            ("reconnect.handshake_timeout", r.handshake_timeout),
+            ("reconnect.initial_backoff", r.initial_backoff),
+        ] {
+            if value.is_zero() {
+                return bad(key, &value, "must be positive");
+            }
         }
-        if self.reconnect.initial_backoff_ms == 0
-            || self.reconnect.max_backoff_ms < self.reconnect.initial_backoff_ms
-        {
-            return bad("reconnect: 0 < initial_backoff_ms <= max_backoff_ms".into());
+        if r.max_backoff < r.initial_backoff {
+            return bad(
+                "reconnect.max_backoff",
+                &r.max_backoff,
+                "must be at least reconnect.initial_backoff",
+            );
         }
         if self.sources.is_empty() {
-            return bad("at least one source is needed".into());
+            return bad("sources", &self.sources, "at least one source is needed");
         }
         if self.bearers.is_empty() || self.bearers.len() > MAX_BEARERS {
-            return bad(format!("1..={MAX_BEARERS} bearers are needed"));
+            return bad(
+                "bearers",
+                &self.bearers.len(),
+                &format!("1..={MAX_BEARERS} bearers are needed"),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for b in &self.bearers {
             if !relay_proto::is_valid_vehicle_id(&b.name) || !names.insert(&b.name) {
-                return bad(format!(
-                    "bearer name {:?} must be unique, 1-64 of [A-Za-z0-9._-]",
-                    b.name
-                ));
+                return bad(
+                    "bearers[].name",
+                    &b.name,
+                    "must be unique, 1-64 of [A-Za-z0-9._-]",
+                );
             }
-            if b.budget_period_s == 0 {
-                return bad(format!(
-                    "bearer {}: budget_period_s must be positive",
-                    b.name
-                ));
+            if b.budget_period.is_zero() {
+                return bad(
+                    "bearers[].budget_period",
+                    &b.budget_period,
+                    "must be positive",
+                );
             }
         }
         let sc = &self.scheduling;
-        if sc.live_window_ms == 0
-            || sc.suspect_floor_ms == 0
-            || sc.probe_interval_ms == 0
-            || sc.max_in_flight_bytes < self.framing.max_frame_bytes
-        {
+        for (key, value) in [
+            ("scheduling.live_window", sc.live_window),
+            ("scheduling.suspect_floor", sc.suspect_floor),
+            ("scheduling.probe_interval", sc.probe_interval),
+        ] {
+            if value.is_zero() {
+                return bad(key, &value, "must be positive");
+            }
+        }
+        if sc.max_in_flight_bytes < self.framing.max_frame_bytes {
             return bad(
-                "scheduling: windows and intervals positive, max_in_flight_bytes >= max_frame_bytes"
-                    .into(),
+                "scheduling.max_in_flight_bytes",
+                &sc.max_in_flight_bytes,
+                "must be at least framing.max_frame_bytes",
             );
         }
-        if !(1..=200).contains(&self.spool.sync_interval_ms) {
+        let sync = self.spool.sync_interval;
+        if !(Duration::from_millis(1)..=Duration::from_millis(200)).contains(&sync) {
             return bad(
-                "spool.sync_interval_ms must be 1..=200 (data at risk on power loss)".into(),
+                "spool.sync_interval",
+                &sync,
+                "must be 1ms..=200ms (data at risk on power loss)",
             );
         }
         for s in &self.sources {
@@ -563,20 +739,25 @@ impl AgentConfig {
                 SourceConfig::Wfdb { speed, .. }
                     if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) =>
                 {
-                    return bad(format!("wfdb speed {speed} must be in (0, 10000]"));
+                    return bad("sources[].speed", speed, "must be in (0, 10000]");
                 }
-                SourceConfig::SyntheticEcg {
-                    rate_hz,
-                    heart_rate_bpm,
-                    ..
-                } if !(50..=2000).contains(rate_hz) || !(20.0..=300.0).contains(heart_rate_bpm) => {
-                    return bad("synthetic_ecg: rate_hz 50..=2000, heart_rate_bpm 20..=300".into());
+                SourceConfig::SyntheticEcg { rate_hz, .. } if !(50..=2000).contains(rate_hz) => {
+                    return bad("sources[].rate_hz", rate_hz, "must be 50..=2000");
                 }
-                SourceConfig::SyntheticVitals { interval_ms }
-                | SourceConfig::SyntheticGps { interval_ms, .. }
-                    if *interval_ms < 10 =>
+                SourceConfig::SyntheticEcg { heart_rate_bpm, .. }
+                    if !(20.0..=300.0).contains(heart_rate_bpm) =>
                 {
-                    return bad("interval_ms must be at least 10".into());
+                    return bad(
+                        "sources[].heart_rate_bpm",
+                        heart_rate_bpm,
+                        "must be 20..=300",
+                    );
+                }
+                SourceConfig::SyntheticVitals { interval }
+                | SourceConfig::SyntheticGps { interval, .. }
+                    if *interval < Duration::from_millis(10) =>
+                {
+                    return bad("sources[].interval", interval, "must be at least 10ms");
                 }
                 _ => {}
             }
@@ -588,42 +769,87 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+
+    fn example() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml")
+    }
 
     #[test]
-    fn shipped_example_config_parses_and_validates() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml");
-        let cfg = AgentConfig::from_file(&path).unwrap();
-        cfg.validate().unwrap();
-        assert_eq!(cfg.sources.len(), 3);
+    fn the_commented_example_file_is_the_defaults() {
+        let text = std::fs::read_to_string(example()).unwrap();
+        let as_shipped = AgentConfig::from_toml(&text, &example()).unwrap();
+        assert_eq!(
+            as_shipped,
+            AgentConfig::default(),
+            "every key is commented out"
+        );
+        let uncommented = relay_ops::config::uncomment_example(&text);
+        let every_key = AgentConfig::from_toml(&uncommented, &example()).unwrap();
+        assert_eq!(
+            every_key,
+            AgentConfig::default(),
+            "each shown value is the default"
+        );
+        every_key.validate().unwrap();
+        // Every key of the configuration appears in the example.
+        let shown: toml::Table = toml::from_str(&uncommented).unwrap();
+        let all: toml::Table = toml::from_str(&AgentConfig::default().to_toml().unwrap()).unwrap();
+        for (section, value) in &all {
+            // A section whose every default is "absent" (metrics) has nothing to show.
+            if value.as_table().is_some_and(|t| t.is_empty()) {
+                continue;
+            }
+            assert!(
+                shown.contains_key(section),
+                "{section} missing from the example"
+            );
+            if let (Some(want), Some(have)) = (value.as_table(), shown[section].as_table()) {
+                for key in want.keys() {
+                    assert!(
+                        have.contains_key(key),
+                        "{section}.{key} missing from the example"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn flags_override_only_what_they_name() {
-        let toml = r#"
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            r#"
             vehicle_id = "amb-7"
             [ingest]
             address = "10.0.0.1:5000"
             server_name = "ingest.example"
             [framing]
-            frame_ms = 20
-        "#;
-        let mut cfg = AgentConfig::from_toml(toml, Path::new("t.toml")).unwrap();
-        let cli = Cli::parse_from([
-            "vehicle-agent",
-            "--ingest",
-            "127.0.0.1:9",
-            "--wfdb-record",
-            "x/100",
-            "--speed",
-            "4",
-        ]);
-        cfg.apply(&cli);
+            frame = "20ms"
+            "#,
+        )
+        .unwrap();
+        let cfg = AgentConfig::load_from([
+            "vehicle-agent".as_ref(),
+            "--config".as_ref(),
+            file.as_os_str(),
+            "--ingest".as_ref(),
+            "127.0.0.1:9".as_ref(),
+            "--wfdb-record".as_ref(),
+            "x/100".as_ref(),
+            "--speed".as_ref(),
+            "4".as_ref(),
+            "--scheduling-live-window".as_ref(),
+            "2s".as_ref(),
+        ] as [&std::ffi::OsStr; 11])
+        .unwrap();
         assert_eq!(cfg.vehicle_id, "amb-7");
         assert_eq!(cfg.ingest.address, "127.0.0.1:9".parse().unwrap());
         assert_eq!(cfg.ingest.server_name, "ingest.example");
-        assert_eq!(cfg.framing.frame_ms, 20);
+        assert_eq!(cfg.framing.frame, Duration::from_millis(20));
+        assert_eq!(cfg.scheduling.live_window, Duration::from_secs(2));
+        assert_eq!(cfg.scheduling.probe_interval, Duration::from_millis(250));
         assert!(matches!(&cfg.sources[0], SourceConfig::Wfdb { speed, .. } if *speed == 4.0));
         assert_eq!(
             cfg.sources.len(),
@@ -634,7 +860,7 @@ mod tests {
 
     #[test]
     fn bearers_and_spool_from_flags_and_their_bounds() {
-        let cli = Cli::parse_from([
+        let cfg = AgentConfig::load_from([
             "vehicle-agent",
             "--bearer",
             "wan0=10.0.0.2:0",
@@ -642,10 +868,8 @@ mod tests {
             "wan1=0.0.0.0:0@wwan1",
             "--spool",
             "/var/lib/x.redb",
-        ]);
-        let mut cfg = AgentConfig::default();
-        cfg.apply(&cli);
-        cfg.validate().unwrap();
+        ])
+        .unwrap();
         assert_eq!(cfg.bearers.len(), 2);
         assert_eq!(cfg.bearers[0].bind, "10.0.0.2:0".parse().unwrap());
         assert_eq!(cfg.bearers[1].interface.as_deref(), Some("wwan1"));
@@ -654,42 +878,90 @@ mod tests {
 
         let mut twice = cfg.clone();
         twice.bearers[1].name = "wan0".into();
-        assert!(twice.validate().is_err(), "bearer names are labels: unique");
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("bearers[].name = \"wan0\""), "{err}");
         let mut none = cfg.clone();
         none.bearers.clear();
         assert!(none.validate().is_err());
         let mut slow = cfg.clone();
-        slow.spool.sync_interval_ms = 500;
-        assert!(slow.validate().is_err(), "more than 200 ms of data at risk");
+        slow.spool.sync_interval = Duration::from_millis(500);
+        let err = slow.validate().unwrap_err().to_string();
+        assert!(err.contains("spool.sync_interval = 500ms"), "{err}");
         let toml = r#"
             [[bearers]]
             name = "lte-a"
             interface = "wwan0"
             budget_bytes = 1000000
+            budget_period = "1day"
             [scheduling]
             waveforms = "fastest"
         "#;
         let cfg = AgentConfig::from_toml(toml, Path::new("t.toml")).unwrap();
         assert_eq!(cfg.bearers[0].budget_bytes, Some(1_000_000));
+        assert_eq!(cfg.bearers[0].budget_period, Duration::from_secs(86_400));
         assert_eq!(cfg.scheduling.waveforms, Policy::Fastest);
         assert_eq!(cfg.scheduling.events, Policy::Redundant, "default kept");
     }
 
     #[test]
-    fn unknown_keys_are_refused() {
+    fn unknown_and_renamed_keys_are_refused_by_name() {
         let err = AgentConfig::from_toml("vehicle_idd = \"x\"", Path::new("t.toml")).unwrap_err();
         assert!(err.to_string().contains("vehicle_idd"), "{err}");
+        let err =
+            AgentConfig::from_toml("[scheduling]\nlive_window_ms = 1000", Path::new("t.toml"))
+                .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Renamed {
+                    new: "scheduling.live_window",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = AgentConfig::from_toml(
+            "[[sources]]\ntype = \"synthetic_vitals\"\ninterval_ms = 500",
+            Path::new("t.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sources[].interval"), "{err}");
+        let err = AgentConfig::load_from(["vehicle-agent", "--frame", "forty"]).unwrap_err();
+        assert!(matches!(err, ConfigError::Cli(_)), "{err}");
     }
 
     #[test]
-    fn invalid_values_are_refused() {
+    fn invalid_values_are_refused_naming_key_and_value() {
         let cfg = AgentConfig {
             vehicle_id: "no spaces".into(),
             ..AgentConfig::default()
         };
-        assert!(cfg.validate().is_err());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("vehicle_id = \"no spaces\""), "{err}");
         let mut cfg = AgentConfig::default();
-        cfg.framing.frame_ms = 0;
-        assert!(cfg.validate().is_err());
+        cfg.framing.frame = Duration::from_micros(40_500);
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("framing.frame")
+        );
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        use clap::CommandFactory;
+        let cmd = AgentConfig::command_for_update();
+        for arg in cmd.get_arguments() {
+            if ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help().is_some(),
+                "--{:?} has no help",
+                arg.get_long()
+            );
+        }
+        AgentConfig::command().debug_assert();
     }
 }

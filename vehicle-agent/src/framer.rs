@@ -1,5 +1,7 @@
 //! Sans-IO framer: turns a stream of interleaved samples into numbered, timestamped frames.
 
+use std::time::Duration;
+
 use relay_proto::model::{Frame, WaveformChunk, frame::Payload};
 
 /// Chunks one waveform group. Frame `n` carries samples `[n*spf, (n+1)*spf)`; its capture time
@@ -21,10 +23,10 @@ impl WaveformFramer {
         stream_id: u32,
         channels: usize,
         rate_hz: f64,
-        frame_ms: u32,
+        frame: Duration,
         epoch_ns: i64,
     ) -> Self {
-        let samples_per_frame = ((rate_hz * frame_ms as f64 / 1000.0).round() as usize).max(1);
+        let samples_per_frame = ((rate_hz * frame.as_secs_f64()).round() as usize).max(1);
         Self {
             stream_id,
             channels: channels.max(1),
@@ -108,7 +110,7 @@ mod tests {
 
     #[test]
     fn frames_are_numbered_and_timestamped_from_sample_index() {
-        let mut f = WaveformFramer::new(2, 2, 360.0, 40, 1_000_000_000);
+        let mut f = WaveformFramer::new(2, 2, 360.0, Duration::from_millis(40), 1_000_000_000);
         assert_eq!(f.samples_per_frame(), 14);
         let a = f.frame(vec![0; 28]);
         let b = f.frame(vec![0; 28]);
@@ -129,6 +131,9 @@ mod tests {
 
     #[test]
     fn at_least_one_sample_per_frame() {
-        assert_eq!(WaveformFramer::new(0, 1, 10.0, 1, 0).samples_per_frame(), 1);
+        assert_eq!(
+            WaveformFramer::new(0, 1, 10.0, Duration::from_millis(1), 0).samples_per_frame(),
+            1
+        );
     }
 }

@@ -15,8 +15,6 @@ pub mod spool;
 pub mod tls;
 pub mod uplink;
 
-use std::time::Duration;
-
 use anyhow::Context;
 use relay_proto::wire::v1::Hello;
 use tokio::task::JoinHandle;
@@ -59,7 +57,7 @@ impl Agent {
         cfg.validate()?;
         crate::metrics::describe();
         relay_ops::install_crypto_provider();
-        let keep_alive = Duration::from_millis(cfg.scheduling.probe_interval_ms);
+        let keep_alive = cfg.scheduling.probe_interval;
         let client = tls::client_config(&cfg.tls, &cfg.ingest, keep_alive)
             .context("building TLS client configuration")?;
         let mut prepared = Vec::new();
@@ -88,11 +86,8 @@ impl Agent {
             );
         }
         let spool_finish = CancellationToken::new();
-        let (spool_handle, spool_task) = spool::start(
-            spool,
-            Duration::from_millis(cfg.spool.sync_interval_ms),
-            spool_finish.clone(),
-        );
+        let (spool_handle, spool_task) =
+            spool::start(spool, cfg.spool.sync_interval, spool_finish.clone());
         let stop = CancellationToken::new();
         let failed = CancellationToken::new();
         let metrics_addr = match cfg.metrics.listen {
@@ -122,14 +117,14 @@ impl Agent {
         );
         let (tx, rx) = tokio::sync::mpsc::channel(SOURCE_QUEUE_FRAMES);
         let epoch = now_utc_ns();
-        let frame_ms = cfg.framing.frame_ms;
-        let drain = Duration::from_millis(cfg.buffer.stop_drain_ms);
+        let frame = cfg.framing.frame;
+        let drain = cfg.buffer.stop_drain;
         let sources = prepared
             .into_iter()
             .map(|p| {
                 (
                     p.descriptor.stream_id,
-                    tokio::spawn(p.run(frame_ms, epoch, tx.clone(), stop.clone())),
+                    tokio::spawn(p.run(frame, epoch, tx.clone(), stop.clone())),
                 )
             })
             .collect();
@@ -158,7 +153,7 @@ impl Agent {
         })
     }
 
-    /// Stops the sources, gives the uplink `buffer.stop_drain_ms` to deliver what is
+    /// Stops the sources, gives the uplink `buffer.stop_drain` to deliver what is
     /// unacknowledged (what is left stays in the spool), then closes the bearers.
     pub async fn shutdown(self) -> anyhow::Result<AgentSummary> {
         self.stop.cancel();

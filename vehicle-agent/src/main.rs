@@ -1,12 +1,11 @@
 use anyhow::Context;
-use clap::Parser;
-use vehicle_agent::config::{AgentConfig, Cli};
+use vehicle_agent::config::AgentConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     relay_ops::init_logging("info");
-    let cli = Cli::parse();
-    let cfg = AgentConfig::load(&cli).context("loading configuration")?;
+    let cfg = relay_ops::config::exit_on_cli(AgentConfig::load_from(std::env::args_os()))
+        .context("loading configuration")?;
     let agent = vehicle_agent::Agent::start(cfg).await?;
     tokio::select! {
         () = relay_ops::shutdown_signal() => tracing::info!("shutting down"),

@@ -152,7 +152,7 @@ impl PreparedSource {
                     heart_rate_bpm: *heart_rate_bpm,
                 },
             },
-            SourceConfig::SyntheticVitals { interval_ms } => Self {
+            SourceConfig::SyntheticVitals { interval } => Self {
                 descriptor: StreamDescriptor {
                     stream_id,
                     kind: StreamKind::Vitals as i32,
@@ -160,11 +160,11 @@ impl PreparedSource {
                     waveform: None,
                 },
                 kind: Kind::Vitals {
-                    interval: Duration::from_millis(*interval_ms),
+                    interval: *interval,
                 },
             },
             SourceConfig::SyntheticGps {
-                interval_ms,
+                interval,
                 start_latitude_deg,
                 start_longitude_deg,
             } => Self {
@@ -175,7 +175,7 @@ impl PreparedSource {
                     waveform: None,
                 },
                 kind: Kind::Gps {
-                    interval: Duration::from_millis(*interval_ms),
+                    interval: *interval,
                     lat: *start_latitude_deg,
                     lon: *start_longitude_deg,
                 },
@@ -187,7 +187,7 @@ impl PreparedSource {
     /// the first sample. Returns the number of frames produced.
     pub async fn run(
         self,
-        frame_ms: u32,
+        frame: Duration,
         epoch_ns: i64,
         tx: mpsc::Sender<Frame>,
         stop: CancellationToken,
@@ -203,7 +203,7 @@ impl PreparedSource {
                 let channels = record.num_signals();
                 let rate = record.header.sampling_frequency;
                 let total = record.samples_per_signal as u64;
-                let framer = WaveformFramer::new(stream_id, channels, rate, frame_ms, epoch_ns);
+                let framer = WaveformFramer::new(stream_id, channels, rate, frame, epoch_ns);
                 let next = move |first: u64, count: usize| -> Option<Vec<i32>> {
                     if !looping && first >= total {
                         return None;
@@ -225,7 +225,7 @@ impl PreparedSource {
                 rate_hz,
                 heart_rate_bpm,
             } => {
-                let framer = WaveformFramer::new(stream_id, 12, rate_hz as f64, frame_ms, epoch_ns);
+                let framer = WaveformFramer::new(stream_id, 12, rate_hz as f64, frame, epoch_ns);
                 let model = SyntheticEcg::new(rate_hz as f64, heart_rate_bpm);
                 let next = move |first: u64, count: usize| -> Option<Vec<i32>> {
                     let mut out = Vec::with_capacity(count * 12);
@@ -532,7 +532,8 @@ mod tests {
         let original = wfdb::read_record(&record).unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let started = Instant::now();
-        let task = tokio::spawn(src.run(40, 0, tx, CancellationToken::new()));
+        let task =
+            tokio::spawn(src.run(Duration::from_millis(40), 0, tx, CancellationToken::new()));
         let mut samples = Vec::new();
         let mut last_seq = None;
         while let Some(f) = rx.recv().await {

@@ -39,7 +39,7 @@ pub fn client_config(
     // Keep-alives are also the probes that measure an idle or backup bearer.
     transport.keep_alive_interval(Some(keep_alive));
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_millis(endpoint.idle_timeout_ms))
+        quinn::IdleTimeout::try_from(endpoint.idle_timeout)
             .map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     cfg.transport_config(Arc::new(transport));

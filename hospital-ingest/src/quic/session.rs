@@ -40,10 +40,7 @@ pub(super) async fn serve_vehicle(
     ctx: &QuicContext,
     stop: &CancellationToken,
 ) -> Result<(), Refusal> {
-    let hs = ServerHandshake::new(
-        Instant::now(),
-        Duration::from_millis(ctx.cfg.hello_timeout_ms),
-    );
+    let hs = ServerHandshake::new(Instant::now(), ctx.cfg.hello_timeout);
     let accepted = tokio::time::timeout_at(hs.poll_timeout(), conn.accept_bi())
         .await
         .map_err(|_| hs.handle_timeout("control stream"))?;

@@ -1,8 +1,7 @@
 //! The hospital-ingest binary, built inside this package so end-to-end tests can run it as a
 //! real process (and kill it with SIGKILL) via CARGO_BIN_EXE_e2e-hospital-ingest.
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    hospital_ingest::run_cli(hospital_ingest::config::Cli::parse()).await
+    hospital_ingest::run_cli(std::env::args_os()).await
 }

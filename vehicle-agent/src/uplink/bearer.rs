@@ -39,9 +39,9 @@ fn control_codec() -> LengthDelimitedCodec {
 /// The redial policy's timing from the agent's configuration.
 pub fn redial_config(cfg: &AgentConfig) -> RedialConfig {
     RedialConfig {
-        initial_backoff: Duration::from_millis(cfg.reconnect.initial_backoff_ms),
-        max_backoff: Duration::from_millis(cfg.reconnect.max_backoff_ms),
-        redial_interval: Duration::from_millis(cfg.reconnect.redial_interval_ms),
+        initial_backoff: cfg.reconnect.initial_backoff,
+        max_backoff: cfg.reconnect.max_backoff,
+        redial_interval: cfg.reconnect.redial_interval,
         max_in_flight: MAX_CONCURRENT_DIALS,
     }
 }
@@ -142,7 +142,7 @@ impl BearerTask {
     pub(super) async fn run(self, shutdown: CancellationToken) {
         let label = [("bearer", self.bearer.name.clone())];
         let cfg = &self.cfg;
-        let handshake = Duration::from_millis(cfg.reconnect.handshake_timeout_ms);
+        let handshake = cfg.reconnect.handshake_timeout;
         let remote = self.bearer.remote.unwrap_or(cfg.ingest.address);
         let mut redial = Redial::new(redial_config(cfg), Instant::now());
         let mut endpoint: Option<quinn::Endpoint> = None;

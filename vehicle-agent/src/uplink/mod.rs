@@ -189,11 +189,11 @@ pub fn scheduler_config(cfg: &AgentConfig) -> SchedulerConfig {
         max_bytes: cfg.buffer.max_unacked_bytes,
         max_in_flight_bytes: sc.max_in_flight_bytes,
         max_in_flight_frames: cfg.ingest.max_in_flight_frames,
-        live_window: Duration::from_millis(sc.live_window_ms),
+        live_window: sc.live_window,
         health: crate::health::HealthConfig {
-            suspect_floor: Duration::from_millis(sc.suspect_floor_ms),
-            down_after: Duration::from_millis(sc.down_after_ms),
-            probe_interval: Duration::from_millis(sc.probe_interval_ms),
+            suspect_floor: sc.suspect_floor,
+            down_after: sc.down_after,
+            probe_interval: sc.probe_interval,
             ..crate::health::HealthConfig::default()
         },
     }
@@ -220,7 +220,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
         .map(|b| {
             b.budget_bytes.map(|bytes| Budget {
                 bytes,
-                period: Duration::from_secs(b.budget_period_s),
+                period: b.budget_period,
             })
         })
         .collect();
