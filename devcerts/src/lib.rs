@@ -1,5 +1,6 @@
 //! Development PKI: a fleet CA for vehicles, a hospital CA for the ingest and ED clients, and
 //! their leaf certificates. Production deployments bring their own PKI (see the README).
+#![warn(missing_docs)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,16 +11,22 @@ use rcgen::{
 };
 
 #[derive(Debug, thiserror::Error)]
+/// Why the development PKI could not be written.
 pub enum DevCertError {
     #[error("certificate generation: {0}")]
+    /// rcgen could not make a key or certificate.
     Rcgen(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]
+    /// A file or directory could not be written.
     Io {
+        /// The file or directory.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("{0:?} is not a valid name (1-64 of [A-Za-z0-9._-])")]
+    /// A vehicle or subscriber name that would clash with the CA files or escape the directory.
     BadName(String),
 }
 

@@ -13,16 +13,22 @@ use relay_wfdb::{ChannelSpec, Format16Writer, WfdbError};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Debug, thiserror::Error)]
+/// Why the client could not connect or write.
 pub enum ClientError {
     #[error("reading {path}: {source}")]
+    /// A certificate, key or output file could not be read or written.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("gRPC transport: {0}")]
+    /// The gRPC connection failed.
     Transport(#[from] tonic::transport::Error),
     #[error("invalid server address {0:?}")]
+    /// The server address is not a valid URI.
     Address(String),
 }
 
@@ -31,7 +37,9 @@ pub enum ClientError {
 pub struct ClientTls {
     /// CA of the ingest's certificate (the hospital CA).
     pub ca: PathBuf,
+    /// This client's certificate chain (PEM).
     pub cert: PathBuf,
+    /// This client's private key (PEM).
     pub key: PathBuf,
     /// Name the ingest's certificate must carry.
     pub domain: String,
@@ -74,6 +82,7 @@ pub async fn connect(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Chann
 /// Identity of a stream as a map key.
 pub type StreamId = (String, u64, u32);
 
+/// The (vehicle, session, stream) a stream reference names.
 pub fn stream_id(r: &StreamRef) -> StreamId {
     (r.vehicle_id.clone(), r.session_id, r.stream_id)
 }
@@ -93,6 +102,7 @@ pub struct WfdbSink {
 }
 
 impl WfdbSink {
+    /// A sink writing one record per waveform stream into `dir`.
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
@@ -107,10 +117,12 @@ impl WfdbSink {
             .map_or(0, |(w, _)| w.received_samples())
     }
 
+    /// The streams it has seen so far.
     pub fn streams(&self) -> impl Iterator<Item = &StreamId> {
         self.writers.keys()
     }
 
+    /// Takes one subscription message: descriptors open a record, data records add samples.
     pub fn handle(&mut self, msg: &SubscribeResponse) -> Result<(), WfdbError> {
         match &msg.record {
             Some(Record::Stream(info)) => self.open(info),

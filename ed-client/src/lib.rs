@@ -2,6 +2,7 @@
 //! connection and subscription library ([`client`]), the terminal dashboard ([`view`]) and the
 //! monitor loop behind the `ed-monitor` binary ([`monitor`]). It depends on the API only, never
 //! on the ingest's internals, so it runs on any ED machine.
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod monitor;

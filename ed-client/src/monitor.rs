@@ -13,9 +13,11 @@ use crate::client::{ClientTls, StreamId, WfdbSink, connect};
 use crate::view::Dashboard;
 
 #[derive(Debug, Clone)]
+/// What the monitor connects to and what it does with what it receives.
 pub struct MonitorOptions {
     /// e.g. `https://127.0.0.1:50051`
     pub server: String,
+    /// TLS files of this client.
     pub tls: ClientTls,
     /// Empty: all vehicles.
     pub vehicles: Vec<String>,
@@ -25,8 +27,11 @@ pub struct MonitorOptions {
     pub after_cursor: Option<u64>,
     /// Read at start, written on exit.
     pub cursor_file: Option<PathBuf>,
+    /// Write every waveform stream as a WFDB record here.
     pub wfdb_dir: Option<PathBuf>,
+    /// Stop once the backlog has been received (sync marker).
     pub exit_after_sync: bool,
+    /// Stop after this long.
     pub duration: Option<Duration>,
     /// Print the table every second instead of redrawing the screen.
     pub plain: bool,
@@ -35,11 +40,15 @@ pub struct MonitorOptions {
 /// What a monitor run ends with.
 #[derive(Debug)]
 pub struct MonitorSummary {
+    /// The last state of the dashboard.
     pub dashboard: Dashboard,
+    /// The cursor of the last message received, to resume from.
     pub cursor: Option<u64>,
+    /// Records written: stream and header path.
     pub written: Vec<(StreamId, PathBuf)>,
 }
 
+/// Subscribes (resuming and reconnecting on its own), keeps the dashboard and writes WFDB until told to stop.
 pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
     let mut cursor = opts.after_cursor;
     if let Some(f) = &opts.cursor_file

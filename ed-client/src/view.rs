@@ -8,31 +8,46 @@ use relay_proto::codes;
 use relay_proto::model::{SubscribeResponse, frame::Payload, subscribe_response::Record};
 
 #[derive(Debug, Default, Clone)]
+/// The latest state of one vehicle.
 pub struct VehicleView {
+    /// Heart rate, /min.
     pub hr: Option<f64>,
+    /// SpO2, %.
     pub spo2: Option<f64>,
+    /// NIBP systolic, diastolic and mean, `mm[Hg]`.
     pub nibp: (Option<f64>, Option<f64>, Option<f64>),
+    /// Latitude, longitude (degrees) and speed (m/s).
     pub position: Option<(f64, f64, f64)>,
     /// Capture-to-display latency of the latest live waveform frame, milliseconds.
     pub waveform_latency_ms: Option<f64>,
+    /// Waveform frames received.
     pub waveform_frames: u64,
+    /// Of them, frames that filled a gap (late).
     pub late_frames: u64,
+    /// Gaps announced and not yet closed.
     pub gaps_open: u64,
+    /// Gaps announced so far.
     pub gaps_seen: u64,
 }
 
 #[derive(Debug, Default)]
+/// What the terminal view shows: every vehicle seen and the subscription's state.
 pub struct Dashboard {
+    /// By vehicle id.
     pub vehicles: BTreeMap<String, VehicleView>,
     /// Records received, and whether the backlog is done.
     pub records: u64,
+    /// Whether the backlog has been received.
     pub synced: bool,
+    /// Lagged notices received.
     pub lagged: u64,
+    /// Cursor of the last message.
     pub cursor: u64,
     rates: BTreeMap<(String, u64, u32), f64>,
 }
 
 impl Dashboard {
+    /// Takes one message received at `now_ns`.
     pub fn apply(&mut self, msg: &SubscribeResponse, now_ns: i64) {
         self.records += 1;
         self.cursor = msg.cursor;
@@ -111,6 +126,7 @@ impl Dashboard {
         }
     }
 
+    /// One line per vehicle, for the terminal.
     pub fn render(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
         let mut s = String::new();

@@ -1,5 +1,6 @@
 //! User-space cellular link emulator: per bearer a UDP relay on loopback whose uplink and
 //! downlink follow a capacity trace (or fixed rate), delay, jitter, loss and outages.
+#![warn(missing_docs)]
 
 pub mod model;
 pub mod runtime;

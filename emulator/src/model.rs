@@ -24,9 +24,19 @@ const MAX_CUT_HISTORY: usize = 64;
 #[derive(Debug, Clone)]
 pub enum Capacity {
     /// Delivery opportunities from a trace, starting `offset` into it.
-    Trace { trace: Arc<Trace>, offset: Duration },
+    /// A Mahimahi trace, started `offset` into it.
+    Trace {
+        /// The trace.
+        trace: Arc<Trace>,
+        /// Where in the trace time zero falls.
+        offset: Duration,
+    },
     /// A constant rate.
-    Rate { bits_per_second: u64 },
+    /// A fixed rate.
+    Rate {
+        /// Bits per second.
+        bits_per_second: u64,
+    },
 }
 
 /// Bursty loss: a two-state Markov chain, evaluated once per packet.
@@ -56,7 +66,9 @@ impl GilbertElliott {
 /// Behaviour of one direction.
 #[derive(Debug, Clone)]
 pub struct DirectionParams {
+    /// How many bytes the link carries when.
     pub capacity: Capacity,
+    /// One-way propagation delay.
     pub delay: Duration,
     /// Each packet gets an extra uniform delay in `[0, jitter]`.
     pub jitter: Duration,
@@ -64,6 +76,7 @@ pub struct DirectionParams {
     pub reorder: bool,
     /// Independent random loss probability.
     pub loss: f64,
+    /// Bursty loss, when set.
     pub gilbert_elliott: Option<GilbertElliott>,
     /// Drop-tail bound on bytes waiting for capacity.
     pub queue_bytes: usize,
@@ -89,6 +102,7 @@ impl Default for DirectionParams {
 }
 
 impl DirectionParams {
+    /// Whether a scheduled blackout covers `t`.
     pub fn is_scheduled_down(&self, t: Duration) -> bool {
         self.blackouts.iter().any(|b| b.contains(&t))
     }
@@ -106,17 +120,26 @@ impl DirectionParams {
 /// Packet and byte counts of one direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DirectionCounters {
+    /// Packets offered to the link.
     pub offered_packets: u64,
+    /// Bytes offered to the link.
     pub offered_bytes: u64,
+    /// Packets delivered.
     pub delivered_packets: u64,
+    /// Bytes delivered.
     pub delivered_bytes: u64,
+    /// Packets dropped by random loss.
     pub dropped_random_loss: u64,
+    /// Packets dropped by the Gilbert-Elliott chain.
     pub dropped_burst_loss: u64,
+    /// Packets dropped because the queue was full.
     pub dropped_queue_full: u64,
+    /// Packets dropped because the link was down.
     pub dropped_link_down: u64,
 }
 
 impl DirectionCounters {
+    /// Packets dropped, all causes.
     pub fn dropped(&self) -> u64 {
         self.dropped_random_loss
             + self.dropped_burst_loss
@@ -124,6 +147,7 @@ impl DirectionCounters {
             + self.dropped_link_down
     }
 
+    /// Adds another direction's counters.
     pub fn add(&mut self, o: &Self) {
         self.offered_packets += o.offered_packets;
         self.offered_bytes += o.offered_bytes;
@@ -139,10 +163,15 @@ impl DirectionCounters {
 /// What happened to an offered packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
+    /// Accepted; it will be delivered unless the link goes down.
     Queued,
+    /// Dropped by random loss.
     DroppedRandomLoss,
+    /// Dropped by the Gilbert-Elliott chain.
     DroppedBurstLoss,
+    /// Dropped: the queue was full.
     DroppedQueueFull,
+    /// Dropped: the link is down.
     DroppedLinkDown,
 }
 
@@ -178,6 +207,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Direction {
+    /// A direction with `params`; `seed` fixes every random choice.
     pub fn new(params: DirectionParams, seed: u64) -> Self {
         Self {
             params,
@@ -198,10 +228,12 @@ impl Direction {
         }
     }
 
+    /// The parameters in force.
     pub fn params(&self) -> &DirectionParams {
         &self.params
     }
 
+    /// Counters so far.
     pub fn counters(&self) -> DirectionCounters {
         self.counters
     }
@@ -247,12 +279,14 @@ impl Direction {
             .collect();
     }
 
+    /// Whether the link is down at `t` (scheduled blackout or runtime cut).
     pub fn is_down(&self, t: Duration) -> bool {
         self.params.is_scheduled_down(t)
             || self.cut_since.is_some_and(|since| t >= since)
             || self.cuts.iter().any(|c| c.contains(&t))
     }
 
+    /// Offers a packet at `now`.
     pub fn offer(&mut self, now: Duration, packet: Bytes) -> Offer {
         let size = packet.len();
         self.counters.offered_packets += 1;

@@ -30,7 +30,9 @@ enum Control {
 /// Counters of both directions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct LinkCounters {
+    /// Agent-to-ingest direction.
     pub up: DirectionCounters,
+    /// Ingest-to-agent direction.
     pub down: DirectionCounters,
 }
 
@@ -39,6 +41,7 @@ pub struct LinkCounters {
 pub struct Link {
     /// Where the vehicle sends (instead of the ingest).
     pub addr: SocketAddr,
+    /// The link's specification.
     pub spec: BearerSpec,
     /// Wall-clock time of the link's time zero, UTC ns (trace time 0 + offset).
     pub started_utc_ns: i64,
@@ -91,6 +94,7 @@ impl Link {
         let _ = self.control.send(Control::Cut);
     }
 
+    /// Ends a runtime cut.
     pub fn restore(&self) {
         let _ = self.control.send(Control::Restore);
     }
@@ -100,6 +104,7 @@ impl Link {
         let _ = self.control.send(Control::Lift);
     }
 
+    /// Counters of both directions.
     pub fn counters(&self) -> LinkCounters {
         *self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }

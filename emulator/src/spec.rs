@@ -17,10 +17,18 @@ use super::model::{Capacity, DirectionParams, GilbertElliott};
 use super::trace::{Trace, TraceError};
 
 #[derive(Debug, thiserror::Error)]
+/// Why a bearer specification was not accepted.
 pub enum SpecError {
     #[error("bearer spec {spec:?}: {reason}")]
-    Invalid { spec: String, reason: String },
+    /// The text is not a valid specification.
+    Invalid {
+        /// The specification.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     #[error(transparent)]
+    /// Its trace file could not be loaded.
     Trace(#[from] TraceError),
 }
 
@@ -29,7 +37,9 @@ pub enum SpecError {
 pub struct BearerSpec {
     /// Short name for reports (the trace file name or the rate).
     pub name: String,
+    /// Agent-to-ingest direction.
     pub up: DirectionParams,
+    /// Ingest-to-agent direction.
     pub down: DirectionParams,
 }
 
@@ -159,6 +169,7 @@ pub struct TraceCache {
 }
 
 impl TraceCache {
+    /// The trace at `path`, read once and shared.
     pub fn load(&mut self, path: &Path) -> Result<Arc<Trace>, TraceError> {
         if let Some(t) = self.loaded.get(path) {
             return Ok(t.clone());

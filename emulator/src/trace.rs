@@ -11,22 +11,38 @@ pub const OPPORTUNITY_BYTES: usize = 1500;
 const MAX_TRACE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a trace file could not be loaded.
 pub enum TraceError {
     #[error("{path}: {source}")]
+    /// The file could not be read.
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("{path}: larger than {MAX_TRACE_BYTES} bytes")]
-    TooLarge { path: PathBuf },
-    #[error("{path}:{line}: {reason}")]
-    Parse {
+    /// The file is larger than a trace may be.
+    TooLarge {
+        /// The file.
         path: PathBuf,
+    },
+    #[error("{path}:{line}: {reason}")]
+    /// A line is not a millisecond timestamp.
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based).
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
     #[error("{path}: no delivery opportunity, or the last one is at 0 ms")]
-    Empty { path: PathBuf },
+    /// The file holds no opportunity.
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// A parsed trace, shared read-only between links.
@@ -39,6 +55,7 @@ pub struct Trace {
 }
 
 impl Trace {
+    /// Reads a Mahimahi trace (one delivery opportunity per line, milliseconds).
     pub fn from_file(path: &Path) -> Result<Self, TraceError> {
         let io = |source| TraceError::Io {
             path: path.to_owned(),
@@ -93,14 +110,17 @@ impl Trace {
         })
     }
 
+    /// The file name, for reports.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Length of the trace before it wraps.
     pub fn period(&self) -> Duration {
         Duration::from_millis(self.period_ms)
     }
 
+    /// Delivery opportunities per period.
     pub fn opportunities_per_period(&self) -> usize {
         self.opportunities_ms.len()
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use relay_ops::config::{Rename, parse_duration};
+use relay_ops::config::{Rename, ServiceConfig, parse_duration};
 use serde::{Deserialize, Serialize};
 
 pub use relay_ops::config::ConfigError;
@@ -298,15 +298,27 @@ impl Default for StoreConfig {
     }
 }
 
+impl ServiceConfig for IngestConfig {
+    const RENAMED: &'static [Rename] = RENAMED_KEYS;
+
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        IngestConfig::validate(self)
+    }
+}
+
 impl IngestConfig {
     /// Parses TOML text; `path` names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::parse_toml(text, path, RENAMED_KEYS)
+        relay_ops::config::from_toml(text, path)
     }
 
     /// Parses a configuration file (renamed keys are refused with their replacement).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::read_toml(path, RENAMED_KEYS)
+        relay_ops::config::from_file(path)
     }
 
     /// The configuration a command line asks for: the defaults, overridden by the file that
@@ -317,16 +329,7 @@ impl IngestConfig {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let mut flags = Self::default();
-        flags.try_update_from(&args)?;
-        let mut cfg = match &flags.config {
-            Some(path) => Self::from_file(path)?,
-            None => Self::default(),
-        };
-        cfg.try_update_from(&args)?;
-        cfg.validate()?;
-        Ok(cfg)
+        relay_ops::config::load_from(args)
     }
 
     /// The configuration as TOML (what a file must hold to give it back); tests and the load
@@ -411,43 +414,6 @@ impl IngestConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn example() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/hospital-ingest.toml")
-    }
-
-    #[test]
-    fn the_commented_example_file_is_the_defaults() {
-        let text = std::fs::read_to_string(example()).unwrap();
-        let as_shipped = IngestConfig::from_toml(&text, &example()).unwrap();
-        assert_eq!(
-            as_shipped,
-            IngestConfig::default(),
-            "every key is commented out"
-        );
-        let uncommented = relay_ops::config::uncomment_example(&text);
-        let every_key = IngestConfig::from_toml(&uncommented, &example()).unwrap();
-        assert_eq!(
-            every_key,
-            IngestConfig::default(),
-            "each shown value is the default"
-        );
-        every_key.validate().unwrap();
-        let shown: toml::Table = toml::from_str(&uncommented).unwrap();
-        let all: toml::Table = toml::from_str(&IngestConfig::default().to_toml().unwrap()).unwrap();
-        for (section, value) in &all {
-            let Some(want) = value.as_table().filter(|t| !t.is_empty()) else {
-                continue;
-            };
-            let have = shown[section.as_str()].as_table().unwrap();
-            for key in want.keys() {
-                assert!(
-                    have.contains_key(key),
-                    "{section}.{key} missing from the example"
-                );
-            }
-        }
-    }
 
     #[test]
     fn a_rendered_configuration_parses_back_the_same() {

@@ -1,5 +1,6 @@
 //! Hospital-side ingest: accepts vehicles over QUIC with mutual TLS, reassembles and stores
 //! their streams durably, acknowledges what is stored, and republishes over gRPC.
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod grpc;
@@ -43,8 +44,11 @@ where
 /// A running ingest. Ports given as 0 are resolved in the `*_addr` fields.
 #[derive(Debug)]
 pub struct Ingest {
+    /// Bound QUIC address.
     pub quic_addr: SocketAddr,
+    /// Bound gRPC address.
     pub grpc_addr: SocketAddr,
+    /// Bound metrics address, when one was asked for.
     pub metrics_addr: Option<SocketAddr>,
     stop: CancellationToken,
     quic: JoinHandle<()>,
@@ -53,6 +57,7 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// Validates the configuration, opens the store and starts every listener.
     pub async fn start(cfg: IngestConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
         relay_ops::install_crypto_provider();

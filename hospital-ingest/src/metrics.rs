@@ -2,6 +2,7 @@
 
 pub use relay_proto::kind_label;
 
+/// Registers the description and unit of every ingest metric.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(

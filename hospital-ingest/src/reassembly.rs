@@ -17,16 +17,22 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One stream of one vehicle's session.
 pub struct StreamKey {
+    /// The vehicle (from its certificate).
     pub vehicle: Arc<str>,
+    /// The session (one agent run; resumed after a crash).
     pub session: u64,
+    /// The stream within the session.
     pub stream_id: u32,
 }
 
 /// A range of frames announced as missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
+    /// First missing seq.
     pub start_seq: u64,
+    /// One past the last missing seq.
     pub end_seq: u64,
     /// Capture time just after the last frame before the gap (0 when none came before).
     pub start_time_ns: i64,
@@ -37,19 +43,31 @@ pub struct Gap {
 /// What to publish, in this order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output<T> {
+    /// Publish a frame.
     Deliver {
+        /// Its stream.
         key: StreamKey,
+        /// Its seq.
         seq: u64,
+        /// The frame.
         item: T,
+        /// Whether it fills an announced gap.
         late: bool,
     },
+    /// Publish a gap record.
     Gap {
+        /// Its stream.
         key: StreamKey,
+        /// The missing range.
         gap: Gap,
     },
+    /// Every frame of an announced gap has arrived.
     GapClosed {
+        /// Its stream.
         key: StreamKey,
+        /// First seq of the gap.
         start_seq: u64,
+        /// One past its last seq.
         end_seq: u64,
     },
 }
@@ -68,6 +86,7 @@ pub enum Arrival<T> {
 }
 
 #[derive(Debug, Clone, Copy)]
+/// Bounds of the reassembler.
 pub struct Limits {
     /// How long a newer frame waits for the missing ones before a gap is announced.
     pub reorder_window: Duration,
@@ -111,6 +130,7 @@ impl<T> Default for StreamState<T> {
 }
 
 #[derive(Debug)]
+/// Reassembly of every stream (see the module documentation).
 pub struct Reassembler<T> {
     streams: HashMap<StreamKey, StreamState<T>>,
     limits: Limits,
@@ -118,6 +138,7 @@ pub struct Reassembler<T> {
 }
 
 impl<T> Reassembler<T> {
+    /// A reassembler with `limits` (counts of at least 1).
     pub fn new(limits: Limits) -> Self {
         let limits = Limits {
             max_held: limits.max_held.max(1),
@@ -136,10 +157,12 @@ impl<T> Reassembler<T> {
         self.dropped_gaps
     }
 
+    /// Announced gaps of a stream still open.
     pub fn open_gaps(&self, key: &StreamKey) -> usize {
         self.streams.get(key).map_or(0, |s| s.announced.len())
     }
 
+    /// Frames held for reordering, all streams.
     pub fn held(&self) -> usize {
         self.streams.values().map(|s| s.held.len()).sum()
     }

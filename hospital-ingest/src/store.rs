@@ -33,53 +33,52 @@ const VEHICLES: TableDefinition<&str, i64> = TableDefinition::new("vehicles");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
+/// Why the store could not be read or written.
 pub enum StoreError {
     #[error("store: {0}")]
+    /// redb failed (I/O, full disk, corruption).
     Redb(#[from] redb::Error),
     #[error("store record {cursor} is corrupt: {source}")]
+    /// A log record does not decode.
     Corrupt {
+        /// Its cursor.
         cursor: u64,
         #[source]
+        /// prost's error.
         source: prost::DecodeError,
     },
 }
 
-macro_rules! redb_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                Self::Redb(e.into())
-            }
-        }
-    )*};
-}
-redb_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+relay_ops::from_redb_errors!(StoreError, Redb);
 
 /// A record as appended to the log.
 #[derive(Debug, Clone)]
 pub struct LogEntry {
+    /// Its position in the log.
     pub cursor: u64,
+    /// The vehicle it belongs to.
     pub vehicle: Arc<str>,
+    /// Its stream kind.
     pub kind: i32,
+    /// The message as subscribers receive it.
     pub message: SubscribeResponse,
 }
 
 /// Identity of a stored frame.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqRef<'a> {
+    /// The vehicle.
     pub vehicle: &'a str,
+    /// The session.
     pub session: u64,
+    /// The stream.
     pub stream_id: u32,
+    /// The sequence number.
     pub seq: u64,
 }
 
 #[derive(Debug, Clone)]
+/// The store: cheap to clone, one writer, any number of readers.
 pub struct Store {
     db: Arc<Database>,
 }
@@ -97,6 +96,7 @@ pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
 }
 
 impl Store {
+    /// Opens (or creates) the store and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -128,6 +128,7 @@ impl Store {
         Ok(())
     }
 
+    /// Starts a write transaction.
     pub fn begin(&self) -> Result<WriteBatch, StoreError> {
         let txn = self.db.begin_write()?;
         let (next_cursor, log_bytes) = {
@@ -174,6 +175,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Every stream announcement stored.
     pub fn streams(&self) -> Result<Vec<StreamInfo>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(STREAMS)?;
@@ -187,6 +189,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Every vehicle seen, with the last time anything arrived from it (UTC ns).
     pub fn vehicles(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(VEHICLES)?;
@@ -240,6 +243,7 @@ impl Store {
         Ok(out)
     }
 
+    /// The record at `cursor`, if it is still kept.
     pub fn record(&self, cursor: u64) -> Result<Option<SubscribeResponse>, StoreError> {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
@@ -346,6 +350,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Records in the log.
     pub fn log_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(LOG)?.len()?)
@@ -355,14 +360,18 @@ impl Store {
 /// What a retention sweep removed.
 #[derive(Debug, Default)]
 pub struct RetentionOutcome {
+    /// Records deleted.
     pub deleted: u64,
+    /// Bytes of log left.
     pub bytes_left: u64,
+    /// Streams that lost all their records.
     pub pruned_streams: Vec<StreamKey>,
 }
 
 /// A stored stream as the reassembler must resume it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredStream {
+    /// The stream.
     pub key: StreamKey,
     /// One past the highest stored seq.
     pub next_seq: u64,
@@ -389,6 +398,7 @@ impl std::fmt::Debug for WriteBatch {
 }
 
 impl WriteBatch {
+    /// Whether this frame is stored (in this transaction or before).
     pub fn contains(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
         let seen = self.txn.open_table(SEEN)?;
         Ok(seen
@@ -442,6 +452,7 @@ impl WriteBatch {
         Ok(changed)
     }
 
+    /// Records that something arrived from `vehicle` at `now_ns`.
     pub fn touch_vehicle(&mut self, vehicle: &str, now_ns: i64) -> Result<(), StoreError> {
         self.txn.open_table(VEHICLES)?.insert(vehicle, now_ns)?;
         Ok(())

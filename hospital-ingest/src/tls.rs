@@ -9,36 +9,50 @@ use rustls::pki_types::CertificateDer;
 use crate::config::{IngestConfig, Tls};
 
 #[derive(Debug, thiserror::Error)]
+/// Why a TLS configuration could not be built.
 pub enum TlsError {
     #[error(transparent)]
+    /// A certificate or key could not be loaded.
     Pem(#[from] relay_ops::pem::PemError),
     #[error("reading {path}: {source}")]
+    /// A file could not be read.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("TLS configuration: {0}")]
+    /// rustls refused the certificates or key.
     Rustls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
+    /// The client-certificate verifier could not be built.
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("QUIC configuration: {0}")]
+    /// quinn refused the TLS configuration.
     Quic(String),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a vehicle certificate names no usable vehicle.
 pub enum IdentityError {
     #[error("no client certificate")]
+    /// The peer presented no certificate.
     NoCertificate,
     #[error("client certificate does not parse")]
+    /// The certificate does not parse.
     Unparseable,
     #[error("client certificate has no common name")]
+    /// Its subject has no common name.
     NoCommonName,
     #[error("common name {0:?} is not a valid vehicle id")]
+    /// The common name is not a valid vehicle id.
     InvalidId(String),
 }
 
 impl IdentityError {
+    /// Short name, a bounded metric label.
     pub fn label(&self) -> &'static str {
         match self {
             Self::NoCertificate => "no_certificate",

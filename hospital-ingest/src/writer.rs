@@ -23,27 +23,42 @@ const MAX_BATCH: usize = 1024;
 pub type AckSender = mpsc::Sender<(u32, u64)>;
 
 #[derive(Debug)]
+/// What the QUIC side asks of the store writer.
 pub enum WriterCmd {
     /// Registers the streams of a vehicle session (from its Hello).
     Streams {
+        /// The vehicle.
         vehicle: Arc<str>,
+        /// Its session.
         session: u64,
+        /// The streams the Hello declared.
         streams: Vec<StreamDescriptor>,
+        /// Answered once stored.
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Store a frame and acknowledge it once durable.
     Frame {
+        /// The vehicle.
         vehicle: Arc<str>,
+        /// Its session.
         session: u64,
+        /// The frame.
         frame: Frame,
+        /// When it arrived (UTC ns).
         received_ns: i64,
+        /// Where to report it durable.
         ack: AckSender,
     },
 }
 
 #[derive(Debug, Clone)]
+/// What the store keeps.
 pub struct RetentionPolicy {
+    /// Records older than this are deleted.
     pub max_age: Duration,
+    /// The log is kept below this many bytes.
     pub max_bytes: u64,
+    /// How often retention runs.
     pub interval: Duration,
 }
 

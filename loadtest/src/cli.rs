@@ -18,12 +18,15 @@ use relay_emulator::{BearerSpec, Link, TraceCache};
     version,
     about = "Link emulator and load generator for the ambulance telemetry relay"
 )]
+/// The `loadtest` command line.
 pub struct Cli {
     #[command(subcommand)]
+    /// What to do.
     pub command: Command,
 }
 
 #[derive(Debug, clap::Subcommand)]
+/// The subcommands.
 pub enum Command {
     /// Run vehicles, emulated bearers and subscribers against an ingest and report.
     Run(RunArgs),
@@ -40,6 +43,7 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
+/// Flags of `loadtest emulate`.
 pub struct EmulateArgs {
     /// Where the links forward to.
     #[arg(long)]
@@ -51,12 +55,14 @@ pub struct EmulateArgs {
     #[arg(long = "bearer", required = true)]
     pub bearers: Vec<String>,
     #[arg(long, default_value_t = 1)]
+    /// Seeds the links' random choices.
     pub seed: u64,
     /// Print counters this often.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
 }
 
+/// Runs a `loadtest` command line.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest { args } => {

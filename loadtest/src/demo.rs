@@ -18,6 +18,7 @@ use vehicle_agent::{Agent, AgentConfig};
     version,
     about = "Run ingest, two ambulances and an ED monitor on loopback"
 )]
+/// Flags of `relay-demo`.
 pub struct DemoArgs {
     /// Directory with the WFDB records (100, s0010_re).
     #[arg(long, default_value_os_t = default_data_dir())]
@@ -36,6 +37,7 @@ pub struct DemoArgs {
     pub plain: bool,
 }
 
+/// The shipped recordings (data/ecg).
 pub fn default_data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg")
 }
@@ -71,6 +73,7 @@ fn agent(
     c
 }
 
+/// Runs the demo until ctrl-c or `--duration-s`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for rec in ["100", "s0010_re"] {
         let hea = args.data_dir.join(format!("{rec}.hea"));

@@ -1,4 +1,5 @@
 //! Demo runner and load generator (the link emulator is the `relay-emulator` crate).
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod demo;

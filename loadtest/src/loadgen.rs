@@ -38,6 +38,7 @@ const SUBSCRIBER: &str = "loadtest";
 const INGEST_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
+/// Flags of `loadtest run`.
 pub struct RunArgs {
     /// Simulated vehicles.
     #[arg(long, default_value_t = 10)]
@@ -125,10 +126,12 @@ fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
 /// Gaps that begin this soon after the cut count as caused by it.
 const CUT_WINDOW: Duration = Duration::from_secs(5);
 
+/// Vehicle id of the `i`-th simulated vehicle.
 pub fn vehicle_id(i: usize) -> String {
     format!("lt-{:04}", i + 1)
 }
 
+/// The default bearers: the two shipped driving traces.
 pub fn default_bearers() -> Vec<String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = manifest.parent().unwrap_or(manifest).join("data/traces");

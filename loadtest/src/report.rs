@@ -19,14 +19,23 @@ pub struct ClassAccumulator {
     latency_us: Histogram<u64>,
     oracle_us: Histogram<u64>,
     deadline: Duration,
+    /// Frame deliveries over all subscribers.
     pub deliveries: u64,
+    /// Of them, within the deadline.
     pub on_time: u64,
+    /// Frames the oracle delivers within the deadline.
     pub oracle_on_time: u64,
+    /// Frames the oracle was asked about.
     pub oracle_frames: u64,
+    /// Distinct frames received.
     pub unique_frames: u64,
+    /// Records marked late.
     pub late_records: u64,
+    /// Payload bytes received.
     pub payload_bytes: u64,
+    /// Samples received.
     pub samples_received: u64,
+    /// Longest time one stream delivered nothing.
     pub longest_gap: Duration,
     /// Longest gap of a stream that spans the bearer cut (`--cut-carrier-at`).
     pub gap_around_cut: Option<Duration>,
@@ -44,6 +53,7 @@ fn us(d: Duration) -> u64 {
 }
 
 impl ClassAccumulator {
+    /// An accumulator judging on-time against `deadline`.
     pub fn new(deadline: Duration) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
             latency_us: histogram()?,
@@ -80,6 +90,7 @@ impl ClassAccumulator {
         let _ = self.oracle_us.record(us(bound));
     }
 
+    /// Adds another accumulator's figures.
     pub fn merge(&mut self, o: &Self) {
         let _ = self.latency_us.add(&o.latency_us);
         let _ = self.oracle_us.add(&o.oracle_us);
@@ -95,6 +106,7 @@ impl ClassAccumulator {
         self.gap_around_cut = self.gap_around_cut.max(o.gap_around_cut);
     }
 
+    /// The class's report, given what was produced.
     pub fn finish(
         &self,
         frames_produced: u64,
@@ -137,64 +149,94 @@ impl ClassAccumulator {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+/// Latency percentiles, milliseconds.
 pub struct Percentiles {
+    /// Median.
     pub p50_ms: f64,
+    /// 90th percentile.
     pub p90_ms: f64,
+    /// 99th percentile.
     pub p99_ms: f64,
+    /// 99.9th percentile.
     pub p999_ms: f64,
+    /// Maximum.
     pub max_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+/// Figures of one stream class.
 pub struct ClassReport {
+    /// Frames the sources produced.
     pub frames_produced: u64,
     /// Distinct frames that reached the first subscriber.
     pub frames_received: u64,
+    /// Frames produced and never received.
     pub frames_lost: u64,
+    /// Samples received.
     pub samples_received: u64,
     /// Samples of frames never received (waveforms: values of every channel).
     pub samples_lost: u64,
     /// Frames a subscriber received more than once (all subscribers).
     pub duplicates: u64,
+    /// Records marked late (they filled a gap).
     pub late_records: u64,
     /// Frame deliveries over all subscribers (the latency population).
     pub deliveries: u64,
     /// Capture (end of the frame) to subscriber.
     pub latency: Percentiles,
+    /// Share of deliveries within the deadline.
     pub on_time_fraction: f64,
     /// Lower bound: earliest delivery opportunity on any bearer after capture + propagation.
     pub oracle: Percentiles,
+    /// Share of frames the oracle delivers within the deadline.
     pub oracle_on_time_fraction: f64,
     /// Longest time one stream delivered nothing to a subscriber.
     pub longest_gap_ms: f64,
     /// Longest such time spanning the cut of the bearer carrying the vehicle's ECG (failover).
     pub gap_around_cut_ms: Option<f64>,
+    /// Payload bytes received.
     pub payload_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// What the ingest process used.
 pub struct IngestUsage {
+    /// User and system CPU time.
     pub cpu_seconds: f64,
+    /// Peak resident memory.
     pub peak_rss_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// One phase of a run (relay or baseline).
 pub struct PhaseReport {
+    /// Short name.
     pub name: String,
+    /// What it ran.
     pub description: String,
     /// Bearers per vehicle the emulator ran, and how many the agent used.
     pub bearers: Vec<String>,
+    /// Bearers each agent used.
     pub bearers_used_by_agent: usize,
+    /// Vehicles.
     pub vehicles: usize,
+    /// Subscribers.
     pub subscribers: usize,
+    /// Seconds measured.
     pub measured_seconds: f64,
+    /// Seconds spent draining after the measured time.
     pub drain_seconds: f64,
+    /// Figures per stream class.
     pub classes: BTreeMap<String, ClassReport>,
+    /// Frames agents still held when they stopped.
     pub frames_unacked_at_agent_exit: u64,
+    /// UDP bytes offered to the uplinks.
     pub wire_bytes_up: u64,
+    /// UDP bytes offered to the downlinks.
     pub wire_bytes_down: u64,
     /// Uplink bytes offered to the emulated links per byte of sample/measurement payload.
     pub wire_bytes_per_payload_byte: f64,
+    /// Counters of every emulated link, summed.
     pub links: LinkCounters,
     /// Ingest process CPU time and peak resident memory (None for an external ingest).
     pub ingest: Option<IngestUsage>,
@@ -203,14 +245,20 @@ pub struct PhaseReport {
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// The machine a run was measured on.
 pub struct Machine {
+    /// CPU cores.
     pub cores: usize,
+    /// Memory.
     pub memory_bytes: u64,
+    /// CPU model.
     pub cpu_model: String,
+    /// Kernel version.
     pub kernel: String,
 }
 
 impl Machine {
+    /// Reads this machine's figures from /proc.
     pub fn probe() -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let meminfo = read("/proc/meminfo");
@@ -238,11 +286,17 @@ impl Machine {
 }
 
 #[derive(Debug, Clone, Serialize)]
+/// A whole run: what was run, where, and every figure.
 pub struct Report {
+    /// The command line.
     pub command_line: Vec<String>,
+    /// When it started (UTC ns).
     pub started_utc_ns: i64,
+    /// The machine.
     pub machine: Machine,
+    /// The configuration as given.
     pub config: serde_json::Value,
+    /// The phases.
     pub phases: Vec<PhaseReport>,
 }
 

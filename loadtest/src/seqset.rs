@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A set of sequence numbers kept as disjoint ranges (small for long runs).
 pub struct SeqSet {
     /// start -> end (exclusive), disjoint and not adjacent.
     ranges: BTreeMap<u64, u64>,
@@ -36,6 +37,7 @@ impl SeqSet {
         true
     }
 
+    /// Whether `seq` is in the set.
     pub fn contains(&self, seq: u64) -> bool {
         self.ranges
             .range(..=seq)
@@ -43,10 +45,12 @@ impl SeqSet {
             .is_some_and(|(_, e)| seq < *e)
     }
 
+    /// Numbers in the set.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -1,5 +1,6 @@
 //! Operations plumbing shared by the binaries: one Prometheus recorder per process, served on
 //! any number of HTTP listeners, and log set-up.
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -8,13 +9,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 #[derive(Debug, thiserror::Error)]
+/// Why the metrics endpoint could not start.
 pub enum OpsError {
     #[error("another metrics recorder is installed in this process")]
+    /// Another Prometheus recorder already owns this process.
     RecorderTaken,
     #[error("binding metrics endpoint {addr}: {source}")]
+    /// The listener could not be bound.
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
 }
@@ -132,15 +138,23 @@ pub mod pem {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     #[derive(Debug, thiserror::Error)]
+    /// Why certificates or a key could not be loaded.
     pub enum PemError {
         #[error("reading {path}: {source}")]
+        /// The file could not be read or holds no valid PEM.
         Read {
+            /// The file.
             path: PathBuf,
             #[source]
+            /// rustls' PEM error.
             source: rustls::pki_types::pem::Error,
         },
         #[error("{path} holds no certificate")]
-        NoCertificate { path: PathBuf },
+        /// The file holds no certificate.
+        NoCertificate {
+            /// The file.
+            path: PathBuf,
+        },
     }
 
     /// Every certificate in a PEM file (a chain: leaf first); at least one.
@@ -307,6 +321,93 @@ pub mod config {
         parse_toml(&text, path, renames)
     }
 
+    /// A service's configuration: one struct for the TOML file and the flags (serde and
+    /// clap), with its renamed keys and bounds.
+    pub trait ServiceConfig:
+        clap::Parser + serde::de::DeserializeOwned + serde::Serialize + Default
+    {
+        /// Keys of earlier versions and their replacements.
+        const RENAMED: &'static [Rename];
+        /// The file `--config` named, if any.
+        fn config_file(&self) -> Option<&Path>;
+        /// Checks every bound.
+        fn validate(&self) -> Result<(), ConfigError>;
+        /// Applies command-line shortcuts that are not keys (after file and flags merged).
+        fn apply_shortcuts(&mut self) {}
+    }
+
+    /// Parses a configuration file of `C` (renamed keys are refused with their replacement).
+    pub fn from_file<C: ServiceConfig>(path: &Path) -> Result<C, ConfigError> {
+        read_toml(path, C::RENAMED)
+    }
+
+    /// Parses TOML text of `C`; `path` names it in errors.
+    pub fn from_toml<C: ServiceConfig>(text: &str, path: &Path) -> Result<C, ConfigError> {
+        parse_toml(text, path, C::RENAMED)
+    }
+
+    /// The configuration a command line asks for: the defaults, overridden by the file that
+    /// `--config` names, overridden by every other flag given (clap's update semantics: an
+    /// absent flag keeps the file's value); then validated. `--help` and `--version` come
+    /// back as [`ConfigError::Cli`].
+    pub fn load_from<C, I, T>(args: I) -> Result<C, ConfigError>
+    where
+        C: ServiceConfig,
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut flags = C::default();
+        flags.try_update_from(&args)?;
+        let mut cfg = match flags.config_file() {
+            Some(path) => from_file::<C>(path)?,
+            None => C::default(),
+        };
+        cfg.try_update_from(&args)?;
+        cfg.apply_shortcuts();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks a commented example file (see [`uncomment_example`]): as shipped and with every
+    /// setting uncommented it must parse to the defaults, which must be valid, and every key
+    /// of every section must appear in it. For the services' tests.
+    pub fn check_example<C>(path: &Path) -> Result<(), String>
+    where
+        C: ServiceConfig + PartialEq + std::fmt::Debug,
+    {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let as_shipped: C = from_toml(&text, path).map_err(|e| e.to_string())?;
+        if as_shipped != C::default() {
+            return Err(format!("{} as shipped is not the defaults", path.display()));
+        }
+        let uncommented = uncomment_example(&text);
+        let every_key: C = from_toml(&uncommented, path).map_err(|e| e.to_string())?;
+        if every_key != C::default() {
+            return Err(format!(
+                "{}: a value shown differs from its default:\n{every_key:#?}",
+                path.display()
+            ));
+        }
+        every_key.validate().map_err(|e| e.to_string())?;
+        let shown: toml::Table = toml::from_str(&uncommented).map_err(|e| e.to_string())?;
+        let defaults = toml::to_string(&C::default()).map_err(|e| e.to_string())?;
+        let all: toml::Table = toml::from_str(&defaults).map_err(|e| e.to_string())?;
+        for (section, value) in &all {
+            // A section whose every default is "absent" (metrics) has nothing to show.
+            let Some(want) = value.as_table().filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            let have = shown.get(section).and_then(toml::Value::as_table);
+            for key in want.keys() {
+                if !have.is_some_and(|h| h.contains_key(key)) {
+                    return Err(format!("{section}.{key} missing from {}", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parses a flag's duration (`500ms`, `10s`, `72h`, `1h 30m`).
     pub fn parse_duration(text: &str) -> Result<Duration, String> {
         humantime::parse_duration(text).map_err(|e| format!("{e}; expected {DURATION_HINT}"))
@@ -386,4 +487,28 @@ pub mod config {
             );
         }
     }
+}
+
+/// Implements `From` for every redb error type on an error enum with a variant holding a
+/// `redb::Error`, so `?` works on any redb call. Both services store with redb; the macro
+/// expands in the caller, which depends on redb itself.
+#[macro_export]
+macro_rules! from_redb_errors {
+    ($error:ty, $variant:ident) => {
+        $crate::from_redb_errors!(
+            @each $error, $variant,
+            ::redb::DatabaseError,
+            ::redb::TransactionError,
+            ::redb::TableError,
+            ::redb::StorageError,
+            ::redb::CommitError
+        );
+    };
+    (@each $error:ty, $variant:ident, $($t:ty),*) => {$(
+        impl From<$t> for $error {
+            fn from(e: $t) -> Self {
+                Self::$variant(e.into())
+            }
+        }
+    )*};
 }

@@ -2,7 +2,7 @@
 //!
 //! Generated from `proto/` with protox + tonic-prost-build; this crate adds the constants both
 //! sides must agree on and the small pure helpers around them (sequence ranges, error codes).
-
+#![warn(missing_docs)]
 #![allow(clippy::doc_lazy_continuation)]
 
 /// Generated types of the public API and the shared data model.
@@ -69,10 +69,12 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// The code as carried in a QUIC CONNECTION_CLOSE frame.
     pub fn as_u32(self) -> u32 {
         self as u32
     }
 
+    /// The code a peer sent, if it is one we know.
     pub fn from_u64(code: u64) -> Option<Self> {
         Some(match code {
             0 => Self::Normal,

@@ -1,5 +1,6 @@
 //! Helpers for the end-to-end tests: a throw-away PKI (plus a foreign CA), ingests in-process
 //! or as a killable process, agents, and a resuming subscriber that collects what it receives.
+#![warn(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,7 @@ use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
 pub mod sim;
 
+/// The vehicles the test PKI has certificates for.
 pub const VEHICLES: [&str; 4] = ["amb-1", "amb-2", "amb-3", "amb-4"];
 
 /// Shipped copy of a PhysioNet record (see data/NOTICE).
@@ -26,13 +28,16 @@ pub fn record(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A throw-away development PKI, and a foreign one.
 pub struct Pki {
+    /// The PKI the services trust.
     pub dir: tempfile::TempDir,
     /// A second, unrelated PKI: its vehicle certificates must be refused.
     pub rogue: tempfile::TempDir,
 }
 
 impl Pki {
+    /// Makes both PKIs.
     pub fn new() -> Self {
         relay_ops::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
@@ -59,10 +64,12 @@ impl Pki {
         Self { dir, rogue }
     }
 
+    /// Directory of the trusted PKI.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// TLS files of ED client `name`.
     pub fn subscriber(&self, name: &str) -> ClientTls {
         ClientTls::from_dev_dir(self.path(), name)
     }
@@ -85,6 +92,7 @@ pub fn ingest_config(pki: &Pki, store: &Path) -> IngestConfig {
     c
 }
 
+/// An agent for `vehicle` on one bearer towards `ingest`, with quick reconnects.
 pub fn agent_config(
     pki_dir: &Path,
     vehicle: &str,
@@ -108,6 +116,7 @@ pub fn agent_config(
     c
 }
 
+/// A WFDB replay of shipped record `name`.
 pub fn replay(name: &str, speed: f64) -> SourceConfig {
     SourceConfig::Wfdb {
         record: record(name),
@@ -117,6 +126,7 @@ pub fn replay(name: &str, speed: f64) -> SourceConfig {
     }
 }
 
+/// Synthetic vitals and GPS, every 200 ms.
 pub fn vitals_and_gps() -> Vec<SourceConfig> {
     vec![
         SourceConfig::SyntheticVitals {
@@ -133,16 +143,27 @@ pub fn vitals_and_gps() -> Vec<SourceConfig> {
 /// Everything a subscriber saw.
 #[derive(Debug)]
 pub struct Collected {
+    /// Every waveform received, as WFDB records.
     pub sink: WfdbSink,
+    /// Data records received.
     pub data_records: u64,
+    /// Frames received more than once.
     pub duplicates: u64,
+    /// Vehicles seen.
     pub vehicles: HashSet<String>,
+    /// Gap records.
     pub gaps: u64,
+    /// Gap-closed records.
     pub gaps_closed: u64,
+    /// Records marked late.
     pub late: u64,
+    /// Sync markers.
     pub syncs: u64,
+    /// Lagged notices.
     pub lagged: u64,
+    /// Subscriptions started again.
     pub reconnects: u64,
+    /// Cursor of the last message.
     pub cursor: u64,
     /// Longest time between the ingest storing a frame and this subscriber receiving it, for
     /// frames received after the sync marker (live), milliseconds.
@@ -155,9 +176,13 @@ pub struct Collected {
 /// A waveform frame as this subscriber received it.
 #[derive(Debug, Clone)]
 pub struct Arrival {
+    /// Its stream.
     pub stream: StreamId,
+    /// The frame.
     pub frame: relay_proto::model::Frame,
+    /// Whether it filled a gap.
     pub late: bool,
+    /// When it arrived.
     pub at: tokio::time::Instant,
 }
 
@@ -367,6 +392,7 @@ pub fn free_ports() -> (u16, u16) {
     )
 }
 
+/// Whether a stream kind is a waveform.
 pub fn is_waveform(kind: i32) -> bool {
     kind == StreamKind::Waveform as i32
 }

@@ -80,3 +80,17 @@ fn dashboards_and_alerts_reference_described_metrics() {
         );
     }
 }
+
+/// The example configurations show every key, commented out, with its default value.
+#[test]
+fn example_configs_are_the_defaults_with_every_key() {
+    let config = root().join("deploy/config");
+    relay_ops::config::check_example::<vehicle_agent::AgentConfig>(
+        &config.join("vehicle-agent.toml"),
+    )
+    .unwrap();
+    relay_ops::config::check_example::<hospital_ingest::IngestConfig>(
+        &config.join("hospital-ingest.toml"),
+    )
+    .unwrap();
+}

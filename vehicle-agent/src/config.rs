@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use relay_ops::config::{Rename, parse_duration};
+use relay_ops::config::{Rename, ServiceConfig, parse_duration};
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Policy;
@@ -76,7 +76,7 @@ pub struct AgentConfig {
     /// The Prometheus endpoint.
     #[command(flatten)]
     pub metrics: Metrics,
-    /// Cellular bearers, one QUIC connection each: NAME=ADDRESS[@INTERFACE], repeated; the
+    /// Cellular bearers, one QUIC connection each: `NAME=ADDRESS[@INTERFACE]`, repeated; the
     /// flags replace the file's list.
     #[arg(id = "bearers", long = "bearer", value_name = "NAME=ADDR[@IFACE]")]
     pub bearers: Vec<BearerConfig>,
@@ -86,7 +86,7 @@ pub struct AgentConfig {
     /// The crash-safe spool.
     #[command(flatten)]
     pub spool: SpoolConfig,
-    /// Data sources, each one stream ([[sources]] in the file; --wfdb-record on the command
+    /// Data sources, each one stream (`[[sources]]` in the file; --wfdb-record on the command
     /// line).
     #[arg(skip)]
     pub sources: Vec<SourceConfig>,
@@ -559,15 +559,31 @@ impl Default for Reconnect {
     }
 }
 
+impl ServiceConfig for AgentConfig {
+    const RENAMED: &'static [Rename] = RENAMED_KEYS;
+
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        AgentConfig::validate(self)
+    }
+
+    fn apply_shortcuts(&mut self) {
+        self.apply_replay_flags();
+    }
+}
+
 impl AgentConfig {
     /// Parses a configuration file (renamed keys are refused with their replacement).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::read_toml(path, RENAMED_KEYS)
+        relay_ops::config::from_file(path)
     }
 
     /// Parses TOML text; `path` names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::parse_toml(text, path, RENAMED_KEYS)
+        relay_ops::config::from_toml(text, path)
     }
 
     /// The configuration a command line asks for: the defaults, overridden by the file that
@@ -578,17 +594,7 @@ impl AgentConfig {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let mut flags = Self::default();
-        flags.try_update_from(&args)?;
-        let mut cfg = match &flags.config {
-            Some(path) => Self::from_file(path)?,
-            None => Self::default(),
-        };
-        cfg.try_update_from(&args)?;
-        cfg.apply_replay_flags();
-        cfg.validate()?;
-        Ok(cfg)
+        relay_ops::config::load_from(args)
     }
 
     /// `--wfdb-record` replaces the configured ECG source (or comes first if there is none).
@@ -769,50 +775,6 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn example() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/vehicle-agent.toml")
-    }
-
-    #[test]
-    fn the_commented_example_file_is_the_defaults() {
-        let text = std::fs::read_to_string(example()).unwrap();
-        let as_shipped = AgentConfig::from_toml(&text, &example()).unwrap();
-        assert_eq!(
-            as_shipped,
-            AgentConfig::default(),
-            "every key is commented out"
-        );
-        let uncommented = relay_ops::config::uncomment_example(&text);
-        let every_key = AgentConfig::from_toml(&uncommented, &example()).unwrap();
-        assert_eq!(
-            every_key,
-            AgentConfig::default(),
-            "each shown value is the default"
-        );
-        every_key.validate().unwrap();
-        // Every key of the configuration appears in the example.
-        let shown: toml::Table = toml::from_str(&uncommented).unwrap();
-        let all: toml::Table = toml::from_str(&AgentConfig::default().to_toml().unwrap()).unwrap();
-        for (section, value) in &all {
-            // A section whose every default is "absent" (metrics) has nothing to show.
-            if value.as_table().is_some_and(|t| t.is_empty()) {
-                continue;
-            }
-            assert!(
-                shown.contains_key(section),
-                "{section} missing from the example"
-            );
-            if let (Some(want), Some(have)) = (value.as_table(), shown[section].as_table()) {
-                for key in want.keys() {
-                    assert!(
-                        have.contains_key(key),
-                        "{section}.{key} missing from the example"
-                    );
-                }
-            }
-        }
-    }
 
     #[test]
     fn flags_override_only_what_they_name() {

@@ -38,6 +38,7 @@ impl WaveformFramer {
         }
     }
 
+    /// Samples per channel in one frame.
     pub fn samples_per_frame(&self) -> usize {
         self.samples_per_frame
     }
@@ -53,6 +54,7 @@ impl WaveformFramer {
         (self.next_sample + count as u64) as f64 / self.rate_hz
     }
 
+    /// Capture time of sample `sample_index` (UTC ns).
     pub fn capture_time_ns(&self, sample_index: u64) -> i64 {
         self.epoch_ns
             .saturating_add((sample_index as f64 * 1e9 / self.rate_hz).round() as i64)
@@ -85,6 +87,7 @@ pub struct SequenceCounter {
 }
 
 impl SequenceCounter {
+    /// Numbers the frames of stream `stream_id` from 0.
     pub fn new(stream_id: u32) -> Self {
         Self {
             stream_id,
@@ -92,6 +95,7 @@ impl SequenceCounter {
         }
     }
 
+    /// The next frame, captured at `capture_time_ns`.
     pub fn frame(&mut self, capture_time_ns: i64, payload: Payload) -> Frame {
         let f = Frame {
             stream_id: self.stream_id,

@@ -14,13 +14,18 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the estimator says of a bearer.
 pub enum LinkState {
+    /// Heard from recently: carries traffic.
     Up,
+    /// Nothing heard for the loss-detection time: its copies are re-sent elsewhere.
     Suspect,
+    /// Silent for longer, or not connected: carries nothing.
     Down,
 }
 
 impl LinkState {
+    /// Short name, a bounded metric label.
     pub fn label(self) -> &'static str {
         match self {
             Self::Up => "up",
@@ -40,6 +45,7 @@ impl LinkState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
+/// Timing of the estimator.
 pub struct HealthConfig {
     /// Lower bound of the loss-detection time (SRT uses about 60 ms).
     pub suspect_floor: Duration,
@@ -68,6 +74,7 @@ const DEFAULT_RATE_BYTES_PER_S: f64 = 125_000.0;
 const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
+/// Health estimate of one bearer, fed with acknowledgements and quinn's statistics.
 pub struct Health {
     cfg: HealthConfig,
     srtt: Option<Duration>,
@@ -90,14 +97,20 @@ pub struct Health {
 /// quinn's path statistics as the shell reads them from `Connection::stats()`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PathSample {
+    /// quinn's smoothed RTT.
     pub rtt: Duration,
+    /// Congestion window, bytes.
     pub cwnd: u64,
+    /// Packets declared lost so far.
     pub lost_packets: u64,
+    /// Packets sent so far.
     pub sent_packets: u64,
+    /// UDP datagrams received so far (anything heard).
     pub rx_datagrams: u64,
 }
 
 impl Health {
+    /// A bearer not yet connected.
     pub fn new(cfg: HealthConfig) -> Self {
         Self {
             cfg,
@@ -116,6 +129,7 @@ impl Health {
         }
     }
 
+    /// A connection was established at `now`.
     pub fn on_connected(&mut self, now: Instant) {
         self.connected = true;
         self.last_heard = Some(now);
@@ -126,10 +140,12 @@ impl Health {
         self.window_bytes = 0;
     }
 
+    /// The connection ended.
     pub fn on_disconnected(&mut self) {
         self.connected = false;
     }
 
+    /// Whether a connection is established.
     pub fn is_connected(&self) -> bool {
         self.connected
     }
@@ -189,14 +205,17 @@ impl Health {
         }
     }
 
+    /// Smoothed RTT, once measured.
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
 
+    /// RTT variance.
     pub fn rttvar(&self) -> Duration {
         self.rttvar
     }
 
+    /// Smoothed packet loss ratio.
     pub fn loss(&self) -> f64 {
         self.loss
     }

@@ -2,6 +2,7 @@
 //! with sequence numbers and capture timestamps, and delivers them to the hospital ingest over
 //! QUIC with mutual TLS over every configured bearer, holding every frame in a crash-safe spool
 //! until the ingest acknowledges it.
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod framer;
@@ -25,6 +26,26 @@ pub use config::AgentConfig;
 /// Frames buffered between sources and the uplink before a source waits.
 const SOURCE_QUEUE_FRAMES: usize = 1024;
 
+/// What the `vehicle-agent` binary does with its command line: load the configuration
+/// (printing help or version and exiting when asked), stream until SIGTERM/ctrl-c or until the
+/// agent fails (its spool died: the process then exits non-zero for its supervisor to restart
+/// it), then stop, delivering for `buffer.stop_drain`.
+pub async fn run_cli<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    relay_ops::init_logging("info");
+    let cfg = relay_ops::config::exit_on_cli(AgentConfig::load_from(args))
+        .context("loading configuration")?;
+    let agent = Agent::start(cfg).await?;
+    tokio::select! {
+        () = relay_ops::shutdown_signal() => tracing::info!("shutting down"),
+        () = agent.failed() => tracing::error!("agent failed; stopping so the supervisor restarts it"),
+    }
+    agent.shutdown().await.map(|_| ())
+}
+
 /// What an agent did, reported when it stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSummary {
@@ -45,6 +66,7 @@ pub struct Agent {
     spool_finish: CancellationToken,
     failed: CancellationToken,
     seq_base: std::collections::HashMap<u32, u64>,
+    /// Address of the metrics endpoint, when one was asked for.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 

@@ -17,6 +17,7 @@ pub fn quinn_priority(kind: i32, lane: Lane) -> i32 {
     base - 10 * Class::of_kind(kind).index() as i32
 }
 
+/// Registers the description and unit of every agent metric.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(

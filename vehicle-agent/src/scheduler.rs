@@ -32,9 +32,13 @@ const MAX_SKIPS_PER_POLL: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+/// How many bearers carry a class, and which.
 pub enum Policy {
+    /// The bearer with the lowest expected delivery time.
     Fastest,
+    /// The best two bearers carry every frame.
     Redundant,
+    /// The first configured bearer while it is up; the others only when it is not.
     Backup,
 }
 
@@ -48,25 +52,34 @@ impl Policy {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Which lane a frame is sent in.
 pub enum Lane {
+    /// Produced within the live window: goes first.
     Live,
+    /// Backlog after an outage or restored from the spool: follows at lower priority.
     CatchUp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A frame's identity within the session.
 pub struct FrameId {
+    /// The stream.
     pub stream_id: u32,
+    /// Its sequence number.
     pub seq: u64,
 }
 
 /// A metered bearer may send at most `bytes` per `period`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Budget {
+    /// Bytes per period.
     pub bytes: u64,
+    /// The period.
     pub period: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// Bounds and policies of the scheduler.
 pub struct SchedulerConfig {
     /// Policy per class.
     pub policies: [Policy; Class::COUNT],
@@ -78,29 +91,40 @@ pub struct SchedulerConfig {
     pub max_in_flight_frames: usize,
     /// Frames younger than this are live; older ones are caught up behind them.
     pub live_window: Duration,
+    /// Timing of each bearer's health estimator.
     pub health: HealthConfig,
 }
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
+    /// Write this copy on its bearer.
     Transmit(Transmit),
     /// Reset the QUIC stream (or drop the queued write) of this copy: another was acknowledged.
     Cancel {
+        /// The bearer.
         bearer: usize,
+        /// Its connection generation.
         generation: u64,
+        /// The frame.
         id: FrameId,
     },
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// One copy of a frame to write on a bearer.
 pub struct Transmit {
+    /// The bearer (index in the configuration).
     pub bearer: usize,
     /// Connection generation of the bearer this copy is meant for.
     pub generation: u64,
+    /// The frame.
     pub id: FrameId,
+    /// Its stream kind.
     pub kind: i32,
+    /// The lane it goes in (sets its QUIC priority).
     pub lane: Lane,
+    /// The encoded frame.
     pub bytes: Bytes,
     /// Sent before (on another bearer or an earlier connection).
     pub resend: bool,
@@ -111,6 +135,7 @@ pub struct Transmit {
 pub struct Acked {
     /// Frames released, with their class kind and the time since their first send.
     pub released: Vec<(FrameId, i32, Option<Duration>)>,
+    /// Copies on other bearers to cancel.
     pub cancels: Vec<Action>,
 }
 
@@ -142,8 +167,11 @@ impl Entry {
 /// Counters per bearer, cumulative (the shell turns them into metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BearerCounters {
+    /// Frame copies sent.
     pub frames_sent: u64,
+    /// Bytes of frame copies sent.
     pub bytes_sent: u64,
+    /// Frames acknowledged through this bearer.
     pub frames_acked: u64,
     /// Copies sent because another bearer's copy was overdue or lost with its connection.
     pub frames_recovered: u64,
@@ -194,6 +222,7 @@ impl Bearer {
 }
 
 #[derive(Debug)]
+/// The multi-bearer scheduler (see the module documentation).
 pub struct Scheduler {
     cfg: SchedulerConfig,
     entries: HashMap<FrameId, Entry>,
@@ -213,6 +242,7 @@ pub struct Scheduler {
 pub type Evicted = Vec<(FrameId, i32)>;
 
 impl Scheduler {
+    /// A scheduler for `budgets.len()` bearers, none connected yet.
     pub fn new(cfg: SchedulerConfig, budgets: Vec<Option<Budget>>, now: Instant) -> Self {
         let bearers = budgets
             .into_iter()
@@ -244,14 +274,17 @@ impl Scheduler {
         }
     }
 
+    /// Frames held.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -265,10 +298,12 @@ impl Scheduler {
         out
     }
 
+    /// Health estimate of a bearer.
     pub fn health(&self, bearer: usize) -> Option<&Health> {
         self.bearers.get(bearer).map(|b| &b.health)
     }
 
+    /// Counters of a bearer.
     pub fn counters(&self, bearer: usize) -> BearerCounters {
         self.bearers
             .get(bearer)
@@ -276,12 +311,14 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// State of a bearer at `now`.
     pub fn state(&self, bearer: usize, now: Instant) -> LinkState {
         self.bearers
             .get(bearer)
             .map_or(LinkState::Down, |b| b.state(now))
     }
 
+    /// Bytes sent on a bearer and not yet acknowledged.
     pub fn in_flight_bytes(&self, bearer: usize) -> usize {
         self.bearers.get(bearer).map_or(0, |b| b.in_flight_bytes)
     }
@@ -441,6 +478,7 @@ impl Scheduler {
         }
     }
 
+    /// quinn's statistics of a bearer's connection.
     pub fn on_path(&mut self, bearer: usize, sample: PathSample, now: Instant) {
         if let Some(b) = self.bearers.get_mut(bearer) {
             b.health.on_path(sample, now);

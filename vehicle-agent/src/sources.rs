@@ -22,16 +22,20 @@ use crate::framer::{SequenceCounter, WaveformFramer};
 use relay_proto::codes as mdc;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a source could not be prepared.
 pub enum SourceError {
     #[error(transparent)]
+    /// The WFDB record could not be read.
     Wfdb(#[from] WfdbError),
     #[error("record {0} has no samples")]
+    /// The record has no samples.
     Empty(String),
 }
 
 /// A source ready to run: its descriptor is known before the first connection.
 #[derive(Debug)]
 pub struct PreparedSource {
+    /// What the stream is, declared in the Hello.
     pub descriptor: StreamDescriptor,
     kind: Kind,
 }
@@ -62,6 +66,7 @@ const TWELVE_LEADS: [&str; 12] = [
 ];
 
 impl PreparedSource {
+    /// Reads what the source needs (a record) and describes its stream.
     pub fn prepare(cfg: &SourceConfig, stream_id: u32) -> Result<Self, SourceError> {
         Ok(match cfg {
             SourceConfig::Wfdb {
@@ -349,6 +354,7 @@ const AMPS: [[f64; 5]; 12] = [
 ];
 
 impl SyntheticEcg {
+    /// A generator at `rate_hz` with the given heart rate.
     pub fn new(rate_hz: f64, heart_rate_bpm: f64) -> Self {
         Self {
             rate_hz,
@@ -389,6 +395,7 @@ pub struct SyntheticVitals {
 }
 
 impl SyntheticVitals {
+    /// A generator whose drift is fixed by `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
@@ -406,6 +413,7 @@ impl SyntheticVitals {
         *v = (*v + rng.random_range(-step..=step)).clamp(lo, hi);
     }
 
+    /// The next report, values drifted a little.
     pub fn next_report(&mut self) -> VitalsReport {
         let r = &mut self.rng;
         Self::drift(r, &mut self.hr, 1.0, 55.0, 120.0);
@@ -448,6 +456,7 @@ pub struct GpsTrack {
 }
 
 impl GpsTrack {
+    /// A track starting at `lat`, `lon`.
     pub fn new(lat: f64, lon: f64) -> Self {
         Self {
             lat,
@@ -457,6 +466,7 @@ impl GpsTrack {
         }
     }
 
+    /// The position after `dt_s` more seconds.
     pub fn advance(&mut self, dt_s: f64) -> Location {
         const SPEED: f64 = 14.0;
         const M_PER_DEG: f64 = 111_320.0;

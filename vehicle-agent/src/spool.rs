@@ -80,35 +80,25 @@ pub enum SpoolError {
 #[error("the spool task has stopped: frames are no longer crash-safe")]
 pub struct SpoolGone;
 
-macro_rules! redb_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for SpoolError {
-            fn from(e: $t) -> Self {
-                Self::Redb(e.into())
-            }
-        }
-    )*};
-}
-redb_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+relay_ops::from_redb_errors!(SpoolError, Redb);
 
 /// A frame read back from the spool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredFrame {
+    /// The frame's identity.
     pub id: FrameId,
+    /// Its stream kind.
     pub kind: i32,
+    /// When it was put (UTC ns).
     pub put_ns: i64,
+    /// The encoded frame.
     pub bytes: Bytes,
 }
 
 /// What a (re)opened spool hands the agent.
 #[derive(Debug)]
 pub struct Opened {
+    /// The session the agent continues or starts.
     pub session_id: u64,
     /// Whether the session of an earlier run continues.
     pub resumed: bool,
@@ -385,6 +375,7 @@ impl Spool {
         Ok(self.reserved.clone())
     }
 
+    /// Sequence numbers reserved durably, per stream (the first not reserved).
     pub fn reserved(&self) -> HashMap<u32, u64> {
         self.reserved.clone()
     }
@@ -400,13 +391,20 @@ impl Spool {
 }
 
 #[derive(Debug, Clone)]
+/// One change for the next commit.
 pub enum SpoolCmd {
+    /// Keep a frame.
     Put {
+        /// Its identity.
         id: FrameId,
+        /// Its stream kind.
         kind: i32,
+        /// When it was put (UTC ns).
         put_ns: i64,
+        /// The encoded frame.
         bytes: Bytes,
     },
+    /// Forget a frame (acknowledged or evicted).
     Delete(FrameId),
 }
 

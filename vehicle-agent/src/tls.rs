@@ -8,15 +8,20 @@ use relay_ops::pem::{load_certs, load_key};
 use crate::config::{IngestEndpoint, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
+/// Why the TLS client configuration could not be built.
 pub enum TlsError {
     #[error(transparent)]
+    /// A certificate or key could not be loaded.
     Pem(#[from] relay_ops::pem::PemError),
     #[error("TLS configuration: {0}")]
+    /// rustls refused the certificates or key.
     Rustls(#[from] rustls::Error),
     #[error("QUIC crypto configuration: {0}")]
+    /// quinn refused the TLS configuration.
     Quic(String),
 }
 
+/// The QUIC client configuration: TLS 1.3 with this vehicle's certificate, the pinned ingest CA, ALPN, idle timeout and keep-alives (the bearers' probes).
 pub fn client_config(
     files: &TlsFiles,
     endpoint: &IngestEndpoint,

@@ -2,6 +2,7 @@
 //!
 //! It lives here because both ends need it: the agent replays records and the ED subscriber
 //! writes what it received back out. Specification: WFDB "header(5)" and "signal(5)".
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,59 +18,92 @@ pub const MAX_WRITE_SAMPLE_INDEX: u64 = 1 << 32;
 pub const INVALID_SAMPLE_16: i32 = -32768;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a record could not be read or written.
 pub enum WfdbError {
     #[error("reading {path}: {source}")]
+    /// A file could not be read or written.
     Io {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("header {path} line {line}: {msg}")]
+    /// A header line does not follow header(5).
     Header {
+        /// The header file.
         path: PathBuf,
+        /// The line (1-based).
         line: usize,
+        /// What is wrong with it.
         msg: String,
     },
     #[error("signal format {0} is not supported (supported: 16, 212)")]
+    /// A signal format this reader does not decode.
     UnsupportedFormat(u32),
     #[error("record {0}: {1}")]
+    /// The record's data contradict its header (record name, what).
     Record(String, String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// One signal line of a header: where its samples are and how to turn them into physical units.
 pub struct SignalSpec {
+    /// Data file holding the signal's samples.
     pub file_name: String,
+    /// Storage format (16, 212, ...).
     pub format: u32,
+    /// Bytes to skip at the start of the data file.
     pub byte_offset: u64,
+    /// ADC units per physical unit.
     pub gain: f64,
+    /// ADC value of physical zero.
     pub baseline: i32,
+    /// Physical units (e.g. mV).
     pub units: String,
+    /// ADC resolution, bits.
     pub adc_resolution: u32,
+    /// ADC output for an input of zero volts.
     pub adc_zero: i32,
+    /// Value of the first sample, when given.
     pub initial_value: Option<i32>,
+    /// 16-bit checksum of all samples, when given.
     pub checksum: Option<i16>,
+    /// Block size of the data file (0: not blocked).
     pub block_size: u32,
+    /// Signal description, usually the lead name.
     pub description: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// A record header: its name, rate, length and signals.
 pub struct Header {
+    /// Record name (the file stem).
     pub record_name: String,
+    /// Samples per second per signal.
     pub sampling_frequency: f64,
+    /// Samples per signal, when given.
     pub samples_per_signal: Option<u64>,
+    /// The signals, in the order of their lines.
     pub signals: Vec<SignalSpec>,
+    /// Comment lines (without `#`).
     pub comments: Vec<String>,
 }
 
 /// A whole record in memory: `samples` interleaved, sample 0 of every signal, then sample 1...
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// The parsed header.
     pub header: Header,
+    /// Samples, interleaved by signal.
     pub samples: Vec<i32>,
+    /// Samples per signal actually read.
     pub samples_per_signal: usize,
 }
 
 impl Record {
+    /// Number of signals (channels).
     pub fn num_signals(&self) -> usize {
         self.header.signals.len()
     }
@@ -86,6 +120,7 @@ impl Record {
     }
 }
 
+/// WFDB checksum of a sequence of samples: their sum modulo 2^16, as i16.
 pub fn checksum(samples: impl Iterator<Item = i32>) -> i16 {
     samples.fold(0i16, |acc, v| acc.wrapping_add(v as i16))
 }
@@ -373,11 +408,17 @@ fn sign_extend_12(v: i32) -> i32 {
 /// What a written channel looks like in the header.
 #[derive(Debug, Clone)]
 pub struct ChannelSpec {
+    /// Lead or channel name (the header's description field).
     pub name: String,
+    /// ADC units per physical unit.
     pub gain: f64,
+    /// ADC value of physical zero.
     pub baseline: i32,
+    /// Physical units.
     pub units: String,
+    /// ADC resolution, bits.
     pub adc_resolution: u32,
+    /// ADC output for zero volts.
     pub adc_zero: i32,
 }
 
@@ -397,6 +438,7 @@ pub struct Format16Writer {
 }
 
 impl Format16Writer {
+    /// Creates `<dir>/<name>.dat` and the writer for it; the header is written on `finish`.
     pub fn create(
         dir: &Path,
         name: &str,
@@ -423,6 +465,7 @@ impl Format16Writer {
         })
     }
 
+    /// Number of channels of the record.
     pub fn num_channels(&self) -> usize {
         self.channels.len()
     }

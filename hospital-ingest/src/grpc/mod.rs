@@ -28,12 +28,16 @@ use flow::{LiveStep, SubscriptionFlow};
 const BACKLOG_PAGE: usize = 512;
 
 #[derive(Debug, Clone)]
+/// Per-subscriber bounds.
 pub struct GrpcSettings {
+    /// Messages queued per subscriber.
     pub subscriber_queue: usize,
+    /// A subscriber whose queue stays full this long is cut off.
     pub slow_subscriber_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
+/// The Telemetry gRPC service.
 pub struct TelemetryService {
     store: Store,
     bus: broadcast::Sender<Arc<LogEntry>>,
@@ -44,6 +48,7 @@ pub struct TelemetryService {
 }
 
 impl TelemetryService {
+    /// The service over `store` and the live `bus`, admitting `max_subscribers` at once.
     pub fn new(
         store: Store,
         bus: broadcast::Sender<Arc<LogEntry>>,

@@ -26,8 +26,11 @@ pub use validate::{MAX_SEQ, validate_frame, validate_hello};
 /// What every connection task shares.
 #[derive(Debug, Clone)]
 pub struct QuicContext {
+    /// The QUIC section of the configuration.
     pub cfg: Quic,
+    /// The store writer.
     pub writer: mpsc::Sender<WriterCmd>,
+    /// Vehicles online now.
     pub online: Arc<Online>,
 }
 

@@ -32,6 +32,7 @@ impl Online {
         metrics::gauge!("relay_ingest_vehicles_online").set(m.len() as f64);
     }
 
+    /// Whether any bearer of vehicle `v` is connected.
     pub fn is_online(&self, v: &str) -> bool {
         self.lock().contains_key(v)
     }

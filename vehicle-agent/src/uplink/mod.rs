@@ -1,10 +1,10 @@
 //! The async shell around the [`Scheduler`]: it only moves bytes and time.
 //!
-//! - [`intake`]: spools every produced frame before any bearer sees it, then hands it to the
+//! - `intake`: spools every produced frame before any bearer sees it, then hands it to the
 //!   scheduler;
-//! - [`dispatch`]: polls the scheduler and turns its decisions into QUIC streams (one per
+//! - `dispatch`: polls the scheduler and turns its decisions into QUIC streams (one per
 //!   frame copy) or stream resets;
-//! - [`bearer`]: one QUIC connection per bearer, dialled by the sans-IO redial policy, with
+//! - `bearer`: one QUIC connection per bearer, dialled by the sans-IO redial policy, with
 //!   the Hello handshake, acknowledgements and path statistics.
 //!
 //! The decisions live in the sans-IO machines: [`crate::scheduler`], [`crate::health`],
@@ -167,12 +167,19 @@ impl Shared {
 
 /// Everything the uplink needs.
 pub struct Uplink {
+    /// The agent's configuration.
     pub cfg: AgentConfig,
+    /// QUIC and TLS client configuration shared by every bearer.
     pub client: quinn::ClientConfig,
+    /// The Hello every bearer sends.
     pub hello: Hello,
+    /// Frames from the sources.
     pub frames: mpsc::Receiver<Frame>,
+    /// Cancelled when the agent stops.
     pub stop: CancellationToken,
+    /// How long a stopping agent keeps delivering.
     pub drain: Duration,
+    /// The spool task.
     pub spool: SpoolHandle,
     /// Cancelled by the uplink when the spool is gone (see [`SpoolGone`]).
     pub failed: CancellationToken,
@@ -182,6 +189,7 @@ pub struct Uplink {
     pub seq_base: HashMap<u32, u64>,
 }
 
+/// The scheduler's configuration from the agent's.
 pub fn scheduler_config(cfg: &AgentConfig) -> SchedulerConfig {
     let sc = &cfg.scheduling;
     SchedulerConfig {
