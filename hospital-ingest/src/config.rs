@@ -5,13 +5,14 @@
 //! replacement. `deploy/config/hospital-ingest.toml` shows every key with its default (a test
 //! holds it to that).
 
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use relay_ops::config::{Rename, ServiceConfig, parse_duration};
+use relay_ops::config::{MetricsConfig, Rename, invalid, parse_duration, positive};
+
+pub use relay_ops::config::ServiceConfig;
 use serde::{Deserialize, Serialize};
 
 pub use relay_ops::config::ConfigError;
@@ -29,19 +30,18 @@ pub const RENAMED_KEYS: &[Rename] = &[
     ("reassembly.reorder_window_ms", "reassembly.reorder_window"),
 ];
 
-/// Everything the ingest is told, from the file and the command line.
+/// Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over
+/// gRPC.
+///
+/// The ingest's whole configuration. Every setting has a default; --config names a TOML file
+/// (see deploy/config/hospital-ingest.toml) and each flag overrides one key of it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Parser)]
 #[serde(deny_unknown_fields, default)]
-#[command(
-    name = "hospital-ingest",
-    version,
-    about = "Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over gRPC",
-    long_about = "Accepts ambulances over QUIC (mutual TLS), stores their telemetry and republishes it over gRPC.\n\nEvery setting has a default; --config names a TOML file (see deploy/config/hospital-ingest.toml) and each flag overrides one key of it."
-)]
+#[command(name = "hospital-ingest", version)]
 pub struct IngestConfig {
     /// TOML configuration file; flags override single keys of it.
     #[serde(skip)]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// The QUIC endpoint vehicles connect to.
     #[command(flatten)]
@@ -60,7 +60,7 @@ pub struct IngestConfig {
     pub reassembly: Reassembly,
     /// The Prometheus endpoint.
     #[command(flatten)]
-    pub metrics: Metrics,
+    pub metrics: MetricsConfig,
 }
 
 /// Putting each stream back in order.
@@ -70,21 +70,13 @@ pub struct Reassembly {
     /// A frame that overtook others waits this long for them before a gap is announced
     /// (0s announces at once; at most 10s).
     #[serde(with = "humantime_serde")]
-    #[arg(id = "reassembly.reorder_window", long = "reassembly-reorder-window", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "reassembly-reorder-window", value_parser = parse_duration)]
     pub reorder_window: Duration,
     /// Frames held per stream while waiting; beyond, the gap is announced at once.
-    #[arg(
-        id = "reassembly.max_held_frames",
-        long = "reassembly-max-held-frames",
-        value_name = "N"
-    )]
+    #[arg(long = "reassembly-max-held-frames")]
     pub max_held_frames: usize,
     /// Announced gaps tracked per stream; beyond, the oldest is given up.
-    #[arg(
-        id = "reassembly.max_open_gaps",
-        long = "reassembly-max-open-gaps",
-        value_name = "N"
-    )]
+    #[arg(long = "reassembly-max-open-gaps")]
     pub max_open_gaps: usize,
 }
 
@@ -106,48 +98,28 @@ pub struct Quic {
     #[arg(id = "quic.listen", long = "quic-listen", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Concurrent vehicle connections (bearers) at most.
-    #[arg(
-        id = "quic.max_connections",
-        long = "quic-max-connections",
-        value_name = "N"
-    )]
+    #[arg(long = "quic-max-connections")]
     pub max_connections: usize,
     /// Largest frame accepted; a larger one closes that connection.
-    #[arg(
-        id = "quic.max_frame_bytes",
-        long = "max-frame-bytes",
-        value_name = "BYTES"
-    )]
+    #[arg(long)]
     pub max_frame_bytes: usize,
     /// Frames in flight per connection (concurrent unidirectional streams).
-    #[arg(
-        id = "quic.max_concurrent_frames",
-        long = "quic-max-concurrent-frames",
-        value_name = "N"
-    )]
+    #[arg(long = "quic-max-concurrent-frames")]
     pub max_concurrent_frames: u32,
     /// A connection silent this long is dropped.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "quic.idle_timeout", long = "quic-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "quic-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Hello must arrive within this after the handshake.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "quic.hello_timeout", long = "quic-hello-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "quic-hello-timeout", value_parser = parse_duration)]
     pub hello_timeout: Duration,
     /// Acknowledgements waiting to be written per connection before it is closed as stuck.
-    #[arg(
-        id = "quic.max_pending_acks",
-        long = "quic-max-pending-acks",
-        value_name = "N"
-    )]
+    #[arg(long = "quic-max-pending-acks")]
     pub max_pending_acks: usize,
     /// Bytes a connection may have in flight towards the ingest (QUIC flow control): the
     /// memory one vehicle connection can occupy with unread frames.
-    #[arg(
-        id = "quic.connection_receive_window_bytes",
-        long = "quic-connection-receive-window-bytes",
-        value_name = "BYTES"
-    )]
+    #[arg(long = "quic-connection-receive-window-bytes")]
     pub connection_receive_window_bytes: u32,
 }
 
@@ -159,25 +131,17 @@ pub struct Grpc {
     #[arg(id = "grpc.listen", long = "grpc-listen", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Messages queued per subscriber.
-    #[arg(
-        id = "grpc.subscriber_queue",
-        long = "grpc-subscriber-queue",
-        value_name = "N"
-    )]
+    #[arg(long = "grpc-subscriber-queue")]
     pub subscriber_queue: usize,
     /// A subscriber whose queue stays full this long is cut off.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "grpc.slow_subscriber_timeout", long = "grpc-slow-subscriber-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "grpc-slow-subscriber-timeout", value_parser = parse_duration)]
     pub slow_subscriber_timeout: Duration,
     /// Live records buffered for subscribers that are momentarily behind.
-    #[arg(id = "grpc.live_buffer", long = "grpc-live-buffer", value_name = "N")]
+    #[arg(long = "grpc-live-buffer")]
     pub live_buffer: usize,
     /// Concurrent subscriptions at most.
-    #[arg(
-        id = "grpc.max_subscribers",
-        long = "grpc-max-subscribers",
-        value_name = "N"
-    )]
+    #[arg(long = "grpc-max-subscribers")]
     pub max_subscribers: usize,
 }
 
@@ -186,16 +150,16 @@ pub struct Grpc {
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// The ingest's certificate chain (PEM), for QUIC and gRPC.
-    #[arg(id = "tls.cert", long = "cert", value_name = "PEM")]
+    #[arg(long)]
     pub cert: PathBuf,
     /// The ingest's private key (PEM).
-    #[arg(id = "tls.key", long = "key", value_name = "PEM")]
+    #[arg(long)]
     pub key: PathBuf,
     /// CA whose client certificates may connect as vehicles (CN = vehicle id).
-    #[arg(id = "tls.fleet_ca", long = "fleet-ca", value_name = "PEM")]
+    #[arg(long)]
     pub fleet_ca: PathBuf,
     /// CA whose client certificates may use the gRPC API.
-    #[arg(id = "tls.subscriber_ca", long = "subscriber-ca", value_name = "PEM")]
+    #[arg(long)]
     pub subscriber_ca: PathBuf,
 }
 
@@ -216,36 +180,22 @@ impl Tls {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// redb database file.
-    #[arg(id = "store.path", long = "store-path", value_name = "FILE")]
+    #[arg(long = "store-path")]
     pub path: PathBuf,
     /// Records older than this are deleted.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "store.retention", long = "store-retention", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "store-retention", value_parser = parse_duration)]
     pub retention: Duration,
     /// The log is kept below this many bytes (oldest deleted first).
-    #[arg(id = "store.max_bytes", long = "store-max-bytes", value_name = "BYTES")]
+    #[arg(long = "store-max-bytes")]
     pub max_bytes: u64,
     /// How often retention runs.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "store.retention_interval", long = "store-retention-interval", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "store-retention-interval", value_parser = parse_duration)]
     pub retention_interval: Duration,
     /// Frames waiting for the writer at most (back-pressure to the vehicles beyond).
-    #[arg(
-        id = "store.writer_queue",
-        long = "store-writer-queue",
-        value_name = "N"
-    )]
+    #[arg(long = "store-writer-queue")]
     pub writer_queue: usize,
-}
-
-/// The Prometheus endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Args)]
-#[serde(deny_unknown_fields, default)]
-pub struct Metrics {
-    /// Prometheus endpoint (GET /metrics); none when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[arg(id = "metrics.listen", long = "metrics-listen", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
 }
 
 impl Default for Quic {
@@ -305,53 +255,17 @@ impl ServiceConfig for IngestConfig {
         self.config.as_deref()
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        IngestConfig::validate(self)
-    }
-}
-
-impl IngestConfig {
-    /// Parses TOML text; `path` names it in errors.
-    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::from_toml(text, path)
-    }
-
-    /// Parses a configuration file (renamed keys are refused with their replacement).
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::from_file(path)
-    }
-
-    /// The configuration a command line asks for: the defaults, overridden by the file that
-    /// `--config` names, overridden by every other flag given; then validated. `--help` and
-    /// `--version` come back as [`ConfigError::Cli`] (call `exit()` on it).
-    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<OsString> + Clone,
-    {
-        relay_ops::config::load_from(args)
-    }
-
-    /// The configuration as TOML (what a file must hold to give it back); tests and the load
-    /// generator start ingest processes with it.
-    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string(self)
-    }
-
     /// Checks every bound; the error names the key and the value.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, value: &dyn std::fmt::Debug, reason: &str| {
-            Err(ConfigError::invalid(key, value, reason))
-        };
+    fn validate(&self) -> Result<(), ConfigError> {
         let q = &self.quic;
         if !(1024..=16 * 1024 * 1024).contains(&q.max_frame_bytes) {
-            return bad(
+            return invalid(
                 "quic.max_frame_bytes",
                 &q.max_frame_bytes,
                 "must be in 1 KiB..=16 MiB",
             );
         }
-        for (key, value) in [
+        positive(&[
             ("quic.max_connections", q.max_connections),
             (
                 "quic.max_concurrent_frames",
@@ -367,12 +281,8 @@ impl IngestConfig {
                 self.reassembly.max_held_frames,
             ),
             ("reassembly.max_open_gaps", self.reassembly.max_open_gaps),
-        ] {
-            if value == 0 {
-                return bad(key, &value, "must be positive");
-            }
-        }
-        for (key, value) in [
+        ])?;
+        positive(&[
             ("quic.idle_timeout", q.idle_timeout),
             ("quic.hello_timeout", q.hello_timeout),
             (
@@ -381,33 +291,37 @@ impl IngestConfig {
             ),
             ("store.retention", self.store.retention),
             ("store.retention_interval", self.store.retention_interval),
-        ] {
-            if value.is_zero() {
-                return bad(key, &value, "must be positive");
-            }
-        }
+        ])?;
         if (q.connection_receive_window_bytes as usize) < q.max_frame_bytes {
-            return bad(
+            return invalid(
                 "quic.connection_receive_window_bytes",
                 &q.connection_receive_window_bytes,
                 "must hold at least one frame (quic.max_frame_bytes)",
             );
         }
         if self.reassembly.reorder_window > Duration::from_secs(10) {
-            return bad(
+            return invalid(
                 "reassembly.reorder_window",
                 &self.reassembly.reorder_window,
                 "must be at most 10s",
             );
         }
         if self.store.max_bytes < 1024 * 1024 {
-            return bad(
+            return invalid(
                 "store.max_bytes",
                 &self.store.max_bytes,
                 "must be at least 1 MiB",
             );
         }
         Ok(())
+    }
+}
+
+impl IngestConfig {
+    /// The configuration as TOML (what a file must hold to give it back); tests and the load
+    /// generator start ingest processes with it.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 }
 
@@ -480,17 +394,6 @@ mod tests {
 
     #[test]
     fn every_flag_is_documented() {
-        use clap::CommandFactory;
-        IngestConfig::command().debug_assert();
-        for arg in IngestConfig::command_for_update().get_arguments() {
-            if ["help", "version"].contains(&arg.get_id().as_str()) {
-                continue;
-            }
-            assert!(
-                arg.get_help().is_some(),
-                "--{:?} has no help",
-                arg.get_long()
-            );
-        }
+        relay_ops::config::check_flags::<IngestConfig>().unwrap();
     }
 }

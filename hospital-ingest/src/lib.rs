@@ -24,17 +24,15 @@ pub use config::IngestConfig;
 
 pub use relay_ops::now_utc_ns;
 
+use relay_ops::config::ServiceConfig as _;
+
 /// What the `hospital-ingest` binary does with its command line: load the configuration
 /// (printing help or version and exiting when asked), run until SIGTERM/ctrl-c, shut down
 /// gracefully.
-pub async fn run_cli<I, T>(args: I) -> anyhow::Result<()>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
-{
+pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     relay_ops::init_logging("info");
-    let cfg = relay_ops::config::exit_on_cli(IngestConfig::load_from(args))
-        .context("loading configuration")?;
+    let cfg: IngestConfig =
+        relay_ops::config::load_or_exit(args).context("loading configuration")?;
     let ingest = Ingest::start(cfg).await?;
     relay_ops::shutdown_signal().await;
     tracing::info!("shutting down");

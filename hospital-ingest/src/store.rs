@@ -473,6 +473,17 @@ impl WriteBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether frame `seq` of amb-1's stream 0 (session 1) is stored, as `b` sees it.
+    fn stored(b: &WriteBatch, seq: u64) -> bool {
+        b.contains(SeqRef {
+            vehicle: "amb-1",
+            session: 1,
+            stream_id: 0,
+            seq,
+        })
+        .unwrap()
+    }
     use relay_proto::model::{DataRecord, Frame, StreamRef};
 
     fn data(vehicle: &str, seq: u64, received: i64) -> SubscribeResponse {
@@ -527,24 +538,8 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.head().unwrap(), 3);
         let b = store.begin().unwrap();
-        assert!(
-            b.contains(SeqRef {
-                vehicle: "amb-1",
-                session: 1,
-                stream_id: 0,
-                seq: 3
-            })
-            .unwrap()
-        );
-        assert!(
-            !b.contains(SeqRef {
-                vehicle: "amb-1",
-                session: 1,
-                stream_id: 0,
-                seq: 2
-            })
-            .unwrap()
-        );
+        assert!(stored(&b, 3));
+        assert!(!stored(&b, 2));
         drop(b);
         let page = store.read_after(1, 3, 10).unwrap();
         assert_eq!(
@@ -586,15 +581,7 @@ mod tests {
         assert_eq!(deleted, 3);
         assert_eq!(store.log_len().unwrap(), 7);
         let b = store.begin().unwrap();
-        assert!(
-            !b.contains(SeqRef {
-                vehicle: "amb-1",
-                session: 1,
-                stream_id: 0,
-                seq: 2
-            })
-            .unwrap()
-        );
+        assert!(!stored(&b, 2));
         drop(b);
         let mut largest = data(&v, 9, 900);
         largest.cursor = 10;

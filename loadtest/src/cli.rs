@@ -67,7 +67,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest { args } => {
             let argv = std::iter::once(std::ffi::OsString::from("hospital-ingest")).chain(args);
-            hospital_ingest::run_cli(argv).await
+            hospital_ingest::run_cli(argv.collect()).await
         }
         Command::Emulate(a) => {
             relay_ops::init_logging("warn");

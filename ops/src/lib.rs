@@ -240,15 +240,34 @@ pub mod config {
         Cli(#[from] clap::Error),
     }
 
-    impl ConfigError {
-        /// An out-of-bounds value.
-        pub fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: &str) -> Self {
-            Self::Invalid {
-                key: key.into(),
-                value: format!("{value:?}"),
-                reason: reason.into(),
-            }
+    /// Refuses the first of `values` that is zero (durations, counts), naming its key.
+    pub fn positive<T>(values: &[(&str, T)]) -> Result<(), ConfigError>
+    where
+        T: PartialEq + Default + std::fmt::Debug,
+    {
+        match values.iter().find(|(_, v)| *v == T::default()) {
+            Some((key, value)) => invalid(key, value, "must be positive"),
+            None => Ok(()),
         }
+    }
+
+    /// For binaries: the configuration their command line asks for (see [`load_from`]);
+    /// `--help`, `--version` and command-line errors are printed and end the process.
+    pub fn load_or_exit<C: ServiceConfig>(args: Vec<std::ffi::OsString>) -> Result<C, ConfigError> {
+        exit_on_cli(load_from(args))
+    }
+
+    /// Refuses an out-of-bounds value, naming its key and the value.
+    pub fn invalid<T>(
+        key: &str,
+        value: &dyn std::fmt::Debug,
+        reason: &str,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            value: format!("{value:?}"),
+            reason: reason.into(),
+        })
     }
 
     /// For binaries: a command-line error, `--help` or `--version` is printed and ends the
@@ -334,16 +353,37 @@ pub mod config {
         fn validate(&self) -> Result<(), ConfigError>;
         /// Applies command-line shortcuts that are not keys (after file and flags merged).
         fn apply_shortcuts(&mut self) {}
+
+        /// Parses a configuration file (renamed keys are refused with their replacement).
+        fn from_file(path: &Path) -> Result<Self, ConfigError> {
+            read_toml(path, Self::RENAMED)
+        }
+
+        /// Parses TOML text; `path` names it in errors.
+        fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+            parse_toml(text, path, Self::RENAMED)
+        }
+
+        /// The configuration a command line asks for (see [`load_from`]).
+        fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+        where
+            I: IntoIterator<Item = T>,
+            T: Into<std::ffi::OsString> + Clone,
+        {
+            load_from(args)
+        }
     }
 
-    /// Parses a configuration file of `C` (renamed keys are refused with their replacement).
-    pub fn from_file<C: ServiceConfig>(path: &Path) -> Result<C, ConfigError> {
-        read_toml(path, C::RENAMED)
-    }
-
-    /// Parses TOML text of `C`; `path` names it in errors.
-    pub fn from_toml<C: ServiceConfig>(text: &str, path: &Path) -> Result<C, ConfigError> {
-        parse_toml(text, path, C::RENAMED)
+    /// The Prometheus endpoint of a service (`[metrics]`).
+    #[derive(
+        Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args,
+    )]
+    #[serde(deny_unknown_fields, default)]
+    pub struct MetricsConfig {
+        /// Prometheus endpoint (`GET /metrics`); none when absent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[arg(id = "metrics.listen", long = "metrics-listen", value_name = "ADDR")]
+        pub listen: Option<std::net::SocketAddr>,
     }
 
     /// The configuration a command line asks for: the defaults, overridden by the file that
@@ -360,7 +400,7 @@ pub mod config {
         let mut flags = C::default();
         flags.try_update_from(&args)?;
         let mut cfg = match flags.config_file() {
-            Some(path) => from_file::<C>(path)?,
+            Some(path) => C::from_file(path)?,
             None => C::default(),
         };
         cfg.try_update_from(&args)?;
@@ -377,12 +417,12 @@ pub mod config {
         C: ServiceConfig + PartialEq + std::fmt::Debug,
     {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-        let as_shipped: C = from_toml(&text, path).map_err(|e| e.to_string())?;
+        let as_shipped = C::from_toml(&text, path).map_err(|e| e.to_string())?;
         if as_shipped != C::default() {
             return Err(format!("{} as shipped is not the defaults", path.display()));
         }
         let uncommented = uncomment_example(&text);
-        let every_key: C = from_toml(&uncommented, path).map_err(|e| e.to_string())?;
+        let every_key = C::from_toml(&uncommented, path).map_err(|e| e.to_string())?;
         if every_key != C::default() {
             return Err(format!(
                 "{}: a value shown differs from its default:\n{every_key:#?}",
@@ -403,6 +443,20 @@ pub mod config {
                 if !have.is_some_and(|h| h.contains_key(key)) {
                     return Err(format!("{section}.{key} missing from {}", path.display()));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every flag of `C` has help text and that its command is consistent (no
+    /// clashing ids or names). For the services' tests.
+    pub fn check_flags<C: ServiceConfig>() -> Result<(), String> {
+        let cmd = C::command();
+        cmd.clone().debug_assert();
+        for arg in C::command_for_update().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" && arg.get_help().is_none() {
+                return Err(format!("flag {id} has no help text"));
             }
         }
         Ok(())

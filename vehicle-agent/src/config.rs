@@ -5,13 +5,14 @@
 //! with a message naming their replacement. `deploy/config/vehicle-agent.toml` shows every key
 //! with its default (a test holds it to that).
 
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser};
-use relay_ops::config::{Rename, ServiceConfig, parse_duration};
+use relay_ops::config::{MetricsConfig, Rename, invalid, parse_duration, positive};
+
+pub use relay_ops::config::ServiceConfig;
 use serde::{Deserialize, Serialize};
 
 pub use crate::scheduler::Policy;
@@ -41,23 +42,21 @@ pub const RENAMED_KEYS: &[Rename] = &[
 /// Modems on one router, at most.
 pub const MAX_BEARERS: usize = 8;
 
-/// Everything the agent is told, from the file and the command line.
+/// Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS.
+///
+/// The agent's whole configuration. Every setting has a default; --config names a TOML file
+/// (see deploy/config/vehicle-agent.toml) and each flag overrides one key of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Parser)]
 #[serde(deny_unknown_fields, default)]
-#[command(
-    name = "vehicle-agent",
-    version,
-    about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS",
-    long_about = "Streams ambulance telemetry to the hospital ingest over QUIC with mutual TLS.\n\nEvery setting has a default; --config names a TOML file (see deploy/config/vehicle-agent.toml) and each flag overrides one key of it."
-)]
+#[command(name = "vehicle-agent", version)]
 pub struct AgentConfig {
+    /// Vehicle id; must equal the common name of the vehicle certificate.
+    #[arg(long)]
+    pub vehicle_id: String,
     /// TOML configuration file; flags override single keys of it.
     #[serde(skip)]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Vehicle id; must equal the common name of the vehicle certificate.
-    #[arg(id = "vehicle_id", long = "vehicle-id", value_name = "ID")]
-    pub vehicle_id: String,
     /// The hospital ingest.
     #[command(flatten)]
     pub ingest: IngestEndpoint,
@@ -75,10 +74,10 @@ pub struct AgentConfig {
     pub reconnect: Reconnect,
     /// The Prometheus endpoint.
     #[command(flatten)]
-    pub metrics: Metrics,
+    pub metrics: MetricsConfig,
     /// Cellular bearers, one QUIC connection each: `NAME=ADDRESS[@INTERFACE]`, repeated; the
     /// flags replace the file's list.
-    #[arg(id = "bearers", long = "bearer", value_name = "NAME=ADDR[@IFACE]")]
+    #[arg(long = "bearer")]
     pub bearers: Vec<BearerConfig>,
     /// How frames are spread over the bearers.
     #[command(flatten)]
@@ -171,62 +170,38 @@ impl BearerConfig {
 pub struct Scheduling {
     /// Policy for events: "fastest", "redundant" (best two bearers) or "backup" (the first
     /// configured bearer while it is up, others only when it is not).
-    #[arg(
-        id = "scheduling.events",
-        long = "scheduling-events",
-        value_name = "POLICY"
-    )]
+    #[arg(long = "scheduling-events")]
     pub events: Policy,
     /// Policy for ECG and other waveforms.
-    #[arg(
-        id = "scheduling.waveforms",
-        long = "scheduling-waveforms",
-        value_name = "POLICY"
-    )]
+    #[arg(long = "scheduling-waveforms")]
     pub waveforms: Policy,
     /// Policy for vital signs.
-    #[arg(
-        id = "scheduling.vitals",
-        long = "scheduling-vitals",
-        value_name = "POLICY"
-    )]
+    #[arg(long = "scheduling-vitals")]
     pub vitals: Policy,
     /// Policy for position reports.
-    #[arg(
-        id = "scheduling.location",
-        long = "scheduling-location",
-        value_name = "POLICY"
-    )]
+    #[arg(long = "scheduling-location")]
     pub location: Policy,
     /// Policy for anything else.
-    #[arg(
-        id = "scheduling.bulk",
-        long = "scheduling-bulk",
-        value_name = "POLICY"
-    )]
+    #[arg(long = "scheduling-bulk")]
     pub bulk: Policy,
     /// Frames younger than this form the live lane and go before any backlog.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "scheduling.live_window", long = "scheduling-live-window", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "scheduling-live-window", value_parser = parse_duration)]
     pub live_window: Duration,
     /// Per bearer: bytes sent and not yet acknowledged at most.
-    #[arg(
-        id = "scheduling.max_in_flight_bytes",
-        long = "scheduling-max-in-flight-bytes",
-        value_name = "BYTES"
-    )]
+    #[arg(long = "scheduling-max-in-flight-bytes")]
     pub max_in_flight_bytes: usize,
     /// Floor of the loss-detection time (2*SRTT + 4*RTTVAR).
     #[serde(with = "humantime_serde")]
-    #[arg(id = "scheduling.suspect_floor", long = "scheduling-suspect-floor", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "scheduling-suspect-floor", value_parser = parse_duration)]
     pub suspect_floor: Duration,
     /// A suspect bearer is down after this much more silence.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "scheduling.down_after", long = "scheduling-down-after", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "scheduling-down-after", value_parser = parse_duration)]
     pub down_after: Duration,
     /// Probe (QUIC keep-alive) interval on every bearer.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "scheduling.probe_interval", long = "scheduling-probe-interval", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "scheduling-probe-interval", value_parser = parse_duration)]
     pub probe_interval: Duration,
 }
 
@@ -235,11 +210,11 @@ pub struct Scheduling {
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Spool file (redb; created if missing).
-    #[arg(id = "spool.path", long = "spool", value_name = "FILE")]
+    #[arg(long = "spool")]
     pub path: PathBuf,
     /// Commit (fsync) interval: at most this much data is at risk on power loss (1ms..=200ms).
     #[serde(with = "humantime_serde")]
-    #[arg(id = "spool.sync_interval", long = "spool-sync-interval", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "spool-sync-interval", value_parser = parse_duration)]
     pub sync_interval: Duration,
 }
 
@@ -248,21 +223,17 @@ pub struct SpoolConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IngestEndpoint {
     /// UDP address of the ingest's QUIC endpoint.
-    #[arg(id = "ingest.address", long = "ingest", value_name = "ADDR")]
+    #[arg(long = "ingest")]
     pub address: SocketAddr,
     /// Name the ingest certificate must carry.
-    #[arg(id = "ingest.server_name", long = "server-name", value_name = "NAME")]
+    #[arg(long)]
     pub server_name: String,
     /// A bearer's connection is closed after this long without any packet.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "ingest.idle_timeout", long = "ingest-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "ingest-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Per bearer: frames sent and not yet acknowledged at most (each on its own QUIC stream).
-    #[arg(
-        id = "ingest.max_in_flight_frames",
-        long = "ingest-max-in-flight-frames",
-        value_name = "N"
-    )]
+    #[arg(long = "ingest-max-in-flight-frames")]
     pub max_in_flight_frames: usize,
 }
 
@@ -271,13 +242,13 @@ pub struct IngestEndpoint {
 #[serde(deny_unknown_fields, default)]
 pub struct TlsFiles {
     /// CA that signed the ingest certificate (pinned; the system store is never used).
-    #[arg(id = "tls.ca_cert", long = "ca-cert", value_name = "PEM")]
+    #[arg(long)]
     pub ca_cert: PathBuf,
     /// This vehicle's certificate chain (PEM).
-    #[arg(id = "tls.cert", long = "cert", value_name = "PEM")]
+    #[arg(long)]
     pub cert: PathBuf,
     /// This vehicle's private key (PEM).
-    #[arg(id = "tls.key", long = "key", value_name = "PEM")]
+    #[arg(long)]
     pub key: PathBuf,
 }
 
@@ -287,14 +258,10 @@ pub struct TlsFiles {
 pub struct Framing {
     /// Duration of one waveform frame (whole milliseconds, 1ms..=1s).
     #[serde(with = "humantime_serde")]
-    #[arg(id = "framing.frame", long = "frame", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
     pub frame: Duration,
     /// Largest encoded frame; must not exceed the ingest's bound.
-    #[arg(
-        id = "framing.max_frame_bytes",
-        long = "max-frame-bytes",
-        value_name = "BYTES"
-    )]
+    #[arg(long)]
     pub max_frame_bytes: usize,
 }
 
@@ -304,15 +271,11 @@ pub struct Framing {
 pub struct Buffer {
     /// Bytes of frames kept until acknowledged; when full, the lowest-priority oldest frames
     /// are evicted (and counted).
-    #[arg(
-        id = "buffer.max_unacked_bytes",
-        long = "buffer-max-unacked-bytes",
-        value_name = "BYTES"
-    )]
+    #[arg(long = "buffer-max-unacked-bytes")]
     pub max_unacked_bytes: usize,
     /// On shutdown, keep delivering unacknowledged frames this long.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "buffer.stop_drain", long = "buffer-stop-drain", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "buffer-stop-drain", value_parser = parse_duration)]
     pub stop_drain: Duration,
 }
 
@@ -322,40 +285,30 @@ pub struct Buffer {
 pub struct Reconnect {
     /// First backoff after the ingest refused or closed a connection attempt.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "reconnect.initial_backoff", long = "reconnect-initial-backoff", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "reconnect-initial-backoff", value_parser = parse_duration)]
     pub initial_backoff: Duration,
     /// Longest backoff.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "reconnect.max_backoff", long = "reconnect-max-backoff", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "reconnect-max-backoff", value_parser = parse_duration)]
     pub max_backoff: Duration,
     /// While a bearer's path is silent, a new connection attempt starts this often.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "reconnect.redial_interval", long = "reconnect-redial-interval", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "reconnect-redial-interval", value_parser = parse_duration)]
     pub redial_interval: Duration,
     /// Handshake (QUIC + Hello) must finish within this.
     #[serde(with = "humantime_serde")]
-    #[arg(id = "reconnect.handshake_timeout", long = "reconnect-handshake-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long = "reconnect-handshake-timeout", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
-}
-
-/// The Prometheus endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Args)]
-#[serde(deny_unknown_fields, default)]
-pub struct Metrics {
-    /// Prometheus endpoint (`GET /metrics`); none when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[arg(id = "metrics.listen", long = "metrics-listen", value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
 }
 
 /// Command-line shortcut: replace the configured ECG source by a WFDB replay.
 #[derive(Debug, Clone, Default, PartialEq, Args)]
 pub struct ReplayFlags {
     /// Replay this WFDB record (path without extension) instead of the configured ECG source.
-    #[arg(long, value_name = "RECORD")]
+    #[arg(long)]
     pub wfdb_record: Option<PathBuf>,
     /// Replay speed for --wfdb-record (1 = real time).
-    #[arg(long, requires = "wfdb_record", value_name = "FACTOR")]
+    #[arg(long, requires = "wfdb_record")]
     pub speed: Option<f64>,
     /// Loop --wfdb-record.
     #[arg(long = "loop", requires = "wfdb_record")]
@@ -444,7 +397,7 @@ impl Default for AgentConfig {
             framing: Framing::default(),
             buffer: Buffer::default(),
             reconnect: Reconnect::default(),
-            metrics: Metrics::default(),
+            metrics: MetricsConfig::default(),
             bearers: vec![BearerConfig::new("wan0", any_address())],
             scheduling: Scheduling::default(),
             spool: SpoolConfig::default(),
@@ -566,8 +519,139 @@ impl ServiceConfig for AgentConfig {
         self.config.as_deref()
     }
 
+    /// Checks every bound; the error names the key and the value.
     fn validate(&self) -> Result<(), ConfigError> {
-        AgentConfig::validate(self)
+        if !relay_proto::is_valid_vehicle_id(&self.vehicle_id) {
+            return invalid(
+                "vehicle_id",
+                &self.vehicle_id,
+                "must be 1-64 of [A-Za-z0-9._-]",
+            );
+        }
+        let frame = self.framing.frame;
+        if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&frame)
+            || !frame.subsec_nanos().is_multiple_of(1_000_000)
+        {
+            return invalid(
+                "framing.frame",
+                &frame,
+                "must be whole milliseconds, 1ms..=1s",
+            );
+        }
+        if self.framing.max_frame_bytes < 1024 {
+            return invalid(
+                "framing.max_frame_bytes",
+                &self.framing.max_frame_bytes,
+                "must be at least 1024",
+            );
+        }
+        if self.ingest.max_in_flight_frames == 0 {
+            return invalid("ingest.max_in_flight_frames", &0, "must be positive");
+        }
+        if self.ingest.idle_timeout < Duration::from_millis(100) {
+            return invalid(
+                "ingest.idle_timeout",
+                &self.ingest.idle_timeout,
+                "must be at least 100ms",
+            );
+        }
+        if self.buffer.max_unacked_bytes < self.framing.max_frame_bytes {
+            return invalid(
+                "buffer.max_unacked_bytes",
+                &self.buffer.max_unacked_bytes,
+                "must hold at least one frame (framing.max_frame_bytes)",
+            );
+        }
+        let r = &self.reconnect;
+        positive(&[
+            ("reconnect.redial_interval", r.redial_interval),
+            ("reconnect.handshake_timeout", r.handshake_timeout),
+            ("reconnect.initial_backoff", r.initial_backoff),
+        ])?;
+        if r.max_backoff < r.initial_backoff {
+            return invalid(
+                "reconnect.max_backoff",
+                &r.max_backoff,
+                "must be at least reconnect.initial_backoff",
+            );
+        }
+        if self.sources.is_empty() {
+            return invalid("sources", &self.sources, "at least one source is needed");
+        }
+        if self.bearers.is_empty() || self.bearers.len() > MAX_BEARERS {
+            return invalid(
+                "bearers",
+                &self.bearers.len(),
+                &format!("1..={MAX_BEARERS} bearers are needed"),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for b in &self.bearers {
+            if !relay_proto::is_valid_vehicle_id(&b.name) || !names.insert(&b.name) {
+                return invalid(
+                    "bearers[].name",
+                    &b.name,
+                    "must be unique, 1-64 of [A-Za-z0-9._-]",
+                );
+            }
+            if b.budget_period.is_zero() {
+                return invalid(
+                    "bearers[].budget_period",
+                    &b.budget_period,
+                    "must be positive",
+                );
+            }
+        }
+        let sc = &self.scheduling;
+        positive(&[
+            ("scheduling.live_window", sc.live_window),
+            ("scheduling.suspect_floor", sc.suspect_floor),
+            ("scheduling.probe_interval", sc.probe_interval),
+        ])?;
+        if sc.max_in_flight_bytes < self.framing.max_frame_bytes {
+            return invalid(
+                "scheduling.max_in_flight_bytes",
+                &sc.max_in_flight_bytes,
+                "must be at least framing.max_frame_bytes",
+            );
+        }
+        let sync = self.spool.sync_interval;
+        if !(Duration::from_millis(1)..=Duration::from_millis(200)).contains(&sync) {
+            return invalid(
+                "spool.sync_interval",
+                &sync,
+                "must be 1ms..=200ms (data at risk on power loss)",
+            );
+        }
+        for s in &self.sources {
+            match s {
+                SourceConfig::Wfdb { speed, .. }
+                    if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) =>
+                {
+                    return invalid("sources[].speed", speed, "must be in (0, 10000]");
+                }
+                SourceConfig::SyntheticEcg { rate_hz, .. } if !(50..=2000).contains(rate_hz) => {
+                    return invalid("sources[].rate_hz", rate_hz, "must be 50..=2000");
+                }
+                SourceConfig::SyntheticEcg { heart_rate_bpm, .. }
+                    if !(20.0..=300.0).contains(heart_rate_bpm) =>
+                {
+                    return invalid(
+                        "sources[].heart_rate_bpm",
+                        heart_rate_bpm,
+                        "must be 20..=300",
+                    );
+                }
+                SourceConfig::SyntheticVitals { interval }
+                | SourceConfig::SyntheticGps { interval, .. }
+                    if *interval < Duration::from_millis(10) =>
+                {
+                    return invalid("sources[].interval", interval, "must be at least 10ms");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn apply_shortcuts(&mut self) {
@@ -576,27 +660,6 @@ impl ServiceConfig for AgentConfig {
 }
 
 impl AgentConfig {
-    /// Parses a configuration file (renamed keys are refused with their replacement).
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::from_file(path)
-    }
-
-    /// Parses TOML text; `path` names it in errors.
-    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        relay_ops::config::from_toml(text, path)
-    }
-
-    /// The configuration a command line asks for: the defaults, overridden by the file that
-    /// `--config` names, overridden by every other flag given; then validated. `--help` and
-    /// `--version` come back as [`ConfigError::Cli`] (call `exit()` on it).
-    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<OsString> + Clone,
-    {
-        relay_ops::config::load_from(args)
-    }
-
     /// `--wfdb-record` replaces the configured ECG source (or comes first if there is none).
     fn apply_replay_flags(&mut self) {
         let Some(record) = self.replay.wfdb_record.clone() else {
@@ -623,152 +686,6 @@ impl AgentConfig {
     /// The configuration as TOML (what a file must hold to give it back).
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string(self)
-    }
-
-    /// Checks every bound; the error names the key and the value.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, value: &dyn std::fmt::Debug, reason: &str| {
-            Err(ConfigError::invalid(key, value, reason))
-        };
-        if !relay_proto::is_valid_vehicle_id(&self.vehicle_id) {
-            return bad(
-                "vehicle_id",
-                &self.vehicle_id,
-                "must be 1-64 of [A-Za-z0-9._-]",
-            );
-        }
-        let frame = self.framing.frame;
-        if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&frame)
-            || !frame.subsec_nanos().is_multiple_of(1_000_000)
-        {
-            return bad(
-                "framing.frame",
-                &frame,
-                "must be whole milliseconds, 1ms..=1s",
-            );
-        }
-        if self.framing.max_frame_bytes < 1024 {
-            return bad(
-                "framing.max_frame_bytes",
-                &self.framing.max_frame_bytes,
-                "must be at least 1024",
-            );
-        }
-        if self.ingest.max_in_flight_frames == 0 {
-            return bad("ingest.max_in_flight_frames", &0, "must be positive");
-        }
-        if self.ingest.idle_timeout < Duration::from_millis(100) {
-            return bad(
-                "ingest.idle_timeout",
-                &self.ingest.idle_timeout,
-                "must be at least 100ms",
-            );
-        }
-        if self.buffer.max_unacked_bytes < self.framing.max_frame_bytes {
-            return bad(
-                "buffer.max_unacked_bytes",
-                &self.buffer.max_unacked_bytes,
-                "must hold at least one frame (framing.max_frame_bytes)",
-            );
-        }
-        let r = &self.reconnect;
-        for (key, value) in [
-            ("reconnect.redial_interval", r.redial_interval),
-            ("reconnect.handshake_timeout", r.handshake_timeout),
-            ("reconnect.initial_backoff", r.initial_backoff),
-        ] {
-            if value.is_zero() {
-                return bad(key, &value, "must be positive");
-            }
-        }
-        if r.max_backoff < r.initial_backoff {
-            return bad(
-                "reconnect.max_backoff",
-                &r.max_backoff,
-                "must be at least reconnect.initial_backoff",
-            );
-        }
-        if self.sources.is_empty() {
-            return bad("sources", &self.sources, "at least one source is needed");
-        }
-        if self.bearers.is_empty() || self.bearers.len() > MAX_BEARERS {
-            return bad(
-                "bearers",
-                &self.bearers.len(),
-                &format!("1..={MAX_BEARERS} bearers are needed"),
-            );
-        }
-        let mut names = std::collections::HashSet::new();
-        for b in &self.bearers {
-            if !relay_proto::is_valid_vehicle_id(&b.name) || !names.insert(&b.name) {
-                return bad(
-                    "bearers[].name",
-                    &b.name,
-                    "must be unique, 1-64 of [A-Za-z0-9._-]",
-                );
-            }
-            if b.budget_period.is_zero() {
-                return bad(
-                    "bearers[].budget_period",
-                    &b.budget_period,
-                    "must be positive",
-                );
-            }
-        }
-        let sc = &self.scheduling;
-        for (key, value) in [
-            ("scheduling.live_window", sc.live_window),
-            ("scheduling.suspect_floor", sc.suspect_floor),
-            ("scheduling.probe_interval", sc.probe_interval),
-        ] {
-            if value.is_zero() {
-                return bad(key, &value, "must be positive");
-            }
-        }
-        if sc.max_in_flight_bytes < self.framing.max_frame_bytes {
-            return bad(
-                "scheduling.max_in_flight_bytes",
-                &sc.max_in_flight_bytes,
-                "must be at least framing.max_frame_bytes",
-            );
-        }
-        let sync = self.spool.sync_interval;
-        if !(Duration::from_millis(1)..=Duration::from_millis(200)).contains(&sync) {
-            return bad(
-                "spool.sync_interval",
-                &sync,
-                "must be 1ms..=200ms (data at risk on power loss)",
-            );
-        }
-        for s in &self.sources {
-            match s {
-                SourceConfig::Wfdb { speed, .. }
-                    if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) =>
-                {
-                    return bad("sources[].speed", speed, "must be in (0, 10000]");
-                }
-                SourceConfig::SyntheticEcg { rate_hz, .. } if !(50..=2000).contains(rate_hz) => {
-                    return bad("sources[].rate_hz", rate_hz, "must be 50..=2000");
-                }
-                SourceConfig::SyntheticEcg { heart_rate_bpm, .. }
-                    if !(20.0..=300.0).contains(heart_rate_bpm) =>
-                {
-                    return bad(
-                        "sources[].heart_rate_bpm",
-                        heart_rate_bpm,
-                        "must be 20..=300",
-                    );
-                }
-                SourceConfig::SyntheticVitals { interval }
-                | SourceConfig::SyntheticGps { interval, .. }
-                    if *interval < Duration::from_millis(10) =>
-                {
-                    return bad("sources[].interval", interval, "must be at least 10ms");
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 }
 
@@ -912,18 +829,6 @@ mod tests {
 
     #[test]
     fn every_flag_is_documented() {
-        use clap::CommandFactory;
-        let cmd = AgentConfig::command_for_update();
-        for arg in cmd.get_arguments() {
-            if ["help", "version"].contains(&arg.get_id().as_str()) {
-                continue;
-            }
-            assert!(
-                arg.get_help().is_some(),
-                "--{:?} has no help",
-                arg.get_long()
-            );
-        }
-        AgentConfig::command().debug_assert();
+        relay_ops::config::check_flags::<AgentConfig>().unwrap();
     }
 }

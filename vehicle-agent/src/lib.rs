@@ -30,14 +30,10 @@ const SOURCE_QUEUE_FRAMES: usize = 1024;
 /// (printing help or version and exiting when asked), stream until SIGTERM/ctrl-c or until the
 /// agent fails (its spool died: the process then exits non-zero for its supervisor to restart
 /// it), then stop, delivering for `buffer.stop_drain`.
-pub async fn run_cli<I, T>(args: I) -> anyhow::Result<()>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
-{
+pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     relay_ops::init_logging("info");
-    let cfg = relay_ops::config::exit_on_cli(AgentConfig::load_from(args))
-        .context("loading configuration")?;
+    let cfg: AgentConfig =
+        relay_ops::config::load_or_exit(args).context("loading configuration")?;
     let agent = Agent::start(cfg).await?;
     tokio::select! {
         () = relay_ops::shutdown_signal() => tracing::info!("shutting down"),
@@ -71,6 +67,8 @@ pub struct Agent {
 }
 
 pub use relay_ops::now_utc_ns;
+
+use relay_ops::config::ServiceConfig as _;
 
 impl Agent {
     /// Prepares sources, TLS and metrics, then starts streaming. Errors here are configuration

@@ -1,4 +1,4 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    vehicle_agent::run_cli(std::env::args_os()).await
+    vehicle_agent::run_cli(std::env::args_os().collect()).await
 }

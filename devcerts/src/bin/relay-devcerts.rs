@@ -5,12 +5,9 @@ use anyhow::Context;
 use clap::Parser;
 use relay_devcerts::{DevPki, generate};
 
+/// Create development certificates for the relay (never use them in production).
 #[derive(Debug, Parser)]
-#[command(
-    name = "relay-devcerts",
-    version,
-    about = "Create development certificates for the relay (never use them in production)"
-)]
+#[command(name = "relay-devcerts", version)]
 struct Args {
     /// Output directory.
     #[arg(long, default_value = "certs")]

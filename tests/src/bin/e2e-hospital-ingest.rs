@@ -3,5 +3,5 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    hospital_ingest::run_cli(std::env::args_os()).await
+    hospital_ingest::run_cli(std::env::args_os().collect()).await
 }
