@@ -1,5 +1,12 @@
 //! Hospital-side ingest: accepts vehicles over QUIC with mutual TLS, reassembles and stores
 //! their streams durably, acknowledges what is stored, and republishes over gRPC.
+//!
+//! Data flow: [`quic`] (accept, certificate identity, Hello, frame validation, session) hands
+//! frames to the [`writer`] thread, which runs them through the sans-IO [`reassembly`] (dedup,
+//! order, gap records), commits them to the [`store`] (redb, fsync) and only then has the
+//! session acknowledge them ([`quic::acks`]); committed records go to the live bus, from
+//! which [`grpc`] serves subscribers (backlog, sync marker, live; [`grpc::flow`]).
+//! [`config`] is the one configuration struct; [`tls`] builds both listeners' TLS.
 #![warn(missing_docs)]
 
 pub mod config;

@@ -1,7 +1,9 @@
 //! Wire protocol (agent <-> ingest) and public gRPC API (ingest -> emergency departments).
 //!
 //! Generated from `proto/` with protox + tonic-prost-build; this crate adds the constants both
-//! sides must agree on and the small pure helpers around them (sequence ranges, error codes).
+//! sides must agree on and the small pure helpers and tables around them: sequence ranges
+//! ([`seq`]), close codes, the delivery [`Class`] of a stream kind, and the MDC/UCUM code
+//! table ([`codes`]). Nothing else lives here, so every crate can depend on it cheaply.
 #![warn(missing_docs)]
 #![allow(clippy::doc_lazy_continuation)]
 

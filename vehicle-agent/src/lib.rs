@@ -2,6 +2,12 @@
 //! with sequence numbers and capture timestamps, and delivers them to the hospital ingest over
 //! QUIC with mutual TLS over every configured bearer, holding every frame in a crash-safe spool
 //! until the ingest acknowledges it.
+//!
+//! Data flow: [`sources`] -> [`framer`] -> [`spool`] (durable before anything leaves) ->
+//! [`scheduler`] (with [`health`] per bearer: which bearer carries which frame, and when to
+//! send it again elsewhere) -> [`uplink`] (the async shell: one QUIC connection per bearer,
+//! dialled by [`redial`], opened with [`handshake`]). The protocol decisions are sans-IO
+//! machines fed with time and events; the shell only moves bytes and time.
 #![warn(missing_docs)]
 
 pub mod config;

@@ -1,7 +1,8 @@
 //! PhysioNet WFDB records: header parsing, reading formats 212 and 16, writing format 16.
 //!
-//! It lives here because both ends need it: the agent replays records and the ED subscriber
-//! writes what it received back out. Specification: WFDB "header(5)" and "signal(5)".
+//! A crate of its own because both ends need it and neither protocol crate should: the agent
+//! replays records and the ED client writes what it received back out. Plain synchronous file
+//! I/O, no dependency but thiserror. Specification: WFDB "header(5)" and "signal(5)".
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
