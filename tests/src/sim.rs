@@ -311,6 +311,10 @@ pub struct Sim {
     committing: Vec<(Frame, usize, u64)>,
     received: Vec<Received>,
     duplicates_at_ingest: u64,
+    /// Frames the agent's scheduler refused to release from untrusted acknowledgements.
+    bogus_acked: u64,
+    /// Bearers whose next connection first receives an acknowledgement of `[0, 2^40)`.
+    fake_ack_on_connect: HashSet<usize>,
 }
 
 fn descriptor(record: &Record) -> StreamDescriptor {
@@ -417,6 +421,8 @@ impl Sim {
             committing: Vec::new(),
             received: Vec::new(),
             duplicates_at_ingest: 0,
+            bogus_acked: 0,
+            fake_ack_on_connect: HashSet::new(),
             cfg,
         };
         sim.schedule_produce();
@@ -503,6 +509,18 @@ impl Sim {
         self.agent
             .as_ref()
             .map_or(0, |a| a.sched.len() + a.intake.len())
+    }
+
+    /// The next connection of bearer `b` first receives an acknowledgement of every number
+    /// (`[0, 2^40)` of the stream), as from a fake or broken ingest, before anything is sent.
+    pub fn fake_ack_on_next_connect(&mut self, b: usize) {
+        self.fake_ack_on_connect.insert(b);
+    }
+
+    /// Frames the agent refused to release because an acknowledgement claimed frames never
+    /// sent on its connection.
+    pub fn bogus_acked(&self) -> u64 {
+        self.bogus_acked
     }
 
     /// Frames that reached the ingest again after they were stored.
@@ -1048,6 +1066,11 @@ impl Sim {
                 link.rtt = Some((now - started) / 2);
                 link.stats.connects += 1;
                 agent.sched.on_connected(b, g, inst);
+                if self.fake_ack_on_connect.remove(&b) {
+                    let acked = agent.sched.on_ack(b, &[(ECG, 0, 1 << 40)], inst);
+                    assert!(acked.released.is_empty(), "a fake ack released frames");
+                    self.bogus_acked += acked.bogus;
+                }
                 let every = self.cfg.agent.scheduling.probe_interval;
                 self.at(now + every, Event::Probe(b, g));
             }
@@ -1069,16 +1092,17 @@ impl Sim {
                 }
                 link.rx_datagrams += 1;
                 link.last_heard = now;
-                let mut cancels = Vec::new();
-                for st in &ack.streams {
-                    for r in &st.ranges {
-                        let acked = agent.sched.on_ack(b, st.stream_id, r.start, r.end, inst);
-                        for (id, _, _) in acked.released {
-                            agent.spool_batch.push(SpoolCmd::Delete(id));
-                        }
-                        cancels.extend(acked.cancels);
-                    }
+                let ranges: Vec<(u32, u64, u64)> = ack
+                    .streams
+                    .iter()
+                    .flat_map(|st| st.ranges.iter().map(|r| (st.stream_id, r.start, r.end)))
+                    .collect();
+                let acked = agent.sched.on_ack(b, &ranges, inst);
+                self.bogus_acked += acked.bogus;
+                for (id, _, _) in acked.released {
+                    agent.spool_batch.push(SpoolCmd::Delete(id));
                 }
+                let cancels = acked.cancels;
                 for c in cancels {
                     if let Action::Cancel { bearer, id, .. } = c {
                         self.cancel(bearer, id);

@@ -220,3 +220,28 @@ fn agent_crash_resumes_from_the_spool_and_loses_nothing_older_than_the_sync_inte
     );
     assert!(arrivals.len() >= safe.len() + after.len());
 }
+
+#[test]
+fn a_fake_ingest_acknowledging_everything_releases_nothing() {
+    let mut sim = Sim::new(
+        SimConfig::new(bearers(2, "rate=20mbit,delay=20ms")),
+        &record("100"),
+    );
+    // Nothing can leave for 3 s, so the agent holds frames sent nowhere; the first connection
+    // of bearer 0 then meets an ingest that acknowledges every number at once.
+    for b in 0..2 {
+        sim.cut_at(Duration::ZERO, b);
+    }
+    sim.fake_ack_on_next_connect(0);
+    sim.restore_at(s(3), 0);
+    sim.restore_at(s(4), 1);
+    sim.stop_producing_at(s(8));
+    assert!(sim.run_until_drained(s(40)), "everything is acknowledged");
+    assert!(
+        sim.bogus_acked() >= 70,
+        "the fake acknowledgement was counted ({} frames)",
+        sim.bogus_acked()
+    );
+    let produced = sim.produced().to_vec();
+    assert_exact(&sim, &produced);
+}

@@ -41,6 +41,10 @@ pub fn describe() {
         "Frames dropped unacknowledged because the buffer was full, by kind"
     );
     describe_counter!(
+        "relay_agent_bogus_acked_frames_total",
+        "Frames an acknowledgement claimed that were never sent on its connection (the message was ignored)"
+    );
+    describe_counter!(
         "relay_agent_frame_send_errors_total",
         "Frame writes that failed (connection lost mid-write)"
     );

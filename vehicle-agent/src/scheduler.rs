@@ -137,6 +137,9 @@ pub struct Acked {
     pub released: Vec<(FrameId, i32, Option<Duration>)>,
     /// Copies on other bearers to cancel.
     pub cancels: Vec<Action>,
+    /// Held frames the message claimed that were never sent on its connection; when not
+    /// zero, the message was ignored.
+    pub bogus: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -485,28 +488,48 @@ impl Scheduler {
         }
     }
 
-    /// The ingest acknowledged `[start, end)` of a stream on `bearer`.
-    pub fn on_ack(
-        &mut self,
-        bearer: usize,
-        stream_id: u32,
-        start: u64,
-        end: u64,
-        now: Instant,
-    ) -> Acked {
+    /// The ingest acknowledged `ranges` (`(stream, start, end)`, end exclusive) in one message
+    /// on `bearer`'s connection.
+    ///
+    /// An honest ingest acknowledges only what arrived on that connection. A message that
+    /// covers a held frame with no copy on this bearer (never sent there, or sent on an
+    /// earlier connection) is not trusted at all: nothing is released, and the frames it
+    /// claimed are counted in [`Acked::bogus`]. So nothing leaves the spool unless it was sent
+    /// where the acknowledgement came from.
+    pub fn on_ack(&mut self, bearer: usize, ranges: &[(u32, u64, u64)], now: Instant) -> Acked {
         let mut out = Acked::default();
-        // The range comes from the network: the work is bounded by what we hold, not by its
-        // width (a wide range scans the held frames instead of every number in it).
-        let width = end.saturating_sub(start);
-        let ids: Vec<FrameId> = if width > self.entries.len() as u64 {
-            self.entries
-                .keys()
-                .filter(|id| id.stream_id == stream_id && (start..end).contains(&id.seq))
-                .copied()
-                .collect()
-        } else {
-            (start..end).map(|seq| FrameId { stream_id, seq }).collect()
-        };
+        let mut ids = Vec::new();
+        for &(stream_id, start, end) in ranges {
+            // The range comes from the network: the work is bounded by what we hold, not by
+            // its width (a wide range scans the held frames instead of every number in it).
+            let width = end.saturating_sub(start);
+            if width > self.entries.len() as u64 {
+                ids.extend(
+                    self.entries
+                        .keys()
+                        .filter(|id| id.stream_id == stream_id && (start..end).contains(&id.seq))
+                        .copied(),
+                );
+            } else {
+                ids.extend(
+                    (start..end)
+                        .map(|seq| FrameId { stream_id, seq })
+                        .filter(|id| self.entries.contains_key(id)),
+                );
+            }
+        }
+        let unsent = ids
+            .iter()
+            .filter(|id| {
+                self.entries
+                    .get(id)
+                    .is_some_and(|e| !e.copies.iter().any(|c| c.bearer == bearer))
+            })
+            .count();
+        if unsent > 0 {
+            out.bogus = unsent as u64;
+            return out;
+        }
         for id in ids {
             let Some(e) = self.remove(id) else {
                 continue;
@@ -865,7 +888,7 @@ mod tests {
             got,
             vec![(1, id(0, 0), Lane::Live), (2, id(0, 0), Lane::Live)]
         );
-        let acked = s.on_ack(1, 0, 0, 1, t0 + ms(40));
+        let acked = s.on_ack(1, &[(0, 0, 1)], t0 + ms(40));
         assert_eq!(acked.released.len(), 1);
         assert_eq!(
             acked.cancels,
@@ -911,7 +934,7 @@ mod tests {
         let t1 = t0 + ld + ms(1);
         assert_eq!(sends(&s.poll(t1)), vec![(1, id(0, 0), Lane::Live)]);
         assert_eq!(s.counters(1).frames_recovered, 1);
-        let acked = s.on_ack(1, 0, 0, 1, t1 + ms(80));
+        let acked = s.on_ack(1, &[(0, 0, 1)], t1 + ms(80));
         assert_eq!(acked.cancels.len(), 1, "the copy still queued on bearer 0");
         // Nothing left to do: the frame is gone from both bearers.
         assert!(s.poll(t1 + ms(500)).is_empty());
@@ -940,7 +963,7 @@ mod tests {
                     return false;
                 }
                 if sent + rtt[b] <= now {
-                    let a = s.on_ack(b, fid.stream_id, fid.seq, fid.seq + 1, now);
+                    let a = s.on_ack(b, &[(fid.stream_id, fid.seq, fid.seq + 1)], now);
                     if !a.released.is_empty() {
                         delivered_at.entry(fid.seq).or_insert(sent + rtt[b] / 2);
                     }
@@ -1101,11 +1124,38 @@ mod tests {
             s.insert(id(0, seq), ECG, frame(10), t0);
         }
         s.insert(id(1, 6), ECG, frame(10), t0);
-        let acked = s.on_ack(0, 0, 0, 1 << 39, t0 + ms(40));
+        assert_eq!(sends(&s.poll(t0)).len(), 4);
+        let acked = s.on_ack(0, &[(0, 0, 1 << 39)], t0 + ms(40));
         let mut ids: Vec<FrameId> = acked.released.iter().map(|r| r.0).collect();
         ids.sort();
         assert_eq!(ids, vec![id(0, 5), id(0, 70_000)]);
         assert_eq!(s.len(), 2, "stream 1 and the seq beyond the range stay");
+    }
+
+    #[test]
+    fn an_ack_for_frames_never_sent_on_its_connection_releases_nothing() {
+        let t0 = Instant::now();
+        let mut s = with_rtts(Policy::Fastest, &[40, 40], t0);
+        s.on_disconnected(1, 1);
+        for seq in 0..4 {
+            s.insert(id(0, seq), ECG, frame(10), t0);
+        }
+        let sent = sends(&s.poll(t0));
+        assert_eq!(sent.len(), 4);
+        assert!(sent.iter().all(|x| x.0 == 0), "bearer 1 is down");
+        s.insert(id(0, 4), ECG, frame(10), t0 + ms(50));
+        // A fake (or broken) ingest on bearer 1 claims everything.
+        s.on_connected(1, 2, t0 + ms(60));
+        let bogus = s.on_ack(1, &[(0, 0, 1 << 40)], t0 + ms(61));
+        assert_eq!((bogus.bogus, bogus.released.len()), (5, 0));
+        assert_eq!(s.len(), 5, "nothing leaves the spool");
+        // Even one unsent frame in a message makes the whole message untrusted.
+        let mixed = s.on_ack(0, &[(0, 0, 5)], t0 + ms(62));
+        assert_eq!((mixed.bogus, mixed.released.len()), (1, 0));
+        // The honest acknowledgement of what was sent on bearer 0 still works.
+        let honest = s.on_ack(0, &[(0, 0, 4)], t0 + ms(80));
+        assert_eq!((honest.bogus, honest.released.len()), (0, 4));
+        assert_eq!(s.len(), 1);
     }
 
     #[test]

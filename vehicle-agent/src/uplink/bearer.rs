@@ -322,13 +322,22 @@ pub(super) async fn handle_ack(shared: &Shared, bearer: usize, ack: &relay_proto
     let mut cancels = Vec::new();
     {
         let mut s = shared.sched();
-        for st in &ack.streams {
-            for r in &st.ranges {
-                let a = s.on_ack(bearer, st.stream_id, r.start, r.end, now);
-                released.extend(a.released);
-                cancels.extend(a.cancels);
-            }
+        let ranges: Vec<(u32, u64, u64)> = ack
+            .streams
+            .iter()
+            .flat_map(|st| st.ranges.iter().map(|r| (st.stream_id, r.start, r.end)))
+            .collect();
+        let a = s.on_ack(bearer, &ranges, now);
+        if a.bogus > 0 {
+            metrics::counter!("relay_agent_bogus_acked_frames_total").increment(a.bogus);
+            tracing::warn!(
+                bearer = %shared.names.get(bearer).map_or("?", String::as_str),
+                frames = a.bogus,
+                "ignored an acknowledgement for frames never sent on this connection"
+            );
         }
+        released.extend(a.released);
+        cancels.extend(a.cancels);
         if s.is_empty() {
             shared.drained.notify_one();
         }
