@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use relay_proto::model::telemetry_client::TelemetryClient;
 use relay_proto::model::{
-    StreamInfo, StreamKind, StreamRef, SubscribeResponse, frame::Payload,
+    StreamInfo, StreamKind, StreamRef, SubscribeResponse, WaveformChunk, frame::Payload,
     subscribe_response::Record,
 };
 use relay_wfdb::{ChannelSpec, Format16Writer, WfdbError};
@@ -94,27 +95,56 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+/// How long a hole in a stream the sink fills with the invalid value; past it a new record
+/// (segment) begins, so a bogus or far-off sample index never makes gigabytes of fill.
+pub const DEFAULT_MAX_GAP_FILL: Duration = Duration::from_secs(600);
+/// Records (segments) per stream at most; further ones are refused.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// One waveform stream being written: its announcement and its records, by first sample.
+#[derive(Debug)]
+struct Segments {
+    info: StreamInfo,
+    name: String,
+    rate_hz: f64,
+    channels: Vec<ChannelSpec>,
+    records: Vec<Format16Writer>,
+}
+
 /// Writes every waveform stream as `<dir>/<vehicle>_<stream>_<session>` in WFDB format 16.
+/// A stream whose samples leave a hole longer than the gap bound continues in another record
+/// named `..._s<N>` whose header names its first sample index.
 #[derive(Debug)]
 pub struct WfdbSink {
     dir: PathBuf,
-    writers: HashMap<StreamId, (Format16Writer, StreamInfo)>,
+    max_gap_fill: Duration,
+    writers: HashMap<StreamId, Segments>,
 }
 
 impl WfdbSink {
-    /// A sink writing one record per waveform stream into `dir`.
+    /// A sink writing one record per waveform stream into `dir`, filling holes of up to
+    /// [`DEFAULT_MAX_GAP_FILL`].
     pub fn new(dir: &Path) -> Self {
+        Self::with_max_gap_fill(dir, DEFAULT_MAX_GAP_FILL)
+    }
+
+    /// A sink filling holes of up to `max_gap_fill` of signal time.
+    pub fn with_max_gap_fill(dir: &Path, max_gap_fill: Duration) -> Self {
         Self {
             dir: dir.to_owned(),
+            max_gap_fill,
             writers: HashMap::new(),
         }
     }
 
-    /// Samples per channel received so far for a stream.
+    /// Samples per channel received so far for a stream (all its records).
     pub fn received_samples(&self, id: &StreamId) -> u64 {
-        self.writers
-            .get(id)
-            .map_or(0, |(w, _)| w.received_samples())
+        self.writers.get(id).map_or(0, |seg| {
+            seg.records
+                .iter()
+                .map(Format16Writer::received_samples)
+                .sum()
+        })
     }
 
     /// The streams it has seen so far.
@@ -134,7 +164,7 @@ impl WfdbSink {
                     return Ok(());
                 };
                 match self.writers.get_mut(&stream_id(s)) {
-                    Some((writer, _)) => writer.write(w.first_sample_index, &w.samples),
+                    Some(seg) => seg.write(&self.dir, self.max_gap_fill, w),
                     None => Ok(()), // a stream never announced cannot be interpreted; skip
                 }
             }
@@ -172,16 +202,26 @@ impl WfdbSink {
                 adc_zero: c.adc_zero,
             })
             .collect();
-        let writer = Format16Writer::create(&self.dir, &name, w.sample_rate_hz, channels)?;
-        self.writers.insert(stream_id(s), (writer, info.clone()));
+        self.writers.insert(
+            stream_id(s),
+            Segments {
+                info: info.clone(),
+                name,
+                rate_hz: w.sample_rate_hz,
+                channels,
+                records: Vec::new(),
+            },
+        );
         Ok(())
     }
 
-    /// Fills holes with the invalid value, writes the headers; returns (stream, header path).
+    /// Fills holes with the invalid value, writes the headers; returns (stream, header path),
+    /// one per record (a stream with segments has several).
     pub fn finish(self) -> Result<Vec<(StreamId, PathBuf)>, WfdbError> {
         let mut out = Vec::new();
-        for (id, (writer, info)) in self.writers {
-            let source = info
+        for (id, seg) in self.writers {
+            let source = seg
+                .info
                 .descriptor
                 .as_ref()
                 .and_then(|d| d.waveform.as_ref())
@@ -193,9 +233,135 @@ impl WfdbSink {
                     "source {source}; written by ed-monitor from the ambulance telemetry relay"
                 ),
             ];
-            out.push((id, writer.finish(&comments)?));
+            for record in seg.records {
+                out.push((id.clone(), record.finish(&comments)?));
+            }
         }
         out.sort();
         Ok(out)
+    }
+}
+
+impl Segments {
+    /// Writes a chunk into the record that reaches it, or starts a new one at its index.
+    fn write(&mut self, dir: &Path, max_gap: Duration, w: &WaveformChunk) -> Result<(), WfdbError> {
+        let first = w.first_sample_index;
+        let reach = (max_gap.as_secs_f64() * self.rate_hz).min(u64::MAX as f64) as u64;
+        // The latest-starting record that reaches this index takes it.
+        if let Some(r) = self
+            .records
+            .iter_mut()
+            .filter(|r| r.reaches(first))
+            .max_by_key(|r| r.base())
+        {
+            return r.write(first, &w.samples);
+        }
+        if self.records.len() >= MAX_SEGMENTS {
+            return Err(WfdbError::Record(
+                self.name.clone(),
+                format!("more than {MAX_SEGMENTS} segments"),
+            ));
+        }
+        // The first record starts at sample 0 unless the stream starts far into it (a
+        // subscriber that joined late); later ones start where the data resumes.
+        let base = if self.records.is_empty() && first <= reach {
+            0
+        } else {
+            first
+        };
+        let name = match self.records.len() {
+            0 => self.name.clone(),
+            n => format!("{}_s{}", self.name, n + 1),
+        };
+        let mut record =
+            Format16Writer::create(dir, &name, self.rate_hz, self.channels.clone(), base, reach)?;
+        record.write(first, &w.samples)?;
+        self.records.push(record);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{
+        ChannelInfo, DataRecord, Frame, StreamDescriptor, WaveformInfo, frame::Payload,
+    };
+
+    fn stream() -> StreamRef {
+        StreamRef {
+            vehicle_id: "amb-1".into(),
+            session_id: 7,
+            stream_id: 0,
+            kind: StreamKind::Waveform as i32,
+        }
+    }
+
+    fn data(first: u64, samples: Vec<i32>) -> SubscribeResponse {
+        SubscribeResponse {
+            cursor: 0,
+            record: Some(Record::Data(DataRecord {
+                stream: Some(stream()),
+                frame: Some(Frame {
+                    stream_id: 0,
+                    seq: 0,
+                    capture_time_ns: 0,
+                    payload: Some(Payload::Waveform(WaveformChunk {
+                        first_sample_index: first,
+                        sample_count: samples.len() as u32,
+                        samples,
+                    })),
+                }),
+                late: false,
+                received_time_ns: 0,
+            })),
+        }
+    }
+
+    #[test]
+    fn a_far_off_sample_index_starts_a_new_record_instead_of_filling() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = WfdbSink::with_max_gap_fill(dir.path(), Duration::from_secs(10));
+        let info = StreamInfo {
+            stream: Some(stream()),
+            descriptor: Some(StreamDescriptor {
+                stream_id: 0,
+                kind: StreamKind::Waveform as i32,
+                name: "ecg".into(),
+                waveform: Some(WaveformInfo {
+                    sample_rate_hz: 100.0,
+                    channels: vec![ChannelInfo {
+                        name: "II".into(),
+                        unit: "mV".into(),
+                        gain: 200.0,
+                        ..ChannelInfo::default()
+                    }],
+                    source: String::new(),
+                }),
+            }),
+        };
+        sink.handle(&SubscribeResponse {
+            cursor: 0,
+            record: Some(Record::Stream(info)),
+        })
+        .unwrap();
+        sink.handle(&data(0, vec![1, 2])).unwrap();
+        sink.handle(&data(900, vec![3])).unwrap(); // a 9 s hole: filled
+        sink.handle(&data(1 << 31, vec![4, 5])).unwrap(); // 250 days on: a new record
+        sink.handle(&data(5, vec![6])).unwrap(); // late data for the first record
+        assert_eq!(sink.received_samples(&stream_id(&stream())), 6);
+        let written = sink.finish().unwrap();
+        assert_eq!(written.len(), 2);
+        let first = relay_wfdb::read_record(&written[0].1.with_extension("")).unwrap();
+        assert_eq!(first.samples_per_signal, 901);
+        assert_eq!(first.samples[5], 6);
+        let second = relay_wfdb::read_record(&written[1].1.with_extension("")).unwrap();
+        assert_eq!(second.samples, vec![4, 5]);
+        assert!(second.header.comments[0].contains(&(1u64 << 31).to_string()));
+        let bytes: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(bytes < 10_000, "{bytes} bytes written");
     }
 }

@@ -29,6 +29,8 @@ pub struct MonitorOptions {
     pub cursor_file: Option<PathBuf>,
     /// Write every waveform stream as a WFDB record here.
     pub wfdb_dir: Option<PathBuf>,
+    /// Holes up to this long are filled in a record; past it a new record begins.
+    pub max_gap_fill: Duration,
     /// Stop once the backlog has been received (sync marker).
     pub exit_after_sync: bool,
     /// Stop after this long.
@@ -60,7 +62,10 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
             .with_context(|| format!("cursor file {} holds no number", f.display()))?;
         cursor = Some(c);
     }
-    let mut sink = opts.wfdb_dir.as_deref().map(WfdbSink::new);
+    let mut sink = opts
+        .wfdb_dir
+        .as_deref()
+        .map(|d| WfdbSink::with_max_gap_fill(d, opts.max_gap_fill));
     let mut dash = Dashboard::default();
     let redraw = std::io::stdout().is_terminal() && !opts.plain;
     let deadline = opts.duration.map(|d| Instant::now() + d);

@@ -141,6 +141,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         after_cursor: Some(0),
         cursor_file: None,
         wfdb_dir: args.wfdb_dir.clone(),
+        max_gap_fill: ed_client::client::DEFAULT_MAX_GAP_FILL,
         exit_after_sync: false,
         duration: args.duration_s.map(Duration::from_secs),
         plain: args.plain,

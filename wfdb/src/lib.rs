@@ -43,6 +43,23 @@ pub enum WfdbError {
     #[error("signal format {0} is not supported (supported: 16, 212)")]
     /// A signal format this reader does not decode.
     UnsupportedFormat(u32),
+    /// A write would leave a hole longer than the writer's gap bound after what it holds (or
+    /// lands before its first sample): the caller starts another record (segment) there.
+    #[error(
+        "record {name}: sample {at} is out of reach (holds {base}..{end}, gap bound {max_gap})"
+    )]
+    OutOfReach {
+        /// The record.
+        name: String,
+        /// The first sample of the write.
+        at: u64,
+        /// The record's first sample index.
+        base: u64,
+        /// One past the last sample written.
+        end: u64,
+        /// The longest hole it fills.
+        max_gap: u64,
+    },
     #[error("record {0}: {1}")]
     /// The record's data contradict its header (record name, what).
     Record(String, String),
@@ -432,6 +449,10 @@ pub struct Format16Writer {
     fs: f64,
     channels: Vec<ChannelSpec>,
     file: fs::File,
+    /// Sample index stored at the start of the file.
+    base: u64,
+    /// Holes longer than this (samples) are refused rather than filled.
+    max_gap: u64,
     /// Received sample-index ranges [start, end), merged.
     filled: BTreeMap<u64, u64>,
     sums: Vec<i16>,
@@ -440,16 +461,43 @@ pub struct Format16Writer {
 
 impl Format16Writer {
     /// Creates `<dir>/<name>.dat` and the writer for it; the header is written on `finish`.
+    /// The file starts at sample index `base`; a write that would leave a hole of more than
+    /// `max_gap` samples after what it holds is refused with [`WfdbError::OutOfReach`], so
+    /// no index, however large, makes the writer fill more than that. Text that would break
+    /// the header (whitespace in units, line breaks anywhere) is replaced.
     pub fn create(
         dir: &Path,
         name: &str,
         fs: f64,
         channels: Vec<ChannelSpec>,
+        base: u64,
+        max_gap: u64,
     ) -> Result<Self, WfdbError> {
         let io = |source| WfdbError::Io {
             path: dir.to_owned(),
             source,
         };
+        let bad = |what: &str| Err(WfdbError::Record(name.to_owned(), what.to_owned()));
+        if !(fs.is_finite() && fs > 0.0) {
+            return bad("sampling frequency must be positive");
+        }
+        if channels
+            .iter()
+            .any(|c| !(c.gain.is_finite() && c.gain > 0.0))
+        {
+            return bad("gains must be positive");
+        }
+        if base >= MAX_WRITE_SAMPLE_INDEX {
+            return bad("first sample index out of range");
+        }
+        let channels: Vec<ChannelSpec> = channels
+            .into_iter()
+            .map(|c| ChannelSpec {
+                name: header_text(&c.name, false, "signal"),
+                units: header_text(&c.units, true, "mV"),
+                ..c
+            })
+            .collect();
         fs::create_dir_all(dir).map_err(io)?;
         let dat = dir.join(format!("{name}.dat"));
         let file = fs::File::create(&dat).map_err(|source| WfdbError::Io { path: dat, source })?;
@@ -460,6 +508,8 @@ impl Format16Writer {
             fs,
             channels,
             file,
+            base,
+            max_gap,
             filled: BTreeMap::new(),
             sums: vec![0; n],
             first_values: vec![None; n],
@@ -469,6 +519,25 @@ impl Format16Writer {
     /// Number of channels of the record.
     pub fn num_channels(&self) -> usize {
         self.channels.len()
+    }
+
+    /// The sample index at the start of the record.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// One past the highest sample index written (the base when nothing was).
+    pub fn end(&self) -> u64 {
+        self.filled
+            .values()
+            .next_back()
+            .copied()
+            .unwrap_or(self.base)
+    }
+
+    /// Whether a write at `first` is within reach (see [`Format16Writer::create`]).
+    pub fn reaches(&self, first: u64) -> bool {
+        first >= self.base && first <= self.end().saturating_add(self.max_gap)
     }
 
     /// Samples per channel written so far (ranges received, ignoring holes).
@@ -494,6 +563,15 @@ impl Format16Writer {
                 format!("sample index {first} beyond {MAX_WRITE_SAMPLE_INDEX}"),
             ));
         }
+        if !self.reaches(first) {
+            return Err(WfdbError::OutOfReach {
+                name: self.name.clone(),
+                at: first,
+                base: self.base,
+                end: self.end(),
+                max_gap: self.max_gap,
+            });
+        }
         if self.overlaps(first, end) {
             return Ok(());
         }
@@ -503,7 +581,7 @@ impl Format16Writer {
             self.sums[k % n] = self.sums[k % n].wrapping_add(v as i16);
             buf.extend_from_slice(&(v as i16).to_le_bytes());
         }
-        if first == 0 {
+        if first == self.base {
             for (c, v) in interleaved.iter().take(n).enumerate() {
                 self.first_values[c] = Some(*v);
             }
@@ -536,7 +614,7 @@ impl Format16Writer {
     }
 
     fn write_at(&mut self, first_sample: u64, buf: &[u8]) -> Result<(), WfdbError> {
-        let pos = first_sample * self.channels.len() as u64 * 2;
+        let pos = (first_sample - self.base) * self.channels.len() as u64 * 2;
         let dat = self.dir.join(format!("{}.dat", self.name));
         let io = |source| WfdbError::Io {
             path: dat.clone(),
@@ -548,9 +626,9 @@ impl Format16Writer {
 
     /// Fills holes with the invalid value, writes the header and returns its path.
     pub fn finish(mut self, comments: &[String]) -> Result<PathBuf, WfdbError> {
-        let total = self.filled.values().next_back().copied().unwrap_or(0);
+        let total = self.end() - self.base;
         let mut holes = Vec::new();
-        let mut cursor = 0;
+        let mut cursor = self.base;
         for (&s, &e) in &self.filled {
             if s > cursor {
                 holes.push((cursor, s));
@@ -598,11 +676,35 @@ impl Format16Writer {
                 ch.name
             ));
         }
+        if self.base > 0 {
+            text.push_str(&format!("# first sample index {}\n", self.base));
+        }
         for c in comments {
-            text.push_str(&format!("# {c}\n"));
+            text.push_str(&format!("# {}\n", header_text(c, false, "")));
         }
         fs::write(&hea, text).map_err(io)?;
         Ok(hea)
+    }
+}
+
+/// `text` made safe for one header field: no line breaks or other control characters
+/// (replaced by spaces), and for fields that end at whitespace (units) no whitespace either
+/// (replaced by `_`); bounded to 64 characters; `empty` when nothing is left.
+fn header_text(text: &str, no_spaces: bool, empty: &str) -> String {
+    let out: String = text
+        .chars()
+        .map(|c| match c {
+            c if no_spaces && (c.is_control() || c.is_whitespace()) => '_',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .take(64)
+        .collect();
+    let out = out.trim();
+    if out.is_empty() {
+        empty.to_owned()
+    } else {
+        out.to_owned()
     }
 }
 
@@ -705,7 +807,8 @@ mod tests {
             adc_zero: 1024,
         };
         let mut w =
-            Format16Writer::create(dir.path(), "out", 360.0, vec![ch("a"), ch("b")]).unwrap();
+            Format16Writer::create(dir.path(), "out", 360.0, vec![ch("a"), ch("b")], 0, 1000)
+                .unwrap();
         w.write(4, &[9, 10, 11, 12]).unwrap();
         w.write(0, &[1, 2, 3, 4]).unwrap();
         w.write(0, &[100, 100, 100, 100]).unwrap(); // duplicate: ignored
@@ -736,10 +839,61 @@ mod tests {
             adc_resolution: 16,
             adc_zero: 0,
         };
-        let mut w = Format16Writer::create(dir.path(), "x", 1.0, vec![ch]).unwrap();
+        let mut w = Format16Writer::create(dir.path(), "x", 1.0, vec![ch.clone()], 0, 100).unwrap();
         assert!(w.write(u64::MAX - 1, &[1, 2, 3]).is_err());
         assert!(w.write(MAX_WRITE_SAMPLE_INDEX, &[1]).is_err());
         assert!(w.write(0, &[1, 2]).is_ok());
+        // A huge index is out of reach instead of gigabytes of fill.
+        let far = w.write(1 << 31, &[1]);
+        assert!(matches!(far, Err(WfdbError::OutOfReach { .. })), "{far:?}");
+        assert!(
+            w.write(102, &[3]).is_ok(),
+            "a hole of 100 samples is filled"
+        );
+        w.finish(&[]).unwrap();
+        let len = std::fs::metadata(dir.path().join("x.dat")).unwrap().len();
+        assert_eq!(len, 103 * 2);
+        assert!(Format16Writer::create(dir.path(), "y", f64::NAN, vec![ch], 0, 1).is_err());
+    }
+
+    #[test]
+    fn text_from_the_network_cannot_break_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let ch = ChannelSpec {
+            name: "II\n999 bogus.dat 16".into(),
+            gain: 200.0,
+            baseline: 0,
+            units: "m V\r\n#".into(),
+            adc_resolution: 16,
+            adc_zero: 0,
+        };
+        let mut w = Format16Writer::create(dir.path(), "z", 250.0, vec![ch], 5000, 10).unwrap();
+        w.write(5000, &[7, 8]).unwrap();
+        let hea = w.finish(&["two\nlines".into()]).unwrap();
+        let text = std::fs::read_to_string(&hea).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        let r = read_record(&dir.path().join("z")).unwrap();
+        assert_eq!(r.samples, vec![7, 8]);
+        assert_eq!(r.header.signals[0].units, "m_V__#");
+        assert_eq!(r.header.signals[0].description, "II 999 bogus.dat 16");
+        assert_eq!(
+            r.header.comments,
+            vec!["first sample index 5000", "two lines"]
+        );
+        assert!(w_reaches_nothing_below_base(dir.path()));
+    }
+
+    fn w_reaches_nothing_below_base(dir: &Path) -> bool {
+        let ch = ChannelSpec {
+            name: "a".into(),
+            gain: 1.0,
+            baseline: 0,
+            units: "mV".into(),
+            adc_resolution: 16,
+            adc_zero: 0,
+        };
+        let mut w = Format16Writer::create(dir, "b", 1.0, vec![ch], 10, 5).unwrap();
+        matches!(w.write(9, &[1]), Err(WfdbError::OutOfReach { .. })) && w.write(10, &[1]).is_ok()
     }
 
     #[test]

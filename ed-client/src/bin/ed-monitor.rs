@@ -44,6 +44,11 @@ struct Args {
     /// Write every waveform stream as a WFDB record (format 16) into this directory.
     #[arg(long)]
     wfdb_dir: Option<PathBuf>,
+    /// Holes in a stream up to this long are filled with the invalid sample value; past it
+    /// the stream continues in a new record (`..._s2`, ...), so a far-off sample index never
+    /// makes a huge file.
+    #[arg(long, default_value = "10m", value_parser = relay_ops::config::parse_duration)]
+    max_gap_fill: Duration,
     /// Exit once the backlog has been received (the sync marker), e.g. to export history.
     #[arg(long)]
     exit_after_sync: bool,
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         after_cursor: a.after_cursor,
         cursor_file: a.cursor_file,
         wfdb_dir: a.wfdb_dir,
+        max_gap_fill: a.max_gap_fill,
         exit_after_sync: a.exit_after_sync,
         duration: a.duration_s.map(Duration::from_secs),
         plain: a.plain,
