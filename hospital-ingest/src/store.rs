@@ -83,6 +83,17 @@ pub struct Store {
     db: Arc<Database>,
 }
 
+/// How a declared stream relates to its session as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// The session's first declaration of it.
+    New,
+    /// Declared before with the same descriptor (a bearer reconnecting, an agent restarting).
+    Same,
+    /// Declared before with another descriptor, or not in the session's first declaration.
+    Conflict,
+}
+
 /// Vehicle and kind a log record belongs to (for subscription filters).
 pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
     let s = match msg.record.as_ref()? {
@@ -434,7 +445,32 @@ impl WriteBatch {
         Ok(cursor)
     }
 
-    /// Records a stream declaration; true when the descriptor is new or changed.
+    /// How a stream declaration relates to what the store holds of its session.
+    pub fn classify_stream(&self, info: &StreamInfo) -> Result<Declared, StoreError> {
+        let Some(s) = &info.stream else {
+            return Ok(Declared::Same);
+        };
+        let key = (s.vehicle_id.as_str(), s.session_id, s.stream_id);
+        let t = self.txn.open_table(STREAMS)?;
+        if let Some(old) = t.get(key)? {
+            return Ok(if old.value() == info.encode_to_vec().as_slice() {
+                Declared::Same
+            } else {
+                Declared::Conflict
+            });
+        }
+        // A stream the session's first Hello did not declare.
+        let first = (s.vehicle_id.as_str(), s.session_id, 0);
+        let last = (s.vehicle_id.as_str(), s.session_id, u32::MAX);
+        Ok(if t.range(first..=last)?.next().is_some() {
+            Declared::Conflict
+        } else {
+            Declared::New
+        })
+    }
+
+    /// Records a stream declaration the caller classified as new or the same; a stored
+    /// descriptor is never rewritten. True when it was new.
     pub fn put_stream(&mut self, info: &StreamInfo, now_ns: i64) -> Result<bool, StoreError> {
         let Some(s) = &info.stream else {
             return Ok(false);
@@ -442,14 +478,11 @@ impl WriteBatch {
         let key = (s.vehicle_id.as_str(), s.session_id, s.stream_id);
         self.txn.open_table(STREAM_DECLARED)?.insert(key, now_ns)?;
         let mut t = self.txn.open_table(STREAMS)?;
-        let bytes = info.encode_to_vec();
-        let changed = t
-            .get(key)?
-            .is_none_or(|old| old.value() != bytes.as_slice());
-        if changed {
-            t.insert(key, bytes.as_slice())?;
+        if t.get(key)?.is_some() {
+            return Ok(false);
         }
-        Ok(changed)
+        t.insert(key, info.encode_to_vec().as_slice())?;
+        Ok(true)
     }
 
     /// Records that something arrived from `vehicle` at `now_ns`.
@@ -473,6 +506,53 @@ impl WriteBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_keeps_the_descriptors_of_its_first_declaration() {
+        use relay_proto::model::StreamRef;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let info = |stream_id: u32, name: &str| StreamInfo {
+            stream: Some(StreamRef {
+                vehicle_id: "amb-1".into(),
+                session_id: 1,
+                stream_id,
+                kind: 3,
+            }),
+            descriptor: Some(relay_proto::model::StreamDescriptor {
+                stream_id,
+                kind: 3,
+                name: name.into(),
+                waveform: None,
+            }),
+        };
+        let mut b = store.begin().unwrap();
+        assert_eq!(
+            b.classify_stream(&info(0, "vitals")).unwrap(),
+            Declared::New
+        );
+        assert!(b.put_stream(&info(0, "vitals"), 1).unwrap());
+        assert_eq!(
+            b.classify_stream(&info(0, "vitals")).unwrap(),
+            Declared::Same
+        );
+        assert_eq!(
+            b.classify_stream(&info(0, "other")).unwrap(),
+            Declared::Conflict
+        );
+        assert_eq!(
+            b.classify_stream(&info(1, "extra")).unwrap(),
+            Declared::Conflict
+        );
+        assert!(
+            !b.put_stream(&info(0, "other"), 2).unwrap(),
+            "never rewritten"
+        );
+        b.commit().unwrap();
+        let stored = store.streams().unwrap();
+        let name = stored[0].descriptor.as_ref().map(|d| d.name.clone());
+        assert_eq!(name.as_deref(), Some("vitals"));
+    }
 
     /// Whether frame `seq` of amb-1's stream 0 (session 1) is stored, as `b` sees it.
     fn stored(b: &WriteBatch, seq: u64) -> bool {

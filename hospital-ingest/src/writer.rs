@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::reassembly::{Arrival, Limits, Output, Reassembler, StreamKey};
-use crate::store::{LogEntry, SeqRef, Store, StoreError};
+use crate::store::{Declared, LogEntry, SeqRef, Store, StoreError};
 
 /// Frames written per transaction at most; bounds commit latency and memory.
 const MAX_BATCH: usize = 1024;
@@ -22,8 +22,19 @@ const MAX_BATCH: usize = 1024;
 /// (stream id, seq) the ingest now holds durably.
 pub type AckSender = mpsc::Sender<(u32, u64)>;
 
-#[derive(Debug)]
+/// Why a Hello's streams were not registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamsRefused {
+    /// The session exists with other descriptors, or without this stream.
+    #[error("stream {stream_id} differs from the session's first Hello")]
+    SessionMismatch {
+        /// The first stream that differs.
+        stream_id: u32,
+    },
+}
+
 /// What the QUIC side asks of the store writer.
+#[derive(Debug)]
 pub enum WriterCmd {
     /// Registers the streams of a vehicle session (from its Hello).
     Streams {
@@ -34,7 +45,7 @@ pub enum WriterCmd {
         /// The streams the Hello declared.
         streams: Vec<StreamDescriptor>,
         /// Answered once stored.
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), StreamsRefused>>,
     },
     /// Store a frame and acknowledge it once durable.
     Frame {
@@ -113,7 +124,7 @@ fn message(record: Record) -> SubscribeResponse {
 #[derive(Default)]
 struct AfterCommit {
     acks: Vec<(AckSender, u32, u64)>,
-    replies: Vec<oneshot::Sender<Result<(), String>>>,
+    replies: Vec<oneshot::Sender<Result<(), StreamsRefused>>>,
 }
 
 impl Writer {
@@ -249,17 +260,36 @@ impl Writer {
                     streams,
                     done,
                 } => {
-                    for d in streams {
-                        let key = StreamKey {
-                            vehicle: vehicle.clone(),
-                            session,
-                            stream_id: d.stream_id,
-                        };
+                    let infos: Vec<(StreamKey, StreamDescriptor, StreamInfo)> = streams
+                        .into_iter()
+                        .map(|d| {
+                            let key = StreamKey {
+                                vehicle: vehicle.clone(),
+                                session,
+                                stream_id: d.stream_id,
+                            };
+                            let info = StreamInfo {
+                                stream: Some(stream_ref(&key, d.kind)),
+                                descriptor: Some(d.clone()),
+                            };
+                            (key, d, info)
+                        })
+                        .collect();
+                    // A session's descriptors are fixed at its first Hello: stored samples
+                    // are read with them, so a redeclaration may not change them.
+                    let mut conflict = None;
+                    for (key, _, info) in &infos {
+                        if batch.classify_stream(info)? == Declared::Conflict {
+                            conflict = Some(key.stream_id);
+                            break;
+                        }
+                    }
+                    if let Some(stream_id) = conflict {
+                        let _ = done.send(Err(StreamsRefused::SessionMismatch { stream_id }));
+                        continue;
+                    }
+                    for (key, d, info) in infos {
                         let rate_hz = d.waveform.as_ref().map_or(0.0, |w| w.sample_rate_hz);
-                        let info = StreamInfo {
-                            stream: Some(stream_ref(&key, d.kind)),
-                            descriptor: Some(d.clone()),
-                        };
                         if batch.put_stream(&info, now_ns)? {
                             batch.append(&vehicle, d.kind, message(Record::Stream(info)), None)?;
                         }

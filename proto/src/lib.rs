@@ -68,6 +68,9 @@ pub enum CloseCode {
     ServerShutdown = 6,
     /// The ingest cannot store right now.
     Overloaded = 7,
+    /// The Hello redeclared a known session with other streams or descriptors (a session's
+    /// descriptors are fixed at its first Hello).
+    SessionMismatch = 8,
 }
 
 impl CloseCode {
@@ -87,6 +90,7 @@ impl CloseCode {
             5 => Self::BadIdentity,
             6 => Self::ServerShutdown,
             7 => Self::Overloaded,
+            8 => Self::SessionMismatch,
             _ => return None,
         })
     }
@@ -102,6 +106,7 @@ impl CloseCode {
             Self::BadIdentity => "bad_identity",
             Self::ServerShutdown => "server_shutdown",
             Self::Overloaded => "overloaded",
+            Self::SessionMismatch => "session_mismatch",
         }
     }
 }
@@ -134,7 +139,7 @@ mod tests {
 
     #[test]
     fn close_codes_round_trip() {
-        for code in 0..8u64 {
+        for code in 0..9u64 {
             let c = CloseCode::from_u64(code).unwrap();
             assert_eq!(c.as_u32() as u64, code);
         }

@@ -45,8 +45,26 @@ async fn raw_connect(
     Ok(conn)
 }
 
-/// Sends a Hello declaring one vitals stream (id 0) and waits for the HelloAck.
+fn vitals(stream_id: u32, name: &str) -> StreamDescriptor {
+    StreamDescriptor {
+        stream_id,
+        kind: StreamKind::Vitals as i32,
+        name: name.into(),
+        waveform: None,
+    }
+}
+
+/// Sends a Hello declaring one vitals stream (id 0) in session 42 and waits for the HelloAck.
 async fn hello(conn: &quinn::Connection, claimed: &str) -> Result<(), quinn::ConnectionError> {
+    hello_declaring(conn, claimed, vec![vitals(0, "vitals")]).await
+}
+
+/// Sends a Hello for session 42 declaring `streams` and waits for the HelloAck.
+async fn hello_declaring(
+    conn: &quinn::Connection,
+    claimed: &str,
+    streams: Vec<StreamDescriptor>,
+) -> Result<(), quinn::ConnectionError> {
     let (send, recv) = conn.open_bi().await?;
     let mut w = FramedWrite::new(send, LengthDelimitedCodec::new());
     let mut r = FramedRead::new(recv, LengthDelimitedCodec::new());
@@ -54,12 +72,7 @@ async fn hello(conn: &quinn::Connection, claimed: &str) -> Result<(), quinn::Con
         protocol_version: relay_proto::PROTOCOL_VERSION,
         vehicle_id: claimed.into(),
         session_id: 42,
-        streams: vec![StreamDescriptor {
-            stream_id: 0,
-            kind: StreamKind::Vitals as i32,
-            name: "vitals".into(),
-            waveform: None,
-        }],
+        streams,
         agent_version: "test".into(),
     };
     let msg = ControlMessage {
@@ -270,5 +283,57 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
         "{body}"
     );
     good.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cannot_be_redeclared_with_other_descriptors() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let connect = || raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr);
+    let first = connect().await.unwrap();
+    hello(&first, "amb-1").await.unwrap();
+    // The same declaration again (a second bearer, an agent restart): accepted.
+    let same = connect().await.unwrap();
+    hello(&same, "amb-1").await.unwrap();
+    // Another descriptor for a stored stream, or a stream the session never declared.
+    for streams in [
+        vec![vitals(0, "renamed")],
+        vec![vitals(0, "vitals"), vitals(1, "extra")],
+    ] {
+        let other = connect().await.unwrap();
+        let err = hello_declaring(&other, "amb-1", streams).await.unwrap_err();
+        assert_eq!(close_code(&err), Some(CloseCode::SessionMismatch), "{err}");
+    }
+    assert!(
+        first.close_reason().is_none(),
+        "the honest connections stay"
+    );
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let events = labelled_metric(
+        &body,
+        "relay_ingest_security_events_total",
+        "reason=\"session_mismatch\"",
+    );
+    assert_eq!(events, Some(2.0), "{body}");
+    // What subscribers read the stored data with is the first declaration.
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let list = client
+        .list_vehicles(relay_proto::model::ListVehiclesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> = list.vehicles[0]
+        .streams
+        .iter()
+        .filter_map(|s| s.descriptor.as_ref().map(|d| d.name.clone()))
+        .collect();
+    assert_eq!(names, vec!["vitals".to_string()]);
     ingest.shutdown().await.unwrap();
 }

@@ -23,7 +23,7 @@ use super::handshake::ServerHandshake;
 use super::registry::OnlineGuard;
 use super::validate::validate_frame;
 use super::{QuicContext, Refusal, refuse};
-use crate::writer::WriterCmd;
+use crate::writer::{StreamsRefused, WriterCmd};
 
 /// How long acknowledgements may gather before they are written.
 const ACK_COALESCE: Duration = Duration::from_millis(5);
@@ -75,7 +75,13 @@ pub(super) async fn serve_vehicle(
         .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))?;
     match done_rx.await {
         Ok(Ok(())) => {}
-        _ => return Err(refuse(CloseCode::Overloaded, "could not register streams")),
+        Ok(Err(refused @ StreamsRefused::SessionMismatch { .. })) => {
+            // A valid certificate rewriting what its stored data mean: a security event.
+            metrics::counter!("relay_ingest_security_events_total", "reason" => "session_mismatch")
+                .increment(1);
+            return Err(refuse(CloseCode::SessionMismatch, refused.to_string()));
+        }
+        Err(_) => return Err(refuse(CloseCode::Overloaded, "could not register streams")),
     }
     let ack = ServerHandshake::hello_ack(crate::now_utc_ns());
     if control_out.send(ack).await.is_err() {
