@@ -25,6 +25,9 @@ pub enum DevCertError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    #[error("the system clock is outside the range of certificate dates")]
+    /// The system clock cannot be turned into a certificate date.
+    Clock,
     #[error("{0:?} is not a valid name (1-64 of [A-Za-z0-9._-])")]
     /// A vehicle or subscriber name that would clash with the CA files or escape the directory.
     BadName(String),
@@ -39,6 +42,8 @@ pub struct DevPki {
     pub subscribers: Vec<String>,
     /// DNS names and IP addresses of the ingest certificate.
     pub ingest_names: Vec<String>,
+    /// Leaf certificates are valid this many days from now (the CAs twice as long).
+    pub valid_days: u32,
 }
 
 impl Default for DevPki {
@@ -47,6 +52,7 @@ impl Default for DevPki {
             vehicles: vec!["amb-1".into()],
             subscribers: vec!["ed-console".into()],
             ingest_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            valid_days: 365,
         }
     }
 }
@@ -60,6 +66,24 @@ fn write(path: PathBuf, contents: &str) -> Result<(), DevCertError> {
     fs::write(&path, contents).map_err(|source| DevCertError::Io { path, source })
 }
 
+/// Keys are readable by their owner only, from the moment the file exists.
+fn write_key(path: PathBuf, contents: &str) -> Result<(), DevCertError> {
+    relay_ops::private::write_file(&path, contents.as_bytes())
+        .map_err(|source| DevCertError::Io { path, source })
+}
+
+/// From an hour ago (clock skew) to `days` from now.
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), DevCertError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let now = time::OffsetDateTime::from_unix_timestamp(i64::try_from(now).unwrap_or(i64::MAX))
+        .map_err(|_| DevCertError::Clock)?;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    Ok(())
+}
+
 fn dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Ambulance relay development PKI");
@@ -68,8 +92,9 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 /// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
-fn make_ca(dir: &Path, name: &str, cn: &str) -> Result<Ca, DevCertError> {
+fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertError> {
     let mut params = CertificateParams::default();
+    validity(&mut params, days)?;
     params.distinguished_name = dn(cn);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -80,7 +105,7 @@ fn make_ca(dir: &Path, name: &str, cn: &str) -> Result<Ca, DevCertError> {
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     write(dir.join(format!("{name}.pem")), &cert.pem())?;
-    write(dir.join(format!("{name}.key")), &key.serialize_pem())?;
+    write_key(dir.join(format!("{name}.key")), &key.serialize_pem())?;
     Ok(Ca { params, key })
 }
 
@@ -91,8 +116,10 @@ fn make_leaf(
     sans: Vec<String>,
     usage: ExtendedKeyUsagePurpose,
     ca: &Ca,
+    days: u32,
 ) -> Result<(), DevCertError> {
     let mut params = CertificateParams::new(sans)?;
+    validity(&mut params, days)?;
     params.distinguished_name = dn(cn);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -101,7 +128,7 @@ fn make_leaf(
     let issuer = Issuer::from_params(&ca.params, &ca.key);
     let cert = params.signed_by(&key, &issuer)?;
     write(dir.join(format!("{file}.pem")), &cert.pem())?;
-    write(dir.join(format!("{file}.key")), &key.serialize_pem())?;
+    write_key(dir.join(format!("{file}.key")), &key.serialize_pem())?;
     Ok(())
 }
 
@@ -114,12 +141,14 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             return Err(DevCertError::BadName(name.clone()));
         }
     }
-    fs::create_dir_all(dir).map_err(|source| DevCertError::Io {
+    relay_ops::private::create_dir(dir).map_err(|source| DevCertError::Io {
         path: dir.to_owned(),
         source,
     })?;
-    let fleet = make_ca(dir, "fleet-ca", "Fleet CA (development)")?;
-    let hospital = make_ca(dir, "hospital-ca", "Hospital CA (development)")?;
+    let days = pki.valid_days.max(1);
+    let ca_days = days.saturating_mul(2);
+    let fleet = make_ca(dir, "fleet-ca", "Fleet CA (development)", ca_days)?;
+    let hospital = make_ca(dir, "hospital-ca", "Hospital CA (development)", ca_days)?;
     make_leaf(
         dir,
         "ingest",
@@ -127,6 +156,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
         pki.ingest_names.clone(),
         ExtendedKeyUsagePurpose::ServerAuth,
         &hospital,
+        days,
     )?;
     for v in &pki.vehicles {
         make_leaf(
@@ -136,6 +166,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             vec![],
             ExtendedKeyUsagePurpose::ClientAuth,
             &fleet,
+            days,
         )?;
     }
     for s in &pki.subscribers {
@@ -146,6 +177,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             vec![],
             ExtendedKeyUsagePurpose::ClientAuth,
             &hospital,
+            days,
         )?;
     }
     Ok(())

@@ -28,6 +28,29 @@ fn the_binary_writes_a_pki_the_ingest_accepts() {
             );
         }
     }
+    // Keys are owner-only, certificates bounded in time.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&certs), 0o700);
+        for key in ["fleet-ca", "hospital-ca", "ingest", "amb-9", "ed-console"] {
+            assert_eq!(mode(&certs.join(format!("{key}.key"))), 0o600, "{key}");
+        }
+    }
+    let days = |name: &str| {
+        let pem = std::fs::read(certs.join(format!("{name}.pem"))).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let v = cert.validity();
+        (v.not_after.timestamp() - v.not_before.timestamp()) / 86_400
+    };
+    assert_eq!(
+        days("amb-9"),
+        365,
+        "365 days, plus an hour of slack for clock skew"
+    );
+    assert_eq!(days("fleet-ca"), 730);
     // The ingest's own loader takes the directory as it is.
     let tls = hospital_ingest::config::Tls::from_dev_dir(&certs);
     assert!(tls.fleet_ca.exists() && tls.subscriber_ca.exists());

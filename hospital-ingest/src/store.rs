@@ -38,6 +38,15 @@ pub enum StoreError {
     #[error("store: {0}")]
     /// redb failed (I/O, full disk, corruption).
     Redb(#[from] redb::Error),
+    #[error("store file {path}: {source}")]
+    /// The store file or its directory could not be created or restricted.
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        #[source]
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     #[error("store record {cursor} is corrupt: {source}")]
     /// A log record does not decode.
     Corrupt {
@@ -109,9 +118,11 @@ pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
 impl Store {
     /// Opens (or creates) the store and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
+        // Patient data: owner-only file in an owner-only directory, from the start.
+        relay_ops::private::prepare_file(path).map_err(|source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
@@ -506,6 +517,18 @@ impl WriteBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_store_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/relay.redb");
+        drop(Store::open(&path).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+    }
 
     #[test]
     fn a_session_keeps_the_descriptors_of_its_first_declaration() {

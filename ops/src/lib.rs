@@ -182,6 +182,67 @@ pub mod pem {
     }
 }
 
+/// Files that hold keys or patient data: owner-only from the moment they exist.
+pub mod private {
+    use std::io;
+    use std::path::Path;
+
+    /// Creates `dir` and its missing parents owner-only (0700 on Unix).
+    pub fn create_dir(dir: &Path) -> io::Result<()> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir)
+    }
+
+    /// Makes sure `path` exists and only its owner can read or write it (0600 on Unix): a
+    /// missing file is created empty with that mode (so it is never readable by others, not
+    /// even briefly), an existing one has its mode tightened. Missing parent directories are
+    /// created owner-only.
+    pub fn prepare_file(path: &Path) -> io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_dir(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        drop(options.open(path)?);
+        #[cfg(unix)]
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(())
+    }
+
+    /// Writes `contents` to a file only its owner can read (see [`prepare_file`]).
+    pub fn write_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+        prepare_file(path)?;
+        std::fs::write(path, contents)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[cfg(unix)]
+        #[test]
+        fn files_and_directories_are_owner_only() {
+            use super::*;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("a/b/secret.key");
+            write_file(&file, b"k").unwrap();
+            assert_eq!(mode(&file), 0o600);
+            assert_eq!(mode(&dir.path().join("a/b")), 0o700);
+            let loose = dir.path().join("loose");
+            std::fs::write(&loose, b"x").unwrap();
+            std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+            prepare_file(&loose).unwrap();
+            assert_eq!(mode(&loose), 0o600);
+            assert_eq!(std::fs::read(&loose).unwrap(), b"x", "contents kept");
+        }
+    }
+}
+
 /// Configuration: one struct per service, read from a TOML file and overridden by flags, with
 /// errors that name the file, the key and the value.
 pub mod config {

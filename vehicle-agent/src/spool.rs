@@ -155,12 +155,14 @@ impl Spool {
     /// Opens (or creates) the spool. If it holds a session with the same streams, that session
     /// continues; otherwise a new one starts and frames of the old one are dropped (counted).
     pub fn open(path: &Path, streams: &[StreamDescriptor]) -> Result<(Self, Opened), SpoolError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
-                path: dir.to_owned(),
+        // Patient data: owner-only file in an owner-only directory, from the start.
+        let private = |path: &Path| {
+            relay_ops::private::prepare_file(path).map_err(|source| SpoolError::Dir {
+                path: path.to_owned(),
                 source,
-            })?;
-        }
+            })
+        };
+        private(path)?;
         let db = match Database::create(path) {
             // A damaged file must not keep the vehicle from streaming: it is kept aside for
             // inspection and a fresh spool starts (its frames are lost either way).
@@ -173,6 +175,7 @@ impl Spool {
                     path: aside.clone(),
                     source,
                 })?;
+                private(path)?;
                 Database::create(path)
             }
             other => other,
@@ -613,6 +616,19 @@ mod tests {
         assert_eq!(again.seq_base[&0], SEQ_HEADROOM);
         assert_eq!(s.reserved()[&0], 2 * SEQ_HEADROOM);
         assert_eq!(s.depth().0, 2);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_spool_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/spool.redb");
+        let (s, _) = Spool::open(&path, &[stream(0, StreamKind::Waveform)]).unwrap();
+        drop(s);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
     }
 
     #[test]

@@ -21,6 +21,9 @@ struct Args {
     /// Names and addresses of the ingest certificate; repeat for several.
     #[arg(long = "ingest-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
     ingest_names: Vec<String>,
+    /// Days the leaf certificates are valid (the CAs twice as long).
+    #[arg(long, default_value_t = 365)]
+    valid_days: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         vehicles: a.vehicles,
         subscribers: a.subscribers,
         ingest_names: a.ingest_names,
+        valid_days: a.valid_days,
     };
     generate(&a.out, &pki)
         .with_context(|| format!("writing certificates to {}", a.out.display()))?;
