@@ -86,7 +86,10 @@ fn validity(params: &mut CertificateParams, days: u32) -> Result<(), DevCertErro
 
 fn dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Ambulance relay development PKI");
+    dn.push(
+        DnType::OrganizationName,
+        relay_ops::pem::DEV_PKI_ORGANIZATION,
+    );
     dn.push(DnType::CommonName, cn);
     dn
 }

@@ -36,10 +36,12 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&certs);
     cfg.store.path = work.path().join("store.redb");
+    cfg.allow_dev_pki = true;
     let ingest = Ingest::start(cfg).await.unwrap();
 
     let mut a = AgentConfig {
         vehicle_id: "amb-9".into(),
+        allow_dev_pki: true,
         ..AgentConfig::default()
     };
     a.ingest.address = ingest.quic_addr;

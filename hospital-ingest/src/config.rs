@@ -43,6 +43,10 @@ pub struct IngestConfig {
     #[serde(skip)]
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Accept certificates of the development PKI (relay-devcerts): demos and tests only.
+    #[serde(skip)]
+    #[arg(long)]
+    pub allow_dev_pki: bool,
     /// The QUIC endpoint vehicles connect to.
     #[command(flatten)]
     pub quic: Quic,

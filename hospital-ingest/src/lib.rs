@@ -65,6 +65,11 @@ impl Ingest {
     /// Validates the configuration, opens the store and starts every listener.
     pub async fn start(cfg: IngestConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
+        let t = &cfg.tls;
+        relay_ops::pem::refuse_development(
+            &[&t.cert, &t.fleet_ca, &t.subscriber_ca],
+            cfg.allow_dev_pki,
+        )?;
         relay_ops::install_crypto_provider();
         crate::metrics::describe();
         let stop = CancellationToken::new();

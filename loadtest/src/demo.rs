@@ -52,6 +52,8 @@ fn agent(
 ) -> AgentConfig {
     let mut c = AgentConfig {
         vehicle_id: vehicle.into(),
+        // The demo runs on the development PKI it made itself.
+        allow_dev_pki: true,
         ..AgentConfig::default()
     };
     c.ingest.address = ingest;
@@ -91,7 +93,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )
     .context("creating development certificates")?;
 
-    let mut cfg = IngestConfig::default();
+    let mut cfg = IngestConfig {
+        // The demo runs on the development PKI it made itself.
+        allow_dev_pki: true,
+        ..IngestConfig::default()
+    };
     cfg.quic.listen = "127.0.0.1:0".parse()?;
     cfg.grpc.listen = "127.0.0.1:0".parse()?;
     cfg.metrics.listen = Some("127.0.0.1:0".parse()?);

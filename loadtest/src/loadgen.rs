@@ -305,6 +305,7 @@ async fn start_ingest(
         .arg("ingest")
         .arg("--config")
         .arg(&config)
+        .arg("--allow-dev-pki")
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone().context("ingest log")?)
         .stderr(log)
@@ -737,6 +738,8 @@ async fn run_phase(
     for (plan, mine) in plans.iter().zip(&links) {
         let mut cfg = AgentConfig {
             vehicle_id: plan.id.clone(),
+            // Load runs use the development PKI they made.
+            allow_dev_pki: true,
             ..AgentConfig::default()
         };
         let first = mine.first().context("a vehicle without bearers")?;

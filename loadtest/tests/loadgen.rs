@@ -176,6 +176,7 @@ async fn a_load_run_can_target_a_running_ingest() {
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&pki);
     cfg.store.path = dir.path().join("store.redb");
+    cfg.allow_dev_pki = true;
     let ingest = hospital_ingest::Ingest::start(cfg).await.unwrap();
 
     let report = dir.path().join("report.json");

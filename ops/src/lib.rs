@@ -155,6 +155,14 @@ pub mod pem {
             /// The file.
             path: PathBuf,
         },
+        /// A development certificate where `--allow-dev-pki` was not given.
+        #[error(
+            "{path} is from the development PKI (relay-devcerts); it is refused unless --allow-dev-pki is given (demos and tests only)"
+        )]
+        Development {
+            /// The file.
+            path: PathBuf,
+        },
     }
 
     /// Every certificate in a PEM file (a chain: leaf first); at least one.
@@ -171,6 +179,37 @@ pub mod pem {
             });
         }
         Ok(certs)
+    }
+
+    /// Subject organisation of every certificate the development PKI (`relay-devcerts`) makes:
+    /// how a service recognises one and refuses it outside development.
+    pub const DEV_PKI_ORGANIZATION: &str = "Ambulance relay development PKI";
+
+    /// Whether a certificate was made by the development PKI (its subject organisation is
+    /// [`DEV_PKI_ORGANIZATION`]). An unparseable certificate is not called one.
+    pub fn is_development(cert: &CertificateDer<'_>) -> bool {
+        x509_parser::parse_x509_certificate(cert.as_ref()).is_ok_and(|(_, c)| {
+            c.subject()
+                .iter_organization()
+                .any(|o| o.as_str().is_ok_and(|o| o == DEV_PKI_ORGANIZATION))
+        })
+    }
+
+    /// Refuses development certificates among the PEM `files` unless `allowed`
+    /// (`--allow-dev-pki`, for demos and tests): a service in production must never trust or
+    /// present a key that was generated on a developer's machine.
+    pub fn refuse_development(files: &[&Path], allowed: bool) -> Result<(), PemError> {
+        if allowed {
+            return Ok(());
+        }
+        for path in files {
+            if load_certs(path)?.iter().any(is_development) {
+                return Err(PemError::Development {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The first private key in a PEM file.

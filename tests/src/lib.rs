@@ -89,6 +89,7 @@ pub fn ingest_config(pki: &Pki, store: &Path) -> IngestConfig {
     c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     c.tls = hospital_ingest::config::Tls::from_dev_dir(pki.path());
     c.store.path = store.to_owned();
+    c.allow_dev_pki = true;
     c
 }
 
@@ -101,6 +102,7 @@ pub fn agent_config(
 ) -> AgentConfig {
     let mut c = AgentConfig {
         vehicle_id: vehicle.into(),
+        allow_dev_pki: true,
         ..AgentConfig::default()
     };
     c.ingest.address = ingest;

@@ -37,6 +37,7 @@ fn spawn_ingest(
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
         .arg("--config")
         .arg(&config)
+        .arg("--allow-dev-pki")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -287,6 +287,7 @@ fn spawn_agent(config: &std::path::Path, log: &std::path::Path) -> tokio::proces
     tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-vehicle-agent"))
         .arg("--config")
         .arg(config)
+        .arg("--allow-dev-pki")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

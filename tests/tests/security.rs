@@ -337,3 +337,40 @@ async fn a_session_cannot_be_redeclared_with_other_descriptors() {
     assert_eq!(names, vec!["vitals".to_string()]);
     ingest.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_pki_is_refused_without_allow_dev_pki() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.allow_dev_pki = false;
+    let err = Ingest::start(cfg).await.unwrap_err();
+    assert!(format!("{err:#}").contains("--allow-dev-pki"), "{err:#}");
+    let mut agent = agent_config(
+        pki.path(),
+        "amb-1",
+        "127.0.0.1:9".parse().unwrap(),
+        vitals_and_gps(),
+    );
+    agent.allow_dev_pki = false;
+    let err = Agent::start(agent).await.unwrap_err();
+    assert!(format!("{err:#}").contains("development PKI"), "{err:#}");
+    // The binaries: the shipped configuration pointed at a development PKI.
+    let config = work.path().join("ingest.toml");
+    let mut shipped = hospital_ingest::IngestConfig {
+        tls: hospital_ingest::config::Tls::from_dev_dir(pki.path()),
+        ..hospital_ingest::IngestConfig::default()
+    };
+    shipped.store.path = work.path().join("t.redb");
+    shipped.quic.listen = "127.0.0.1:0".parse().unwrap();
+    shipped.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    std::fs::write(&config, shipped.to_toml().unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--allow-dev-pki"), "{stderr}");
+}

@@ -57,6 +57,10 @@ pub struct AgentConfig {
     #[serde(skip)]
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Accept certificates of the development PKI (relay-devcerts): demos and tests only.
+    #[serde(skip)]
+    #[arg(long)]
+    pub allow_dev_pki: bool,
     /// The hospital ingest.
     #[command(flatten)]
     pub ingest: IngestEndpoint,
@@ -391,6 +395,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             config: None,
+            allow_dev_pki: false,
             vehicle_id: "amb-1".into(),
             ingest: IngestEndpoint::default(),
             tls: TlsFiles::default(),

@@ -81,6 +81,7 @@ impl Agent {
     /// errors (missing files, bad certificates); network trouble is retried forever.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
+        relay_ops::pem::refuse_development(&[&cfg.tls.cert, &cfg.tls.ca_cert], cfg.allow_dev_pki)?;
         crate::metrics::describe();
         relay_ops::install_crypto_provider();
         let keep_alive = cfg.scheduling.probe_interval;
