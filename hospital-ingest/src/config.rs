@@ -114,6 +114,11 @@ pub struct Quic {
     #[serde(with = "humantime_serde")]
     #[arg(long = "quic-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// A frame's stream must be complete within this after it opened; a stalled one is
+    /// stopped (the agent sends the frame again) and counted.
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "quic-frame-read-timeout", value_parser = parse_duration)]
+    pub frame_read_timeout: Duration,
     /// Hello must arrive within this after the handshake.
     #[serde(with = "humantime_serde")]
     #[arg(long = "quic-hello-timeout", value_parser = parse_duration)]
@@ -212,6 +217,7 @@ impl Default for Quic {
             idle_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             max_pending_acks: 65_536,
+            frame_read_timeout: Duration::from_secs(30),
             connection_receive_window_bytes: 4 * 1024 * 1024,
         }
     }
@@ -288,6 +294,7 @@ impl ServiceConfig for IngestConfig {
         ])?;
         positive(&[
             ("quic.idle_timeout", q.idle_timeout),
+            ("quic.frame_read_timeout", q.frame_read_timeout),
             ("quic.hello_timeout", q.hello_timeout),
             (
                 "grpc.slow_subscriber_timeout",

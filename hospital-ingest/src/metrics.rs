@@ -18,6 +18,10 @@ pub fn describe() {
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );
     describe_counter!(
+        "relay_ingest_streams_stopped_total",
+        "Frame streams the ingest stopped reading, by reason (deadline: not complete in quic.frame_read_timeout)"
+    );
+    describe_counter!(
         "relay_ingest_protocol_errors_total",
         "Connections closed by the ingest, by reason (malformed, frame_too_large, ...)"
     );

@@ -374,3 +374,39 @@ async fn the_development_pki_is_refused_without_allow_dev_pki() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--allow-dev-pki"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_stream_that_never_finishes_is_stopped_and_counted() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.quic.frame_read_timeout = Duration::from_secs(1);
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let conn = raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&conn, "amb-1").await.unwrap();
+    // Half a frame, then nothing: no FIN.
+    let mut stalled = conn.open_uni().await.unwrap();
+    stalled.write_all(&[0x08, 0x00, 0x10]).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), stalled.stopped())
+        .await
+        .expect("the ingest stops the stalled stream")
+        .unwrap();
+    assert_eq!(stopped, Some(quinn::VarInt::from_u32(1)));
+    assert!(
+        conn.close_reason().is_none(),
+        "only the stream, not the vehicle"
+    );
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(
+        labelled_metric(
+            &body,
+            "relay_ingest_streams_stopped_total",
+            "reason=\"deadline\""
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    ingest.shutdown().await.unwrap();
+}

@@ -25,6 +25,8 @@ use super::validate::validate_frame;
 use super::{QuicContext, Refusal, refuse};
 use crate::writer::{StreamsRefused, WriterCmd};
 
+/// Application code of a STOP_SENDING for a frame stream that missed its read deadline.
+const STOP_DEADLINE: u32 = 1;
 /// How long acknowledgements may gather before they are written.
 const ACK_COALESCE: Duration = Duration::from_millis(5);
 
@@ -92,17 +94,23 @@ pub(super) async fn serve_vehicle(
 
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
-    let streams = Arc::new(streams);
+    let reader = FrameReader {
+        max: ctx.cfg.max_frame_bytes,
+        deadline: ctx.cfg.frame_read_timeout,
+        streams: Arc::new(streams),
+        vehicle: vehicle.clone(),
+        session,
+        writer: ctx.writer.clone(),
+    };
     let (fail_tx, mut fail_rx) = mpsc::channel::<Refusal>(1);
     let mut readers = JoinSet::new();
     let result = loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
                 Ok(recv) => {
-                    let (streams, writer, ack, fail) = (streams.clone(), ctx.writer.clone(), ack_tx.clone(), fail_tx.clone());
-                    let (vehicle, max) = (vehicle.clone(), ctx.cfg.max_frame_bytes);
+                    let (reader, ack, fail) = (reader.clone(), ack_tx.clone(), fail_tx.clone());
                     readers.spawn(async move {
-                        if let Err(r) = read_frame(recv, max, &streams, &vehicle, session, &writer, ack).await {
+                        if let Err(r) = reader.read_frame(recv, ack).await {
                             let _ = fail.try_send(r);
                         }
                     });
@@ -134,48 +142,67 @@ pub(super) async fn serve_vehicle(
     result
 }
 
-async fn read_frame(
-    mut recv: quinn::RecvStream,
+/// What every frame stream of one session is read against.
+#[derive(Clone)]
+struct FrameReader {
     max: usize,
-    streams: &HashMap<u32, StreamDescriptor>,
-    vehicle: &Arc<str>,
+    deadline: Duration,
+    streams: Arc<HashMap<u32, StreamDescriptor>>,
+    vehicle: Arc<str>,
     session: u64,
-    writer: &mpsc::Sender<WriterCmd>,
-    ack: mpsc::Sender<(u32, u64)>,
-) -> Result<(), Refusal> {
-    let bytes = match recv.read_to_end(max).await {
-        Ok(b) => b,
-        Err(quinn::ReadToEndError::TooLong) => {
+    writer: mpsc::Sender<WriterCmd>,
+}
+
+impl FrameReader {
+    /// Reads one frame stream within its size bound and deadline, validates the frame and
+    /// hands it to the store writer; `ack` learns when it is durable.
+    async fn read_frame(
+        &self,
+        mut recv: quinn::RecvStream,
+        ack: mpsc::Sender<(u32, u64)>,
+    ) -> Result<(), Refusal> {
+        let max = self.max;
+        // A stream that never finishes must not hold its buffers for ever.
+        let bytes = match tokio::time::timeout(self.deadline, recv.read_to_end(max)).await {
+            Err(_) => {
+                let _ = recv.stop(quinn::VarInt::from_u32(STOP_DEADLINE));
+                metrics::counter!("relay_ingest_streams_stopped_total", "reason" => "deadline")
+                    .increment(1);
+                return Ok(());
+            }
+            Ok(Ok(b)) => b,
+            Ok(Err(quinn::ReadToEndError::TooLong)) => {
+                return Err(refuse(
+                    CloseCode::FrameTooLarge,
+                    format!("frame larger than {max} bytes"),
+                ));
+            }
+            Ok(Err(_)) => return Ok(()), // stream reset or connection lost: the agent re-sends
+        };
+        metrics::counter!("relay_ingest_frame_bytes_total").increment(bytes.len() as u64);
+        let frame = Frame::decode(bytes.as_slice())
+            .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
+        validate_frame(&frame, &self.streams)?;
+        metrics::counter!("relay_ingest_frames_received_total").increment(1);
+        if ack.capacity() == 0 {
+            // The agent does not read its acknowledgements: stop taking its frames.
             return Err(refuse(
-                CloseCode::FrameTooLarge,
-                format!("frame larger than {max} bytes"),
+                CloseCode::Overloaded,
+                "acknowledgements not drained",
             ));
         }
-        Err(_) => return Ok(()), // stream reset or connection lost: the agent re-sends
-    };
-    metrics::counter!("relay_ingest_frame_bytes_total").increment(bytes.len() as u64);
-    let frame = Frame::decode(bytes.as_slice())
-        .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
-    validate_frame(&frame, streams)?;
-    metrics::counter!("relay_ingest_frames_received_total").increment(1);
-    if ack.capacity() == 0 {
-        // The agent does not read its acknowledgements: stop taking its frames.
-        return Err(refuse(
-            CloseCode::Overloaded,
-            "acknowledgements not drained",
-        ));
+        let cmd = WriterCmd::Frame {
+            vehicle: self.vehicle.clone(),
+            session: self.session,
+            frame,
+            received_ns: crate::now_utc_ns(),
+            ack,
+        };
+        self.writer
+            .send(cmd)
+            .await
+            .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))
     }
-    let cmd = WriterCmd::Frame {
-        vehicle: vehicle.clone(),
-        session,
-        frame,
-        received_ns: crate::now_utc_ns(),
-        ack,
-    };
-    writer
-        .send(cmd)
-        .await
-        .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))
 }
 
 /// Writes the acknowledgements the [`AckCoalescer`] forms from durable (stream, seq).

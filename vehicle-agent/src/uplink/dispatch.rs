@@ -167,7 +167,13 @@ async fn write_copy(
     }
     s.finish()?;
     tokio::select! {
-        _ = s.stopped() => {}
+        stopped = s.stopped() => {
+            // The ingest stopped reading this frame (its read deadline passed): the copy did
+            // not arrive, so the frame must be sent again rather than wait for an ack.
+            if let Ok(Some(code)) = stopped {
+                return Err(format!("the ingest stopped the stream (code {code})").into());
+            }
+        }
         () = cancel.cancelled() => reset(&mut s),
     }
     Ok(())
