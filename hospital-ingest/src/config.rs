@@ -114,6 +114,14 @@ pub struct Quic {
     #[serde(with = "humantime_serde")]
     #[arg(long = "quic-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Connections (bearers) one vehicle may hold at once: its bearers plus slack for
+    /// connections that died but have not timed out yet.
+    #[arg(long = "quic-max-connections-per-vehicle")]
+    pub max_connections_per_vehicle: usize,
+    /// New sessions one vehicle may open per hour (an agent starts a new session only when
+    /// its streams change; a restart resumes the old one).
+    #[arg(long = "quic-max-new-sessions-per-hour")]
+    pub max_new_sessions_per_hour: usize,
     /// A frame's stream must be complete within this after it opened; a stalled one is
     /// stopped (the agent sends the frame again) and counted.
     #[serde(with = "humantime_serde")]
@@ -218,6 +226,8 @@ impl Default for Quic {
             hello_timeout: Duration::from_secs(10),
             max_pending_acks: 65_536,
             frame_read_timeout: Duration::from_secs(30),
+            max_connections_per_vehicle: 16,
+            max_new_sessions_per_hour: 60,
             connection_receive_window_bytes: 4 * 1024 * 1024,
         }
     }
@@ -282,6 +292,14 @@ impl ServiceConfig for IngestConfig {
                 q.max_concurrent_frames as usize,
             ),
             ("quic.max_pending_acks", q.max_pending_acks),
+            (
+                "quic.max_connections_per_vehicle",
+                q.max_connections_per_vehicle,
+            ),
+            (
+                "quic.max_new_sessions_per_hour",
+                q.max_new_sessions_per_hour,
+            ),
             ("grpc.subscriber_queue", self.grpc.subscriber_queue),
             ("grpc.live_buffer", self.grpc.live_buffer),
             ("grpc.max_subscribers", self.grpc.max_subscribers),

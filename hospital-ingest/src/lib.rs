@@ -92,6 +92,7 @@ impl Ingest {
             cfg.store.writer_queue,
             limits,
             retention,
+            cfg.quic.max_new_sessions_per_hour,
             tokio::runtime::Handle::current(),
         )
         .context("starting store writer")?;

@@ -480,6 +480,17 @@ impl WriteBatch {
         })
     }
 
+    /// Whether the session of this stream has no stream stored yet (its first Hello).
+    pub fn session_is_new(&self, info: &StreamInfo) -> Result<bool, StoreError> {
+        let Some(s) = &info.stream else {
+            return Ok(false);
+        };
+        let t = self.txn.open_table(STREAMS)?;
+        let first = (s.vehicle_id.as_str(), s.session_id, 0);
+        let last = (s.vehicle_id.as_str(), s.session_id, u32::MAX);
+        Ok(t.range(first..=last)?.next().is_none())
+    }
+
     /// Records a stream declaration the caller classified as new or the same; a stored
     /// descriptor is never rewritten. True when it was new.
     pub fn put_stream(&mut self, info: &StreamInfo, now_ns: i64) -> Result<bool, StoreError> {

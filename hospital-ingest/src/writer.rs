@@ -2,7 +2,7 @@
 //! runs reassembly, commits durably, then acknowledges and publishes what was committed.
 //! It runs on its own thread because redb is synchronous and a commit waits for fsync.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,46 @@ pub enum StreamsRefused {
         /// The first stream that differs.
         stream_id: u32,
     },
+    /// The vehicle opened its quota of new sessions in the last hour.
+    #[error("more than {per_hour} new sessions of this vehicle in an hour")]
+    SessionQuota {
+        /// The quota.
+        per_hour: usize,
+    },
+}
+
+/// New sessions per vehicle in the last hour, bounded by the quota.
+#[derive(Debug)]
+pub struct SessionQuota {
+    per_hour: usize,
+    opened: HashMap<Arc<str>, VecDeque<Instant>>,
+}
+
+impl SessionQuota {
+    /// A quota of `per_hour` new sessions per vehicle.
+    pub fn new(per_hour: usize) -> Self {
+        Self {
+            per_hour,
+            opened: HashMap::new(),
+        }
+    }
+
+    /// Whether `vehicle` may open a new session at `now`; if so, it is counted.
+    pub fn admit(&mut self, vehicle: &Arc<str>, now: Instant) -> bool {
+        let hour = Duration::from_secs(3600);
+        let times = self.opened.entry(vehicle.clone()).or_default();
+        while times
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= hour)
+        {
+            times.pop_front();
+        }
+        if times.len() >= self.per_hour {
+            return false;
+        }
+        times.push_back(now);
+        true
+    }
 }
 
 /// What the QUIC side asks of the store writer.
@@ -92,6 +132,7 @@ struct Writer {
     limits: Limits,
     meta: HashMap<StreamKey, StreamMeta>,
     bus: broadcast::Sender<Arc<LogEntry>>,
+    sessions: SessionQuota,
 }
 
 fn stream_ref(key: &StreamKey, kind: i32) -> StreamRef {
@@ -132,6 +173,7 @@ impl Writer {
         store: Store,
         bus: broadcast::Sender<Arc<LogEntry>>,
         limits: Limits,
+        sessions: SessionQuota,
     ) -> Result<Self, StoreError> {
         let mut meta = HashMap::new();
         for info in store.streams()? {
@@ -166,6 +208,7 @@ impl Writer {
             limits,
             meta,
             bus,
+            sessions,
         })
     }
 
@@ -286,6 +329,15 @@ impl Writer {
                     }
                     if let Some(stream_id) = conflict {
                         let _ = done.send(Err(StreamsRefused::SessionMismatch { stream_id }));
+                        continue;
+                    }
+                    let new_session = match infos.first() {
+                        Some((_, _, info)) => batch.session_is_new(info)?,
+                        None => false,
+                    };
+                    if new_session && !self.sessions.admit(&vehicle, now) {
+                        let per_hour = self.sessions.per_hour;
+                        let _ = done.send(Err(StreamsRefused::SessionQuota { per_hour }));
                         continue;
                     }
                     for (key, d, info) in infos {
@@ -461,9 +513,10 @@ pub fn spawn(
     queue: usize,
     limits: Limits,
     retention: RetentionPolicy,
+    sessions_per_hour: usize,
     runtime: tokio::runtime::Handle,
 ) -> Result<(mpsc::Sender<WriterCmd>, std::thread::JoinHandle<()>), StoreError> {
-    let mut writer = Writer::open(store, bus, limits)?;
+    let mut writer = Writer::open(store, bus, limits, SessionQuota::new(sessions_per_hour))?;
     let (tx, mut rx) = mpsc::channel::<WriterCmd>(queue);
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
@@ -495,7 +548,16 @@ pub fn spawn(
                     // reassembler saw frames that were not stored: rebuild it from the store.
                     tracing::error!(error = %e, "store commit failed; batch not acknowledged");
                     metrics::counter!("relay_ingest_store_errors_total").increment(1);
-                    match Writer::open(writer.store.clone(), writer.bus.clone(), writer.limits) {
+                    let sessions = std::mem::replace(
+                        &mut writer.sessions,
+                        SessionQuota::new(sessions_per_hour),
+                    );
+                    match Writer::open(
+                        writer.store.clone(),
+                        writer.bus.clone(),
+                        writer.limits,
+                        sessions,
+                    ) {
                         Ok(w) => writer = w,
                         Err(e) => tracing::error!(error = %e, "reloading reassembly state failed"),
                     }
@@ -513,6 +575,25 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_sessions_are_limited_per_vehicle_over_a_sliding_hour() {
+        let t0 = Instant::now();
+        let mut q = SessionQuota::new(2);
+        let (a, b): (Arc<str>, Arc<str>) = ("amb-1".into(), "amb-2".into());
+        assert!(q.admit(&a, t0));
+        assert!(q.admit(&a, t0 + Duration::from_secs(60)));
+        assert!(
+            !q.admit(&a, t0 + Duration::from_secs(120)),
+            "third in the hour"
+        );
+        assert!(q.admit(&b, t0 + Duration::from_secs(120)), "per vehicle");
+        assert!(
+            q.admit(&a, t0 + Duration::from_secs(3600)),
+            "the first left the window"
+        );
+        assert!(!q.admit(&a, t0 + Duration::from_secs(3601)));
+    }
 
     #[test]
     fn the_writer_wakes_for_reordering_and_sweeps_on_its_interval() {

@@ -71,6 +71,8 @@ pub enum CloseCode {
     /// The Hello redeclared a known session with other streams or descriptors (a session's
     /// descriptors are fixed at its first Hello).
     SessionMismatch = 8,
+    /// The vehicle is over a quota (connections at once, new sessions per hour).
+    QuotaExceeded = 9,
 }
 
 impl CloseCode {
@@ -91,6 +93,7 @@ impl CloseCode {
             6 => Self::ServerShutdown,
             7 => Self::Overloaded,
             8 => Self::SessionMismatch,
+            9 => Self::QuotaExceeded,
             _ => return None,
         })
     }
@@ -107,6 +110,7 @@ impl CloseCode {
             Self::ServerShutdown => "server_shutdown",
             Self::Overloaded => "overloaded",
             Self::SessionMismatch => "session_mismatch",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -139,7 +143,7 @@ mod tests {
 
     #[test]
     fn close_codes_round_trip() {
-        for code in 0..9u64 {
+        for code in 0..10u64 {
             let c = CloseCode::from_u64(code).unwrap();
             assert_eq!(c.as_u32() as u64, code);
         }

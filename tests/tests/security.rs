@@ -65,13 +65,23 @@ async fn hello_declaring(
     claimed: &str,
     streams: Vec<StreamDescriptor>,
 ) -> Result<(), quinn::ConnectionError> {
+    hello_session(conn, claimed, 42, streams).await
+}
+
+/// Sends a Hello for `session` declaring `streams` and waits for the HelloAck.
+async fn hello_session(
+    conn: &quinn::Connection,
+    claimed: &str,
+    session_id: u64,
+    streams: Vec<StreamDescriptor>,
+) -> Result<(), quinn::ConnectionError> {
     let (send, recv) = conn.open_bi().await?;
     let mut w = FramedWrite::new(send, LengthDelimitedCodec::new());
     let mut r = FramedRead::new(recv, LengthDelimitedCodec::new());
     let hello = Hello {
         protocol_version: relay_proto::PROTOCOL_VERSION,
         vehicle_id: claimed.into(),
-        session_id: 42,
+        session_id,
         streams,
         agent_version: "test".into(),
     };
@@ -408,5 +418,64 @@ async fn a_frame_stream_that_never_finishes_is_stopped_and_counted() {
         Some(1.0),
         "{body}"
     );
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_over_its_connection_or_session_quota_is_refused() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.quic.max_connections_per_vehicle = 2;
+    cfg.quic.max_new_sessions_per_hour = 3;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let connect = |v: &'static str| raw_connect(pki.path(), pki.path(), v, ingest.quic_addr);
+    // Two bearers of session 42 at once: accepted; a third connection: refused.
+    let a = connect("amb-1").await.unwrap();
+    hello(&a, "amb-1").await.unwrap();
+    let b = connect("amb-1").await.unwrap();
+    hello(&b, "amb-1").await.unwrap();
+    let c = connect("amb-1").await.unwrap();
+    let err = hello(&c, "amb-1").await.unwrap_err();
+    assert_eq!(close_code(&err), Some(CloseCode::QuotaExceeded), "{err}");
+    // Another vehicle is not affected.
+    let other = connect("amb-2").await.unwrap();
+    hello(&other, "amb-2").await.unwrap();
+    // Connections that end free their slots; sessions 43 and 44 are the second and third new
+    // sessions of the hour, 45 is one too many.
+    a.close(quinn::VarInt::from_u32(0), b"done");
+    b.close(quinn::VarInt::from_u32(0), b"done");
+    let mut outcomes = Vec::new();
+    for session in [43, 44, 45] {
+        let outcome = loop {
+            let conn = connect("amb-1").await.unwrap();
+            let r = hello_session(&conn, "amb-1", session, vec![vitals(0, "vitals")]).await;
+            match r {
+                Err(e)
+                    if close_code(&e) == Some(CloseCode::QuotaExceeded)
+                        && e.to_string().contains("connections") =>
+                {
+                    // The ingest has not seen the closes yet.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => {
+                    conn.close(quinn::VarInt::from_u32(0), b"done");
+                    break r;
+                }
+            }
+        };
+        outcomes.push(outcome.map_err(|e| (close_code(&e), e.to_string())));
+    }
+    assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+    let refused = outcomes[2].clone().unwrap_err();
+    assert_eq!(refused.0, Some(CloseCode::QuotaExceeded));
+    assert!(refused.1.contains("sessions"), "{}", refused.1);
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let counted = labelled_metric(
+        &body,
+        "relay_ingest_protocol_errors_total",
+        "reason=\"quota_exceeded\"",
+    );
+    assert!(counted.is_some_and(|n| n >= 2.0), "{body}");
     ingest.shutdown().await.unwrap();
 }

@@ -15,10 +15,24 @@ impl Online {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn up(&self, v: &str) {
+    /// Counts one more connection of `v` unless it already holds `max`.
+    fn try_up(&self, v: &str, max: usize) -> bool {
         let mut m = self.lock();
-        *m.entry(v.to_owned()).or_default() += 1;
+        let n = m.entry(v.to_owned()).or_default();
+        if *n >= max {
+            if *n == 0 {
+                m.remove(v);
+            }
+            return false;
+        }
+        *n += 1;
         metrics::gauge!("relay_ingest_vehicles_online").set(m.len() as f64);
+        true
+    }
+
+    /// Connections of vehicle `v` now.
+    pub fn connections(&self, v: &str) -> usize {
+        self.lock().get(v).copied().unwrap_or(0)
     }
 
     fn down(&self, v: &str) {
@@ -45,9 +59,11 @@ pub(crate) struct OnlineGuard<'a> {
 }
 
 impl<'a> OnlineGuard<'a> {
-    pub(crate) fn new(online: &'a Online, vehicle: &'a str) -> Self {
-        online.up(vehicle);
-        Self { online, vehicle }
+    /// Counts the connection, unless the vehicle already holds `max` (`None` then).
+    pub(crate) fn try_new(online: &'a Online, vehicle: &'a str, max: usize) -> Option<Self> {
+        online
+            .try_up(vehicle, max)
+            .then_some(Self { online, vehicle })
     }
 }
 

@@ -59,6 +59,14 @@ pub(super) async fn serve_vehicle(
         Some(Err(e)) => return Err(hs.handle_end(Some(e))),
         None => return Err(hs.handle_end(None)),
     };
+    // Counted from here: a vehicle holds at most its bearers plus slack at once.
+    let max = ctx.cfg.max_connections_per_vehicle;
+    let Some(_online) = OnlineGuard::try_new(&ctx.online, &vehicle, max) else {
+        return Err(refuse(
+            CloseCode::QuotaExceeded,
+            format!("more than {max} connections of this vehicle"),
+        ));
+    };
     let session = hello.session_id;
     let streams: HashMap<u32, StreamDescriptor> = hello
         .streams
@@ -77,6 +85,9 @@ pub(super) async fn serve_vehicle(
         .map_err(|_| refuse(CloseCode::ServerShutdown, "store closed"))?;
     match done_rx.await {
         Ok(Ok(())) => {}
+        Ok(Err(refused @ StreamsRefused::SessionQuota { .. })) => {
+            return Err(refuse(CloseCode::QuotaExceeded, refused.to_string()));
+        }
         Ok(Err(refused @ StreamsRefused::SessionMismatch { .. })) => {
             // A valid certificate rewriting what its stored data mean: a security event.
             metrics::counter!("relay_ingest_security_events_total", "reason" => "session_mismatch")
@@ -90,7 +101,6 @@ pub(super) async fn serve_vehicle(
         return Ok(()); // the peer went away during the handshake
     }
     tracing::info!(vehicle = %vehicle, session, streams = streams.len(), remote = %conn.remote_address(), "vehicle connected");
-    let _online = OnlineGuard::new(&ctx.online, &vehicle);
 
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
