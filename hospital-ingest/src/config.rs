@@ -101,7 +101,8 @@ pub struct Quic {
     /// UDP address vehicles connect to.
     #[arg(id = "quic.listen", long = "quic-listen", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Concurrent vehicle connections (bearers) at most.
+    /// Established vehicle connections (bearers) at most; a connection counts once its
+    /// certificate and Hello checked out.
     #[arg(long = "quic-max-connections")]
     pub max_connections: usize,
     /// Largest frame accepted; a larger one closes that connection.
@@ -114,6 +115,25 @@ pub struct Quic {
     #[serde(with = "humantime_serde")]
     #[arg(long = "quic-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Handshakes in progress at most (before certificate and Hello are checked); apart from
+    /// `max_connections`, which counts established sessions.
+    #[arg(long = "quic-max-pending-handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Handshakes in progress at most from one address (validated by Retry). Generous:
+    /// many ambulances can share a carrier's NAT address.
+    #[arg(long = "quic-max-pending-handshakes-per-source")]
+    pub max_pending_handshakes_per_source: usize,
+    /// Past this many handshakes in progress, peers must validate their address (QUIC
+    /// Retry) before they get one.
+    #[arg(long = "quic-retry-above")]
+    pub retry_above: usize,
+    /// Past this many handshakes in progress from one address, its peers must validate.
+    #[arg(long = "quic-retry-above-per-source")]
+    pub retry_above_per_source: usize,
+    /// A handshake (QUIC and TLS) must complete within this.
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "quic-handshake-timeout", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
     /// Connections (bearers) one vehicle may hold at once: its bearers plus slack for
     /// connections that died but have not timed out yet.
     #[arg(long = "quic-max-connections-per-vehicle")]
@@ -227,6 +247,11 @@ impl Default for Quic {
             max_pending_acks: 65_536,
             frame_read_timeout: Duration::from_secs(30),
             max_connections_per_vehicle: 16,
+            max_pending_handshakes: 4096,
+            max_pending_handshakes_per_source: 1024,
+            retry_above: 256,
+            retry_above_per_source: 32,
+            handshake_timeout: Duration::from_secs(3),
             max_new_sessions_per_hour: 60,
             connection_receive_window_bytes: 4 * 1024 * 1024,
         }
@@ -300,6 +325,11 @@ impl ServiceConfig for IngestConfig {
                 "quic.max_new_sessions_per_hour",
                 q.max_new_sessions_per_hour,
             ),
+            ("quic.max_pending_handshakes", q.max_pending_handshakes),
+            (
+                "quic.max_pending_handshakes_per_source",
+                q.max_pending_handshakes_per_source,
+            ),
             ("grpc.subscriber_queue", self.grpc.subscriber_queue),
             ("grpc.live_buffer", self.grpc.live_buffer),
             ("grpc.max_subscribers", self.grpc.max_subscribers),
@@ -313,6 +343,7 @@ impl ServiceConfig for IngestConfig {
         positive(&[
             ("quic.idle_timeout", q.idle_timeout),
             ("quic.frame_read_timeout", q.frame_read_timeout),
+            ("quic.handshake_timeout", q.handshake_timeout),
             ("quic.hello_timeout", q.hello_timeout),
             (
                 "grpc.slow_subscriber_timeout",

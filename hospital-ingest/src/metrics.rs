@@ -18,6 +18,18 @@ pub fn describe() {
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );
     describe_counter!(
+        "relay_ingest_handshake_retries_total",
+        "Incoming connections asked to validate their address (QUIC Retry) under handshake pressure"
+    );
+    describe_counter!(
+        "relay_ingest_handshakes_refused_total",
+        "Incoming connections refused before they became sessions, by reason (pending_full, per_source, handshake_timeout, sessions_full)"
+    );
+    describe_gauge!(
+        "relay_ingest_pending_handshakes",
+        "Handshakes in progress (not yet sessions)"
+    );
+    describe_counter!(
         "relay_ingest_streams_stopped_total",
         "Frame streams the ingest stopped reading, by reason (deadline: not complete in quic.frame_read_timeout)"
     );

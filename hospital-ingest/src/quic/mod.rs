@@ -5,12 +5,14 @@
 //! vehicles online.
 
 pub mod acks;
+pub mod admission;
 pub mod handshake;
 pub mod registry;
 mod session;
 pub mod validate;
 
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use relay_proto::CloseCode;
 use tokio::sync::{Semaphore, mpsc};
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Quic;
 use crate::writer::WriterCmd;
 
+use admission::{Admission, AdmissionLimits, Decision};
 pub use registry::Online;
 pub use validate::{MAX_SEQ, validate_frame, validate_hello};
 
@@ -59,24 +62,67 @@ fn protocol_error(conn: &quinn::Connection, vehicle: &str, r: &Refusal) {
     conn.close(quinn::VarInt::from_u32(r.code.as_u32()), reason.as_bytes());
 }
 
-/// Accepts connections until `stop` fires, at most `max_connections` at once.
+/// A handshake in progress, counted by [`Admission`] until it is dropped.
+pub(crate) struct PendingHandshake {
+    admission: Arc<Mutex<Admission>>,
+    source: IpAddr,
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        a.finish(self.source);
+        metrics::gauge!("relay_ingest_pending_handshakes").set(a.pending() as f64);
+    }
+}
+
+/// Accepts connections until `stop` fires. Incoming connections pass [`Admission`] first
+/// (Retry or refusal under pressure, before any handshake work); a connection counts against
+/// `max_connections` only once its certificate and Hello checked out.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: QuicContext, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(ctx.cfg.max_connections));
+    let sessions = Arc::new(Semaphore::new(ctx.cfg.max_connections));
+    let admission = Arc::new(Mutex::new(Admission::new(AdmissionLimits {
+        max_pending: ctx.cfg.max_pending_handshakes,
+        max_pending_per_source: ctx.cfg.max_pending_handshakes_per_source,
+        retry_above: ctx.cfg.retry_above,
+        retry_above_per_source: ctx.cfg.retry_above_per_source,
+    })));
     let mut conns = JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = stop.cancelled() => break,
-        };
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             () = stop.cancelled() => break,
         };
+        let source = incoming.remote_address().ip();
+        let decision = admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decide(source, incoming.remote_address_validated());
+        match decision {
+            Decision::Retry => {
+                metrics::counter!("relay_ingest_handshake_retries_total").increment(1);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Decision::Refuse { reason } => {
+                metrics::counter!("relay_ingest_handshakes_refused_total", "reason" => reason)
+                    .increment(1);
+                incoming.refuse();
+                continue;
+            }
+            Decision::Accept => {}
+        }
+        let pending = PendingHandshake {
+            admission: admission.clone(),
+            source,
+        };
         let ctx = ctx.clone();
         let stop = stop.clone();
+        let sessions = sessions.clone();
         conns.spawn(async move {
-            let _permit = permit;
-            handle_incoming(incoming, ctx, stop).await;
+            handle_incoming(incoming, ctx, stop, pending, sessions).await;
         });
         while conns.try_join_next().is_some() {}
     }
@@ -87,11 +133,22 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: QuicContext, stop: Cancellati
     conns.shutdown().await;
 }
 
-async fn handle_incoming(incoming: quinn::Incoming, ctx: QuicContext, stop: CancellationToken) {
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    ctx: QuicContext,
+    stop: CancellationToken,
+    pending: PendingHandshake,
+    sessions: Arc<Semaphore>,
+) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let conn = match tokio::time::timeout(ctx.cfg.handshake_timeout, incoming).await {
+        Err(_) => {
+            metrics::counter!("relay_ingest_handshakes_refused_total", "reason" => "handshake_timeout")
+                .increment(1);
+            return;
+        }
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             // Includes certificates from a foreign CA: a security event, not just noise.
             metrics::counter!("relay_ingest_handshake_failures_total").increment(1);
             tracing::warn!(%remote, error = %e, "QUIC/TLS handshake failed");
@@ -108,7 +165,9 @@ async fn handle_incoming(incoming: quinn::Incoming, ctx: QuicContext, stop: Canc
         }
     };
     metrics::counter!("relay_ingest_connections_total").increment(1);
-    let result = session::serve_vehicle(&conn, Arc::from(vehicle.as_str()), &ctx, &stop).await;
+    let admitted = session::Admitted { pending, sessions };
+    let result =
+        session::serve_vehicle(&conn, Arc::from(vehicle.as_str()), &ctx, &stop, admitted).await;
     match result {
         Ok(()) => tracing::info!(vehicle, %remote, "vehicle disconnected"),
         Err(r) => protocol_error(&conn, &vehicle, &r),

@@ -12,7 +12,7 @@ use prost::Message;
 use relay_proto::model::{Frame, StreamDescriptor};
 use relay_proto::wire::v1::{ControlMessage, control_message::Body};
 use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -36,11 +36,19 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// What a connection brings from admission: its pending-handshake slot (given back once the
+/// Hello checked out) and the pool of session slots it then takes one from.
+pub(super) struct Admitted {
+    pub(super) pending: super::PendingHandshake,
+    pub(super) sessions: Arc<Semaphore>,
+}
+
 pub(super) async fn serve_vehicle(
     conn: &quinn::Connection,
     vehicle: Arc<str>,
     ctx: &QuicContext,
     stop: &CancellationToken,
+    admitted: Admitted,
 ) -> Result<(), Refusal> {
     let hs = ServerHandshake::new(Instant::now(), ctx.cfg.hello_timeout);
     let accepted = tokio::time::timeout_at(hs.poll_timeout(), conn.accept_bi())
@@ -58,6 +66,14 @@ pub(super) async fn serve_vehicle(
         Some(Ok(bytes)) => hs.handle_message(&bytes, &vehicle)?,
         Some(Err(e)) => return Err(hs.handle_end(Some(e))),
         None => return Err(hs.handle_end(None)),
+    };
+    // The handshake is over; the connection is a session now, if there is room.
+    let Admitted { pending, sessions } = admitted;
+    drop(pending);
+    let Ok(_session) = sessions.try_acquire_owned() else {
+        metrics::counter!("relay_ingest_handshakes_refused_total", "reason" => "sessions_full")
+            .increment(1);
+        return Err(refuse(CloseCode::Overloaded, "ingest at max_connections"));
     };
     // Counted from here: a vehicle holds at most its bearers plus slack at once.
     let max = ctx.cfg.max_connections_per_vehicle;
