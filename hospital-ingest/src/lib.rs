@@ -64,12 +64,25 @@ pub struct Ingest {
 impl Ingest {
     /// Validates the configuration, opens the store and starts every listener.
     pub async fn start(cfg: IngestConfig) -> anyhow::Result<Self> {
+        // The recorder first: descriptions and gauges set before it exists are lost.
+        relay_ops::prometheus().context("installing the metrics recorder")?;
         cfg.validate()?;
         let t = &cfg.tls;
         relay_ops::pem::refuse_development(
             &[&t.cert, &t.fleet_ca, &t.subscriber_ca],
             cfg.allow_dev_pki,
         )?;
+        // Expiry is visible weeks ahead (alerts at 30 and 7 days), not when it bites.
+        for (which, path) in [
+            ("server", &t.cert),
+            ("fleet_ca", &t.fleet_ca),
+            ("subscriber_ca", &t.subscriber_ca),
+        ] {
+            if let Some(at) = relay_ops::pem::earliest_expiry(path)? {
+                ::metrics::gauge!("relay_ingest_certificate_expiry_timestamp_seconds", "certificate" => which)
+                    .set(at as f64);
+            }
+        }
         relay_ops::install_crypto_provider();
         crate::metrics::describe();
         let stop = CancellationToken::new();

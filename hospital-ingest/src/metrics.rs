@@ -17,6 +17,16 @@ pub fn describe() {
         "relay_ingest_security_events_total",
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );
+    describe_gauge!(
+        "relay_ingest_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the ingest's certificate and the CAs it trusts stop being valid (Unix time), by certificate"
+    );
+    describe_gauge!(
+        "relay_ingest_vehicle_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "The earliest expiry (Unix time) among the certificates of the vehicles connected now"
+    );
     describe_counter!(
         "relay_ingest_handshake_retries_total",
         "Incoming connections asked to validate their address (QUIC Retry) under handshake pressure"

@@ -138,6 +138,13 @@ pub fn vehicle_id(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
     Ok(cn.to_owned())
 }
 
+/// When the certificate of a QUIC connection's peer expires (Unix seconds).
+pub fn connection_not_after(conn: &quinn::Connection) -> Option<i64> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    relay_ops::pem::not_after(certs.first()?)
+}
+
 /// The vehicle id of a QUIC connection's (already verified) peer.
 pub fn connection_vehicle_id(conn: &quinn::Connection) -> Result<String, IdentityError> {
     let identity = conn.peer_identity().ok_or(IdentityError::NoCertificate)?;

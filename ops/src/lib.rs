@@ -195,6 +195,19 @@ pub mod pem {
         })
     }
 
+    /// When a certificate stops being valid (its notAfter, Unix seconds); `None` when it does
+    /// not parse.
+    pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+        x509_parser::parse_x509_certificate(cert.as_ref())
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp())
+    }
+
+    /// The earliest notAfter of the certificates in a PEM file (a chain or a CA bundle).
+    pub fn earliest_expiry(path: &Path) -> Result<Option<i64>, PemError> {
+        Ok(load_certs(path)?.iter().filter_map(not_after).min())
+    }
+
     /// Refuses development certificates among the PEM `files` unless `allowed`
     /// (`--allow-dev-pki`, for demos and tests): a service in production must never trust or
     /// present a key that was generated on a developer's machine.

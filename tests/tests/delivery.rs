@@ -126,6 +126,41 @@ async fn metrics_endpoints_answer_in_prometheus_text_format() {
     ] {
         let (head, body) = http_get(addr, "/metrics").await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // Certificate expiry is visible: the development PKI's leaves are valid a year.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        for (name, labels) in [
+            (
+                "relay_ingest_certificate_expiry_timestamp_seconds",
+                "certificate=\"server\"",
+            ),
+            (
+                "relay_ingest_certificate_expiry_timestamp_seconds",
+                "certificate=\"fleet_ca\"",
+            ),
+            (
+                "relay_agent_certificate_expiry_timestamp_seconds",
+                "certificate=\"vehicle\"",
+            ),
+        ] {
+            let at = labelled_metric(&body, name, labels)
+                .unwrap_or_else(|| panic!("{name}{{{labels}}} in\n{body}"));
+            let days = (at - now) / 86_400.0;
+            assert!(
+                (300.0..=800.0).contains(&days),
+                "{name} {labels}: {days} days"
+            );
+        }
+        let vehicles = metric_value(
+            &body,
+            "relay_ingest_vehicle_certificate_expiry_timestamp_seconds",
+        );
+        assert!(
+            ((vehicles - now) / 86_400.0 - 365.0).abs() < 2.0,
+            "{vehicles}"
+        );
         assert!(
             head.to_ascii_lowercase()
                 .contains("content-type: text/plain"),

@@ -80,8 +80,17 @@ impl Agent {
     /// Prepares sources, TLS and metrics, then starts streaming. Errors here are configuration
     /// errors (missing files, bad certificates); network trouble is retried forever.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
+        // The recorder first: descriptions and gauges set before it exists are lost.
+        relay_ops::prometheus().context("installing the metrics recorder")?;
         cfg.validate()?;
         relay_ops::pem::refuse_development(&[&cfg.tls.cert, &cfg.tls.ca_cert], cfg.allow_dev_pki)?;
+        // Expiry is visible weeks ahead (alerts at 30 and 7 days), not when it bites.
+        for (which, path) in [("vehicle", &cfg.tls.cert), ("ingest_ca", &cfg.tls.ca_cert)] {
+            if let Some(at) = relay_ops::pem::earliest_expiry(path)? {
+                ::metrics::gauge!("relay_agent_certificate_expiry_timestamp_seconds", "certificate" => which)
+                    .set(at as f64);
+            }
+        }
         crate::metrics::describe();
         relay_ops::install_crypto_provider();
         let keep_alive = cfg.scheduling.probe_interval;

@@ -163,6 +163,11 @@ pub fn describe() {
         "Failed connection attempts, by reason"
     );
     describe_gauge!(
+        "relay_agent_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the vehicle's certificate and the pinned ingest CA stop being valid (Unix time)"
+    );
+    describe_gauge!(
         "relay_agent_spool_up",
         "1 while the spool task commits, 0 once it died (the agent then stops and restarts)"
     );

@@ -1,18 +1,38 @@
 //! Which vehicles are online now: a vehicle counts from its accepted Hello until its last
 //! bearer connection ends (it may have several at once).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-/// Which vehicles have a bearer connected now (vehicle -> connection count).
+/// Which vehicles have a bearer connected now (vehicle -> connection count), and when the
+/// connected vehicles' certificates expire.
 #[derive(Debug, Default)]
 pub struct Online {
     inner: Mutex<HashMap<String, usize>>,
+    /// notAfter (Unix seconds) -> connections whose certificate expires then.
+    expiries: Mutex<BTreeMap<i64, usize>>,
 }
 
 impl Online {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn track_expiry(&self, not_after: Option<i64>, add: bool) {
+        let Some(at) = not_after else { return };
+        let mut e = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
+        if add {
+            *e.entry(at).or_default() += 1;
+        } else if let Some(n) = e.get_mut(&at) {
+            *n -= 1;
+            if *n == 0 {
+                e.remove(&at);
+            }
+        }
+        if let Some((&earliest, _)) = e.first_key_value() {
+            metrics::gauge!("relay_ingest_vehicle_certificate_expiry_timestamp_seconds")
+                .set(earliest as f64);
+        }
     }
 
     /// Counts one more connection of `v` unless it already holds `max`.
@@ -56,19 +76,33 @@ impl Online {
 pub(crate) struct OnlineGuard<'a> {
     online: &'a Online,
     vehicle: &'a str,
+    not_after: Option<i64>,
 }
 
 impl<'a> OnlineGuard<'a> {
-    /// Counts the connection, unless the vehicle already holds `max` (`None` then).
-    pub(crate) fn try_new(online: &'a Online, vehicle: &'a str, max: usize) -> Option<Self> {
-        online
-            .try_up(vehicle, max)
-            .then_some(Self { online, vehicle })
+    /// Counts the connection (whose certificate expires at `not_after`), unless the vehicle
+    /// already holds `max` (`None` then).
+    pub(crate) fn try_new(
+        online: &'a Online,
+        vehicle: &'a str,
+        max: usize,
+        not_after: Option<i64>,
+    ) -> Option<Self> {
+        if !online.try_up(vehicle, max) {
+            return None;
+        }
+        online.track_expiry(not_after, true);
+        Some(Self {
+            online,
+            vehicle,
+            not_after,
+        })
     }
 }
 
 impl Drop for OnlineGuard<'_> {
     fn drop(&mut self) {
+        self.online.track_expiry(self.not_after, false);
         self.online.down(self.vehicle);
     }
 }
