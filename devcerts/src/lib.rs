@@ -6,8 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SerialNumber,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +73,17 @@ fn write_key(path: PathBuf, contents: &str) -> Result<(), DevCertError> {
         .map_err(|source| DevCertError::Io { path, source })
 }
 
-/// From an hour ago (clock skew) to `days` from now.
-fn validity(params: &mut CertificateParams, days: u32) -> Result<(), DevCertError> {
+fn now() -> Result<time::OffsetDateTime, DevCertError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let now = time::OffsetDateTime::from_unix_timestamp(i64::try_from(now).unwrap_or(i64::MAX))
-        .map_err(|_| DevCertError::Clock)?;
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(now).unwrap_or(i64::MAX))
+        .map_err(|_| DevCertError::Clock)
+}
+
+/// From an hour ago (clock skew) to `days` from now.
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), DevCertError> {
+    let now = now()?;
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(i64::from(days));
     Ok(())
@@ -94,10 +99,9 @@ fn dn(cn: &str) -> DistinguishedName {
     dn
 }
 
-/// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
-fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertError> {
+/// The parameters every development CA is made with (its validity aside).
+fn ca_params(cn: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
-    validity(&mut params, days)?;
     params.distinguished_name = dn(cn);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -105,6 +109,85 @@ fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertErr
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    params
+}
+
+/// Common name of the development fleet CA.
+const FLEET_CA_CN: &str = "Fleet CA (development)";
+
+/// Writes `fleet-ca.crl.pem` into `dir`, signed by the fleet CA there, revoking the
+/// certificates of `vehicles` (none: an empty list, so an ingest can load it from the start).
+pub fn revoke(dir: &Path, vehicles: &[String]) -> Result<PathBuf, DevCertError> {
+    let io = |path: PathBuf| move |source| DevCertError::Io { path, source };
+    let key_path = dir.join("fleet-ca.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(io(key_path.clone()))?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    let params = ca_params(FLEET_CA_CN);
+    let issuer = Issuer::from_params(&params, &key);
+    let mut revoked = Vec::new();
+    for v in vehicles {
+        let path = dir.join(format!("{v}.pem"));
+        let pem = fs::read(&path).map_err(io(path.clone()))?;
+        let serial = x509_parser::pem::parse_x509_pem(&pem)
+            .ok()
+            .and_then(|(_, p)| {
+                p.parse_x509()
+                    .ok()
+                    .map(|c| c.tbs_certificate.raw_serial().to_vec())
+            })
+            .ok_or_else(|| DevCertError::BadName(v.clone()))?;
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: now()?,
+            reason_code: Some(RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let now = now()?;
+    let crl = CertificateRevocationListParams {
+        this_update: now - time::Duration::hours(1),
+        next_update: now + time::Duration::days(30),
+        crl_number: SerialNumber::from(u64::try_from(now.unix_timestamp()).unwrap_or(0)),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    let out = dir.join("fleet-ca.crl.pem");
+    write(out.clone(), &crl.pem()?)?;
+    Ok(out)
+}
+
+/// Common name of the development hospital CA.
+const HOSPITAL_CA_CN: &str = "Hospital CA (development)";
+
+/// Issues a new ingest certificate and key (`ingest.pem/.key`) from the hospital CA in `dir`,
+/// as a certificate rotation does; the ingest serves it after SIGHUP.
+pub fn reissue_ingest(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
+    let key_path = dir.join("hospital-ca.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(|source| DevCertError::Io {
+        path: key_path.clone(),
+        source,
+    })?;
+    let ca = Ca {
+        params: ca_params(HOSPITAL_CA_CN),
+        key: KeyPair::from_pem(&key_pem)?,
+    };
+    make_leaf(
+        dir,
+        "ingest",
+        "hospital-ingest",
+        pki.ingest_names.clone(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &ca,
+        pki.valid_days.max(1),
+    )
+}
+
+/// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
+fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertError> {
+    let mut params = ca_params(cn);
+    validity(&mut params, days)?;
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     write(dir.join(format!("{name}.pem")), &cert.pem())?;
@@ -150,8 +233,8 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     })?;
     let days = pki.valid_days.max(1);
     let ca_days = days.saturating_mul(2);
-    let fleet = make_ca(dir, "fleet-ca", "Fleet CA (development)", ca_days)?;
-    let hospital = make_ca(dir, "hospital-ca", "Hospital CA (development)", ca_days)?;
+    let fleet = make_ca(dir, "fleet-ca", FLEET_CA_CN, ca_days)?;
+    let hospital = make_ca(dir, "hospital-ca", HOSPITAL_CA_CN, ca_days)?;
     make_leaf(
         dir,
         "ingest",
@@ -183,6 +266,8 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             days,
         )?;
     }
+    // An empty revocation list, so an ingest can be pointed at it from the start.
+    revoke(dir, &[])?;
     Ok(())
 }
 

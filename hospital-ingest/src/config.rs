@@ -198,6 +198,11 @@ pub struct Tls {
     /// CA whose client certificates may use the gRPC API.
     #[arg(long)]
     pub subscriber_ca: PathBuf,
+    /// Revocation list(s) of the fleet CA (PEM): revoked vehicles fail the handshake, and on
+    /// SIGHUP their live connections are closed. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub fleet_crl: Option<PathBuf>,
 }
 
 impl Tls {
@@ -208,6 +213,7 @@ impl Tls {
             key: dir.join("ingest.key"),
             fleet_ca: dir.join("fleet-ca.pem"),
             subscriber_ca: dir.join("hospital-ca.pem"),
+            fleet_crl: Some(dir.join("fleet-ca.crl.pem")),
         }
     }
 }
@@ -277,6 +283,7 @@ impl Default for Tls {
             key: "certs/ingest.key".into(),
             fleet_ca: "certs/fleet-ca.pem".into(),
             subscriber_ca: "certs/hospital-ca.pem".into(),
+            fleet_crl: None,
         }
     }
 }

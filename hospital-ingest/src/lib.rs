@@ -41,7 +41,18 @@ pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let cfg: IngestConfig =
         relay_ops::config::load_or_exit(args).context("loading configuration")?;
     let ingest = Ingest::start(cfg).await?;
-    relay_ops::shutdown_signal().await;
+    let stop = relay_ops::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = relay_ops::reload_signal() => {
+                if let Err(e) = ingest.reload() {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; the previous TLS configuration stays");
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
     ingest.shutdown().await
 }
@@ -59,6 +70,10 @@ pub struct Ingest {
     quic: JoinHandle<()>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: std::thread::JoinHandle<()>,
+    /// For reloads: the QUIC endpoint, the configuration it was built from, live sessions.
+    endpoint: quinn::Endpoint,
+    cfg: IngestConfig,
+    online: Arc<quic::Online>,
 }
 
 impl Ingest {
@@ -121,7 +136,7 @@ impl Ingest {
             writer: writer_tx,
             online: online.clone(),
         };
-        let quic = tokio::spawn(quic::serve(endpoint, ctx, stop.clone()));
+        let quic = tokio::spawn(quic::serve(endpoint.clone(), ctx, stop.clone()));
 
         let listener = tokio::net::TcpListener::bind(cfg.grpc.listen)
             .await
@@ -134,7 +149,7 @@ impl Ingest {
         let svc = grpc::TelemetryService::new(
             store,
             bus,
-            online,
+            online.clone(),
             settings,
             cfg.grpc.max_subscribers,
             stop.clone(),
@@ -178,7 +193,34 @@ impl Ingest {
             quic,
             grpc,
             writer,
+            endpoint,
+            cfg,
+            online,
         })
+    }
+
+    /// Reads the QUIC certificate, key, fleet CA and fleet CRL again (SIGHUP): new handshakes
+    /// use them at once, and live sessions of vehicles the list now revokes are closed.
+    /// Returns how many were closed. The gRPC listener keeps the TLS it started with.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let server_config =
+            tls::quic_server_config(&self.cfg).context("rebuilding QUIC TLS configuration")?;
+        self.endpoint.set_server_config(Some(server_config));
+        let revoked = match &self.cfg.tls.fleet_crl {
+            Some(path) => tls::revoked_serials(path).context("reading the fleet CRL")?,
+            None => Vec::new(),
+        };
+        let closed = self.online.close_revoked(&revoked);
+        if closed > 0 {
+            ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
+                .increment(closed as u64);
+        }
+        tracing::info!(
+            revoked = revoked.len(),
+            closed,
+            "TLS configuration reloaded"
+        );
+        Ok(closed)
     }
 
     /// Stops accepting, closes connections, lets the writer finish its last batch.

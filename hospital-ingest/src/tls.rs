@@ -63,6 +63,44 @@ impl IdentityError {
     }
 }
 
+/// The certificate revocation lists in a PEM file.
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })
+}
+
+/// Serial numbers (raw, as in the certificate) that the lists in a PEM file revoke.
+pub fn revoked_serials(path: &Path) -> Result<Vec<Vec<u8>>, TlsError> {
+    let mut out = Vec::new();
+    for crl in load_crls(path)? {
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| TlsError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        out.extend(
+            parsed
+                .iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec()),
+        );
+    }
+    Ok(out)
+}
+
+/// Serial number (raw) of the certificate of a QUIC connection's peer.
+pub fn connection_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    Some(parsed.tbs_certificate.raw_serial().to_vec())
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -74,9 +112,16 @@ pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, Tls
     for ca in load_certs(&tls_files.fleet_ca)? {
         roots.add(ca)?;
     }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()?;
+    let crls = match &tls_files.fleet_crl {
+        Some(path) => load_crls(path)?,
+        None => Vec::new(),
+    };
+    let mut verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

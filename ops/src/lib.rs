@@ -114,6 +114,19 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Resolves on SIGHUP (`systemctl reload`); never elsewhere.
+pub async fn reload_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            hup.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// Resolves on ctrl-c or SIGTERM (systemd's stop signal).
 pub async fn shutdown_signal() {
     #[cfg(unix)]

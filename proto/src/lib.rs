@@ -73,6 +73,8 @@ pub enum CloseCode {
     SessionMismatch = 8,
     /// The vehicle is over a quota (connections at once, new sessions per hour).
     QuotaExceeded = 9,
+    /// The peer's certificate was revoked.
+    Revoked = 10,
 }
 
 impl CloseCode {
@@ -94,6 +96,7 @@ impl CloseCode {
             7 => Self::Overloaded,
             8 => Self::SessionMismatch,
             9 => Self::QuotaExceeded,
+            10 => Self::Revoked,
             _ => return None,
         })
     }
@@ -111,6 +114,7 @@ impl CloseCode {
             Self::Overloaded => "overloaded",
             Self::SessionMismatch => "session_mismatch",
             Self::QuotaExceeded => "quota_exceeded",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -143,7 +147,7 @@ mod tests {
 
     #[test]
     fn close_codes_round_trip() {
-        for code in 0..10u64 {
+        for code in 0..11u64 {
             let c = CloseCode::from_u64(code).unwrap();
             assert_eq!(c.as_u32() as u64, code);
         }

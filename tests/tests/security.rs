@@ -479,3 +479,50 @@ async fn a_vehicle_over_its_connection_or_session_quota_is_refused() {
     assert!(counted.is_some_and(|n| n >= 2.0), "{body}");
     ingest.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_vehicle_is_cut_off_on_reload_and_a_rotated_certificate_needs_no_restart() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let connect = |v: &'static str| raw_connect(pki.path(), pki.path(), v, ingest.quic_addr);
+    let amb1 = connect("amb-1").await.unwrap();
+    hello(&amb1, "amb-1").await.unwrap();
+    let amb2 = connect("amb-2").await.unwrap();
+    hello(&amb2, "amb-2").await.unwrap();
+
+    // amb-1's router was stolen: revoke it, rotate the ingest's certificate, reload.
+    relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
+    relay_devcerts::reissue_ingest(pki.path(), &relay_devcerts::DevPki::default()).unwrap();
+    assert_eq!(ingest.reload().unwrap(), 1, "one live session revoked");
+    let err = tokio::time::timeout(Duration::from_secs(5), amb1.closed())
+        .await
+        .expect("amb-1 is cut off within 5 s");
+    assert_eq!(close_code(&err), Some(CloseCode::Revoked), "{err}");
+    // New handshakes of amb-1 fail.
+    match connect("amb-1").await {
+        Err(_) => {}
+        Ok(conn) => assert!(hello(&conn, "amb-1").await.is_err(), "amb-1 got a session"),
+    }
+    // amb-2 is untouched, and new connections see the rotated certificate.
+    assert!(amb2.close_reason().is_none());
+    let fresh = connect("amb-2").await.unwrap();
+    hello(&fresh, "amb-2").await.unwrap();
+    let served = fresh
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    let rotated = relay_ops::pem::load_certs(&pki.path().join("ingest.pem")).unwrap();
+    assert_eq!(served[0], rotated[0], "the new certificate is served");
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let revoked = labelled_metric(
+        &body,
+        "relay_ingest_security_events_total",
+        "reason=\"revoked\"",
+    );
+    assert!(revoked.is_some_and(|n| n >= 1.0), "{body}");
+    ingest.shutdown().await.unwrap();
+}

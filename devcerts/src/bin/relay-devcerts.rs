@@ -21,6 +21,10 @@ struct Args {
     /// Names and addresses of the ingest certificate; repeat for several.
     #[arg(long = "ingest-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
     ingest_names: Vec<String>,
+    /// Only rewrite fleet-ca.crl.pem in --out, revoking these vehicles' certificates (repeat
+    /// for several); the ingest applies it on SIGHUP.
+    #[arg(long = "revoke", value_name = "VEHICLE")]
+    revoke: Vec<String>,
     /// Days the leaf certificates are valid (the CAs twice as long).
     #[arg(long, default_value_t = 365)]
     valid_days: u32,
@@ -28,6 +32,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if !a.revoke.is_empty() {
+        let crl = relay_devcerts::revoke(&a.out, &a.revoke)
+            .with_context(|| format!("revoking in {}", a.out.display()))?;
+        println!("{} revoked in {}", a.revoke.join(", "), crl.display());
+        return Ok(());
+    }
     let pki = DevPki {
         vehicles: a.vehicles,
         subscribers: a.subscribers,

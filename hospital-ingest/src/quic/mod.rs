@@ -151,6 +151,10 @@ async fn handle_incoming(
         Ok(Err(e)) => {
             // Includes certificates from a foreign CA: a security event, not just noise.
             metrics::counter!("relay_ingest_handshake_failures_total").increment(1);
+            if e.to_string().to_ascii_lowercase().contains("revoked") {
+                metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
+                    .increment(1);
+            }
             tracing::warn!(%remote, error = %e, "QUIC/TLS handshake failed");
             return;
         }

@@ -4,6 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+/// A live session and the serial number of its certificate.
+type LiveSession = (quinn::Connection, Option<Vec<u8>>);
+
 /// Which vehicles have a bearer connected now (vehicle -> connection count), and when the
 /// connected vehicles' certificates expire.
 #[derive(Debug, Default)]
@@ -11,6 +14,9 @@ pub struct Online {
     inner: Mutex<HashMap<String, usize>>,
     /// notAfter (Unix seconds) -> connections whose certificate expires then.
     expiries: Mutex<BTreeMap<i64, usize>>,
+    /// Live sessions with their certificate's serial, to close revoked ones.
+    live: Mutex<HashMap<u64, LiveSession>>,
+    next_live: std::sync::atomic::AtomicU64,
 }
 
 impl Online {
@@ -66,6 +72,22 @@ impl Online {
         metrics::gauge!("relay_ingest_vehicles_online").set(m.len() as f64);
     }
 
+    /// Closes every live session whose certificate serial is in `revoked`; returns how many.
+    pub fn close_revoked(&self, revoked: &[Vec<u8>]) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for (conn, serial) in live.values() {
+            if serial.as_ref().is_some_and(|s| revoked.contains(s)) {
+                conn.close(
+                    quinn::VarInt::from_u32(relay_proto::CloseCode::Revoked.as_u32()),
+                    b"certificate revoked",
+                );
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Whether any bearer of vehicle `v` is connected.
     pub fn is_online(&self, v: &str) -> bool {
         self.lock().contains_key(v)
@@ -77,31 +99,47 @@ pub(crate) struct OnlineGuard<'a> {
     online: &'a Online,
     vehicle: &'a str,
     not_after: Option<i64>,
+    live_id: u64,
 }
 
 impl<'a> OnlineGuard<'a> {
-    /// Counts the connection (whose certificate expires at `not_after`), unless the vehicle
-    /// already holds `max` (`None` then).
+    /// Counts the connection, unless the vehicle already holds `max` (`None` then), and
+    /// keeps its certificate's expiry and serial (for revocation) while it lives.
     pub(crate) fn try_new(
         online: &'a Online,
         vehicle: &'a str,
         max: usize,
-        not_after: Option<i64>,
+        conn: &quinn::Connection,
     ) -> Option<Self> {
         if !online.try_up(vehicle, max) {
             return None;
         }
+        let not_after = crate::tls::connection_not_after(conn);
         online.track_expiry(not_after, true);
+        let live_id = online
+            .next_live
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        online
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(live_id, (conn.clone(), crate::tls::connection_serial(conn)));
         Some(Self {
             online,
             vehicle,
             not_after,
+            live_id,
         })
     }
 }
 
 impl Drop for OnlineGuard<'_> {
     fn drop(&mut self) {
+        self.online
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.live_id);
         self.online.track_expiry(self.not_after, false);
         self.online.down(self.vehicle);
     }

@@ -77,8 +77,7 @@ pub(super) async fn serve_vehicle(
     };
     // Counted from here: a vehicle holds at most its bearers plus slack at once.
     let max = ctx.cfg.max_connections_per_vehicle;
-    let expiry = crate::tls::connection_not_after(conn);
-    let Some(_online) = OnlineGuard::try_new(&ctx.online, &vehicle, max, expiry) else {
+    let Some(_online) = OnlineGuard::try_new(&ctx.online, &vehicle, max, conn) else {
         return Err(refuse(
             CloseCode::QuotaExceeded,
             format!("more than {max} connections of this vehicle"),
