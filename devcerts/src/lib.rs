@@ -184,6 +184,29 @@ pub fn reissue_ingest(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     )
 }
 
+/// Issues a new certificate and key for `vehicle` from the fleet CA in `dir` (a renewal: same
+/// vehicle id, new key and serial).
+pub fn reissue_vehicle(dir: &Path, vehicle: &str, days: u32) -> Result<(), DevCertError> {
+    let key_path = dir.join("fleet-ca.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(|source| DevCertError::Io {
+        path: key_path.clone(),
+        source,
+    })?;
+    let ca = Ca {
+        params: ca_params(FLEET_CA_CN),
+        key: KeyPair::from_pem(&key_pem)?,
+    };
+    make_leaf(
+        dir,
+        vehicle,
+        vehicle,
+        vec![],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &ca,
+        days.max(1),
+    )
+}
+
 /// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
 fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertError> {
     let mut params = ca_params(cn);

@@ -526,3 +526,48 @@ async fn a_revoked_vehicle_is_cut_off_on_reload_and_a_rotated_certificate_needs_
     assert!(revoked.is_some_and(|n| n >= 1.0), "{body}");
     ingest.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_anything() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The old certificate is revoked and a renewed one installed on the vehicle; the ingest
+    // then reloads and cuts the session that still uses the old one.
+    relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
+    relay_devcerts::reissue_vehicle(pki.path(), "amb-1", 365).unwrap();
+    assert_eq!(ingest.reload().unwrap(), 1);
+    // The agent dials again with the renewed certificate and catches up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+        if metric_value(&body, "relay_agent_connects_total") >= 2.0
+            && metric_value(&body, "relay_ingest_vehicles_online") >= 1.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new session:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let summary = agent.shutdown().await.unwrap();
+    assert_eq!(
+        summary.unacked_at_exit, 0,
+        "nothing lost across the renewal"
+    );
+    ingest.shutdown().await.unwrap();
+}

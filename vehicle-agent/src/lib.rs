@@ -94,8 +94,10 @@ impl Agent {
         crate::metrics::describe();
         relay_ops::install_crypto_provider();
         let keep_alive = cfg.scheduling.probe_interval;
-        let client = tls::client_config(&cfg.tls, &cfg.ingest, keep_alive)
-            .context("building TLS client configuration")?;
+        let client = std::sync::Arc::new(
+            tls::ReloadingClientConfig::new(&cfg.tls, &cfg.ingest, keep_alive)
+                .context("building TLS client configuration")?,
+        );
         let mut prepared = Vec::new();
         for (i, s) in cfg.sources.iter().enumerate() {
             let id = u32::try_from(i).context("too many sources")?;

@@ -162,6 +162,10 @@ pub fn describe() {
         "relay_agent_connect_failures_total",
         "Failed connection attempts, by reason"
     );
+    describe_counter!(
+        "relay_agent_tls_reload_errors_total",
+        "Changed certificate files that did not load (the previous ones stay in use)"
+    );
     describe_gauge!(
         "relay_agent_certificate_expiry_timestamp_seconds",
         Unit::Seconds,

@@ -1,7 +1,8 @@
 //! QUIC client configuration: TLS 1.3 only, the ingest's CA pinned, our vehicle certificate.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use relay_ops::pem::{load_certs, load_key};
 
@@ -49,4 +50,65 @@ pub fn client_config(
     ));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
+}
+
+/// When and how large a file was last seen: a change means a new certificate or key.
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    [&files.cert, &files.key, &files.ca_cert]
+        .iter()
+        .map(|p: &&std::path::PathBuf| {
+            let m = std::fs::metadata(Path::new(p)).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+/// The client configuration, built again when the certificate, key or CA file changes, so a
+/// renewed certificate is used at the next dial without a restart (and without touching the
+/// spool). A file that does not load keeps the previous configuration (logged and counted).
+#[derive(Debug)]
+pub struct ReloadingClientConfig {
+    files: TlsFiles,
+    endpoint: IngestEndpoint,
+    keep_alive: Duration,
+    current: Mutex<(Stamp, quinn::ClientConfig)>,
+}
+
+impl ReloadingClientConfig {
+    /// Builds the first configuration; an error here is a configuration error.
+    pub fn new(
+        files: &TlsFiles,
+        endpoint: &IngestEndpoint,
+        keep_alive: Duration,
+    ) -> Result<Self, TlsError> {
+        let config = client_config(files, endpoint, keep_alive)?;
+        Ok(Self {
+            files: files.clone(),
+            endpoint: endpoint.clone(),
+            keep_alive,
+            current: Mutex::new((stamp(files), config)),
+        })
+    }
+
+    /// The configuration for the next dial.
+    pub fn current(&self) -> quinn::ClientConfig {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamp(&self.files);
+        if now != current.0 {
+            match client_config(&self.files, &self.endpoint, self.keep_alive) {
+                Ok(config) => {
+                    tracing::info!(cert = %self.files.cert.display(), "certificate files changed; dialling with the new ones");
+                    *current = (now, config);
+                }
+                Err(e) => {
+                    // A half-written renewal: try again at the next dial.
+                    metrics::counter!("relay_agent_tls_reload_errors_total").increment(1);
+                    tracing::warn!(error = %e, "certificate files changed but do not load; keeping the previous ones");
+                }
+            }
+        }
+        current.1.clone()
+    }
 }

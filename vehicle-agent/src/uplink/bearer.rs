@@ -51,7 +51,7 @@ pub(super) struct BearerTask {
     pub(super) index: usize,
     pub(super) bearer: BearerConfig,
     pub(super) cfg: Arc<AgentConfig>,
-    pub(super) client: quinn::ClientConfig,
+    pub(super) client: Arc<crate::tls::ReloadingClientConfig>,
     pub(super) hello: Hello,
     pub(super) shared: Arc<Shared>,
 }
@@ -175,7 +175,7 @@ impl BearerTask {
                 };
                 dials.spawn(dial(
                     ep,
-                    self.client.clone(),
+                    self.client.current(),
                     remote,
                     cfg.ingest.server_name.clone(),
                     self.hello.clone(),

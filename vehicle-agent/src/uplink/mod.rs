@@ -169,8 +169,9 @@ impl Shared {
 pub struct Uplink {
     /// The agent's configuration.
     pub cfg: AgentConfig,
-    /// QUIC and TLS client configuration shared by every bearer.
-    pub client: quinn::ClientConfig,
+    /// QUIC and TLS client configuration shared by every bearer (read again when its files
+    /// change).
+    pub client: Arc<crate::tls::ReloadingClientConfig>,
     /// The Hello every bearer sends.
     pub hello: Hello,
     /// Frames from the sources.
