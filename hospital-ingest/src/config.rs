@@ -142,6 +142,16 @@ pub struct Quic {
     /// its streams change; a restart resumes the old one).
     #[arg(long = "quic-max-new-sessions-per-hour")]
     pub max_new_sessions_per_hour: usize,
+    /// Bytes of frames being read or waiting for the store writer, all connections together;
+    /// a frame reserves `max_frame_bytes` before it is read, so memory is bounded by
+    /// construction (the rest waits in QUIC flow control, `connection_receive_window_bytes`
+    /// per connection).
+    #[arg(long = "quic-max-reading-bytes")]
+    pub max_reading_bytes: usize,
+    /// The same bound for one vehicle, all its bearers together, so one vehicle cannot take
+    /// it all.
+    #[arg(long = "quic-max-reading-bytes-per-vehicle")]
+    pub max_reading_bytes_per_vehicle: usize,
     /// A frame's stream must be complete within this after it opened; a stalled one is
     /// stopped (the agent sends the frame again) and counted.
     #[serde(with = "humantime_serde")]
@@ -252,6 +262,8 @@ impl Default for Quic {
             hello_timeout: Duration::from_secs(10),
             max_pending_acks: 65_536,
             frame_read_timeout: Duration::from_secs(30),
+            max_reading_bytes: 256 * 1024 * 1024,
+            max_reading_bytes_per_vehicle: 32 * 1024 * 1024,
             max_connections_per_vehicle: 16,
             max_pending_handshakes: 4096,
             max_pending_handshakes_per_source: 1024,
@@ -359,6 +371,24 @@ impl ServiceConfig for IngestConfig {
             ("store.retention", self.store.retention),
             ("store.retention_interval", self.store.retention_interval),
         ])?;
+        if q.max_reading_bytes_per_vehicle < q.max_frame_bytes
+            || q.max_reading_bytes_per_vehicle > u32::MAX as usize
+        {
+            return invalid(
+                "quic.max_reading_bytes_per_vehicle",
+                &q.max_reading_bytes_per_vehicle,
+                "must hold at least one frame (quic.max_frame_bytes), at most 4 GiB",
+            );
+        }
+        if q.max_reading_bytes < q.max_reading_bytes_per_vehicle
+            || q.max_reading_bytes > u32::MAX as usize
+        {
+            return invalid(
+                "quic.max_reading_bytes",
+                &q.max_reading_bytes,
+                "must be at least quic.max_reading_bytes_per_vehicle, at most 4 GiB",
+            );
+        }
         if (q.connection_receive_window_bytes as usize) < q.max_frame_bytes {
             return invalid(
                 "quic.connection_receive_window_bytes",
@@ -457,6 +487,15 @@ mod tests {
         cfg.quic.max_frame_bytes = 10;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("quic.max_frame_bytes = 10"), "{err}");
+        // A read budget must hold at least one frame, and the ingest's at least a vehicle's.
+        let mut cfg = IngestConfig::default();
+        cfg.quic.max_reading_bytes_per_vehicle = cfg.quic.max_frame_bytes - 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("quic.max_reading_bytes_per_vehicle"), "{err}");
+        let mut cfg = IngestConfig::default();
+        cfg.quic.max_reading_bytes = cfg.quic.max_reading_bytes_per_vehicle - 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("quic.max_reading_bytes ="), "{err}");
     }
 
     #[test]

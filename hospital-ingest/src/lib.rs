@@ -132,6 +132,7 @@ impl Ingest {
         let quic_addr = endpoint.local_addr()?;
         let online = Arc::new(quic::Online::default());
         let ctx = quic::QuicContext {
+            reading: Arc::new(tokio::sync::Semaphore::new(cfg.quic.max_reading_bytes)),
             cfg: cfg.quic.clone(),
             writer: writer_tx,
             online: online.clone(),

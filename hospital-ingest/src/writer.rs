@@ -10,7 +10,7 @@ use relay_proto::model::{
     DataRecord, Frame, GapClosed, GapRecord, StreamDescriptor, StreamInfo, StreamKind, StreamRef,
     SubscribeResponse, frame::Payload, subscribe_response::Record,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::reassembly::{Arrival, Limits, Output, Reassembler, StreamKey};
@@ -99,6 +99,8 @@ pub enum WriterCmd {
         received_ns: i64,
         /// Where to report it durable.
         ack: AckSender,
+        /// The read budget its bytes took; given back once the writer has the frame.
+        budget: Vec<OwnedSemaphorePermit>,
     },
 }
 
@@ -362,7 +364,10 @@ impl Writer {
                     frame,
                     received_ns,
                     ack,
+                    budget,
                 } => {
+                    // The frame is the writer's now: its read budget goes back.
+                    drop(budget);
                     touched.insert(vehicle.clone());
                     let key = StreamKey {
                         vehicle,

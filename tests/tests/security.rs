@@ -571,3 +571,95 @@ async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_a
     );
     ingest.shutdown().await.unwrap();
 }
+
+/// Resident memory of a process, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_never_finish_cannot_exhaust_memory() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    // The ingest as a process of its own, so its memory is measured alone.
+    let (quic, grpc) = free_ports();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
+    cfg.metrics.listen = None;
+    cfg.quic.frame_read_timeout = Duration::from_secs(30);
+    let config = work.path().join("ingest.toml");
+    std::fs::write(&config, cfg.to_toml().unwrap()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--allow-dev-pki")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let ingest: SocketAddr = format!("127.0.0.1:{quic}").parse().unwrap();
+    let honest = Agent::start(agent_config(pki.path(), "amb-2", ingest, vitals_and_gps()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_bytes(pid);
+    // amb-1 opens four connections, each with 512 streams of 255 KiB and no FIN.
+    let chunk = bytes::Bytes::from(vec![0x55u8; 255 * 1024]);
+    let mut attack = tokio::task::JoinSet::new();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let conn = raw_connect(pki.path(), pki.path(), "amb-1", ingest)
+            .await
+            .unwrap();
+        hello(&conn, "amb-1").await.unwrap();
+        for _ in 0..512 {
+            let (conn, chunk) = (conn.clone(), chunk.clone());
+            attack.spawn(async move {
+                let mut stream = conn.open_uni().await.ok()?;
+                // Kept open by returning it: dropping a send stream would finish the frame.
+                match tokio::time::timeout(Duration::from_secs(10), stream.write_chunk(chunk)).await
+                {
+                    Ok(Ok(())) => Some((true, stream)),
+                    Ok(Err(_)) => None,
+                    Err(_) => Some((false, stream)),
+                }
+            });
+        }
+        conns.push(conn);
+    }
+    let (mut written, mut open) = (0, Vec::new());
+    while let Some(joined) = attack.join_next().await {
+        if let Ok(Some((done, stream))) = joined {
+            written += usize::from(done);
+            open.push(stream);
+        }
+    }
+    // Whatever the ingest accepted has arrived by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_bytes(pid).saturating_sub(before);
+    println!(
+        "attack: {written} of {} open streams took 255 KiB; ingest grew {} MiB",
+        open.len(),
+        grown >> 20
+    );
+    // The attack held: every stream open on a live connection (none was refused or closed).
+    assert_eq!(open.len(), 4 * 512, "{written} written");
+    assert!(conns.iter().all(|c| c.close_reason().is_none()));
+    // The vehicle's read budget (32 MiB) plus four receive windows (4 MiB each): 48 MiB and
+    // the allocator's slack. Without the budget this attack grew the ingest by 549 MiB.
+    assert!(grown < 128 << 20, "grew {} MiB", grown >> 20);
+    drop(open);
+    drop(conns);
+    let summary = honest.shutdown().await.unwrap();
+    assert_eq!(summary.unacked_at_exit, 0, "the other vehicle lost nothing");
+    child.kill().await.unwrap();
+}

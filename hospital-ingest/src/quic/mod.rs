@@ -29,6 +29,8 @@ pub use validate::{MAX_SEQ, validate_frame, validate_hello};
 /// What every connection task shares.
 #[derive(Debug, Clone)]
 pub struct QuicContext {
+    /// Read budget of all connections together (bytes, see `quic.max_reading_bytes`).
+    pub reading: Arc<Semaphore>,
     /// The QUIC section of the configuration.
     pub cfg: Quic,
     /// The store writer.

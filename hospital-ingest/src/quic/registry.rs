@@ -2,16 +2,21 @@
 //! bearer connection ends (it may have several at once).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 /// A live session and the serial number of its certificate.
 type LiveSession = (quinn::Connection, Option<Vec<u8>>);
 
-/// Which vehicles have a bearer connected now (vehicle -> connection count), and when the
-/// connected vehicles' certificates expire.
+/// A connected vehicle: its connection count and the read budget its bearers share.
+type Vehicle = (usize, Arc<Semaphore>);
+
+/// Which vehicles have a bearer connected now (vehicle -> connection count and read budget),
+/// and when the connected vehicles' certificates expire.
 #[derive(Debug, Default)]
 pub struct Online {
-    inner: Mutex<HashMap<String, usize>>,
+    inner: Mutex<HashMap<String, Vehicle>>,
     /// notAfter (Unix seconds) -> connections whose certificate expires then.
     expiries: Mutex<BTreeMap<i64, usize>>,
     /// Live sessions with their certificate's serial, to close revoked ones.
@@ -20,7 +25,7 @@ pub struct Online {
 }
 
 impl Online {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vehicle>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -41,29 +46,30 @@ impl Online {
         }
     }
 
-    /// Counts one more connection of `v` unless it already holds `max`.
-    fn try_up(&self, v: &str, max: usize) -> bool {
+    /// Counts one more connection of `v` unless it already holds `max`; returns the read
+    /// budget of the vehicle (`budget_bytes`, made when its first bearer connects).
+    fn try_up(&self, v: &str, max: usize, budget_bytes: usize) -> Option<Arc<Semaphore>> {
         let mut m = self.lock();
-        let n = m.entry(v.to_owned()).or_default();
-        if *n >= max {
-            if *n == 0 {
-                m.remove(v);
-            }
-            return false;
+        if m.get(v).is_some_and(|(n, _)| *n >= max) || max == 0 {
+            return None;
         }
+        let (n, budget) = m
+            .entry(v.to_owned())
+            .or_insert_with(|| (0, Arc::new(Semaphore::new(budget_bytes))));
         *n += 1;
+        let budget = budget.clone();
         metrics::gauge!("relay_ingest_vehicles_online").set(m.len() as f64);
-        true
+        Some(budget)
     }
 
     /// Connections of vehicle `v` now.
     pub fn connections(&self, v: &str) -> usize {
-        self.lock().get(v).copied().unwrap_or(0)
+        self.lock().get(v).map_or(0, |(n, _)| *n)
     }
 
     fn down(&self, v: &str) {
         let mut m = self.lock();
-        if let Some(n) = m.get_mut(v) {
+        if let Some((n, _)) = m.get_mut(v) {
             *n -= 1;
             if *n == 0 {
                 m.remove(v);
@@ -100,6 +106,8 @@ pub(crate) struct OnlineGuard<'a> {
     vehicle: &'a str,
     not_after: Option<i64>,
     live_id: u64,
+    /// Bytes of frames this vehicle may have in reading at once, all its bearers together.
+    pub(crate) budget: Arc<Semaphore>,
 }
 
 impl<'a> OnlineGuard<'a> {
@@ -109,11 +117,10 @@ impl<'a> OnlineGuard<'a> {
         online: &'a Online,
         vehicle: &'a str,
         max: usize,
+        budget_bytes: usize,
         conn: &quinn::Connection,
     ) -> Option<Self> {
-        if !online.try_up(vehicle, max) {
-            return None;
-        }
+        let budget = online.try_up(vehicle, max, budget_bytes)?;
         let not_after = crate::tls::connection_not_after(conn);
         online.track_expiry(not_after, true);
         let live_id = online
@@ -129,6 +136,7 @@ impl<'a> OnlineGuard<'a> {
             vehicle,
             not_after,
             live_id,
+            budget,
         })
     }
 }
@@ -142,5 +150,43 @@ impl Drop for OnlineGuard<'_> {
             .remove(&self.live_id);
         self.online.track_expiry(self.not_after, false);
         self.online.down(self.vehicle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearers_of_one_vehicle_share_one_read_budget_and_the_cap_holds() {
+        let online = Online::default();
+        let a1 = online.try_up("amb-1", 2, 1000).unwrap();
+        let a2 = online.try_up("amb-1", 2, 1000).unwrap();
+        assert!(
+            Arc::ptr_eq(&a1, &a2),
+            "one budget for all bearers of a vehicle"
+        );
+        assert!(
+            online.try_up("amb-1", 2, 1000).is_none(),
+            "third bearer over the cap"
+        );
+        let b = online.try_up("amb-2", 2, 1000).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a1, &b),
+            "another vehicle has a budget of its own"
+        );
+        let _held = a1.clone().try_acquire_many_owned(1000).unwrap();
+        assert_eq!(a2.available_permits(), 0);
+        assert_eq!(b.available_permits(), 1000);
+        online.down("amb-1");
+        online.down("amb-1");
+        assert_eq!(online.connections("amb-1"), 0);
+        assert!(!online.is_online("amb-1"));
+        let again = online.try_up("amb-1", 2, 1000).unwrap();
+        assert_eq!(
+            again.available_permits(),
+            1000,
+            "a fresh budget after reconnecting"
+        );
     }
 }

@@ -77,7 +77,8 @@ pub(super) async fn serve_vehicle(
     };
     // Counted from here: a vehicle holds at most its bearers plus slack at once.
     let max = ctx.cfg.max_connections_per_vehicle;
-    let Some(_online) = OnlineGuard::try_new(&ctx.online, &vehicle, max, conn) else {
+    let budget = ctx.cfg.max_reading_bytes_per_vehicle;
+    let Some(online) = OnlineGuard::try_new(&ctx.online, &vehicle, max, budget, conn) else {
         return Err(refuse(
             CloseCode::QuotaExceeded,
             format!("more than {max} connections of this vehicle"),
@@ -121,6 +122,8 @@ pub(super) async fn serve_vehicle(
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
     let reader = FrameReader {
+        budget: online.budget.clone(),
+        reading: ctx.reading.clone(),
         max: ctx.cfg.max_frame_bytes,
         deadline: ctx.cfg.frame_read_timeout,
         streams: Arc::new(streams),
@@ -171,6 +174,9 @@ pub(super) async fn serve_vehicle(
 /// What every frame stream of one session is read against.
 #[derive(Clone)]
 struct FrameReader {
+    /// This vehicle's read budget and everyone's (bytes).
+    budget: Arc<Semaphore>,
+    reading: Arc<Semaphore>,
     max: usize,
     deadline: Duration,
     streams: Arc<HashMap<u32, StreamDescriptor>>,
@@ -188,22 +194,30 @@ impl FrameReader {
         ack: mpsc::Sender<(u32, u64)>,
     ) -> Result<(), Refusal> {
         let max = self.max;
-        // A stream that never finishes must not hold its buffers for ever.
-        let bytes = match tokio::time::timeout(self.deadline, recv.read_to_end(max)).await {
+        // A stream that never finishes must not hold its buffers for ever; the budget is
+        // reserved before anything is read (the wait counts against the same deadline).
+        let read = async {
+            let permits = u32::try_from(max).unwrap_or(u32::MAX);
+            let mine = self.budget.clone().acquire_many_owned(permits).await;
+            let all = self.reading.clone().acquire_many_owned(permits).await;
+            let budget: Vec<_> = mine.into_iter().chain(all).collect();
+            (recv.read_to_end(max).await, budget)
+        };
+        let (bytes, budget) = match tokio::time::timeout(self.deadline, read).await {
             Err(_) => {
                 let _ = recv.stop(quinn::VarInt::from_u32(STOP_DEADLINE));
                 metrics::counter!("relay_ingest_streams_stopped_total", "reason" => "deadline")
                     .increment(1);
                 return Ok(());
             }
-            Ok(Ok(b)) => b,
-            Ok(Err(quinn::ReadToEndError::TooLong)) => {
+            Ok((Ok(b), budget)) => (b, budget),
+            Ok((Err(quinn::ReadToEndError::TooLong), _)) => {
                 return Err(refuse(
                     CloseCode::FrameTooLarge,
                     format!("frame larger than {max} bytes"),
                 ));
             }
-            Ok(Err(_)) => return Ok(()), // stream reset or connection lost: the agent re-sends
+            Ok((Err(_), _)) => return Ok(()), // stream reset or connection lost: the agent re-sends
         };
         metrics::counter!("relay_ingest_frame_bytes_total").increment(bytes.len() as u64);
         let frame = Frame::decode(bytes.as_slice())
@@ -223,6 +237,7 @@ impl FrameReader {
             frame,
             received_ns: crate::now_utc_ns(),
             ack,
+            budget,
         };
         self.writer
             .send(cmd)
