@@ -242,6 +242,10 @@ pub struct StoreConfig {
     /// The log is kept below this many bytes (oldest deleted first).
     #[arg(long = "store-max-bytes")]
     pub max_bytes: u64,
+    /// One vehicle's records are kept below this many bytes (its own oldest deleted first),
+    /// so one vehicle cannot push other patients' data out of the store.
+    #[arg(long = "store-max-bytes-per-vehicle")]
+    pub max_bytes_per_vehicle: u64,
     /// How often retention runs.
     #[serde(with = "humantime_serde")]
     #[arg(long = "store-retention-interval", value_parser = parse_duration)]
@@ -306,6 +310,7 @@ impl Default for StoreConfig {
             path: "ingest-data/relay.redb".into(),
             retention: Duration::from_secs(72 * 3600),
             max_bytes: 10 * 1024 * 1024 * 1024,
+            max_bytes_per_vehicle: 2 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(10),
             writer_queue: 8192,
         }
@@ -408,6 +413,15 @@ impl ServiceConfig for IngestConfig {
                 "store.max_bytes",
                 &self.store.max_bytes,
                 "must be at least 1 MiB",
+            );
+        }
+        if self.store.max_bytes_per_vehicle < 1024 * 1024
+            || self.store.max_bytes_per_vehicle > self.store.max_bytes
+        {
+            return invalid(
+                "store.max_bytes_per_vehicle",
+                &self.store.max_bytes_per_vehicle,
+                "must be at least 1 MiB and at most store.max_bytes",
             );
         }
         Ok(())

@@ -107,6 +107,7 @@ impl Ingest {
         let retention = writer::RetentionPolicy {
             max_age: cfg.store.retention,
             max_bytes: cfg.store.max_bytes,
+            max_bytes_per_vehicle: cfg.store.max_bytes_per_vehicle,
             interval: cfg.store.retention_interval,
         };
         let limits = reassembly::Limits {

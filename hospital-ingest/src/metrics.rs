@@ -98,6 +98,10 @@ pub fn describe() {
         "relay_ingest_retention_deleted_total",
         "Records deleted by retention"
     );
+    describe_counter!(
+        "relay_ingest_vehicle_quota_deleted_total",
+        "Records deleted because their vehicle held more than store.max_bytes_per_vehicle"
+    );
     describe_gauge!(
         "relay_ingest_store_log_bytes",
         Unit::Bytes,

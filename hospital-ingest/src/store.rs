@@ -29,8 +29,13 @@ const STREAM_DECLARED: TableDefinition<(&str, u64, u32), i64> =
     TableDefinition::new("stream_declared");
 /// vehicle -> last time anything was received, UTC ns.
 const VEHICLES: TableDefinition<&str, i64> = TableDefinition::new("vehicles");
-/// counters: "next_cursor", "log_bytes".
+/// counters: "next_cursor", "log_bytes", "vehicle_index" (1 once the two tables below exist
+/// for every record).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (vehicle, cursor) -> encoded length: each vehicle's records, oldest first.
+const VEHICLE_LOG: TableDefinition<(&str, u64), u64> = TableDefinition::new("vehicle_log");
+/// vehicle -> bytes of log it holds.
+const VEHICLE_BYTES: TableDefinition<&str, u64> = TableDefinition::new("vehicle_bytes");
 
 #[derive(Debug, thiserror::Error)]
 /// Why the store could not be read or written.
@@ -131,7 +136,28 @@ impl Store {
             txn.open_table(STREAMS)?;
             txn.open_table(STREAM_DECLARED)?;
             txn.open_table(VEHICLES)?;
-            txn.open_table(META)?;
+            txn.open_table(VEHICLE_LOG)?;
+            txn.open_table(VEHICLE_BYTES)?;
+            let mut meta = txn.open_table(META)?;
+            // A store from before per-vehicle quotas: index what it holds, once.
+            if meta.get("vehicle_index")?.is_none() {
+                let log = txn.open_table(LOG)?;
+                let mut index = txn.open_table(VEHICLE_LOG)?;
+                let mut totals = txn.open_table(VEHICLE_BYTES)?;
+                for item in log.iter()? {
+                    let (k, v) = item?;
+                    let Ok(msg) = SubscribeResponse::decode(v.value()) else {
+                        continue; // corrupt: retention deletes it globally, oldest first
+                    };
+                    if let Some((vehicle, _)) = record_scope(&msg) {
+                        let len = v.value().len() as u64;
+                        index.insert((vehicle, k.value()), len)?;
+                        let before = totals.get(vehicle)?.map_or(0, |b| b.value());
+                        totals.insert(vehicle, before + len)?;
+                    }
+                }
+                meta.insert("vehicle_index", 1)?;
+            }
         }
         txn.commit()?;
         Ok(Self { db: Arc::new(db) })
@@ -278,27 +304,68 @@ impl Store {
         }
     }
 
-    /// Deletes the oldest records while they are older than `min_received_ns` or the log is
-    /// larger than `max_bytes`, then forgets streams that hold no data any more and were last
+    /// Deletes each vehicle's oldest records while it holds more than `max_bytes_per_vehicle`
+    /// (so one vehicle cannot push out other patients' data), then the oldest records while
+    /// they are older than `min_received_ns` or the log is larger than `max_bytes`, at most
+    /// `max_deletes` in all. Then forgets streams that hold no data any more and were last
     /// declared before `min_received_ns` (so descriptors do not pile up over agent sessions).
     /// Descriptors of streams with data left stay, so what remains can be interpreted.
     pub fn enforce_retention(
         &self,
         min_received_ns: i64,
         max_bytes: u64,
+        max_bytes_per_vehicle: u64,
         max_deletes: usize,
     ) -> Result<RetentionOutcome, StoreError> {
         let txn = self.db.begin_write()?;
         let mut out = RetentionOutcome::default();
         {
             let mut meta = txn.open_table(META)?;
-            let mut log = txn.open_table(LOG)?;
-            let mut seen = txn.open_table(SEEN)?;
-            let mut bytes = meta.get("log_bytes")?.map_or(0, |v| v.value());
+            let mut log = Deleter {
+                log: txn.open_table(LOG)?,
+                seen: txn.open_table(SEEN)?,
+                index: txn.open_table(VEHICLE_LOG)?,
+                totals: txn.open_table(VEHICLE_BYTES)?,
+                bytes: meta.get("log_bytes")?.map_or(0, |v| v.value()),
+            };
+            let mut over_quota = Vec::new();
+            for item in log.totals.iter()? {
+                let (k, v) = item?;
+                if v.value() > max_bytes_per_vehicle {
+                    over_quota.push(k.value().to_owned());
+                }
+            }
+            for vehicle in over_quota {
+                let v = vehicle.as_str();
+                let before = out.deleted_over_quota;
+                while out.deleted < max_deletes as u64
+                    && log.totals.get(v)?.map_or(0, |b| b.value()) > max_bytes_per_vehicle
+                {
+                    let oldest = match log.index.range((v, 0)..=(v, u64::MAX))?.next() {
+                        Some(entry) => {
+                            let (k, len) = entry?;
+                            Some((k.value().1, len.value()))
+                        }
+                        None => None,
+                    };
+                    let Some((cursor, len)) = oldest else { break };
+                    if !log.delete(cursor)? {
+                        // Indexed but gone (a corrupt record retention already removed).
+                        log.index.remove((v, cursor))?;
+                        log.subtract(v, len)?;
+                    }
+                    out.deleted += 1;
+                    out.deleted_over_quota += 1;
+                }
+                if out.deleted_over_quota > before {
+                    out.vehicles_over_quota.push(vehicle);
+                }
+            }
             while out.deleted < max_deletes as u64 {
-                let Some((k, v)) = log.first()? else { break };
+                let Some((k, v)) = log.log.first()? else {
+                    break;
+                };
                 let cursor = k.value();
-                let len = v.value().len() as u64;
                 let msg = SubscribeResponse::decode(v.value()).ok();
                 drop((k, v));
                 let received = match msg.as_ref().and_then(|m| m.record.as_ref()) {
@@ -306,20 +373,15 @@ impl Store {
                     _ => i64::MIN,
                 };
                 let too_old = received < min_received_ns;
-                if !too_old && bytes <= max_bytes {
+                if !too_old && log.bytes <= max_bytes {
                     break;
                 }
-                log.remove(cursor)?;
-                if let Some(Record::Data(d)) = msg.as_ref().and_then(|m| m.record.as_ref())
-                    && let (Some(s), Some(f)) = (&d.stream, &d.frame)
-                {
-                    seen.remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
-                }
-                bytes = bytes.saturating_sub(len);
+                log.delete(cursor)?;
                 out.deleted += 1;
             }
-            meta.insert("log_bytes", bytes)?;
-            out.bytes_left = bytes;
+            meta.insert("log_bytes", log.bytes)?;
+            out.bytes_left = log.bytes;
+            let Deleter { seen, .. } = log;
 
             let mut declared = txn.open_table(STREAM_DECLARED)?;
             let mut streams = txn.open_table(STREAMS)?;
@@ -384,6 +446,10 @@ impl Store {
 pub struct RetentionOutcome {
     /// Records deleted.
     pub deleted: u64,
+    /// Of those, records of vehicles over their quota.
+    pub deleted_over_quota: u64,
+    /// Vehicles that were over their quota.
+    pub vehicles_over_quota: Vec<String>,
     /// Bytes of log left.
     pub bytes_left: u64,
     /// Streams that lost all their records.
@@ -401,6 +467,57 @@ pub struct StoredStream {
     pub holes: VecDeque<(u64, u64)>,
     /// Cursor of the highest stored frame.
     pub last_cursor: u64,
+}
+
+/// The tables a deleted record must leave, in one retention transaction.
+struct Deleter<'t> {
+    log: redb::Table<'t, u64, &'static [u8]>,
+    seen: redb::Table<'t, (&'static str, u64, u32, u64), u64>,
+    index: redb::Table<'t, (&'static str, u64), u64>,
+    totals: redb::Table<'t, &'static str, u64>,
+    /// Bytes of log.
+    bytes: u64,
+}
+
+impl Deleter<'_> {
+    /// Deletes the record at `cursor` with its dedup and vehicle index entries; false when
+    /// there was none.
+    fn delete(&mut self, cursor: u64) -> Result<bool, StoreError> {
+        let Some(v) = self.log.remove(cursor)? else {
+            return Ok(false);
+        };
+        let len = v.value().len() as u64;
+        let msg = SubscribeResponse::decode(v.value()).ok();
+        drop(v);
+        self.bytes = self.bytes.saturating_sub(len);
+        let Some(msg) = msg else { return Ok(true) };
+        if let Some(Record::Data(d)) = &msg.record
+            && let (Some(s), Some(f)) = (&d.stream, &d.frame)
+        {
+            self.seen
+                .remove((s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq))?;
+        }
+        if let Some((vehicle, _)) = record_scope(&msg) {
+            self.index.remove((vehicle, cursor))?;
+            self.subtract(vehicle, len)?;
+        }
+        Ok(true)
+    }
+
+    /// Takes `len` bytes off `vehicle`'s total (forgetting it at zero).
+    fn subtract(&mut self, vehicle: &str, len: u64) -> Result<(), StoreError> {
+        let left = self
+            .totals
+            .get(vehicle)?
+            .map_or(0, |b| b.value())
+            .saturating_sub(len);
+        if left == 0 {
+            self.totals.remove(vehicle)?;
+        } else {
+            self.totals.insert(vehicle, left)?;
+        }
+        Ok(())
+    }
 }
 
 /// One write transaction; nothing is visible or durable before `commit`.
@@ -441,7 +558,16 @@ impl WriteBatch {
         message.cursor = cursor;
         let bytes = message.encode_to_vec();
         self.txn.open_table(LOG)?.insert(cursor, bytes.as_slice())?;
-        self.log_bytes += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        self.log_bytes += len;
+        if let Some((owner, _)) = record_scope(&message) {
+            self.txn
+                .open_table(VEHICLE_LOG)?
+                .insert((owner, cursor), len)?;
+            let mut totals = self.txn.open_table(VEHICLE_BYTES)?;
+            let before = totals.get(owner)?.map_or(0, |b| b.value());
+            totals.insert(owner, before + len)?;
+        }
         if let Some(r) = seq {
             self.txn
                 .open_table(SEEN)?
@@ -689,7 +815,7 @@ mod tests {
         }
         b.commit().unwrap();
         let deleted = store
-            .enforce_retention(300, u64::MAX, 1000)
+            .enforce_retention(300, u64::MAX, u64::MAX, 1000)
             .unwrap()
             .deleted;
         assert_eq!(deleted, 3);
@@ -700,10 +826,121 @@ mod tests {
         let mut largest = data(&v, 9, 900);
         largest.cursor = 10;
         let one = largest.encode_to_vec().len() as u64;
-        let r = store.enforce_retention(0, 2 * one, 1000).unwrap();
+        let r = store.enforce_retention(0, 2 * one, u64::MAX, 1000).unwrap();
         assert_eq!(r.deleted, 5);
         assert!(r.bytes_left <= 2 * one);
         assert_eq!(store.read_after(0, u64::MAX, 10).unwrap()[0].0, 9);
+    }
+
+    /// Appends `n` frames of `vehicle` (seqs from `first`) received at `received`.
+    fn fill(store: &Store, vehicle: &str, first: u64, n: u64, received: i64) {
+        let v: Arc<str> = vehicle.into();
+        let mut b = store.begin().unwrap();
+        for seq in first..first + n {
+            let r = SeqRef {
+                vehicle: &v,
+                session: 1,
+                stream_id: 0,
+                seq,
+            };
+            b.append(&v, 2, data(&v, seq, received), Some(r)).unwrap();
+        }
+        b.commit().unwrap();
+    }
+
+    fn seqs_of(store: &Store, vehicle: &str) -> Vec<u64> {
+        store
+            .read_after(0, u64::MAX, 1000)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, m)| match m.record {
+                Some(Record::Data(d)) if d.stream.as_ref()?.vehicle_id == vehicle => {
+                    Some(d.frame?.seq)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_vehicle_over_its_quota_loses_its_own_oldest_records_not_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        let one = {
+            let mut m = data("amb-1", 99, 1);
+            m.cursor = 99;
+            m.encode_to_vec().len() as u64
+        };
+        // amb-2 stored first (oldest), then amb-1 floods.
+        fill(&store, "amb-2", 0, 5, 1);
+        fill(&store, "amb-1", 0, 50, 2);
+        let out = store
+            .enforce_retention(0, u64::MAX, 10 * one, 10_000)
+            .unwrap();
+        assert_eq!(out.vehicles_over_quota, vec!["amb-1".to_owned()]);
+        assert_eq!(out.deleted, out.deleted_over_quota);
+        assert_eq!(seqs_of(&store, "amb-2"), (0..5).collect::<Vec<_>>());
+        let kept = seqs_of(&store, "amb-1");
+        assert!(kept.len() <= 10 && kept.len() >= 9, "{kept:?}");
+        assert_eq!(kept.last(), Some(&49), "the newest are kept");
+        // A deleted frame is forgotten by the dedup index, a kept one is not.
+        let b = store.begin().unwrap();
+        let amb1: Arc<str> = "amb-1".into();
+        let seen = |seq| {
+            b.contains(SeqRef {
+                vehicle: &amb1,
+                session: 1,
+                stream_id: 0,
+                seq,
+            })
+            .unwrap()
+        };
+        assert!(!seen(0) && seen(49));
+        drop(b);
+        // The global bound still deletes oldest first, and keeps the per-vehicle totals right.
+        let r = store
+            .enforce_retention(0, 8 * one, 10 * one, 10_000)
+            .unwrap();
+        assert!(r.bytes_left <= 8 * one);
+        assert!(seqs_of(&store, "amb-2").is_empty(), "oldest first globally");
+        assert!(r.vehicles_over_quota.is_empty());
+        // Reopened (the index is durable), a second flood is cut back to the quota again.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        fill(&store, "amb-1", 50, 20, 3);
+        let r = store
+            .enforce_retention(0, u64::MAX, 10 * one, 10_000)
+            .unwrap();
+        assert!(r.deleted_over_quota >= 15, "{r:?}");
+        assert!(seqs_of(&store, "amb-1").len() <= 10);
+    }
+
+    #[test]
+    fn a_store_from_before_quotas_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        fill(&store, "amb-1", 0, 20, 1);
+        fill(&store, "amb-2", 0, 2, 2);
+        // Forget the index, as a store written by an older ingest would lack it.
+        let txn = store.db.begin_write().unwrap();
+        txn.delete_table(VEHICLE_LOG).unwrap();
+        txn.delete_table(VEHICLE_BYTES).unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .remove("vehicle_index")
+            .unwrap();
+        txn.commit().unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let one = store.read_after(0, 1, 1).unwrap()[0].1.encoded_len() as u64;
+        let r = store
+            .enforce_retention(0, u64::MAX, 5 * one, 10_000)
+            .unwrap();
+        assert_eq!(r.vehicles_over_quota, vec!["amb-1".to_owned()]);
+        assert!(seqs_of(&store, "amb-1").len() <= 5);
+        assert_eq!(seqs_of(&store, "amb-2"), vec![0, 1]);
     }
 
     #[test]
@@ -736,7 +973,9 @@ mod tests {
         };
         b.append(&v, 2, data(&v, 0, 1_000), Some(r)).unwrap();
         b.commit().unwrap();
-        let out = store.enforce_retention(500, u64::MAX, 1000).unwrap();
+        let out = store
+            .enforce_retention(500, u64::MAX, u64::MAX, 1000)
+            .unwrap();
         // Session 1: declared long ago, no data: forgotten. Session 2: has data. Session 3: recent.
         let pruned: Vec<u64> = out.pruned_streams.iter().map(|k| k.session).collect();
         assert_eq!(pruned, vec![1]);
@@ -753,7 +992,9 @@ mod tests {
         b.touch_vehicle("amb-1", 100).unwrap();
         b.touch_vehicle("amb-old", 100).unwrap();
         b.commit().unwrap();
-        store.enforce_retention(500, u64::MAX, 1000).unwrap();
+        store
+            .enforce_retention(500, u64::MAX, u64::MAX, 1000)
+            .unwrap();
         let ids: Vec<String> = store
             .vehicles()
             .unwrap()

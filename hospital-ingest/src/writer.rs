@@ -111,6 +111,8 @@ pub struct RetentionPolicy {
     pub max_age: Duration,
     /// The log is kept below this many bytes.
     pub max_bytes: u64,
+    /// One vehicle's records are kept below this many bytes (its oldest deleted first).
+    pub max_bytes_per_vehicle: u64,
     /// How often retention runs.
     pub interval: Duration,
 }
@@ -441,13 +443,21 @@ impl Writer {
     fn sweep(&mut self, retention: &RetentionPolicy) {
         let max_age_ns = i64::try_from(retention.max_age.as_nanos()).unwrap_or(i64::MAX);
         let cutoff = crate::now_utc_ns().saturating_sub(max_age_ns);
-        match self
-            .store
-            .enforce_retention(cutoff, retention.max_bytes, 100_000)
-        {
+        match self.store.enforce_retention(
+            cutoff,
+            retention.max_bytes,
+            retention.max_bytes_per_vehicle,
+            100_000,
+        ) {
             Ok(outcome) => {
                 metrics::counter!("relay_ingest_retention_deleted_total")
                     .increment(outcome.deleted);
+                metrics::counter!("relay_ingest_vehicle_quota_deleted_total")
+                    .increment(outcome.deleted_over_quota);
+                for vehicle in &outcome.vehicles_over_quota {
+                    // Far more data than one vehicle sends: worth a look, not only a delete.
+                    tracing::warn!(%vehicle, "vehicle over its store quota; its oldest records deleted");
+                }
                 metrics::gauge!("relay_ingest_store_log_bytes").set(outcome.bytes_left as f64);
                 for key in outcome.pruned_streams {
                     self.reassembler.forget(&key);

@@ -663,3 +663,90 @@ async fn frames_that_never_finish_cannot_exhaust_memory() {
     assert_eq!(summary.unacked_at_exit, 0, "the other vehicle lost nothing");
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_flooding_the_store_cannot_push_out_another_patients_data() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let store_path = work.path().join("s.redb");
+    let mut cfg = ingest_config(&pki, &store_path);
+    cfg.store.max_bytes = 8 << 20;
+    cfg.store.max_bytes_per_vehicle = 1 << 20;
+    cfg.store.retention_interval = Duration::from_millis(200);
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let honest = Agent::start(agent_config(
+        pki.path(),
+        "amb-2",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // amb-1 sends 12 MiB of well-formed vitals (48 frames of ~256 values with long labels).
+    let flood = raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&flood, "amb-1").await.unwrap();
+    let value = VitalSign {
+        mdc_code: 147_842,
+        label: "x".repeat(1000),
+        value: 80.0,
+        unit: "/min".into(),
+    };
+    for seq in 0..48 {
+        let frame = Frame {
+            stream_id: 0,
+            seq,
+            capture_time_ns: 0,
+            payload: Some(Payload::Vitals(VitalsReport {
+                values: vec![value.clone(); 250],
+            })),
+        };
+        send_raw_frame(&flood, &frame.encode_to_vec()).await;
+    }
+    // The flood is stored and swept back to the quota.
+    let metrics = ingest.metrics_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(metrics, "/metrics").await;
+        if metric_value(&body, "relay_ingest_vehicle_quota_deleted_total") >= 30.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(flood.close_reason().is_none(), "the flood was not refused");
+    drop(flood);
+    let summary = honest.shutdown().await.unwrap();
+    assert_eq!(summary.unacked_at_exit, 0);
+    ingest.shutdown().await.unwrap();
+
+    // What the store holds: amb-1 within its quota, amb-2 from its first frame on.
+    let store = hospital_ingest::store::Store::open(&store_path).unwrap();
+    let (mut flood_bytes, mut honest_first) = (0u64, std::collections::HashMap::new());
+    for (_, msg) in store.read_after(0, u64::MAX, 100_000).unwrap() {
+        let len = msg.encoded_len() as u64;
+        let Some(relay_proto::model::subscribe_response::Record::Data(d)) = msg.record else {
+            continue;
+        };
+        let (stream, frame) = (d.stream.unwrap(), d.frame.unwrap());
+        match stream.vehicle_id.as_str() {
+            "amb-1" => flood_bytes += len,
+            "amb-2" => {
+                let first = honest_first.entry(stream.stream_id).or_insert(u64::MAX);
+                *first = (*first).min(frame.seq);
+            }
+            other => panic!("unexpected vehicle {other}"),
+        }
+    }
+    println!("amb-1 holds {flood_bytes} bytes; amb-2 first seqs {honest_first:?}");
+    assert!(flood_bytes > 0 && flood_bytes <= 1 << 20, "{flood_bytes}");
+    assert!(!honest_first.is_empty());
+    assert!(
+        honest_first.values().all(|&seq| seq == 0),
+        "amb-2 lost its oldest data: {honest_first:?}"
+    );
+}
