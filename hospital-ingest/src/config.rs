@@ -209,10 +209,15 @@ pub struct Tls {
     #[arg(long)]
     pub subscriber_ca: PathBuf,
     /// Revocation list(s) of the fleet CA (PEM): revoked vehicles fail the handshake, and on
-    /// SIGHUP their live connections are closed. None by default.
+    /// SIGHUP or when the file changes their live connections are closed. None by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub fleet_crl: Option<PathBuf>,
+    /// How often these files are checked for changes; a change is loaded as on SIGHUP (a
+    /// revoked vehicle is cut off, a rotated certificate served). 0s: only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "tls-watch-interval", value_parser = parse_duration)]
+    pub watch_interval: Duration,
 }
 
 impl Tls {
@@ -224,6 +229,7 @@ impl Tls {
             fleet_ca: dir.join("fleet-ca.pem"),
             subscriber_ca: dir.join("hospital-ca.pem"),
             fleet_crl: Some(dir.join("fleet-ca.crl.pem")),
+            watch_interval: Tls::default().watch_interval,
         }
     }
 }
@@ -300,6 +306,7 @@ impl Default for Tls {
             fleet_ca: "certs/fleet-ca.pem".into(),
             subscriber_ca: "certs/hospital-ca.pem".into(),
             fleet_crl: None,
+            watch_interval: Duration::from_secs(30),
         }
     }
 }

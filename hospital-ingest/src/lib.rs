@@ -186,6 +186,14 @@ impl Ingest {
             }
             None => None,
         };
+        if !cfg.tls.watch_interval.is_zero() {
+            tokio::spawn(watch_tls_files(
+                endpoint.clone(),
+                cfg.clone(),
+                online.clone(),
+                stop.clone(),
+            ));
+        }
         tracing::info!(%quic_addr, %grpc_addr, ?metrics_addr, store = %cfg.store.path.display(), "ingest running");
         Ok(Self {
             quic_addr,
@@ -201,28 +209,11 @@ impl Ingest {
         })
     }
 
-    /// Reads the QUIC certificate, key, fleet CA and fleet CRL again (SIGHUP): new handshakes
-    /// use them at once, and live sessions of vehicles the list now revokes are closed.
-    /// Returns how many were closed. The gRPC listener keeps the TLS it started with.
+    /// Reads the QUIC certificate, key, fleet CA and fleet CRL again (SIGHUP, or a change
+    /// the file watcher noticed): new handshakes use them at once, and live sessions of
+    /// vehicles the list now revokes are closed. Returns how many were closed. The gRPC listener keeps the TLS it started with.
     pub fn reload(&self) -> anyhow::Result<usize> {
-        let server_config =
-            tls::quic_server_config(&self.cfg).context("rebuilding QUIC TLS configuration")?;
-        self.endpoint.set_server_config(Some(server_config));
-        let revoked = match &self.cfg.tls.fleet_crl {
-            Some(path) => tls::revoked_serials(path).context("reading the fleet CRL")?,
-            None => Vec::new(),
-        };
-        let closed = self.online.close_revoked(&revoked);
-        if closed > 0 {
-            ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
-                .increment(closed as u64);
-        }
-        tracing::info!(
-            revoked = revoked.len(),
-            closed,
-            "TLS configuration reloaded"
-        );
-        Ok(closed)
+        reload_tls(&self.endpoint, &self.cfg, &self.online)
     }
 
     /// Stops accepting, closes connections, lets the writer finish its last batch.
@@ -239,5 +230,77 @@ impl Ingest {
             .await
             .ok();
         Ok(())
+    }
+}
+
+/// See [`Ingest::reload`].
+fn reload_tls(
+    endpoint: &quinn::Endpoint,
+    cfg: &IngestConfig,
+    online: &quic::Online,
+) -> anyhow::Result<usize> {
+    let server_config =
+        tls::quic_server_config(cfg).context("rebuilding QUIC TLS configuration")?;
+    let revoked = match &cfg.tls.fleet_crl {
+        Some(path) => tls::revoked_serials(path).context("reading the fleet CRL")?,
+        None => Vec::new(),
+    };
+    endpoint.set_server_config(Some(server_config));
+    let closed = online.close_revoked(&revoked);
+    if closed > 0 {
+        ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
+            .increment(closed as u64);
+    }
+    tracing::info!(
+        revoked = revoked.len(),
+        closed,
+        "TLS configuration reloaded"
+    );
+    Ok(closed)
+}
+
+/// Size and modification time of each TLS file (None: missing), to notice a change.
+fn tls_files_state(t: &config::Tls) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    [&t.cert, &t.key, &t.fleet_ca, &t.subscriber_ca]
+        .into_iter()
+        .chain(t.fleet_crl.as_ref())
+        .map(|path| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+/// Reloads the TLS files when they change, as SIGHUP does, so a revocation list copied into
+/// place cuts a stolen router off without anyone signalling the service. A change that does
+/// not load (a key replaced before its certificate) keeps the running configuration and is
+/// tried again at the next change.
+async fn watch_tls_files(
+    endpoint: quinn::Endpoint,
+    cfg: IngestConfig,
+    online: Arc<quic::Online>,
+    stop: CancellationToken,
+) {
+    let mut loaded = tls_files_state(&cfg.tls);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(cfg.tls.watch_interval) => {}
+        }
+        let now = tls_files_state(&cfg.tls);
+        if now == loaded || failed.as_ref() == Some(&now) {
+            continue;
+        }
+        match reload_tls(&endpoint, &cfg, &online) {
+            Ok(_) => {
+                loaded = now;
+                failed = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "TLS files changed but do not load; the running configuration stays");
+                failed = Some(now);
+            }
+        }
     }
 }

@@ -484,9 +484,10 @@ async fn a_vehicle_over_its_connection_or_session_quota_is_refused() {
 async fn a_revoked_vehicle_is_cut_off_on_reload_and_a_rotated_certificate_needs_no_restart() {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
-    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
-        .await
-        .unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    // The explicit reload (SIGHUP) alone, without the file watcher racing it.
+    cfg.tls.watch_interval = Duration::ZERO;
+    let ingest = Ingest::start(cfg).await.unwrap();
     let connect = |v: &'static str| raw_connect(pki.path(), pki.path(), v, ingest.quic_addr);
     let amb1 = connect("amb-1").await.unwrap();
     hello(&amb1, "amb-1").await.unwrap();
@@ -749,4 +750,29 @@ async fn a_vehicle_flooding_the_store_cannot_push_out_another_patients_data() {
         honest_first.values().all(|&seq| seq == 0),
         "amb-2 lost its oldest data: {honest_first:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_list_copied_into_place_cuts_the_vehicle_off_without_a_signal() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.tls.watch_interval = Duration::from_millis(200);
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let amb1 = raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&amb1, "amb-1").await.unwrap();
+    let amb2 = raw_connect(pki.path(), pki.path(), "amb-2", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&amb2, "amb-2").await.unwrap();
+    // Nobody calls reload or sends SIGHUP: the new list on disk is enough.
+    relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), amb1.closed())
+        .await
+        .expect("amb-1 is cut off within 10 s");
+    assert_eq!(close_code(&err), Some(CloseCode::Revoked), "{err}");
+    assert!(amb2.close_reason().is_none(), "amb-2 is untouched");
+    ingest.shutdown().await.unwrap();
 }
