@@ -211,7 +211,8 @@ impl Ingest {
 
     /// Reads the QUIC certificate, key, fleet CA and fleet CRL again (SIGHUP, or a change
     /// the file watcher noticed): new handshakes use them at once, and live sessions of
-    /// vehicles the list now revokes are closed. Returns how many were closed. The gRPC listener keeps the TLS it started with.
+    /// vehicles the list now revokes are closed. Returns how many were closed. The gRPC
+    /// listener keeps the TLS it started with.
     pub fn reload(&self) -> anyhow::Result<usize> {
         reload_tls(&self.endpoint, &self.cfg, &self.online)
     }
