@@ -119,11 +119,8 @@ const FLEET_CA_CN: &str = "Fleet CA (development)";
 /// certificates of `vehicles` (none: an empty list, so an ingest can load it from the start).
 pub fn revoke(dir: &Path, vehicles: &[String]) -> Result<PathBuf, DevCertError> {
     let io = |path: PathBuf| move |source| DevCertError::Io { path, source };
-    let key_path = dir.join("fleet-ca.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(io(key_path.clone()))?;
-    let key = KeyPair::from_pem(&key_pem)?;
-    let params = ca_params(FLEET_CA_CN);
-    let issuer = Issuer::from_params(&params, &key);
+    let ca = load_ca(dir, "fleet-ca", FLEET_CA_CN)?;
+    let issuer = Issuer::from_params(&ca.params, &ca.key);
     let mut revoked = Vec::new();
     for v in vehicles {
         let path = dir.join(format!("{v}.pem"));
@@ -161,18 +158,23 @@ pub fn revoke(dir: &Path, vehicles: &[String]) -> Result<PathBuf, DevCertError> 
 /// Common name of the development hospital CA.
 const HOSPITAL_CA_CN: &str = "Hospital CA (development)";
 
+/// The CA `name` (`<name>.key` in `dir`, common name `cn`), to issue from again.
+fn load_ca(dir: &Path, name: &str, cn: &str) -> Result<Ca, DevCertError> {
+    let key_path = dir.join(format!("{name}.key"));
+    let key_pem = fs::read_to_string(&key_path).map_err(|source| DevCertError::Io {
+        path: key_path,
+        source,
+    })?;
+    Ok(Ca {
+        params: ca_params(cn),
+        key: KeyPair::from_pem(&key_pem)?,
+    })
+}
+
 /// Issues a new ingest certificate and key (`ingest.pem/.key`) from the hospital CA in `dir`,
 /// as a certificate rotation does; the ingest serves it after SIGHUP.
 pub fn reissue_ingest(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
-    let key_path = dir.join("hospital-ca.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(|source| DevCertError::Io {
-        path: key_path.clone(),
-        source,
-    })?;
-    let ca = Ca {
-        params: ca_params(HOSPITAL_CA_CN),
-        key: KeyPair::from_pem(&key_pem)?,
-    };
+    let ca = load_ca(dir, "hospital-ca", HOSPITAL_CA_CN)?;
     make_leaf(
         dir,
         "ingest",
@@ -187,15 +189,7 @@ pub fn reissue_ingest(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
 /// Issues a new certificate and key for `vehicle` from the fleet CA in `dir` (a renewal: same
 /// vehicle id, new key and serial).
 pub fn reissue_vehicle(dir: &Path, vehicle: &str, days: u32) -> Result<(), DevCertError> {
-    let key_path = dir.join("fleet-ca.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(|source| DevCertError::Io {
-        path: key_path.clone(),
-        source,
-    })?;
-    let ca = Ca {
-        params: ca_params(FLEET_CA_CN),
-        key: KeyPair::from_pem(&key_pem)?,
-    };
+    let ca = load_ca(dir, "fleet-ca", FLEET_CA_CN)?;
     make_leaf(
         dir,
         vehicle,
