@@ -199,7 +199,8 @@ pub fn parse_header(text: &str, path: &Path) -> Result<Header, WfdbError> {
         ),
         None => None,
     };
-    if lines.len() < 1 + nsig {
+    // `lines` holds the record line, so this cannot underflow; `1 + nsig` could overflow.
+    if lines.len() - 1 < nsig {
         return Err(header_err(
             path,
             rec_line_no,
@@ -327,8 +328,31 @@ pub fn read_record(record: &Path) -> Result<Record, WfdbError> {
         path: hea.clone(),
         source,
     })?;
-    let header = parse_header(&text, &hea)?;
     let dir = hea.parent().unwrap_or(Path::new("."));
+    record_from_parts(&text, &hea, |file| {
+        // A header names files beside it; never let one reach elsewhere on the disk.
+        let plain = Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(WfdbError::Record(
+                hea.display().to_string(),
+                format!("signal file {file:?} is not a plain name beside the header"),
+            ));
+        }
+        let path = dir.join(file);
+        fs::read(&path).map_err(|source| WfdbError::Io { path, source })
+    })
+}
+
+/// Decodes a record from its header text and a reader for the signal files it names, so the
+/// decoder can be fed from memory (fuzzing) as well as from disk.
+pub fn record_from_parts(
+    header_text: &str,
+    header_path: &Path,
+    mut signal_file: impl FnMut(&str) -> Result<Vec<u8>, WfdbError>,
+) -> Result<Record, WfdbError> {
+    let header = parse_header(header_text, header_path)?;
     let nsig = header.signals.len();
     if nsig == 0 {
         return Err(WfdbError::Record(
@@ -353,11 +377,7 @@ pub fn read_record(record: &Path) -> Result<Record, WfdbError> {
                 format!("signals in {file} mix formats or offsets"),
             ));
         }
-        let path = dir.join(file);
-        let bytes = fs::read(&path).map_err(|source| WfdbError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = signal_file(file)?;
         let start = usize::try_from(first.byte_offset).unwrap_or(usize::MAX);
         let body = bytes.get(start..).unwrap_or_default();
         let decoded = decode(first.format, body)?;
@@ -757,6 +777,8 @@ mod tests {
             "rec 2 360\nx.dat 16\n",
             "rec 1 abc\nx.dat 16\n",
             "rec 1 360\nx.dat 16 g\n",
+            // Found by libFuzzer: a signal count of usize::MAX overflowed the line check.
+            "rec 18446744073709551615\n",
         ] {
             let err = parse_header(bad, Path::new("bad.hea")).unwrap_err();
             assert!(err.to_string().contains("bad.hea"), "{err}");
