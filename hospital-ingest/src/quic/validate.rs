@@ -135,9 +135,7 @@ pub fn validate_frame(
                 && v.values.len() <= MAX_VITALS_PER_FRAME
                 && v.values.iter().all(|x| x.value.is_finite())
         }
-        (Some(Payload::Location(l)), StreamKind::Location) => {
-            (-90.0..=90.0).contains(&l.latitude_deg) && (-180.0..=180.0).contains(&l.longitude_deg)
-        }
+        (Some(Payload::Location(l)), StreamKind::Location) => plausible_location(l),
         (Some(Payload::Event(_)), StreamKind::Events) => true,
         _ => false,
     };
@@ -151,6 +149,19 @@ pub fn validate_frame(
         ));
     }
     Ok(())
+}
+
+/// A position every consumer can use as it is: no NaN or infinity (JSON, FHIR and maps have no
+/// place for them), coordinates and heading in range, no negative speed or accuracy.
+fn plausible_location(l: &relay_proto::model::Location) -> bool {
+    (-90.0..=90.0).contains(&l.latitude_deg)
+        && (-180.0..=180.0).contains(&l.longitude_deg)
+        && l.altitude_m.is_finite()
+        && (0.0..=360.0).contains(&l.heading_deg)
+        && l.speed_mps.is_finite()
+        && l.speed_mps >= 0.0
+        && l.horizontal_accuracy_m.is_finite()
+        && l.horizontal_accuracy_m >= 0.0
 }
 
 #[cfg(test)]
@@ -272,5 +283,52 @@ mod tests {
             ..wave(1, 2)
         };
         assert!(validate_frame(&no_payload, &streams).is_err());
+    }
+
+    #[test]
+    fn positions_without_a_number_or_out_of_range_are_refused() {
+        let ok = Location {
+            latitude_deg: 48.2,
+            longitude_deg: 16.4,
+            altitude_m: 180.0,
+            speed_mps: 12.0,
+            heading_deg: 359.0,
+            horizontal_accuracy_m: 4.0,
+            ..Location::default()
+        };
+        assert!(plausible_location(&ok));
+        let bad = [
+            Location {
+                altitude_m: f64::NAN,
+                ..ok
+            },
+            Location {
+                speed_mps: f64::INFINITY,
+                ..ok
+            },
+            Location {
+                speed_mps: -1.0,
+                ..ok
+            },
+            Location {
+                heading_deg: 361.0,
+                ..ok
+            },
+            Location {
+                heading_deg: f64::NAN,
+                ..ok
+            },
+            Location {
+                horizontal_accuracy_m: f64::NAN,
+                ..ok
+            },
+            Location {
+                latitude_deg: f64::NAN,
+                ..ok
+            },
+        ];
+        for l in bad {
+            assert!(!plausible_location(&l), "{l:?}");
+        }
     }
 }
