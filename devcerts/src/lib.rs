@@ -118,11 +118,23 @@ const FLEET_CA_CN: &str = "Fleet CA (development)";
 /// Writes `fleet-ca.crl.pem` into `dir`, signed by the fleet CA there, revoking the
 /// certificates of `vehicles` (none: an empty list, so an ingest can load it from the start).
 pub fn revoke(dir: &Path, vehicles: &[String]) -> Result<PathBuf, DevCertError> {
+    write_crl(dir, "fleet-ca", FLEET_CA_CN, vehicles)
+}
+
+/// Writes `hospital-ca.crl.pem` into `dir`, signed by the hospital CA there, revoking the
+/// certificates of ED clients `subscribers` (none: an empty list).
+pub fn revoke_subscribers(dir: &Path, subscribers: &[String]) -> Result<PathBuf, DevCertError> {
+    write_crl(dir, "hospital-ca", HOSPITAL_CA_CN, subscribers)
+}
+
+/// Writes `<ca>.crl.pem`, revoking the certificates `<name>.pem` in `dir` of each of `names`.
+fn write_crl(dir: &Path, ca: &str, ca_cn: &str, names: &[String]) -> Result<PathBuf, DevCertError> {
     let io = |path: PathBuf| move |source| DevCertError::Io { path, source };
-    let ca = load_ca(dir, "fleet-ca", FLEET_CA_CN)?;
-    let issuer = Issuer::from_params(&ca.params, &ca.key);
+    let ca_key = load_ca(dir, ca, ca_cn)?;
+    let issuer = Issuer::from_params(&ca_key.params, &ca_key.key);
     let mut revoked = Vec::new();
-    for v in vehicles {
+    for v in names {
+        check_name(v)?;
         let path = dir.join(format!("{v}.pem"));
         let pem = fs::read(&path).map_err(io(path.clone()))?;
         let serial = x509_parser::pem::parse_x509_pem(&pem)
@@ -150,7 +162,7 @@ pub fn revoke(dir: &Path, vehicles: &[String]) -> Result<PathBuf, DevCertError> 
         key_identifier_method: KeyIdMethod::Sha256,
     }
     .signed_by(&issuer)?;
-    let out = dir.join("fleet-ca.crl.pem");
+    let out = dir.join(format!("{ca}.crl.pem"));
     write(out.clone(), &crl.pem()?)?;
     Ok(out)
 }
@@ -235,14 +247,20 @@ fn make_leaf(
     Ok(())
 }
 
+/// Refuses a leaf name that would clash with the CA files or escape the directory.
+fn check_name(name: &str) -> Result<(), DevCertError> {
+    if !relay_proto::is_valid_vehicle_id(name) || name.ends_with("-ca") || name == "ingest" {
+        return Err(DevCertError::BadName(name.to_owned()));
+    }
+    Ok(())
+}
+
 /// Writes a complete development PKI into `dir`:
 /// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `<vehicle>.pem/.key`,
 /// `<subscriber>.pem/.key` (CA keys too, so more leaves can be made by hand).
 pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     for name in pki.vehicles.iter().chain(&pki.subscribers) {
-        if !relay_proto::is_valid_vehicle_id(name) || name.ends_with("-ca") || name == "ingest" {
-            return Err(DevCertError::BadName(name.clone()));
-        }
+        check_name(name)?;
     }
     relay_ops::private::create_dir(dir).map_err(|source| DevCertError::Io {
         path: dir.to_owned(),
@@ -285,6 +303,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     }
     // An empty revocation list, so an ingest can be pointed at it from the start.
     revoke(dir, &[])?;
+    revoke_subscribers(dir, &[])?;
     Ok(())
 }
 

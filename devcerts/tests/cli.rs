@@ -54,4 +54,32 @@ fn the_binary_writes_a_pki_the_ingest_accepts() {
     // The ingest's own loader takes the directory as it is.
     let tls = hospital_ingest::config::Tls::from_dev_dir(&certs);
     assert!(tls.fleet_ca.exists() && tls.subscriber_ca.exists());
+    // Both revocation lists start empty, and --revoke-subscriber lists an ED client's serial.
+    let crl = tls.subscriber_crl.unwrap();
+    assert!(
+        hospital_ingest::tls::revoked_serials(&crl)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        hospital_ingest::tls::revoked_serials(&tls.fleet_crl.unwrap())
+            .unwrap()
+            .is_empty()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
+        .args(["--revoke-subscriber", "ed-console", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ed = relay_ops::pem::load_certs(&certs.join("ed-console.pem")).unwrap();
+    let serial = hospital_ingest::tls::certificate_serial(&ed[0]).unwrap();
+    assert_eq!(
+        hospital_ingest::tls::revoked_serials(&crl).unwrap(),
+        vec![serial]
+    );
 }

@@ -190,6 +190,17 @@ pub struct Grpc {
     /// Concurrent subscriptions at most.
     #[arg(long = "grpc-max-subscribers")]
     pub max_subscribers: usize,
+    /// A client must finish its TLS handshake within this time, or it is disconnected.
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "grpc-tls-handshake-timeout", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// TLS handshakes in progress at most; further connections are closed at once, so
+    /// clients that never finish cannot tie up the listener.
+    #[arg(
+        id = "grpc.max_pending_handshakes",
+        long = "grpc-max-pending-handshakes"
+    )]
+    pub max_pending_handshakes: usize,
 }
 
 /// Certificates and the CAs of vehicles and subscribers.
@@ -213,6 +224,11 @@ pub struct Tls {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[arg(long)]
     pub fleet_crl: Option<PathBuf>,
+    /// Revocation list(s) of the subscriber CA (PEM): revoked ED clients fail the handshake,
+    /// and on SIGHUP or when the file changes their open gRPC connections are closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
+    pub subscriber_crl: Option<PathBuf>,
     /// How often these files are checked for changes; a change is loaded as on SIGHUP (a
     /// revoked vehicle is cut off, a rotated certificate served). 0s: only on SIGHUP.
     #[serde(with = "humantime_serde")]
@@ -229,6 +245,7 @@ impl Tls {
             fleet_ca: dir.join("fleet-ca.pem"),
             subscriber_ca: dir.join("hospital-ca.pem"),
             fleet_crl: Some(dir.join("fleet-ca.crl.pem")),
+            subscriber_crl: Some(dir.join("hospital-ca.crl.pem")),
             watch_interval: Tls::default().watch_interval,
         }
     }
@@ -294,6 +311,8 @@ impl Default for Grpc {
             slow_subscriber_timeout: Duration::from_secs(10),
             live_buffer: 8192,
             max_subscribers: 256,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 64,
         }
     }
 }
@@ -306,6 +325,7 @@ impl Default for Tls {
             fleet_ca: "certs/fleet-ca.pem".into(),
             subscriber_ca: "certs/hospital-ca.pem".into(),
             fleet_crl: None,
+            subscriber_crl: None,
             watch_interval: Duration::from_secs(30),
         }
     }
@@ -364,6 +384,10 @@ impl ServiceConfig for IngestConfig {
             ("grpc.subscriber_queue", self.grpc.subscriber_queue),
             ("grpc.live_buffer", self.grpc.live_buffer),
             ("grpc.max_subscribers", self.grpc.max_subscribers),
+            (
+                "grpc.max_pending_handshakes",
+                self.grpc.max_pending_handshakes,
+            ),
             ("store.writer_queue", self.store.writer_queue),
             (
                 "reassembly.max_held_frames",
@@ -379,6 +403,10 @@ impl ServiceConfig for IngestConfig {
             (
                 "grpc.slow_subscriber_timeout",
                 self.grpc.slow_subscriber_timeout,
+            ),
+            (
+                "grpc.tls_handshake_timeout",
+                self.grpc.tls_handshake_timeout,
             ),
             ("store.retention", self.store.retention),
             ("store.retention_interval", self.store.retention_interval),

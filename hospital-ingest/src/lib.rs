@@ -70,10 +70,8 @@ pub struct Ingest {
     quic: JoinHandle<()>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: std::thread::JoinHandle<()>,
-    /// For reloads: the QUIC endpoint, the configuration it was built from, live sessions.
-    endpoint: quinn::Endpoint,
-    cfg: IngestConfig,
-    online: Arc<quic::Online>,
+    /// For reloads: both listeners, the configuration they were built from, live connections.
+    reloader: TlsReloader,
 }
 
 impl Ingest {
@@ -164,20 +162,26 @@ impl Ingest {
             .register_encoded_file_descriptor_set(relay_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building reflection service")?;
-        let tls = tls::grpc_server_tls(&cfg.tls).context("building gRPC TLS configuration")?;
+        let grpc_tls = grpc::listener::GrpcTls::new(
+            tls::grpc_server_config(&cfg.tls).context("building gRPC TLS configuration")?,
+        );
+        let incoming = grpc::listener::incoming(
+            listener,
+            grpc_tls.clone(),
+            grpc::listener::AcceptLimits {
+                handshake_timeout: cfg.grpc.tls_handshake_timeout,
+                max_pending: cfg.grpc.max_pending_handshakes,
+            },
+            stop.clone(),
+        );
         let router = tonic::transport::Server::builder()
-            .tls_config(tls)
-            .context("gRPC TLS")?
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(TelemetryServer::new(svc));
         let grpc_stop = stop.clone();
         let grpc = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    grpc_stop.cancelled_owned(),
-                )
+                .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await
         });
         let metrics_addr = match cfg.metrics.listen {
@@ -186,11 +190,17 @@ impl Ingest {
             }
             None => None,
         };
+        let reloader = TlsReloader {
+            endpoint,
+            online,
+            grpc: grpc_tls,
+            tls: cfg.tls.clone(),
+            quic_cfg: cfg.clone(),
+        };
         if !cfg.tls.watch_interval.is_zero() {
             tokio::spawn(watch_tls_files(
-                endpoint.clone(),
-                cfg.clone(),
-                online.clone(),
+                reloader.clone(),
+                cfg.tls.watch_interval,
                 stop.clone(),
             ));
         }
@@ -203,18 +213,16 @@ impl Ingest {
             quic,
             grpc,
             writer,
-            endpoint,
-            cfg,
-            online,
+            reloader,
         })
     }
 
-    /// Reads the QUIC certificate, key, fleet CA and fleet CRL again (SIGHUP, or a change
-    /// the file watcher noticed): new handshakes use them at once, and live sessions of
-    /// vehicles the list now revokes are closed. Returns how many were closed. The gRPC
-    /// listener keeps the TLS it started with.
-    pub fn reload(&self) -> anyhow::Result<usize> {
-        reload_tls(&self.endpoint, &self.cfg, &self.online)
+    /// Reads the certificate, key, both CAs and both CRLs again (SIGHUP, or a change the file
+    /// watcher noticed): new QUIC and gRPC handshakes use them at once, and the live sessions
+    /// of vehicles and the open gRPC connections of ED clients that a list now revokes are
+    /// closed. Returns how many of each were closed.
+    pub fn reload(&self) -> anyhow::Result<Reloaded> {
+        self.reloader.reload()
     }
 
     /// Stops accepting, closes connections, lets the writer finish its last batch.
@@ -234,30 +242,61 @@ impl Ingest {
     }
 }
 
-/// See [`Ingest::reload`].
-fn reload_tls(
-    endpoint: &quinn::Endpoint,
-    cfg: &IngestConfig,
-    online: &quic::Online,
-) -> anyhow::Result<usize> {
-    let server_config =
-        tls::quic_server_config(cfg).context("rebuilding QUIC TLS configuration")?;
-    let revoked = match &cfg.tls.fleet_crl {
-        Some(path) => tls::revoked_serials(path).context("reading the fleet CRL")?,
-        None => Vec::new(),
-    };
-    endpoint.set_server_config(Some(server_config));
-    let closed = online.close_revoked(&revoked);
-    if closed > 0 {
-        ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
-            .increment(closed as u64);
+/// What a reload closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reloaded {
+    /// Live vehicle sessions whose certificate the fleet CRL now revokes.
+    pub vehicles: usize,
+    /// Open gRPC connections whose certificate the subscriber CRL now revokes.
+    pub subscribers: usize,
+}
+
+/// Everything a TLS reload replaces or closes: both listeners and their live connections.
+#[derive(Debug, Clone)]
+struct TlsReloader {
+    endpoint: quinn::Endpoint,
+    online: Arc<quic::Online>,
+    grpc: Arc<grpc::listener::GrpcTls>,
+    tls: config::Tls,
+    quic_cfg: IngestConfig,
+}
+
+impl TlsReloader {
+    /// See [`Ingest::reload`]. Builds everything before replacing anything, so a file that
+    /// does not load leaves both listeners as they were.
+    fn reload(&self) -> anyhow::Result<Reloaded> {
+        let quic =
+            tls::quic_server_config(&self.quic_cfg).context("rebuilding QUIC TLS configuration")?;
+        let grpc =
+            tls::grpc_server_config(&self.tls).context("rebuilding gRPC TLS configuration")?;
+        let serials = |crl: &Option<std::path::PathBuf>, what: &str| match crl {
+            Some(path) => {
+                tls::revoked_serials(path).with_context(|| format!("reading the {what} CRL"))
+            }
+            None => Ok(Vec::new()),
+        };
+        let revoked_vehicles = serials(&self.tls.fleet_crl, "fleet")?;
+        let revoked_subscribers = serials(&self.tls.subscriber_crl, "subscriber")?;
+        self.endpoint.set_server_config(Some(quic));
+        self.grpc.set_config(grpc);
+        let closed = Reloaded {
+            vehicles: self.online.close_revoked(&revoked_vehicles),
+            subscribers: self.grpc.close_revoked(&revoked_subscribers),
+        };
+        let total = closed.vehicles + closed.subscribers;
+        if total > 0 {
+            ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
+                .increment(total as u64);
+        }
+        tracing::info!(
+            revoked_vehicles = revoked_vehicles.len(),
+            revoked_subscribers = revoked_subscribers.len(),
+            closed_vehicles = closed.vehicles,
+            closed_subscribers = closed.subscribers,
+            "TLS configuration reloaded"
+        );
+        Ok(closed)
     }
-    tracing::info!(
-        revoked = revoked.len(),
-        closed,
-        "TLS configuration reloaded"
-    );
-    Ok(closed)
 }
 
 /// Size and modification time of each TLS file (None: missing), to notice a change.
@@ -265,6 +304,7 @@ fn tls_files_state(t: &config::Tls) -> Vec<Option<(std::time::SystemTime, u64)>>
     [&t.cert, &t.key, &t.fleet_ca, &t.subscriber_ca]
         .into_iter()
         .chain(t.fleet_crl.as_ref())
+        .chain(t.subscriber_crl.as_ref())
         .map(|path| {
             let meta = std::fs::metadata(path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
@@ -276,24 +316,19 @@ fn tls_files_state(t: &config::Tls) -> Vec<Option<(std::time::SystemTime, u64)>>
 /// place cuts a stolen router off without anyone signalling the service. A change that does
 /// not load (a key replaced before its certificate) keeps the running configuration and is
 /// tried again at the next change.
-async fn watch_tls_files(
-    endpoint: quinn::Endpoint,
-    cfg: IngestConfig,
-    online: Arc<quic::Online>,
-    stop: CancellationToken,
-) {
-    let mut loaded = tls_files_state(&cfg.tls);
+async fn watch_tls_files(reloader: TlsReloader, interval: Duration, stop: CancellationToken) {
+    let mut loaded = tls_files_state(&reloader.tls);
     let mut failed = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(cfg.tls.watch_interval) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
-        let now = tls_files_state(&cfg.tls);
+        let now = tls_files_state(&reloader.tls);
         if now == loaded || failed.as_ref() == Some(&now) {
             continue;
         }
-        match reload_tls(&endpoint, &cfg, &online) {
+        match reloader.reload() {
             Ok(_) => {
                 loaded = now;
                 failed = None;

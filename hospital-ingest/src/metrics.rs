@@ -14,6 +14,15 @@ pub fn describe() {
         "QUIC/TLS handshakes that failed, including certificates from a foreign CA"
     );
     describe_counter!(
+        "relay_ingest_grpc_handshake_failures_total",
+        "gRPC (ED client) TLS handshakes that failed, by reason (revoked, unknown_ca, expired, no_certificate, timeout, busy, ...)"
+    );
+    // Exported at zero from the start, so alert rules with increase() see the first failure.
+    for reason in crate::grpc::listener::HANDSHAKE_FAILURE_REASONS {
+        metrics::counter!("relay_ingest_grpc_handshake_failures_total", "reason" => *reason)
+            .increment(0);
+    }
+    describe_counter!(
         "relay_ingest_security_events_total",
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );

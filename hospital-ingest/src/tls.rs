@@ -97,22 +97,24 @@ pub fn revoked_serials(path: &Path) -> Result<Vec<Vec<u8>>, TlsError> {
 pub fn connection_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
-    Some(parsed.tbs_certificate.raw_serial().to_vec())
+    certificate_serial(certs.first()?)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// QUIC server: TLS 1.3 only, client certificate from the fleet CA required.
-pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, TlsError> {
-    let tls_files: &Tls = &cfg.tls;
+/// A verifier of client certificates issued by the CA(s) in `ca`, refusing those that the
+/// revocation lists in `crl` (if any) revoke.
+fn client_verifier(
+    ca: &Path,
+    crl: Option<&PathBuf>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for ca in load_certs(&tls_files.fleet_ca)? {
-        roots.add(ca)?;
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
     }
-    let crls = match &tls_files.fleet_crl {
+    let crls = match crl {
         Some(path) => load_crls(path)?,
         None => Vec::new(),
     };
@@ -121,7 +123,13 @@ pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, Tls
     if !crls.is_empty() {
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
     }
-    let verifier = verifier.build()?;
+    Ok(verifier.build()?)
+}
+
+/// QUIC server: TLS 1.3 only, client certificate from the fleet CA required.
+pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let tls_files: &Tls = &cfg.tls;
+    let verifier = client_verifier(&tls_files.fleet_ca, tls_files.fleet_crl.as_ref())?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -150,21 +158,40 @@ pub fn quic_server_config(cfg: &IngestConfig) -> Result<quinn::ServerConfig, Tls
     Ok(server)
 }
 
-/// gRPC server TLS: our certificate, client certificates from the subscriber CA required.
-pub fn grpc_server_tls(tls: &Tls) -> Result<tonic::transport::ServerTlsConfig, TlsError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| TlsError::Io {
-            path: p.to_owned(),
-            source,
-        })
-    };
-    let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(tonic::transport::Certificate::from_pem(read(
-            &tls.subscriber_ca,
-        )?))
-        .client_auth_optional(false))
+/// gRPC server TLS: our certificate, a client certificate from the subscriber CA (and not on
+/// its revocation list) required, HTTP/2 only. Built anew on every reload.
+pub fn grpc_server_config(tls: &Tls) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = client_verifier(&tls.subscriber_ca, tls.subscriber_crl.as_ref())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Why a TLS handshake failed, as a bounded metric label: what an operator needs to tell a
+/// stranger's or a revoked certificate from a client that simply went away.
+pub fn handshake_failure_reason(error: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match error {
+        rustls::Error::InvalidCertificate(C::Revoked) => "revoked",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => "unknown_ca",
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "not_yet_valid"
+        }
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::NoApplicationProtocol => "alpn",
+        _ => "protocol",
+    }
+}
+
+/// Serial number (raw) of a certificate, if it parses.
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.tbs_certificate.raw_serial().to_vec())
 }
 
 /// The vehicle id of a verified client certificate: its subject common name.

@@ -228,6 +228,26 @@ impl Collected {
         max.iter().all(|(id, m)| counts.get(*id) == Some(&(m + 1)))
     }
 
+    /// Longest time between consecutive live (not late) waveform arrivals within a window;
+    /// the whole window when fewer than two arrived.
+    pub fn longest_live_gap(
+        &self,
+        from: tokio::time::Instant,
+        to: tokio::time::Instant,
+    ) -> Duration {
+        let times: Vec<tokio::time::Instant> = self
+            .waveforms
+            .iter()
+            .filter(|a| !a.late && a.at >= from && a.at <= to)
+            .map(|a| a.at)
+            .collect();
+        times
+            .windows(2)
+            .map(|w| w[1].saturating_duration_since(w[0]))
+            .max()
+            .unwrap_or(to.saturating_duration_since(from))
+    }
+
     /// Frames received per vehicle and stream id.
     pub fn frames_by_stream(&self) -> HashMap<StreamId, u64> {
         let mut m = HashMap::new();
@@ -382,6 +402,80 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (head.to_owned(), body.to_owned())
+}
+
+/// An ingest running as a process of its own, so its memory is measured alone.
+#[derive(Debug)]
+pub struct IngestChild {
+    /// The process (killed when dropped).
+    pub child: tokio::process::Child,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Its gRPC address.
+    pub grpc: SocketAddr,
+    /// Its metrics address, when `cfg.metrics.listen` asked for one.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl IngestChild {
+    /// Resident memory now, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.child.id().unwrap_or(0))
+    }
+}
+
+/// Starts `exe` (the test package's `e2e-hospital-ingest`, from `CARGO_BIN_EXE_...`, which
+/// only integration tests see) with `cfg` on free loopback ports, its configuration written
+/// into `dir`, and waits until its gRPC port accepts (QUIC is bound before it).
+pub async fn spawn_ingest_child(exe: &str, mut cfg: IngestConfig, dir: &Path) -> IngestChild {
+    let (quic, grpc) = free_ports();
+    cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
+    let metrics = cfg.metrics.listen.map(|_| {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        t.local_addr().unwrap()
+    });
+    cfg.metrics.listen = metrics;
+    let config = dir.join("ingest.toml");
+    std::fs::write(&config, cfg.to_toml().unwrap()).unwrap();
+    let log_path = dir.join("ingest.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = tokio::process::Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("--allow-dev-pki")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let grpc = cfg.grpc.listen;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(grpc).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest did not start:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    IngestChild {
+        child,
+        quic: cfg.quic.listen,
+        grpc,
+        metrics,
+    }
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
 }
 
 /// A free loopback port for UDP and one for TCP (bound and released; fine on loopback in tests).

@@ -12,7 +12,8 @@ use prost::Message;
 use relay_e2e::*;
 use relay_proto::CloseCode;
 use relay_proto::model::{
-    Frame, StreamDescriptor, StreamKind, VitalSign, VitalsReport, frame::Payload,
+    Frame, ListVehiclesRequest, StreamDescriptor, StreamKind, SubscribeRequest, SubscribeResponse,
+    VitalSign, VitalsReport, frame::Payload, subscribe_request::Start,
 };
 use relay_proto::wire::v1::{ControlMessage, Hello, control_message::Body};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -497,7 +498,11 @@ async fn a_revoked_vehicle_is_cut_off_on_reload_and_a_rotated_certificate_needs_
     // amb-1's router was stolen: revoke it, rotate the ingest's certificate, reload.
     relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
     relay_devcerts::reissue_ingest(pki.path(), &relay_devcerts::DevPki::default()).unwrap();
-    assert_eq!(ingest.reload().unwrap(), 1, "one live session revoked");
+    assert_eq!(
+        ingest.reload().unwrap().vehicles,
+        1,
+        "one live session revoked"
+    );
     let err = tokio::time::timeout(Duration::from_secs(5), amb1.closed())
         .await
         .expect("amb-1 is cut off within 5 s");
@@ -528,6 +533,175 @@ async fn a_revoked_vehicle_is_cut_off_on_reload_and_a_rotated_certificate_needs_
     ingest.shutdown().await.unwrap();
 }
 
+/// A TLS connection to the gRPC listener as ED client `name`, without gRPC on top, to see
+/// which certificate the ingest serves and whether it lets the client in.
+async fn grpc_tls_connect(
+    pki: &Path,
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in relay_ops::pem::load_certs(&pki.join("hospital-ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let certs = relay_ops::pem::load_certs(&pki.join(format!("{name}.pem"))).unwrap();
+    let key = relay_ops::pem::load_key(&pki.join(format!("{name}.key"))).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let server_name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+}
+
+/// The next message of a subscription, if one comes within 5 s.
+async fn next(
+    feed: &mut tonic::Streaming<SubscribeResponse>,
+) -> Result<Result<Option<SubscribeResponse>, tonic::Status>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(5), feed.message()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_ed_client_is_cut_off_on_reload_and_the_grpc_certificate_rotates() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.tls.watch_interval = Duration::ZERO;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let live = || SubscribeRequest {
+        vehicle_ids: vec![],
+        kinds: vec![],
+        start: Some(Start::Live(true)),
+    };
+    let mut stolen = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let mut stolen_feed = stolen.subscribe(live()).await.unwrap().into_inner();
+    let mut kept = ed_client::client::connect(&url, &pki.subscriber("ed-2"))
+        .await
+        .unwrap();
+    let mut kept_feed = kept.subscribe(live()).await.unwrap().into_inner();
+    for feed in [&mut stolen_feed, &mut kept_feed] {
+        assert!(
+            matches!(next(feed).await, Ok(Ok(Some(_)))),
+            "both read live data"
+        );
+    }
+
+    // ed-console's certificate was stolen: revoke it, rotate the ingest's certificate, reload.
+    relay_devcerts::revoke_subscribers(pki.path(), &["ed-console".into()]).unwrap();
+    relay_devcerts::reissue_ingest(pki.path(), &relay_devcerts::DevPki::default()).unwrap();
+    let reloaded = ingest.reload().unwrap();
+    assert_eq!(
+        (reloaded.vehicles, reloaded.subscribers),
+        (0, 1),
+        "{reloaded:?}"
+    );
+    // Its subscription ends within 5 s (an error, after what was already in flight).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, stolen_feed.message()).await {
+            Err(_) => panic!("the revoked client still reads after 5 s"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None) | Err(_)) => break,
+        }
+    }
+    // ed-2 keeps reading on its connection, and ed-console cannot come back.
+    for _ in 0..3 {
+        assert!(
+            matches!(next(&mut kept_feed).await, Ok(Ok(Some(_)))),
+            "ed-2 still reads"
+        );
+    }
+    let again = async {
+        let mut c = ed_client::client::connect(&url, &pki.subscriber("ed-console")).await?;
+        c.list_vehicles(ListVehiclesRequest::default()).await?;
+        anyhow::Ok(())
+    };
+    assert!(again.await.is_err(), "a revoked client was served");
+    // New connections get the rotated certificate, without a restart.
+    let fresh = grpc_tls_connect(pki.path(), "ed-2", ingest.grpc_addr)
+        .await
+        .unwrap();
+    let served = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let rotated = relay_ops::pem::load_certs(&pki.path().join("ingest.pem")).unwrap();
+    assert_eq!(served, rotated[0], "the new certificate is served");
+
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let refused = labelled_metric(
+        &body,
+        "relay_ingest_grpc_handshake_failures_total",
+        "reason=\"revoked\"",
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{body}");
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed_client_that_never_finishes_its_handshake_is_dropped_and_counted() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.tls_handshake_timeout = Duration::from_millis(500);
+    cfg.grpc.max_pending_handshakes = 4;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    // More silent TCP connections than handshakes may be pending: the excess is closed at
+    // once, the rest when their deadline passes.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            tokio::net::TcpStream::connect(ingest.grpc_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for mut s in silent {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open: {read:?}");
+    }
+    // A real client is served meanwhile and afterwards.
+    let mut client = ed_client::client::connect(
+        &format!("https://{}", ingest.grpc_addr),
+        &pki.subscriber("ed-2"),
+    )
+    .await
+    .unwrap();
+    client
+        .list_vehicles(ListVehiclesRequest::default())
+        .await
+        .unwrap();
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let count = |reason: &str| {
+        labelled_metric(
+            &body,
+            "relay_ingest_grpc_handshake_failures_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    // At least: the counters are shared with the other tests of this binary.
+    assert!(count("busy") + count("timeout") >= 8.0, "{body}");
+    assert!(count("busy") >= 4.0, "{body}");
+    ingest.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_anything() {
     let pki = Pki::new();
@@ -549,7 +723,7 @@ async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_a
     // then reloads and cuts the session that still uses the old one.
     relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
     relay_devcerts::reissue_vehicle(pki.path(), "amb-1", 365).unwrap();
-    assert_eq!(ingest.reload().unwrap(), 1);
+    assert_eq!(ingest.reload().unwrap().vehicles, 1);
     // The agent dials again with the renewed certificate and catches up.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -574,41 +748,18 @@ async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_a
     ingest.shutdown().await.unwrap();
 }
 
-/// Resident memory of a process, bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_that_never_finish_cannot_exhaust_memory() {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
     // The ingest as a process of its own, so its memory is measured alone.
-    let (quic, grpc) = free_ports();
     let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
-    cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
-    cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
     cfg.metrics.listen = None;
     cfg.quic.frame_read_timeout = Duration::from_secs(30);
-    let config = work.path().join("ingest.toml");
-    std::fs::write(&config, cfg.to_toml().unwrap()).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--allow-dev-pki")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let ingest: SocketAddr = format!("127.0.0.1:{quic}").parse().unwrap();
+    let mut child =
+        spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
+    let pid = child.child.id().unwrap();
+    let ingest = child.quic;
     let honest = Agent::start(agent_config(pki.path(), "amb-2", ingest, vitals_and_gps()))
         .await
         .unwrap();
@@ -663,7 +814,7 @@ async fn frames_that_never_finish_cannot_exhaust_memory() {
     drop(conns);
     let summary = honest.shutdown().await.unwrap();
     assert_eq!(summary.unacked_at_exit, 0, "the other vehicle lost nothing");
-    child.kill().await.unwrap();
+    child.child.kill().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,10 @@ struct Args {
     /// for several); the ingest applies it on SIGHUP.
     #[arg(long = "revoke", value_name = "VEHICLE")]
     revoke: Vec<String>,
+    /// Only rewrite hospital-ca.crl.pem in --out, revoking these ED clients' certificates
+    /// (repeat for several); the ingest applies it on SIGHUP or when the file changes.
+    #[arg(long = "revoke-subscriber", value_name = "NAME")]
+    revoke_subscriber: Vec<String>,
     /// Days the leaf certificates are valid (the CAs twice as long).
     #[arg(long, default_value_t = 365)]
     valid_days: u32,
@@ -32,6 +36,18 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if !a.revoke_subscriber.is_empty() {
+        let crl = relay_devcerts::revoke_subscribers(&a.out, &a.revoke_subscriber)
+            .with_context(|| format!("revoking in {}", a.out.display()))?;
+        println!(
+            "{} revoked in {}",
+            a.revoke_subscriber.join(", "),
+            crl.display()
+        );
+        if a.revoke.is_empty() {
+            return Ok(());
+        }
+    }
     if !a.revoke.is_empty() {
         let crl = relay_devcerts::revoke(&a.out, &a.revoke)
             .with_context(|| format!("revoking in {}", a.out.display()))?;

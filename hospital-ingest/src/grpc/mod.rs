@@ -3,6 +3,7 @@
 //! stands is the sans-IO [`flow::SubscriptionFlow`]; this module moves records and time.
 
 pub mod flow;
+pub mod listener;
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
