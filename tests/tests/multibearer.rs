@@ -89,21 +89,6 @@ fn assert_complete_and_exact(c: &Collected, produced: u64) {
     assert!(assert_frames_match_record(&frames, "100") > 0);
 }
 
-/// Longest time between consecutive live (not late) ECG arrivals within a window.
-fn longest_live_gap(c: &Collected, from: Instant, to: Instant) -> Duration {
-    let times: Vec<Instant> = c
-        .waveforms
-        .iter()
-        .filter(|a| !a.late && a.at >= from && a.at <= to)
-        .map(|a| a.at)
-        .collect();
-    times
-        .windows(2)
-        .map(|w| w[1].saturating_duration_since(w[0]))
-        .max()
-        .unwrap_or(to.saturating_duration_since(from))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_live_bearer_fails_over_within_two_round_trips() {
     let pki = Pki::new();
@@ -166,8 +151,7 @@ async fn blackholed_live_bearer_fails_over_within_two_round_trips() {
     // The emulated delay is 40 ms each way: at least 80 ms round trip.
     let rtt = Duration::from_secs_f64(remaining_rtt.max(0.080));
     let bound = rtt * 2 + Duration::from_millis(100);
-    let gap = longest_live_gap(
-        &c,
+    let gap = c.longest_live_gap(
         cut_at - Duration::from_millis(500),
         cut_at + Duration::from_secs(3),
     );
