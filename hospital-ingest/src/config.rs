@@ -276,6 +276,9 @@ pub struct StoreConfig {
     /// Frames waiting for the writer at most (back-pressure to the vehicles beyond).
     #[arg(long = "store-writer-queue")]
     pub writer_queue: usize,
+    /// Memory the database may use to cache pages, bytes (redb would take 1 GiB).
+    #[arg(long = "store-cache-bytes")]
+    pub cache_bytes: usize,
 }
 
 impl Default for Quic {
@@ -340,6 +343,7 @@ impl Default for StoreConfig {
             max_bytes_per_vehicle: 2 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(10),
             writer_queue: 8192,
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -389,6 +393,7 @@ impl ServiceConfig for IngestConfig {
                 self.grpc.max_pending_handshakes,
             ),
             ("store.writer_queue", self.store.writer_queue),
+            ("store.cache_bytes", self.store.cache_bytes),
             (
                 "reassembly.max_held_frames",
                 self.reassembly.max_held_frames,

@@ -99,7 +99,7 @@ impl Ingest {
         relay_ops::install_crypto_provider();
         crate::metrics::describe();
         let stop = CancellationToken::new();
-        let store = store::Store::open(&cfg.store.path)
+        let store = store::Store::open_with_cache(&cfg.store.path, cfg.store.cache_bytes)
             .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
         let (bus, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
         let retention = writer::RetentionPolicy {

@@ -37,6 +37,9 @@ const VEHICLE_LOG: TableDefinition<(&str, u64), u64> = TableDefinition::new("veh
 /// vehicle -> bytes of log it holds.
 const VEHICLE_BYTES: TableDefinition<&str, u64> = TableDefinition::new("vehicle_bytes");
 
+/// Page cache of [`Store::open`] (as `store.cache_bytes`' default).
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 /// Why the store could not be read or written.
 pub enum StoreError {
@@ -121,14 +124,21 @@ pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
 }
 
 impl Store {
-    /// Opens (or creates) the store and its tables.
+    /// Opens (or creates) the store and its tables, with the default page cache.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store at `path`, caching at most `cache_bytes` of its pages.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         // Patient data: owner-only file in an owner-only directory, from the start.
         relay_ops::private::prepare_file(path).map_err(|source| StoreError::Io {
             path: path.to_owned(),
             source,
         })?;
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(LOG)?;
