@@ -8,16 +8,20 @@ use std::process::Command;
 fn the_binary_writes_a_pki_the_ingest_accepts() {
     let work = tempfile::tempdir().unwrap();
     let certs = work.path().join("certs");
-    let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
-        .args(["--vehicle", "amb-9", "--subscriber", "ed-console", "--out"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
+            .args(args)
+            .arg("--out")
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["--vehicle", "amb-9", "--subscriber", "ed-console"]);
     for name in ["fleet-ca", "hospital-ca", "ingest", "amb-9", "ed-console"] {
         let chain = relay_ops::pem::load_certs(&certs.join(format!("{name}.pem"))).unwrap();
         relay_ops::pem::load_key(&certs.join(format!("{name}.key"))).unwrap();
@@ -66,16 +70,7 @@ fn the_binary_writes_a_pki_the_ingest_accepts() {
             .unwrap()
             .is_empty()
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_relay-devcerts"))
-        .args(["--revoke-subscriber", "ed-console", "--out"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(&["--revoke-subscriber", "ed-console"]);
     let ed = relay_ops::pem::load_certs(&certs.join("ed-console.pem")).unwrap();
     let serial = hospital_ingest::tls::certificate_serial(&ed[0]).unwrap();
     assert_eq!(

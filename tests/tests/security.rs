@@ -558,6 +558,23 @@ async fn grpc_tls_connect(
         .await
 }
 
+/// An ingest that reloads only when told (no file watcher racing the test's explicit
+/// reload), and amb-1 streaming vitals and GPS to it.
+async fn reload_only_ingest_with_amb1(pki: &Pki, work: &Path) -> (Ingest, Agent) {
+    let mut cfg = ingest_config(pki, &work.join("s.redb"));
+    cfg.tls.watch_interval = Duration::ZERO;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    (ingest, agent)
+}
+
 /// The next message of a subscription, if one comes within 5 s.
 async fn next(
     feed: &mut tonic::Streaming<SubscribeResponse>,
@@ -569,17 +586,7 @@ async fn next(
 async fn a_revoked_ed_client_is_cut_off_on_reload_and_the_grpc_certificate_rotates() {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
-    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
-    cfg.tls.watch_interval = Duration::ZERO;
-    let ingest = Ingest::start(cfg).await.unwrap();
-    let agent = Agent::start(agent_config(
-        pki.path(),
-        "amb-1",
-        ingest.quic_addr,
-        vitals_and_gps(),
-    ))
-    .await
-    .unwrap();
+    let (ingest, agent) = reload_only_ingest_with_amb1(&pki, work.path()).await;
     let url = format!("https://{}", ingest.grpc_addr);
     let live = || SubscribeRequest {
         vehicle_ids: vec![],
@@ -706,18 +713,7 @@ async fn an_ed_client_that_never_finishes_its_handshake_is_dropped_and_counted()
 async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_anything() {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
-    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
-    // The explicit reload alone, without the file watcher racing it.
-    cfg.tls.watch_interval = Duration::ZERO;
-    let ingest = Ingest::start(cfg).await.unwrap();
-    let agent = Agent::start(agent_config(
-        pki.path(),
-        "amb-1",
-        ingest.quic_addr,
-        vitals_and_gps(),
-    ))
-    .await
-    .unwrap();
+    let (ingest, agent) = reload_only_ingest_with_amb1(&pki, work.path()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The old certificate is revoked and a renewed one installed on the vehicle; the ingest
     // then reloads and cuts the session that still uses the old one.
@@ -756,6 +752,8 @@ async fn frames_that_never_finish_cannot_exhaust_memory() {
     let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
     cfg.metrics.listen = None;
     cfg.quic.frame_read_timeout = Duration::from_secs(30);
+    let q = cfg.quic.clone();
+    let streams = q.max_concurrent_frames as usize;
     let mut child =
         spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
     let pid = child.child.id().unwrap();
@@ -765,16 +763,17 @@ async fn frames_that_never_finish_cannot_exhaust_memory() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = rss_bytes(pid);
-    // amb-1 opens four connections, each with 512 streams of 255 KiB and no FIN.
+    // amb-1 opens every connection it may, each with every stream it may, 255 KiB each and no
+    // FIN: 16 x 512 x 255 KiB, 2 GiB offered.
     let chunk = bytes::Bytes::from(vec![0x55u8; 255 * 1024]);
     let mut attack = tokio::task::JoinSet::new();
     let mut conns = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..q.max_connections_per_vehicle {
         let conn = raw_connect(pki.path(), pki.path(), "amb-1", ingest)
             .await
             .unwrap();
         hello(&conn, "amb-1").await.unwrap();
-        for _ in 0..512 {
+        for _ in 0..streams {
             let (conn, chunk) = (conn.clone(), chunk.clone());
             attack.spawn(async move {
                 let mut stream = conn.open_uni().await.ok()?;
@@ -805,11 +804,24 @@ async fn frames_that_never_finish_cannot_exhaust_memory() {
         grown >> 20
     );
     // The attack held: every stream open on a live connection (none was refused or closed).
-    assert_eq!(open.len(), 4 * 512, "{written} written");
+    assert_eq!(
+        open.len(),
+        q.max_connections_per_vehicle * streams,
+        "{written} written"
+    );
     assert!(conns.iter().all(|c| c.close_reason().is_none()));
-    // The vehicle's read budget (32 MiB) plus four receive windows (4 MiB each): 48 MiB and
-    // the allocator's slack. Without the budget this attack grew the ingest by 549 MiB.
-    assert!(grown < 128 << 20, "grew {} MiB", grown >> 20);
+    // The README's bound for one vehicle: its read budget plus a receive window per
+    // connection (32 MiB + 16 x 4 MiB), and 32 MiB for the allocator. Without the budget,
+    // four connections' worth of this attack grew the ingest by 549 MiB.
+    let bound = q.max_reading_bytes_per_vehicle
+        + conns.len() * q.connection_receive_window_bytes as usize
+        + (32 << 20);
+    assert!(
+        (grown as usize) < bound.min(256 << 20),
+        "grew {} MiB, bound {} MiB",
+        grown >> 20,
+        bound >> 20
+    );
     drop(open);
     drop(conns);
     let summary = honest.shutdown().await.unwrap();
