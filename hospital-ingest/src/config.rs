@@ -142,10 +142,10 @@ pub struct Quic {
     /// its streams change; a restart resumes the old one).
     #[arg(long = "quic-max-new-sessions-per-hour")]
     pub max_new_sessions_per_hour: usize,
-    /// Bytes of frames being read or waiting for the store writer, all connections together;
-    /// a frame reserves `max_frame_bytes` before it is read, so memory is bounded by
-    /// construction (the rest waits in QUIC flow control, `connection_receive_window_bytes`
-    /// per connection).
+    /// Bytes of frames (and Hellos) being read or waiting for the store writer, all
+    /// connections together; a frame reserves `max_frame_bytes` (a Hello its size) before it
+    /// is read, so memory is bounded by construction (the rest waits in QUIC flow control,
+    /// `connection_receive_window_bytes` per connection). At least 1 MiB.
     #[arg(long = "quic-max-reading-bytes")]
     pub max_reading_bytes: usize,
     /// The same bound for one vehicle, all its bearers together, so one vehicle cannot take
@@ -426,12 +426,14 @@ impl ServiceConfig for IngestConfig {
             );
         }
         if q.max_reading_bytes < q.max_reading_bytes_per_vehicle
+            || q.max_reading_bytes < relay_proto::MAX_CONTROL_MESSAGE_BYTES
             || q.max_reading_bytes > u32::MAX as usize
         {
             return invalid(
                 "quic.max_reading_bytes",
                 &q.max_reading_bytes,
-                "must be at least quic.max_reading_bytes_per_vehicle, at most 4 GiB",
+                "must be at least quic.max_reading_bytes_per_vehicle and 1 MiB (the largest \
+                 Hello), at most 4 GiB",
             );
         }
         if (q.connection_receive_window_bytes as usize) < q.max_frame_bytes {

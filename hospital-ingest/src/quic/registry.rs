@@ -22,6 +22,9 @@ pub struct Online {
     /// Live sessions with their certificate's serial, to close revoked ones.
     live: Mutex<HashMap<u64, LiveSession>>,
     next_live: std::sync::atomic::AtomicU64,
+    /// Hellos being read per vehicle: what a certificate can make the ingest hold before
+    /// its sessions count.
+    hellos: Mutex<HashMap<String, usize>>,
 }
 
 impl Online {
@@ -100,6 +103,38 @@ impl Online {
     }
 }
 
+/// One Hello of a vehicle being read; the count drops when it is dropped.
+#[derive(Debug)]
+pub(crate) struct HelloSlot<'a> {
+    online: &'a Online,
+    vehicle: &'a str,
+}
+
+impl<'a> HelloSlot<'a> {
+    /// A slot unless vehicle `vehicle` already has `max` Hellos being read.
+    pub(crate) fn try_new(online: &'a Online, vehicle: &'a str, max: usize) -> Option<Self> {
+        let mut hellos = online.hellos.lock().unwrap_or_else(|p| p.into_inner());
+        let n = hellos.entry(vehicle.to_owned()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { online, vehicle })
+    }
+}
+
+impl Drop for HelloSlot<'_> {
+    fn drop(&mut self) {
+        let mut hellos = self.online.hellos.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = hellos.get_mut(self.vehicle) {
+            *n -= 1;
+            if *n == 0 {
+                hellos.remove(self.vehicle);
+            }
+        }
+    }
+}
+
 /// Marks a vehicle online from its accepted Hello until the connection ends.
 pub(crate) struct OnlineGuard<'a> {
     online: &'a Online,
@@ -156,6 +191,25 @@ impl Drop for OnlineGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vehicle_reads_at_most_its_cap_of_hellos_at_once() {
+        let online = Online::default();
+        let a = HelloSlot::try_new(&online, "amb-1", 2).unwrap();
+        let b = HelloSlot::try_new(&online, "amb-1", 2).unwrap();
+        assert!(HelloSlot::try_new(&online, "amb-1", 2).is_none());
+        let other = HelloSlot::try_new(&online, "amb-2", 2);
+        assert!(other.is_some(), "another vehicle has slots of its own");
+        drop(a);
+        let c = HelloSlot::try_new(&online, "amb-1", 2);
+        assert!(c.is_some(), "a finished Hello frees its slot");
+        drop((b, c, other));
+        let hellos = online.hellos.lock().unwrap();
+        assert!(
+            hellos.is_empty(),
+            "nothing kept for vehicles without Hellos"
+        );
+    }
 
     #[test]
     fn bearers_of_one_vehicle_share_one_read_budget_and_the_cap_holds() {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::{AckCoalescer, MAX_ACK_SEQS};
 use super::handshake::ServerHandshake;
-use super::registry::OnlineGuard;
+use super::registry::{HelloSlot, OnlineGuard};
 use super::validate::validate_frame;
 use super::{QuicContext, Refusal, refuse};
 use crate::writer::{StreamsRefused, WriterCmd};
@@ -29,6 +29,43 @@ use crate::writer::{StreamsRefused, WriterCmd};
 const STOP_DEADLINE: u32 = 1;
 /// How long acknowledgements may gather before they are written.
 const ACK_COALESCE: Duration = Duration::from_millis(5);
+
+/// Why the first control message could not be read.
+enum HelloReadError {
+    /// The stream ended first.
+    Ended,
+    /// It failed, or announced more than a control message may hold.
+    Io(std::io::Error),
+}
+
+/// Reads the first length-delimited control message (the Hello) after reserving its bytes
+/// from `budget`; the reservation is returned with it and given back when dropped.
+async fn read_hello(
+    recv: &mut quinn::RecvStream,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), HelloReadError> {
+    let read = |e: quinn::ReadExactError| match e {
+        quinn::ReadExactError::FinishedEarly(_) => HelloReadError::Ended,
+        quinn::ReadExactError::ReadError(e) => HelloReadError::Io(e.into()),
+    };
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(read)?;
+    let len = u32::from_be_bytes(prefix);
+    if len as usize > MAX_CONTROL_MESSAGE_BYTES {
+        return Err(HelloReadError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control message of {len} bytes, at most {MAX_CONTROL_MESSAGE_BYTES}"),
+        )));
+    }
+    let reserved = budget
+        .clone()
+        .acquire_many_owned(len)
+        .await
+        .map_err(|_| HelloReadError::Ended)?;
+    let mut message = vec![0u8; len as usize];
+    recv.read_exact(&mut message).await.map_err(read)?;
+    Ok((message, reserved))
+}
 
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -58,15 +95,27 @@ pub(super) async fn serve_vehicle(
         return Ok(()); // the peer went away before opening its control stream
     };
     let mut control_out = FramedWrite::new(send, codec());
-    let mut control_in = FramedRead::new(recv, codec());
-    let first = tokio::time::timeout_at(hs.poll_timeout(), control_in.next())
+    // A Hello may be up to MAX_CONTROL_MESSAGE_BYTES: what a certificate can make us hold
+    // before its connections count is bounded by Hellos in progress per vehicle, and their
+    // bytes come out of the ingest's read budget.
+    let max = ctx.cfg.max_connections_per_vehicle;
+    let Some(hello_slot) = HelloSlot::try_new(&ctx.online, &vehicle, max) else {
+        return Err(refuse(
+            CloseCode::QuotaExceeded,
+            format!("more than {max} Hellos of this vehicle in progress"),
+        ));
+    };
+    let mut recv = recv;
+    let first = tokio::time::timeout_at(hs.poll_timeout(), read_hello(&mut recv, &ctx.reading))
         .await
         .map_err(|_| hs.handle_timeout("hello"))?;
     let hello = match first {
-        Some(Ok(bytes)) => hs.handle_message(&bytes, &vehicle)?,
-        Some(Err(e)) => return Err(hs.handle_end(Some(e))),
-        None => return Err(hs.handle_end(None)),
+        Ok((bytes, _reserved)) => hs.handle_message(&bytes, &vehicle)?,
+        Err(HelloReadError::Ended) => return Err(hs.handle_end(None)),
+        Err(HelloReadError::Io(e)) => return Err(hs.handle_end(Some(e))),
     };
+    drop(hello_slot);
+    let mut control_in = FramedRead::new(recv, codec());
     // The handshake is over; the connection is a session now, if there is room.
     let Admitted { pending, sessions } = admitted;
     drop(pending);
@@ -76,7 +125,6 @@ pub(super) async fn serve_vehicle(
         return Err(refuse(CloseCode::Overloaded, "ingest at max_connections"));
     };
     // Counted from here: a vehicle holds at most its bearers plus slack at once.
-    let max = ctx.cfg.max_connections_per_vehicle;
     let budget = ctx.cfg.max_reading_bytes_per_vehicle;
     let Some(online) = OnlineGuard::try_new(&ctx.online, &vehicle, max, budget, conn) else {
         return Err(refuse(

@@ -36,6 +36,9 @@ pub fn validate_hello(hello: &Hello, vehicle: &str) -> Result<(), Refusal> {
             ),
         ));
     }
+    if hello.agent_version.len() > 128 {
+        return Err(refuse(CloseCode::Malformed, "agent version over 128 bytes"));
+    }
     if hello.streams.is_empty() || hello.streams.len() > MAX_STREAMS_PER_SESSION {
         return Err(refuse(
             CloseCode::Malformed,
@@ -73,7 +76,11 @@ fn validate_descriptor(s: &StreamDescriptor) -> Result<(), Refusal> {
             let rate_ok = w.sample_rate_hz.is_finite()
                 && w.sample_rate_hz > 0.0
                 && w.sample_rate_hz <= 100_000.0;
-            if !rate_ok || w.channels.is_empty() || w.channels.len() > MAX_CHANNELS {
+            if !rate_ok
+                || w.channels.is_empty()
+                || w.channels.len() > MAX_CHANNELS
+                || w.source.len() > 256
+            {
                 return Err(refuse(
                     CloseCode::Malformed,
                     format!("stream {}: bad waveform rate or channels", s.stream_id),
