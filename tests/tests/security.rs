@@ -76,6 +76,18 @@ async fn hello_session(
     session_id: u64,
     streams: Vec<StreamDescriptor>,
 ) -> Result<(), quinn::ConnectionError> {
+    hello_padded(conn, claimed, session_id, streams, 0).await
+}
+
+/// As [`hello_session`], with `padding` bytes of a field the ingest does not know appended to
+/// the control message (still a valid Hello: protobuf skips unknown fields).
+async fn hello_padded(
+    conn: &quinn::Connection,
+    claimed: &str,
+    session_id: u64,
+    streams: Vec<StreamDescriptor>,
+    padding: usize,
+) -> Result<(), quinn::ConnectionError> {
     let (send, recv) = conn.open_bi().await?;
     let mut w = FramedWrite::new(send, LengthDelimitedCodec::new());
     let mut r = FramedRead::new(recv, LengthDelimitedCodec::new());
@@ -86,10 +98,17 @@ async fn hello_session(
         streams,
         agent_version: "test".into(),
     };
-    let msg = ControlMessage {
+    let mut msg = ControlMessage {
         body: Some(Body::Hello(hello)),
-    };
-    if w.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
+    }
+    .encode_to_vec();
+    if padding > 0 {
+        // Field 15, length-delimited.
+        prost::encoding::encode_key(15, prost::encoding::WireType::LengthDelimited, &mut msg);
+        prost::encoding::encode_varint(padding as u64, &mut msg);
+        msg.resize(msg.len() + padding, 0xa5);
+    }
+    if w.send(Bytes::from(msg)).await.is_err() {
         return Err(conn.closed().await);
     }
     tokio::select! {
@@ -479,6 +498,197 @@ async fn a_vehicle_over_its_connection_or_session_quota_is_refused() {
     );
     assert!(counted.is_some_and(|n| n >= 2.0), "{body}");
     ingest.shutdown().await.unwrap();
+}
+
+/// amb-1 opens `attempts` new sessions, each on a connection of its own with a Hello padded
+/// to about 1 MiB, eight at a time, against the ingest as its own process while amb-2
+/// streams: only its hourly quota of sessions is accepted, the rest are refused and counted,
+/// the ingest's memory stays flat, and amb-2's stored data are complete.
+async fn session_storm(attempts: u64) {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    let quota = cfg.quic.max_new_sessions_per_hour as u64;
+    let child =
+        spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
+    let honest = Agent::start(agent_config(
+        pki.path(),
+        "amb-2",
+        child.quic,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = child.rss_bytes();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (next, dir, quic) = (next.clone(), pki.path().to_owned(), child.quic);
+        workers.spawn(async move {
+            let (mut accepted, mut refused, mut other) = (0u64, 0u64, Vec::new());
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= attempts {
+                    return (accepted, refused, other);
+                }
+                let conn = raw_connect(&dir, &dir, "amb-1", quic).await.unwrap();
+                let streams = vec![vitals(0, "vitals")];
+                match hello_padded(&conn, "amb-1", 1_000 + n, streams, 1_000_000).await {
+                    Ok(()) => accepted += 1,
+                    Err(e) if close_code(&e) == Some(CloseCode::QuotaExceeded) => refused += 1,
+                    Err(e) => other.push(e.to_string()),
+                }
+                conn.close(quinn::VarInt::from_u32(0), b"next");
+            }
+        });
+    }
+    let (mut accepted, mut refused, mut peak) = (0, 0, before);
+    loop {
+        peak = peak.max(child.rss_bytes());
+        match tokio::time::timeout(Duration::from_millis(200), workers.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(done)) => {
+                let (a, r, other) = done.unwrap();
+                assert!(other.is_empty(), "refused for another reason: {other:?}");
+                accepted += a;
+                refused += r;
+            }
+            Err(_) => {}
+        }
+    }
+    let grown = peak.saturating_sub(before);
+    println!(
+        "{attempts} sessions of ~1 MiB Hellos: {accepted} accepted, {refused} refused; \
+         ingest RSS peak +{} MiB",
+        grown >> 20
+    );
+    assert_eq!(accepted, quota, "exactly the hourly quota is accepted");
+    assert_eq!(refused, attempts - quota);
+    // Eight Hellos of 1 MiB at a time, and the allocator's slack: flat, not 1 MiB a session.
+    assert!(grown < 64 << 20, "grew {} MiB", grown >> 20);
+    let (_, body) = http_get(child.metrics.unwrap(), "/metrics").await;
+    let counted = labelled_metric(
+        &body,
+        "relay_ingest_protocol_errors_total",
+        "reason=\"quota_exceeded\"",
+    );
+    assert_eq!(counted, Some(refused as f64), "{body}");
+    // The other vehicle lost nothing: every frame it produced is stored, once.
+    let summary = honest.shutdown().await.unwrap();
+    assert_eq!(summary.unacked_at_exit, 0);
+    let produced: u64 = summary.frames_produced.iter().map(|(_, n)| n).sum();
+    let stored = collect_until(
+        || format!("https://{}", child.grpc),
+        &pki.subscriber("ed-console"),
+        &work.path().join("wfdb"),
+        Duration::from_secs(60),
+        |c| c.syncs > 0,
+    )
+    .await;
+    assert!(
+        stored.complete_from_zero(),
+        "every amb-2 frame from 0, once"
+    );
+    let amb2: u64 = stored
+        .frames_by_stream()
+        .iter()
+        .filter(|(id, _)| id.0 == "amb-2")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(amb2, produced, "amb-2's data intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_storm_with_megabyte_hellos_is_refused_past_the_quota_and_holds_no_memory() {
+    session_storm(300).await;
+}
+
+/// The acceptance figure: 10,000 sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak run, several minutes: cargo test -p relay-e2e --test security -- --ignored"]
+async fn soak_ten_thousand_sessions_with_megabyte_hellos() {
+    session_storm(10_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_cannot_hold_more_half_sent_hellos_than_its_connection_cap() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.quic.max_connections_per_vehicle = 4;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    // Ten connections of amb-1 each announce a 1 MiB Hello and send 1 KiB of it.
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let conn = raw_connect(pki.path(), pki.path(), "amb-1", ingest.quic_addr)
+            .await
+            .unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&1_000_000u32.to_be_bytes()).await.unwrap();
+        send.write_all(&[0u8; 1024]).await.unwrap();
+        stalled.push((conn, send));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The four in progress are held until the Hello deadline; the other six are refused at
+    // once, before they cost a megabyte each.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused: Vec<String> = stalled
+        .iter()
+        .filter_map(|(c, _)| c.close_reason())
+        .map(|e| {
+            assert_eq!(close_code(&e), Some(CloseCode::QuotaExceeded), "{e}");
+            e.to_string()
+        })
+        .collect();
+    assert_eq!(refused.len(), 6, "{refused:?}");
+    assert!(refused[0].contains("Hellos"), "{}", refused[0]);
+    // Another vehicle is not affected.
+    let amb2 = raw_connect(pki.path(), pki.path(), "amb-2", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&amb2, "amb-2").await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_revokes_a_vehicle_in_a_running_ingest_process() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    // SIGHUP alone: the file watcher must not be what reloads.
+    cfg.tls.watch_interval = Duration::ZERO;
+    let child =
+        spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
+    let connect = |v: &'static str| raw_connect(pki.path(), pki.path(), v, child.quic);
+    let amb1 = connect("amb-1").await.unwrap();
+    hello(&amb1, "amb-1").await.unwrap();
+    let amb2 = connect("amb-2").await.unwrap();
+    hello(&amb2, "amb-2").await.unwrap();
+    relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
+    let pid = child.child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let err = tokio::time::timeout(Duration::from_secs(5), amb1.closed())
+        .await
+        .expect("amb-1 is cut off within 5 s of SIGHUP");
+    assert_eq!(close_code(&err), Some(CloseCode::Revoked), "{err}");
+    match connect("amb-1").await {
+        Err(_) => {}
+        Ok(conn) => assert!(hello(&conn, "amb-1").await.is_err(), "amb-1 got a session"),
+    }
+    assert!(amb2.close_reason().is_none(), "amb-2 keeps its session");
+    let (_, body) = http_get(child.metrics.unwrap(), "/metrics").await;
+    let revoked = labelled_metric(
+        &body,
+        "relay_ingest_security_events_total",
+        "reason=\"revoked\"",
+    );
+    // The live session closed, and the new handshake refused.
+    assert!(revoked.is_some_and(|n| n >= 2.0), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -931,6 +1141,16 @@ async fn a_revocation_list_copied_into_place_cuts_the_vehicle_off_without_a_sign
         .await
         .unwrap();
     hello(&amb2, "amb-2").await.unwrap();
+    // A list cut off mid-copy does not load: the running configuration stays, nobody is
+    // cut off, and new vehicles still get in.
+    let crl = pki.path().join("fleet-ca.crl.pem");
+    std::fs::write(&crl, "-----BEGIN X509 CRL-----\nMIIB\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(amb1.close_reason().is_none(), "a broken list cut amb-1 off");
+    let amb3 = raw_connect(pki.path(), pki.path(), "amb-3", ingest.quic_addr)
+        .await
+        .unwrap();
+    hello(&amb3, "amb-3").await.unwrap();
     // Nobody calls reload or sends SIGHUP: the new list on disk is enough.
     relay_devcerts::revoke(pki.path(), &["amb-1".into()]).unwrap();
     let err = tokio::time::timeout(Duration::from_secs(10), amb1.closed())
