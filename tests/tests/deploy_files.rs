@@ -94,3 +94,48 @@ fn example_configs_are_the_defaults_with_every_key() {
     )
     .unwrap();
 }
+
+/// The command line of a unit's ExecStart, with its config file taken from deploy/config and
+/// `%d` (the credentials directory) as `credentials`.
+fn exec_start(unit: &str, credentials: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("deploy/systemd").join(unit)).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    line.split_whitespace()
+        .map(|arg| {
+            let arg = arg.replace("%d", credentials);
+            match arg.strip_prefix("/etc/ambulance-relay/") {
+                Some(file) if file.ends_with(".toml") => root()
+                    .join("deploy/config")
+                    .join(file)
+                    .display()
+                    .to_string(),
+                _ => arg,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_units_start_the_services_with_their_key_from_the_credentials_directory() {
+    let ingest: hospital_ingest::IngestConfig =
+        relay_ops::config::load_from(exec_start("hospital-ingest.service", "/run/creds")).unwrap();
+    assert_eq!(ingest.tls.key, Path::new("/run/creds/ingest.key"));
+    let agent: vehicle_agent::AgentConfig =
+        relay_ops::config::load_from(exec_start("vehicle-agent.service", "/run/creds")).unwrap();
+    assert_eq!(agent.tls.key, Path::new("/run/creds/vehicle.key"));
+    // Each key the command line names is one the unit loads as a credential.
+    for (unit, key) in [
+        ("hospital-ingest.service", "ingest.key"),
+        ("vehicle-agent.service", "vehicle.key"),
+    ] {
+        let text = std::fs::read_to_string(root().join("deploy/systemd").join(unit)).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("LoadCredential={key}:"))),
+            "{unit} does not load {key}"
+        );
+    }
+}
