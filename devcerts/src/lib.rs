@@ -304,7 +304,27 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     // An empty revocation list, so an ingest can be pointed at it from the start.
     revoke(dir, &[])?;
     revoke_subscribers(dir, &[])?;
+    write_access_policy(dir, &pki.subscribers)?;
     Ok(())
+}
+
+/// Name of the development access policy [`generate`] writes beside the certificates.
+pub const ACCESS_POLICY: &str = "access-policy.toml";
+
+/// Writes `access-policy.toml`: every development ED client may read every vehicle (the
+/// ingest's `grpc.access_policy`; a real deployment writes its own, README "Security").
+fn write_access_policy(dir: &Path, subscribers: &[String]) -> Result<(), DevCertError> {
+    let names: Vec<String> = subscribers.iter().map(|s| format!("{s:?}")).collect();
+    let text = format!(
+        "# Development access policy (relay-devcerts): every development ED client may read\n\
+         # every vehicle. Never use it in production.\n\
+         [[rule]]\n\
+         name = \"development ED clients\"\n\
+         subject_cn = [{}]\n\
+         all_vehicles = true\n",
+        names.join(", ")
+    );
+    write(dir.join(ACCESS_POLICY), &text)
 }
 
 #[cfg(test)]

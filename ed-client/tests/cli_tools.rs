@@ -35,6 +35,7 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&certs);
+    cfg.grpc.access_policy = Some(certs.join(relay_devcerts::ACCESS_POLICY));
     cfg.store.path = work.path().join("store.redb");
     cfg.allow_dev_pki = true;
     let ingest = Ingest::start(cfg).await.unwrap();

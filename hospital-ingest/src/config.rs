@@ -201,6 +201,22 @@ pub struct Grpc {
         long = "grpc-max-pending-handshakes"
     )]
     pub max_pending_handshakes: usize,
+    /// Who may read which vehicles and stream kinds (README "Security"); reloaded on SIGHUP
+    /// and when the file changes. None: no client may read patient data (health and
+    /// reflection still answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "grpc-access-policy")]
+    pub access_policy: Option<PathBuf>,
+    /// Serve gRPC server reflection (lets tools such as grpcurl discover the API).
+    #[arg(long = "grpc-reflection", action = clap::ArgAction::Set)]
+    pub reflection: bool,
+    /// Subscriptions one client certificate may hold at once.
+    #[arg(long = "grpc-max-subscriptions-per-client")]
+    pub max_subscriptions_per_client: usize,
+    /// Calls (ListVehicles, Subscribe) one client certificate may make per minute; more
+    /// fail with RESOURCE_EXHAUSTED.
+    #[arg(long = "grpc-max-calls-per-minute")]
+    pub max_calls_per_minute: u32,
 }
 
 /// Certificates and the CAs of vehicles and subscribers.
@@ -316,6 +332,10 @@ impl Default for Grpc {
             max_subscribers: 256,
             tls_handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 64,
+            access_policy: None,
+            reflection: true,
+            max_subscriptions_per_client: 16,
+            max_calls_per_minute: 120,
         }
     }
 }
@@ -391,6 +411,14 @@ impl ServiceConfig for IngestConfig {
             (
                 "grpc.max_pending_handshakes",
                 self.grpc.max_pending_handshakes,
+            ),
+            (
+                "grpc.max_subscriptions_per_client",
+                self.grpc.max_subscriptions_per_client,
+            ),
+            (
+                "grpc.max_calls_per_minute",
+                self.grpc.max_calls_per_minute as usize,
             ),
             ("store.writer_queue", self.store.writer_queue),
             ("store.cache_bytes", self.store.cache_bytes),

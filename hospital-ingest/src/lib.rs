@@ -9,6 +9,7 @@
 //! [`config`] is the one configuration struct; [`tls`] builds both listeners' TLS.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
@@ -85,6 +86,17 @@ impl Ingest {
             &[&t.cert, &t.fleet_ca, &t.subscriber_ca],
             cfg.allow_dev_pki,
         )?;
+        // One CA for both would let a vehicle certificate read patients and an ED certificate
+        // pose as an ambulance.
+        let fleet = relay_ops::pem::load_certs(&t.fleet_ca).context("reading the fleet CA")?;
+        let subscribers =
+            relay_ops::pem::load_certs(&t.subscriber_ca).context("reading the subscriber CA")?;
+        if fleet.iter().any(|c| subscribers.contains(c)) {
+            anyhow::bail!(
+                "tls.fleet_ca and tls.subscriber_ca share a CA certificate: vehicles and ED \
+                 clients must come from different CAs"
+            );
+        }
         // Expiry is visible weeks ahead (alerts at 30 and 7 days), not when it bites.
         for (which, path) in [
             ("server", &t.cert),
@@ -142,9 +154,15 @@ impl Ingest {
             .await
             .with_context(|| format!("binding gRPC {}", cfg.grpc.listen))?;
         let grpc_addr = listener.local_addr()?;
+        let access = access::AccessControl::new(load_policy(&cfg.grpc)?);
         let settings = grpc::GrpcSettings {
             subscriber_queue: cfg.grpc.subscriber_queue,
             slow_subscriber_timeout: cfg.grpc.slow_subscriber_timeout,
+            access: access.clone(),
+            limits: grpc::limits::ClientLimits::new(
+                cfg.grpc.max_calls_per_minute,
+                cfg.grpc.max_subscriptions_per_client,
+            ),
         };
         let svc = grpc::TelemetryService::new(
             store,
@@ -176,7 +194,7 @@ impl Ingest {
         );
         let router = tonic::transport::Server::builder()
             .add_service(health_svc)
-            .add_service(reflection)
+            .add_optional_service(cfg.grpc.reflection.then_some(reflection))
             .add_service(TelemetryServer::new(svc));
         let grpc_stop = stop.clone();
         let grpc = tokio::spawn(async move {
@@ -194,6 +212,7 @@ impl Ingest {
             endpoint,
             online,
             grpc: grpc_tls,
+            access,
             tls: cfg.tls.clone(),
             quic_cfg: cfg.clone(),
         };
@@ -257,6 +276,7 @@ struct TlsReloader {
     endpoint: quinn::Endpoint,
     online: Arc<quic::Online>,
     grpc: Arc<grpc::listener::GrpcTls>,
+    access: Arc<access::AccessControl>,
     tls: config::Tls,
     quic_cfg: IngestConfig,
 }
@@ -277,8 +297,10 @@ impl TlsReloader {
         };
         let revoked_vehicles = serials(&self.tls.fleet_crl, "fleet")?;
         let revoked_subscribers = serials(&self.tls.subscriber_crl, "subscriber")?;
+        let policy = load_policy(&self.quic_cfg.grpc)?;
         self.endpoint.set_server_config(Some(quic));
         self.grpc.set_config(grpc);
+        self.access.set(policy);
         let closed = Reloaded {
             vehicles: self.online.close_revoked(&revoked_vehicles),
             subscribers: self.grpc.close_revoked(&revoked_subscribers),
@@ -299,12 +321,24 @@ impl TlsReloader {
     }
 }
 
-/// Size and modification time of each TLS file (None: missing), to notice a change.
-fn tls_files_state(t: &config::Tls) -> Vec<Option<(std::time::SystemTime, u64)>> {
+/// The access policy `grpc.access_policy` names, if any.
+fn load_policy(g: &config::Grpc) -> anyhow::Result<Option<access::AccessPolicy>> {
+    let Some(path) = &g.access_policy else {
+        tracing::warn!("no grpc.access_policy: no client may read patient data");
+        return Ok(None);
+    };
+    Ok(Some(access::AccessPolicy::load(path)?))
+}
+
+/// Size and modification time of each TLS and policy file (None: missing), to notice a
+/// change.
+fn tls_files_state(cfg: &IngestConfig) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    let t = &cfg.tls;
     [&t.cert, &t.key, &t.fleet_ca, &t.subscriber_ca]
         .into_iter()
         .chain(t.fleet_crl.as_ref())
         .chain(t.subscriber_crl.as_ref())
+        .chain(cfg.grpc.access_policy.as_ref())
         .map(|path| {
             let meta = std::fs::metadata(path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
@@ -317,14 +351,14 @@ fn tls_files_state(t: &config::Tls) -> Vec<Option<(std::time::SystemTime, u64)>>
 /// not load (a key replaced before its certificate) keeps the running configuration and is
 /// tried again at the next change.
 async fn watch_tls_files(reloader: TlsReloader, interval: Duration, stop: CancellationToken) {
-    let mut loaded = tls_files_state(&reloader.tls);
+    let mut loaded = tls_files_state(&reloader.quic_cfg);
     let mut failed = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let now = tls_files_state(&reloader.tls);
+        let now = tls_files_state(&reloader.quic_cfg);
         if now == loaded || failed.as_ref() == Some(&now) {
             continue;
         }

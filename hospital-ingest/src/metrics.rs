@@ -23,6 +23,13 @@ pub fn describe() {
             .increment(0);
     }
     describe_counter!(
+        "relay_ingest_grpc_denied_total",
+        "gRPC calls refused by the access policy or a per-client bound, by reason (no_grant, vehicle, kind, call_rate, subscriptions, unauthenticated)"
+    );
+    for reason in crate::grpc::DENIAL_REASONS {
+        metrics::counter!("relay_ingest_grpc_denied_total", "reason" => *reason).increment(0);
+    }
+    describe_counter!(
         "relay_ingest_security_events_total",
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );

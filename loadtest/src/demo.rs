@@ -102,6 +102,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.grpc.listen = "127.0.0.1:0".parse()?;
     cfg.metrics.listen = Some("127.0.0.1:0".parse()?);
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&pki);
+    cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
     cfg.store.path = work.path().join("store/relay.redb");
     let ingest = Ingest::start(cfg).await?;
 

@@ -299,6 +299,7 @@ async fn start_ingest(
     cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
     cfg.store.path = dir.join("store.redb");
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
+    cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
     let config = dir.join("ingest.toml");
     std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
     let child = tokio::process::Command::new(ingest_exe)

@@ -175,6 +175,7 @@ async fn a_load_run_can_target_a_running_ingest() {
     cfg.quic.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(&pki);
+    cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
     cfg.store.path = dir.path().join("store.redb");
     cfg.allow_dev_pki = true;
     let ingest = hospital_ingest::Ingest::start(cfg).await.unwrap();

@@ -88,6 +88,7 @@ pub fn ingest_config(pki: &Pki, store: &Path) -> IngestConfig {
     c.grpc.listen = "127.0.0.1:0".parse().unwrap();
     c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     c.tls = hospital_ingest::config::Tls::from_dev_dir(pki.path());
+    c.grpc.access_policy = Some(pki.path().join(relay_devcerts::ACCESS_POLICY));
     c.store.path = store.to_owned();
     c.allow_dev_pki = true;
     c

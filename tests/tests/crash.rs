@@ -32,6 +32,7 @@ fn spawn_ingest(
     cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
     cfg.store.path = store.to_owned();
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki.path());
+    cfg.grpc.access_policy = Some(pki.path().join(relay_devcerts::ACCESS_POLICY));
     let config = store.with_extension("toml");
     std::fs::write(&config, cfg.to_toml().unwrap()).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-hospital-ingest"))

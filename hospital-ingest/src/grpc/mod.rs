@@ -3,6 +3,7 @@
 //! stands is the sans-IO [`flow::SubscriptionFlow`]; this module moves records and time.
 
 pub mod flow;
+pub mod limits;
 pub mod listener;
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,20 +22,47 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::access::{AccessControl, ClientIdentity, Grant};
 use crate::quic::Online;
 use crate::store::{LogEntry, Store, StoreError, record_scope};
 use flow::{LiveStep, SubscriptionFlow};
+use limits::ClientLimits;
 
 /// Records read from the store per page while sending a backlog.
 const BACKLOG_PAGE: usize = 512;
 
 #[derive(Debug, Clone)]
-/// Per-subscriber bounds.
+/// Who may read what, and per-subscriber bounds.
 pub struct GrpcSettings {
     /// Messages queued per subscriber.
     pub subscriber_queue: usize,
     /// A subscriber whose queue stays full this long is cut off.
     pub slow_subscriber_timeout: Duration,
+    /// The access policy in force.
+    pub access: Arc<AccessControl>,
+    /// Calls and subscriptions per client.
+    pub limits: Arc<ClientLimits>,
+}
+
+/// Every reason of `relay_ingest_grpc_denied_total`, exported at zero from start.
+pub const DENIAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "no_grant",
+    "vehicle",
+    "kind",
+    "call_rate",
+    "subscriptions",
+];
+
+fn denied(reason: &'static str, who: &str, status: Status) -> Status {
+    metrics::counter!("relay_ingest_grpc_denied_total", "reason" => reason).increment(1);
+    tracing::warn!(
+        client = who,
+        reason,
+        message = status.message(),
+        "gRPC call refused"
+    );
+    status
 }
 
 #[derive(Debug, Clone)]
@@ -86,17 +114,30 @@ async fn blocking<T: Send + 'static>(
         .map_err(internal)
 }
 
-/// What a subscription wants.
+/// What a subscription wants, within what its client may read (worked out again when the
+/// policy is reloaded).
 #[derive(Debug, Clone)]
 struct Filter {
     vehicles: HashSet<String>,
     kinds: HashSet<i32>,
+    who: Arc<ClientIdentity>,
+    access: Arc<AccessControl>,
+    grant: Grant,
+    generation: u64,
 }
 
 impl Filter {
     fn matches(&self, vehicle: &str, kind: i32) -> bool {
         (self.vehicles.is_empty() || self.vehicles.contains(vehicle))
             && (self.kinds.is_empty() || self.kinds.contains(&kind))
+            && self.grant.allows(vehicle, kind)
+    }
+
+    /// Takes a reloaded policy into account.
+    fn refresh(&mut self) {
+        if self.access.generation() != self.generation {
+            (self.grant, self.generation) = self.access.grant(&self.who);
+        }
     }
 
     fn matches_record(&self, msg: &SubscribeResponse) -> bool {
@@ -120,6 +161,7 @@ pub struct SubscriberStream {
     failure: StatusSlot,
     done: bool,
     _slot: OwnedSemaphorePermit,
+    _client_slot: limits::SubscriptionSlot,
 }
 
 impl Stream for SubscriberStream {
@@ -186,7 +228,7 @@ impl TelemetryService {
     /// Sends stored records in (after, up_to] that match; returns the last cursor examined.
     async fn send_backlog(
         &self,
-        filter: &Filter,
+        filter: &mut Filter,
         mut after: u64,
         up_to: u64,
         out: &mut Outlet,
@@ -200,6 +242,7 @@ impl TelemetryService {
             let Some(last) = page.last().map(|(c, _)| *c) else {
                 break;
             };
+            filter.refresh();
             for (_, msg) in page {
                 if filter.matches_record(&msg) {
                     out.send(msg).await?;
@@ -213,7 +256,7 @@ impl TelemetryService {
 
     async fn run_subscription(
         self,
-        filter: Filter,
+        mut filter: Filter,
         start: Option<Start>,
         out: &mut Outlet,
     ) -> Result<(), Stop> {
@@ -242,7 +285,7 @@ impl TelemetryService {
             }
         }
         let (after, up_to) = flow.backlog();
-        let (reached, backlog) = self.send_backlog(&filter, after, up_to, out).await?;
+        let (reached, backlog) = self.send_backlog(&mut filter, after, up_to, out).await?;
         flow.handle_caught_up(reached);
         out.send(flow.sync_marker(backlog)).await?;
         loop {
@@ -258,8 +301,9 @@ impl TelemetryService {
                         if let Some((after, up_to)) = heal {
                             // Committed but not seen live (cannot happen with an intact bus;
                             // cheap to heal from the store).
-                            self.send_backlog(&filter, after, up_to, out).await?;
+                            self.send_backlog(&mut filter, after, up_to, out).await?;
                         }
+                        filter.refresh();
                         if filter.matches(&e.vehicle, e.kind) {
                             out.send(e.message.clone()).await?;
                         }
@@ -270,7 +314,9 @@ impl TelemetryService {
                     out.send(flow.handle_lagged(missed)).await?;
                     let store = self.store.clone();
                     let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
-                    let (reached, _) = self.send_backlog(&filter, flow.cursor(), head, out).await?;
+                    let (reached, _) = self
+                        .send_backlog(&mut filter, flow.cursor(), head, out)
+                        .await?;
                     flow.handle_caught_up(reached);
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -279,17 +325,56 @@ impl TelemetryService {
     }
 }
 
+impl TelemetryService {
+    /// The client of a call (from its certificate), within its call rate.
+    fn admit<T>(&self, req: &Request<T>) -> Result<ClientIdentity, Status> {
+        // Tests of this module put the identity in directly; over the network it comes from
+        // the verified certificate of the TLS connection.
+        let who = req
+            .extensions()
+            .get::<ClientIdentity>()
+            .cloned()
+            .or_else(|| {
+                let certs = req.peer_certs()?;
+                ClientIdentity::from_der(certs.first()?.as_ref())
+            });
+        let Some(who) = who else {
+            return Err(denied(
+                "unauthenticated",
+                "?",
+                Status::unauthenticated("no usable client certificate"),
+            ));
+        };
+        if let Err(r) = self
+            .settings
+            .limits
+            .call(&who.fingerprint, tokio::time::Instant::now())
+        {
+            return Err(denied(
+                r.label(),
+                who.name(),
+                Status::resource_exhausted("too many calls from this client; slow down"),
+            ));
+        }
+        Ok(who)
+    }
+}
+
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
     async fn list_vehicles(
         &self,
-        _req: Request<ListVehiclesRequest>,
+        req: Request<ListVehiclesRequest>,
     ) -> Result<Response<ListVehiclesResponse>, Status> {
+        let who = self.admit(&req)?;
+        let (grant, _) = self.settings.access.grant(&who);
         let store = self.store.clone();
         let (vehicles, streams) =
             blocking(move || Ok((store.vehicles()?, store.streams()?))).await?;
+        // Only what the client may see: other vehicles are not even named.
         let mut by_vehicle: BTreeMap<String, Vehicle> = vehicles
             .into_iter()
+            .filter(|(id, _)| grant.sees(id))
             .map(|(id, last_seen_ns)| {
                 let v = Vehicle {
                     vehicle_id: id.clone(),
@@ -301,9 +386,13 @@ impl Telemetry for TelemetryService {
             })
             .collect();
         for info in streams {
-            let Some(id) = info.stream.as_ref().map(|s| s.vehicle_id.clone()) else {
+            let Some((id, kind)) = info.stream.as_ref().map(|s| (s.vehicle_id.clone(), s.kind))
+            else {
                 continue;
             };
+            if !grant.allows(&id, kind) {
+                continue;
+            }
             if let Some(v) = by_vehicle.get_mut(&id) {
                 v.streams.push(info);
             }
@@ -319,10 +408,43 @@ impl Telemetry for TelemetryService {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = self.admit(&req)?;
         let req = req.into_inner();
         if req.vehicle_ids.len() > 1024 || req.kinds.len() > 16 {
             return Err(Status::invalid_argument("too many vehicle ids or kinds"));
         }
+        let (grant, generation) = self.settings.access.grant(&who);
+        let refuse = |reason, message: String| {
+            Err(denied(
+                reason,
+                who.name(),
+                Status::permission_denied(message),
+            ))
+        };
+        if grant.is_empty() {
+            return refuse(
+                "no_grant",
+                "the access policy grants this client nothing".into(),
+            );
+        }
+        if let Some(v) = req.vehicle_ids.iter().find(|v| !grant.sees(v)) {
+            return refuse("vehicle", format!("not allowed to read vehicle {v:?}"));
+        }
+        if let Some(k) = req.kinds.iter().find(|k| !grant.reads_kind(**k)) {
+            let kind = relay_proto::kind_label(*k);
+            return refuse("kind", format!("not allowed to read {kind} streams"));
+        }
+        let client_slot = self
+            .settings
+            .limits
+            .subscribe(&who.fingerprint)
+            .map_err(|r| {
+                denied(
+                    r.label(),
+                    who.name(),
+                    Status::resource_exhausted("too many subscriptions of this client"),
+                )
+            })?;
         let slot = self
             .slots
             .clone()
@@ -331,6 +453,10 @@ impl Telemetry for TelemetryService {
         let filter = Filter {
             vehicles: req.vehicle_ids.into_iter().collect(),
             kinds: req.kinds.into_iter().collect(),
+            who: Arc::new(who),
+            access: self.settings.access.clone(),
+            grant,
+            generation,
         };
         let (tx, rx) = mpsc::channel(self.settings.subscriber_queue);
         let cut_off = Arc::new(std::sync::Mutex::new(None));
@@ -363,6 +489,7 @@ impl Telemetry for TelemetryService {
             failure,
             done: false,
             _slot: slot,
+            _client_slot: client_slot,
         }))
     }
 }
@@ -385,15 +512,24 @@ mod tests {
             GrpcSettings {
                 subscriber_queue: 16,
                 slow_subscriber_timeout: Duration::from_secs(5),
+                access: AccessControl::new(Some(crate::access::AccessPolicy::everything_for(&[
+                    "ed-console",
+                ]))),
+                limits: ClientLimits::new(60, 4),
             },
             4,
             CancellationToken::new(),
         );
-        let req = SubscribeRequest {
+        let mut req = Request::new(SubscribeRequest {
             start: Some(Start::AfterCursor(0)),
             ..SubscribeRequest::default()
-        };
-        let mut stream = svc.subscribe(Request::new(req)).await.unwrap().into_inner();
+        });
+        req.extensions_mut().insert(ClientIdentity {
+            subject_cn: Some("ed-console".into()),
+            fingerprint: "f".into(),
+            ..ClientIdentity::default()
+        });
+        let mut stream = svc.subscribe(req).await.unwrap().into_inner();
         let end = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match stream.next().await {

@@ -1,0 +1,284 @@
+//! Who may read which patient, over real gRPC and TLS: an ED certificate scoped by the access
+//! policy sees and reads only its vehicles and kinds, is refused beyond them, follows a
+//! reloaded policy, and is held to its call rate and subscription count; without a policy
+//! nobody reads patient data; reflection can be turned off; one CA for vehicles and ED clients
+//! is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use hospital_ingest::Ingest;
+use relay_e2e::*;
+use relay_proto::model::telemetry_client::TelemetryClient;
+use relay_proto::model::{
+    ListVehiclesRequest, StreamKind, SubscribeRequest, SubscribeResponse, subscribe_request::Start,
+    subscribe_response::Record,
+};
+use tonic::transport::Channel;
+use vehicle_agent::Agent;
+
+/// ed-2 reads amb-1's vitals and positions; ed-console reads everything.
+const SCOPED: &str = r#"
+[[rule]]
+name = "ed-2: amb-1 vitals and positions"
+subject_cn = ["ed-2"]
+vehicles = ["amb-1"]
+kinds = ["vitals", "location"]
+
+[[rule]]
+name = "console"
+subject_cn = ["ed-console"]
+all_vehicles = true
+"#;
+
+async fn client(ingest: &Ingest, pki: &Pki, name: &str) -> TelemetryClient<Channel> {
+    ed_client::client::connect(
+        &format!("https://{}", ingest.grpc_addr),
+        &pki.subscriber(name),
+    )
+    .await
+    .unwrap()
+}
+
+async fn listed(c: &mut TelemetryClient<Channel>) -> Vec<String> {
+    let list = c
+        .list_vehicles(ListVehiclesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    list.vehicles.into_iter().map(|v| v.vehicle_id).collect()
+}
+
+fn live(vehicles: &[&str], kinds: &[StreamKind]) -> SubscribeRequest {
+    SubscribeRequest {
+        vehicle_ids: vehicles.iter().map(|v| (*v).to_owned()).collect(),
+        kinds: kinds.iter().map(|k| *k as i32).collect(),
+        start: Some(Start::Live(true)),
+    }
+}
+
+/// (vehicle, kind) of the next `n` data records of a subscription.
+async fn next_data(feed: &mut tonic::Streaming<SubscribeResponse>, n: usize) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let msg = tokio::time::timeout(Duration::from_secs(10), feed.message())
+            .await
+            .expect("data within 10 s")
+            .unwrap()
+            .expect("the subscription goes on");
+        if let Some(Record::Data(d)) = msg.record {
+            let s = d.stream.unwrap();
+            out.push((s.vehicle_id, s.kind));
+        }
+    }
+    out
+}
+
+async fn two_vehicles(pki: &Pki, ingest: &Ingest) -> (Agent, Agent) {
+    let start = |v: &str| {
+        Agent::start(agent_config(
+            pki.path(),
+            v,
+            ingest.quic_addr,
+            vitals_and_gps(),
+        ))
+    };
+    (start("amb-1").await.unwrap(), start("amb-2").await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed_certificate_reads_only_what_the_policy_grants_and_follows_a_reload() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let policy = work.path().join("policy.toml");
+    std::fs::write(&policy, SCOPED).unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.access_policy = Some(policy.clone());
+    cfg.tls.watch_interval = Duration::ZERO;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let (a1, a2) = two_vehicles(&pki, &ingest).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut scoped = client(&ingest, &pki, "ed-2").await;
+    let mut console = client(&ingest, &pki, "ed-console").await;
+    assert_eq!(
+        listed(&mut scoped).await,
+        vec!["amb-1"],
+        "only its vehicle is named"
+    );
+    assert_eq!(listed(&mut console).await, vec!["amb-1", "amb-2"]);
+
+    // Beyond the grant: another vehicle, or a kind it may not read.
+    for req in [
+        live(&["amb-2"], &[]),
+        live(&["amb-1", "amb-2"], &[StreamKind::Vitals]),
+        live(&[], &[StreamKind::Waveform]),
+    ] {
+        let status = scoped.subscribe(req.clone()).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{req:?}: {status:?}"
+        );
+    }
+    // A filter naming nothing means everything it may read: amb-1's vitals and positions.
+    let mut feed = scoped.subscribe(live(&[], &[])).await.unwrap().into_inner();
+    for (vehicle, kind) in next_data(&mut feed, 10).await {
+        assert_eq!(vehicle, "amb-1");
+        assert!(kind == StreamKind::Vitals as i32 || kind == StreamKind::Location as i32);
+    }
+
+    // The policy changes: ed-2 now follows amb-2's positions only; the live subscription and
+    // new calls follow at once.
+    std::fs::write(
+        &policy,
+        SCOPED.replace(
+            "vehicles = [\"amb-1\"]\nkinds = [\"vitals\", \"location\"]",
+            "vehicles = [\"amb-2\"]\nkinds = [\"location\"]",
+        ),
+    )
+    .unwrap();
+    ingest.reload().unwrap();
+    assert_eq!(listed(&mut scoped).await, vec!["amb-2"]);
+    // Records already queued under the old grant drain first.
+    let after: Vec<(String, i32)> = next_data(&mut feed, 40).await.split_off(20);
+    assert!(
+        after
+            .iter()
+            .all(|(v, k)| v == "amb-2" && *k == StreamKind::Location as i32),
+        "{after:?}"
+    );
+
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let denied = |reason: &str| {
+        labelled_metric(
+            &body,
+            "relay_ingest_grpc_denied_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(denied("vehicle") >= 2.0 && denied("kind") >= 1.0, "{body}");
+    a1.shutdown().await.unwrap();
+    a2.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_nobody_reads_patient_data() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.access_policy = None;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut c = client(&ingest, &pki, "ed-console").await;
+    assert!(listed(&mut c).await.is_empty());
+    let status = c.subscribe(live(&[], &[])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_held_to_its_call_rate_and_subscription_count_and_others_are_not() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.max_calls_per_minute = 5;
+    cfg.grpc.max_subscriptions_per_client = 2;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let mut greedy = client(&ingest, &pki, "ed-console").await;
+    let _first = greedy.subscribe(live(&[], &[])).await.unwrap();
+    let _second = greedy.subscribe(live(&[], &[])).await.unwrap();
+    let third = greedy.subscribe(live(&[], &[])).await.unwrap_err();
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third:?}");
+    // Calls 4 and 5 of the minute pass, the sixth does not.
+    for _ in 0..2 {
+        greedy
+            .list_vehicles(ListVehiclesRequest::default())
+            .await
+            .unwrap();
+    }
+    let sixth = greedy
+        .list_vehicles(ListVehiclesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(sixth.code(), tonic::Code::ResourceExhausted, "{sixth:?}");
+    // Another client certificate has its own budget.
+    let mut other = client(&ingest, &pki, "ed-2").await;
+    other
+        .list_vehicles(ListVehiclesRequest::default())
+        .await
+        .unwrap();
+    let _s = other.subscribe(live(&[], &[])).await.unwrap();
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    for reason in ["call_rate", "subscriptions"] {
+        let n = labelled_metric(
+            &body,
+            "relay_ingest_grpc_denied_total",
+            &format!("reason=\"{reason}\""),
+        );
+        assert!(n.is_some_and(|n| n >= 1.0), "{reason}: {body}");
+    }
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_turned_off() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.reflection = false;
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let tls = pki.subscriber("ed-console");
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let channel = Channel::from_shared(format!("https://{}", ingest.grpc_addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(&tls.ca)))
+                .identity(tonic::transport::Identity::from_pem(
+                    read(&tls.cert),
+                    read(&tls.key),
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ca_for_vehicles_and_ed_clients_is_refused() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.tls.subscriber_ca = cfg.tls.fleet_ca.clone();
+    let err = Ingest::start(cfg).await.unwrap_err();
+    assert!(format!("{err:#}").contains("different CAs"), "{err:#}");
+}
