@@ -62,9 +62,44 @@ pub struct IngestConfig {
     /// Putting each stream back in order.
     #[command(flatten)]
     pub reassembly: Reassembly,
+    /// The access audit log.
+    #[command(flatten)]
+    pub audit: AuditConfig,
     /// The Prometheus endpoint.
     #[command(flatten)]
     pub metrics: MetricsConfig,
+}
+
+/// The tamper-evident access audit log (README "Security").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Directory of the audit files (audit-<first record>.jsonl, owner-only). None: `audit`
+    /// beside the store file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.path", long = "audit-path")]
+    pub path: Option<PathBuf>,
+    /// A file that reaches this many bytes is closed and the next one started; the hash
+    /// chain continues across files.
+    #[arg(id = "audit.max_file_bytes", long = "audit-max-file-bytes")]
+    pub max_file_bytes: u64,
+    /// Files kept; the oldest beyond are deleted, so archive them before (or raise this).
+    #[arg(id = "audit.max_files", long = "audit-max-files")]
+    pub max_files: usize,
+    /// Records waiting for the writer at most.
+    #[arg(id = "audit.queue", long = "audit-queue")]
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_files: 256,
+            queue: 4096,
+        }
+    }
 }
 
 /// Putting each stream back in order.
@@ -421,6 +456,8 @@ impl ServiceConfig for IngestConfig {
                 self.grpc.max_calls_per_minute as usize,
             ),
             ("store.writer_queue", self.store.writer_queue),
+            ("audit.max_files", self.audit.max_files),
+            ("audit.queue", self.audit.queue),
             ("store.cache_bytes", self.store.cache_bytes),
             (
                 "reassembly.max_held_frames",
@@ -499,6 +536,17 @@ impl ServiceConfig for IngestConfig {
 }
 
 impl IngestConfig {
+    /// The audit directory: `audit.path`, else `audit` beside the store file.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| {
+            self.store
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("audit")
+        })
+    }
+
     /// The configuration as TOML (what a file must hold to give it back); tests and the load
     /// generator start ingest processes with it.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod audit;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
@@ -38,6 +39,9 @@ use relay_ops::config::ServiceConfig as _;
 /// (printing help or version and exiting when asked), run until SIGTERM/ctrl-c, shut down
 /// gracefully.
 pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    if args.get(1).is_some_and(|a| a == "audit") {
+        return audit_cli(args.into_iter().skip(1));
+    }
     relay_ops::init_logging("info");
     let cfg: IngestConfig =
         relay_ops::config::load_or_exit(args).context("loading configuration")?;
@@ -56,6 +60,110 @@ pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     ingest.shutdown().await
+}
+
+/// `hospital-ingest audit ...`: check or ask the access audit log.
+#[derive(Debug, clap::Parser)]
+#[command(name = "hospital-ingest audit")]
+enum AuditCommand {
+    /// Checks the hash chain of audit files and names the first broken line. A directory
+    /// stands for its audit-*.jsonl files, oldest first.
+    Verify {
+        /// Audit files or directories, oldest first.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Lists the records that involve a vehicle (who read its data) from a time on, then the
+    /// clients among them.
+    Query {
+        /// Only records that name this vehicle.
+        #[arg(long)]
+        vehicle: Option<String>,
+        /// From this time on: RFC 3339 (2026-11-29T06:00:00Z) or a duration ago (2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Audit files or directories, oldest first.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+}
+
+fn audit_files(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(audit::files_in(p)?);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn audit_cli(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let command = match AuditCommand::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match command {
+        AuditCommand::Verify { paths } => {
+            let files = audit_files(&paths)?;
+            match audit::verify(&files)? {
+                Ok(v) => {
+                    let (first, last) = v.seqs.unwrap_or((0, 0));
+                    println!(
+                        "audit chain intact: {} records (seq {first}..={last}) in {} files",
+                        v.records,
+                        files.len()
+                    );
+                    Ok(())
+                }
+                Err(broken) => anyhow::bail!("audit chain broken at {broken}"),
+            }
+        }
+        AuditCommand::Query {
+            vehicle,
+            since,
+            paths,
+        } => {
+            let since_ns = match since.as_deref() {
+                None => 0,
+                Some(text) => {
+                    let at = humantime::parse_rfc3339_weak(text).or_else(|_| {
+                        humantime::parse_duration(text)
+                            .map(|ago| std::time::SystemTime::now() - ago)
+                    });
+                    let at = at.with_context(|| format!("--since {text:?}: not a time"))?;
+                    let ns = at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
+                    i64::try_from(ns).unwrap_or(i64::MAX)
+                }
+            };
+            let records = audit::query(&audit_files(&paths)?, vehicle.as_deref(), since_ns)?;
+            for r in &records {
+                let client = r.event.client.as_ref();
+                println!(
+                    "{} #{} {} {:?} client={:?} serial={} remote={} vehicles={} {}",
+                    r.time,
+                    r.seq,
+                    r.event.action,
+                    r.event.outcome,
+                    client.map_or("-", |c| c.subject.as_str()),
+                    client.map_or("-", |c| c.serial.as_str()),
+                    r.event.remote.as_deref().unwrap_or("-"),
+                    r.event.vehicles.join(","),
+                    r.event.detail
+                );
+            }
+            println!("{} records; clients:", records.len());
+            for (subject, serial) in audit::clients(&records) {
+                println!("  {subject} (serial {serial})");
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A running ingest. Ports given as 0 are resolved in the `*_addr` fields.
@@ -136,6 +244,14 @@ impl Ingest {
         )
         .context("starting store writer")?;
 
+        // The audit log before any listener: no access goes unrecorded.
+        let (audit, _audit_writer) = audit::AuditLog::open(audit::AuditSettings {
+            dir: cfg.audit_dir(),
+            max_file_bytes: cfg.audit.max_file_bytes,
+            max_files: cfg.audit.max_files,
+            queue: cfg.audit.queue,
+        })
+        .context("opening the audit log")?;
         let server_config =
             tls::quic_server_config(&cfg).context("building QUIC TLS configuration")?;
         let endpoint = quinn::Endpoint::server(server_config, cfg.quic.listen)
@@ -147,6 +263,7 @@ impl Ingest {
             cfg: cfg.quic.clone(),
             writer: writer_tx,
             online: online.clone(),
+            audit: audit.clone(),
         };
         let quic = tokio::spawn(quic::serve(endpoint.clone(), ctx, stop.clone()));
 
@@ -163,6 +280,7 @@ impl Ingest {
                 cfg.grpc.max_calls_per_minute,
                 cfg.grpc.max_subscriptions_per_client,
             ),
+            audit: audit.clone(),
         };
         let svc = grpc::TelemetryService::new(
             store,
@@ -186,6 +304,7 @@ impl Ingest {
         let incoming = grpc::listener::incoming(
             listener,
             grpc_tls.clone(),
+            audit.clone(),
             grpc::listener::AcceptLimits {
                 handshake_timeout: cfg.grpc.tls_handshake_timeout,
                 max_pending: cfg.grpc.max_pending_handshakes,
@@ -213,6 +332,7 @@ impl Ingest {
             online,
             grpc: grpc_tls,
             access,
+            audit,
             tls: cfg.tls.clone(),
             quic_cfg: cfg.clone(),
         };
@@ -277,14 +397,25 @@ struct TlsReloader {
     online: Arc<quic::Online>,
     grpc: Arc<grpc::listener::GrpcTls>,
     access: Arc<access::AccessControl>,
+    audit: audit::AuditLog,
     tls: config::Tls,
     quic_cfg: IngestConfig,
 }
 
 impl TlsReloader {
     /// See [`Ingest::reload`]. Builds everything before replacing anything, so a file that
-    /// does not load leaves both listeners as they were.
+    /// does not load leaves both listeners as they were; either way the audit log says so.
     fn reload(&self) -> anyhow::Result<Reloaded> {
+        let result = self.try_reload();
+        if let Err(e) = &result {
+            let mut event = audit::AuditEvent::new("tls_reload", audit::Outcome::Failure);
+            event.detail = serde_json::json!({ "error": format!("{e:#}") });
+            self.audit.record(event);
+        }
+        result
+    }
+
+    fn try_reload(&self) -> anyhow::Result<Reloaded> {
         let quic =
             tls::quic_server_config(&self.quic_cfg).context("rebuilding QUIC TLS configuration")?;
         let grpc =
@@ -305,6 +436,14 @@ impl TlsReloader {
             vehicles: self.online.close_revoked(&revoked_vehicles),
             subscribers: self.grpc.close_revoked(&revoked_subscribers),
         };
+        let mut event = audit::AuditEvent::new("tls_reload", audit::Outcome::Success);
+        event.detail = serde_json::json!({
+            "revoked_vehicles": revoked_vehicles.len(),
+            "revoked_subscribers": revoked_subscribers.len(),
+            "closed_vehicle_sessions": closed.vehicles,
+            "closed_subscriber_connections": closed.subscribers,
+        });
+        self.audit.record(event);
         let total = closed.vehicles + closed.subscribers;
         if total > 0 {
             ::metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")

@@ -30,6 +30,25 @@ pub fn describe() {
         metrics::counter!("relay_ingest_grpc_denied_total", "reason" => *reason).increment(0);
     }
     describe_counter!(
+        "relay_ingest_audit_records_total",
+        "Records written to the access audit log"
+    );
+    describe_counter!(
+        "relay_ingest_audit_write_failures_total",
+        "Audit writes (or rotations) that failed; calls that needed the record were refused"
+    );
+    describe_counter!(
+        "relay_ingest_audit_dropped_total",
+        "Audit records dropped because the writer's queue was full (never those of data access)"
+    );
+    for name in [
+        "relay_ingest_audit_records_total",
+        "relay_ingest_audit_write_failures_total",
+        "relay_ingest_audit_dropped_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    describe_counter!(
         "relay_ingest_security_events_total",
         "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
     );

@@ -21,6 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
+use crate::audit::{AuditEvent, Outcome};
+
 /// Established connections handed to tonic but not yet taken: tonic takes them as fast as it
 /// can; the bound only keeps a burst of handshakes from piling up.
 const HANDOFF_QUEUE: usize = 16;
@@ -137,6 +139,7 @@ pub struct AcceptLimits {
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<GrpcTls>,
+    audit: crate::audit::AuditLog,
     limits: AcceptLimits,
     stop: CancellationToken,
 ) -> ReceiverStream<io::Result<GrpcConnection>> {
@@ -161,7 +164,7 @@ pub fn incoming(
                 continue;
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-            let (tls, tx, stop) = (tls.clone(), tx.clone(), stop.clone());
+            let (tls, tx, stop, audit) = (tls.clone(), tx.clone(), stop.clone(), audit.clone());
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
@@ -183,6 +186,11 @@ pub fn incoming(
                                 .increment(1);
                         }
                         tracing::warn!(%remote, reason, error = %e, "gRPC TLS handshake failed");
+                        let mut event = AuditEvent::new("grpc_connect", Outcome::Denied);
+                        event.remote = Some(remote.to_string());
+                        event.detail =
+                            serde_json::json!({ "reason": reason, "error": e.to_string() });
+                        audit.record(event);
                         return;
                     }
                     Err(_) => {
@@ -190,6 +198,16 @@ pub fn incoming(
                         return;
                     }
                 };
+                let client = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::access::ClientIdentity::from_der(c.as_ref()));
+                let mut event = AuditEvent::new("grpc_connect", Outcome::Success);
+                event.client = client.as_ref().map(Into::into);
+                event.remote = Some(remote.to_string());
+                audit.record(event);
                 let serial = stream
                     .get_ref()
                     .1

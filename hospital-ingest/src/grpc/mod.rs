@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::access::{AccessControl, ClientIdentity, Grant};
+use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::quic::Online;
 use crate::store::{LogEntry, Store, StoreError, record_scope};
 use flow::{LiveStep, SubscriptionFlow};
@@ -42,6 +43,8 @@ pub struct GrpcSettings {
     pub access: Arc<AccessControl>,
     /// Calls and subscriptions per client.
     pub limits: Arc<ClientLimits>,
+    /// Where every call is recorded.
+    pub audit: AuditLog,
 }
 
 /// Every reason of `relay_ingest_grpc_denied_total`, exported at zero from start.
@@ -54,15 +57,20 @@ pub const DENIAL_REASONS: &[&str] = &[
     "subscriptions",
 ];
 
-fn denied(reason: &'static str, who: &str, status: Status) -> Status {
-    metrics::counter!("relay_ingest_grpc_denied_total", "reason" => reason).increment(1);
-    tracing::warn!(
-        client = who,
-        reason,
-        message = status.message(),
-        "gRPC call refused"
-    );
-    status
+/// Vehicles a subscription's end record names at most (it delivered data of these).
+const MAX_AUDITED_VEHICLES: usize = 4096;
+
+/// An audit event of `action` by `who` from `remote`.
+fn audit_event(
+    action: &str,
+    outcome: Outcome,
+    who: Option<&ClientIdentity>,
+    remote: Option<std::net::SocketAddr>,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(action, outcome);
+    event.client = who.map(Into::into);
+    event.remote = remote.map(|r| r.to_string());
+    event
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +199,10 @@ struct Outlet {
     tx: mpsc::Sender<SubscribeResponse>,
     timeout: Duration,
     cut_off: StatusSlot,
+    /// For the audit: data records handed over, of which vehicles, the last cursor.
+    delivered: u64,
+    vehicles: std::collections::BTreeSet<String>,
+    cursor: u64,
 }
 
 /// Why a subscription ended early.
@@ -206,8 +218,22 @@ enum Stop {
 
 impl Outlet {
     async fn send(&mut self, msg: SubscribeResponse) -> Result<(), Stop> {
+        let cursor = msg.cursor;
+        let vehicle = match &msg.record {
+            Some(Record::Data(d)) => d.stream.as_ref().map(|s| s.vehicle_id.clone()),
+            _ => None,
+        };
         match tokio::time::timeout(self.timeout, self.tx.send(msg)).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.cursor = cursor;
+                if let Some(v) = vehicle {
+                    self.delivered += 1;
+                    if self.vehicles.len() < MAX_AUDITED_VEHICLES {
+                        self.vehicles.insert(v);
+                    }
+                }
+                Ok(())
+            }
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => {
                 // What was still queued is dropped with the stream, so the resume point is the
@@ -326,8 +352,31 @@ impl TelemetryService {
 }
 
 impl TelemetryService {
+    /// Refuses a call: counted, logged and audited.
+    fn deny(
+        &self,
+        action: &str,
+        reason: &'static str,
+        who: Option<&ClientIdentity>,
+        remote: Option<std::net::SocketAddr>,
+        status: Status,
+    ) -> Status {
+        metrics::counter!("relay_ingest_grpc_denied_total", "reason" => reason).increment(1);
+        let name = who.map_or("?", ClientIdentity::name);
+        tracing::warn!(
+            client = name,
+            reason,
+            message = status.message(),
+            "gRPC call refused"
+        );
+        let mut event = audit_event(action, Outcome::Denied, who, remote);
+        event.detail = serde_json::json!({ "reason": reason, "message": status.message() });
+        self.settings.audit.record(event);
+        status
+    }
+
     /// The client of a call (from its certificate), within its call rate.
-    fn admit<T>(&self, req: &Request<T>) -> Result<ClientIdentity, Status> {
+    fn admit<T>(&self, req: &Request<T>, action: &str) -> Result<ClientIdentity, Status> {
         // Tests of this module put the identity in directly; over the network it comes from
         // the verified certificate of the TLS connection.
         let who = req
@@ -338,10 +387,13 @@ impl TelemetryService {
                 let certs = req.peer_certs()?;
                 ClientIdentity::from_der(certs.first()?.as_ref())
             });
+        let remote = req.remote_addr();
         let Some(who) = who else {
-            return Err(denied(
+            return Err(self.deny(
+                action,
                 "unauthenticated",
-                "?",
+                None,
+                remote,
                 Status::unauthenticated("no usable client certificate"),
             ));
         };
@@ -350,13 +402,26 @@ impl TelemetryService {
             .limits
             .call(&who.fingerprint, tokio::time::Instant::now())
         {
-            return Err(denied(
+            return Err(self.deny(
+                action,
                 r.label(),
-                who.name(),
+                Some(&who),
+                remote,
                 Status::resource_exhausted("too many calls from this client; slow down"),
             ));
         }
         Ok(who)
+    }
+
+    /// Writes `event` to disk before the access it describes happens.
+    async fn audit_first(&self, event: AuditEvent) -> Result<(), Status> {
+        if self.settings.audit.record_durable(event).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "the access audit cannot be written; no patient data without it",
+            ))
+        }
     }
 }
 
@@ -366,7 +431,8 @@ impl Telemetry for TelemetryService {
         &self,
         req: Request<ListVehiclesRequest>,
     ) -> Result<Response<ListVehiclesResponse>, Status> {
-        let who = self.admit(&req)?;
+        let who = self.admit(&req, "list_vehicles")?;
+        let remote = req.remote_addr();
         let (grant, _) = self.settings.access.grant(&who);
         let store = self.store.clone();
         let (vehicles, streams) =
@@ -397,6 +463,10 @@ impl Telemetry for TelemetryService {
                 v.streams.push(info);
             }
         }
+        let mut event = audit_event("list_vehicles", Outcome::Success, Some(&who), remote);
+        event.vehicles = by_vehicle.keys().cloned().collect();
+        event.detail = serde_json::json!({ "rules": grant.rules() });
+        self.audit_first(event).await?;
         Ok(Response::new(ListVehiclesResponse {
             vehicles: by_vehicle.into_values().collect(),
         }))
@@ -408,16 +478,19 @@ impl Telemetry for TelemetryService {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let who = self.admit(&req)?;
+        let who = self.admit(&req, "subscribe")?;
+        let remote = req.remote_addr();
         let req = req.into_inner();
         if req.vehicle_ids.len() > 1024 || req.kinds.len() > 16 {
             return Err(Status::invalid_argument("too many vehicle ids or kinds"));
         }
         let (grant, generation) = self.settings.access.grant(&who);
         let refuse = |reason, message: String| {
-            Err(denied(
+            Err(self.deny(
+                "subscribe",
                 reason,
-                who.name(),
+                Some(&who),
+                remote,
                 Status::permission_denied(message),
             ))
         };
@@ -439,9 +512,11 @@ impl Telemetry for TelemetryService {
             .limits
             .subscribe(&who.fingerprint)
             .map_err(|r| {
-                denied(
+                self.deny(
+                    "subscribe",
                     r.label(),
-                    who.name(),
+                    Some(&who),
+                    remote,
                     Status::resource_exhausted("too many subscriptions of this client"),
                 )
             })?;
@@ -450,6 +525,34 @@ impl Telemetry for TelemetryService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many subscribers"))?;
+        // Audited before any data flows: who asked for what, and which of the vehicles known
+        // now it may receive.
+        let store = self.store.clone();
+        let known = blocking(move || store.vehicles()).await?;
+        let mut event = audit_event("subscribe", Outcome::Success, Some(&who), remote);
+        event.vehicles = known
+            .into_iter()
+            .map(|(v, _)| v)
+            .filter(|v| {
+                grant.sees(v) && (req.vehicle_ids.is_empty() || req.vehicle_ids.contains(v))
+            })
+            .collect();
+        let start = match &req.start {
+            Some(Start::Live(_)) => serde_json::json!("live"),
+            Some(Start::AfterCursor(c)) => serde_json::json!({ "after_cursor": c }),
+            None => serde_json::Value::Null,
+        };
+        let kinds: Vec<&str> = req
+            .kinds
+            .iter()
+            .map(|k| relay_proto::kind_label(*k))
+            .collect();
+        event.detail = serde_json::json!({
+            "filter": { "vehicles": req.vehicle_ids, "kinds": kinds },
+            "start": start,
+            "rules": grant.rules(),
+        });
+        self.audit_first(event).await?;
         let filter = Filter {
             vehicles: req.vehicle_ids.into_iter().collect(),
             kinds: req.kinds.into_iter().collect(),
@@ -458,12 +561,16 @@ impl Telemetry for TelemetryService {
             grant,
             generation,
         };
+        let who = filter.who.clone();
         let (tx, rx) = mpsc::channel(self.settings.subscriber_queue);
         let cut_off = Arc::new(std::sync::Mutex::new(None));
         let out = Outlet {
             tx,
             timeout: self.settings.slow_subscriber_timeout,
             cut_off: cut_off.clone(),
+            delivered: 0,
+            vehicles: std::collections::BTreeSet::new(),
+            cursor: 0,
         };
         let failure = StatusSlot::default();
         let svc = self.clone();
@@ -471,8 +578,25 @@ impl Telemetry for TelemetryService {
         metrics::gauge!("relay_ingest_subscribers").increment(1.0);
         tokio::spawn(async move {
             let mut out = out;
+            let began = tokio::time::Instant::now();
+            let audit = svc.settings.audit.clone();
             let result = svc.run_subscription(filter, req.start, &mut out).await;
             metrics::gauge!("relay_ingest_subscribers").decrement(1.0);
+            let (outcome, ended) = match &result {
+                Err(Stop::Slow) => (Outcome::Failure, "cut off: too slow"),
+                Err(Stop::Failed(_)) => (Outcome::Failure, "store unavailable"),
+                Ok(()) => (Outcome::Success, "ingest stopping"),
+                Err(Stop::Gone) => (Outcome::Success, "client left"),
+            };
+            let mut event = audit_event("subscription_end", outcome, Some(&who), remote);
+            event.vehicles = std::mem::take(&mut out.vehicles).into_iter().collect();
+            event.detail = serde_json::json!({
+                "records_delivered": out.delivered,
+                "end_cursor": out.cursor,
+                "duration_ms": began.elapsed().as_millis() as u64,
+                "ended": ended,
+            });
+            audit.record(event);
             match result {
                 Err(Stop::Slow) => tracing::warn!("slow subscriber cut off"),
                 // Set before the queue closes, so the stream ends with it.
@@ -516,6 +640,14 @@ mod tests {
                     "ed-console",
                 ]))),
                 limits: ClientLimits::new(60, 4),
+                audit: crate::audit::AuditLog::open(crate::audit::AuditSettings {
+                    dir: dir.path().join("audit"),
+                    max_file_bytes: 1 << 20,
+                    max_files: 4,
+                    queue: 16,
+                })
+                .unwrap()
+                .0,
             },
             4,
             CancellationToken::new(),

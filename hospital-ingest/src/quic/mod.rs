@@ -37,6 +37,8 @@ pub struct QuicContext {
     pub writer: mpsc::Sender<WriterCmd>,
     /// Vehicles online now.
     pub online: Arc<Online>,
+    /// Where refusals that matter for security are recorded.
+    pub audit: crate::audit::AuditLog,
 }
 
 /// Why a connection was closed by us.
@@ -56,12 +58,41 @@ fn refuse(code: CloseCode, detail: impl Into<String>) -> Refusal {
     }
 }
 
-fn protocol_error(conn: &quinn::Connection, vehicle: &str, r: &Refusal) {
+fn protocol_error(ctx: &QuicContext, conn: &quinn::Connection, vehicle: &str, r: &Refusal) {
     metrics::counter!("relay_ingest_protocol_errors_total", "reason" => r.code.label())
         .increment(1);
+    // Refusals that say something about a certificate's holder go to the audit log too.
+    if matches!(
+        r.code,
+        CloseCode::IdentityMismatch
+            | CloseCode::BadIdentity
+            | CloseCode::SessionMismatch
+            | CloseCode::QuotaExceeded
+    ) {
+        let mut event =
+            crate::audit::AuditEvent::new("vehicle_refused", crate::audit::Outcome::Denied);
+        event.client = vehicle_client(conn);
+        event.remote = Some(conn.remote_address().to_string());
+        event.vehicles = (vehicle != "?")
+            .then(|| vehicle.to_owned())
+            .into_iter()
+            .collect();
+        event.detail = serde_json::json!({ "reason": r.code.label(), "detail": r.detail });
+        ctx.audit.record(event);
+    }
     tracing::warn!(vehicle, remote = %conn.remote_address(), code = r.code.label(), detail = %r.detail, "closing connection");
     let reason: String = r.detail.chars().take(200).collect();
     conn.close(quinn::VarInt::from_u32(r.code.as_u32()), reason.as_bytes());
+}
+
+/// The certificate of a QUIC connection's peer, as the audit log names it.
+fn vehicle_client(conn: &quinn::Connection) -> Option<crate::audit::AuditClient> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let id = crate::access::ClientIdentity::from_der(certs.first()?.as_ref())?;
+    Some((&id).into())
 }
 
 /// A handshake in progress, counted by [`Admission`] until it is dropped.
@@ -156,6 +187,13 @@ async fn handle_incoming(
             if e.to_string().to_ascii_lowercase().contains("revoked") {
                 metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
                     .increment(1);
+                let mut event = crate::audit::AuditEvent::new(
+                    "vehicle_handshake",
+                    crate::audit::Outcome::Denied,
+                );
+                event.remote = Some(remote.to_string());
+                event.detail = serde_json::json!({ "reason": "revoked", "error": e.to_string() });
+                ctx.audit.record(event);
             }
             tracing::warn!(%remote, error = %e, "QUIC/TLS handshake failed");
             return;
@@ -166,7 +204,12 @@ async fn handle_incoming(
         Err(e) => {
             metrics::counter!("relay_ingest_security_events_total", "reason" => e.label())
                 .increment(1);
-            protocol_error(&conn, "?", &refuse(CloseCode::BadIdentity, e.to_string()));
+            protocol_error(
+                &ctx,
+                &conn,
+                "?",
+                &refuse(CloseCode::BadIdentity, e.to_string()),
+            );
             return;
         }
     };
@@ -176,6 +219,6 @@ async fn handle_incoming(
         session::serve_vehicle(&conn, Arc::from(vehicle.as_str()), &ctx, &stop, admitted).await;
     match result {
         Ok(()) => tracing::info!(vehicle, %remote, "vehicle disconnected"),
-        Err(r) => protocol_error(&conn, &vehicle, &r),
+        Err(r) => protocol_error(&ctx, &conn, &vehicle, &r),
     }
 }
