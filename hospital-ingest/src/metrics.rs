@@ -2,8 +2,48 @@
 
 pub use relay_proto::kind_label;
 
+/// Every reason of `relay_ingest_security_events_total`.
+pub const SECURITY_EVENT_REASONS: &[&str] = &[
+    "identity_mismatch",
+    "session_mismatch",
+    "revoked",
+    "no_certificate",
+    "unparseable_certificate",
+    "no_common_name",
+    "invalid_vehicle_id",
+];
+
+/// Series that dashboards and alert rules query, registered at zero (counters) or with no
+/// change (gauges) so they exist from the start: `increase()` then sees the first event,
+/// and panels show 0 rather than "no data". Registering never changes a value.
+fn export_from_start() {
+    for name in [
+        "relay_ingest_frames_duplicate_total",
+        "relay_ingest_frames_late_total",
+        "relay_ingest_gaps_total",
+        "relay_ingest_handshake_failures_total",
+        "relay_ingest_subscriber_lagged_total",
+        "relay_ingest_subscribers_cut_off_total",
+        "relay_ingest_store_errors_total",
+        "relay_ingest_vehicle_quota_deleted_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in ["relay_ingest_store_log_bytes", "relay_ingest_subscribers"] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    for code in (0..=u64::from(u8::MAX)).filter_map(relay_proto::CloseCode::from_u64) {
+        metrics::counter!("relay_ingest_protocol_errors_total", "reason" => code.label())
+            .increment(0);
+    }
+    for reason in SECURITY_EVENT_REASONS {
+        metrics::counter!("relay_ingest_security_events_total", "reason" => *reason).increment(0);
+    }
+}
+
 /// Registers the description and unit of every ingest metric.
 pub fn describe() {
+    export_from_start();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "relay_ingest_connections_total",

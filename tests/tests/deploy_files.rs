@@ -139,3 +139,102 @@ fn the_units_start_the_services_with_their_key_from_the_credentials_directory() 
         );
     }
 }
+
+/// `relay_...` names in a Prometheus text exposition.
+fn exported(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .flat_map(metric_names)
+        .collect()
+}
+
+/// Every series a dashboard panel or an alert rule queries exists on a freshly started,
+/// quiet ingest and agent (each its own process), so `increase()` sees the first event and
+/// panels never show "no data".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start() {
+    use relay_e2e::*;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    let ingest =
+        spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
+    let mut agent_cfg = agent_config(pki.path(), "amb-1", ingest.quic, vitals_and_gps());
+    let agent_metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    agent_cfg.metrics.listen = Some(agent_metrics);
+    let agent_toml = work.path().join("agent.toml");
+    std::fs::write(&agent_toml, agent_cfg.to_toml().unwrap()).unwrap();
+    let _agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-vehicle-agent"))
+        .arg("--config")
+        .arg(&agent_toml)
+        .arg("--allow-dev-pki")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (ingest_body, agent_body) = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let agent_up = tokio::net::TcpStream::connect(agent_metrics).await.is_ok();
+        if agent_up {
+            let (_, a) = http_get(agent_metrics, "/metrics").await;
+            if metric_value(&a, "relay_agent_connects_total") >= 1.0 {
+                let (_, i) = http_get(ingest.metrics.unwrap(), "/metrics").await;
+                break (i, a);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not connect"
+        );
+    };
+    let mut live = exported(&ingest_body);
+    live.extend(exported(&agent_body));
+    let mut missing = Vec::new();
+    for f in [
+        "deploy/grafana/relay-overview.json",
+        "deploy/prometheus/relay-alerts.yml",
+    ] {
+        let used = metric_names(&std::fs::read_to_string(root().join(f)).unwrap());
+        assert!(used.len() > 10, "{f}: {used:?}");
+        missing.extend(used.difference(&live).map(|m| format!("{f}: {m}")));
+    }
+    assert!(
+        missing.is_empty(),
+        "queried but not exported by a fresh ingest and agent: {missing:#?}"
+    );
+}
+
+/// Every alert rule has a promtool unit test that makes it fire and one that keeps it silent
+/// (`.ci/run` runs them with `promtool test rules`).
+#[test]
+fn every_alert_rule_has_a_firing_and_a_silent_promtool_test() {
+    let rules = std::fs::read_to_string(root().join("deploy/prometheus/relay-alerts.yml")).unwrap();
+    let tests =
+        std::fs::read_to_string(root().join("deploy/prometheus/relay-alerts.test.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 20, "{alerts:?}");
+    for alert in alerts {
+        let blocks: Vec<&str> = tests
+            .split("  - interval:")
+            .filter(|b| b.contains(&format!("alertname: {alert}\n")))
+            .collect();
+        let silent = blocks
+            .iter()
+            .filter(|b| b.contains("exp_alerts: []"))
+            .count();
+        let firing = blocks.len() - silent;
+        assert!(
+            firing >= 1 && silent >= 1,
+            "{alert}: {firing} firing, {silent} silent tests"
+        );
+    }
+}

@@ -17,9 +17,19 @@ pub fn quinn_priority(kind: i32, lane: Lane) -> i32 {
     base - 10 * Class::of_kind(kind).index() as i32
 }
 
-/// Registers the description and unit of every agent metric.
+/// Registers the description and unit of every agent metric, and the series dashboards and
+/// alert rules query at zero, so they exist before their first event.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    for name in [
+        "relay_agent_frames_resent_total",
+        "relay_agent_spool_errors_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in ["events", "waveform", "vitals", "location"] {
+        metrics::counter!("relay_agent_frames_evicted_total", "kind" => kind).increment(0);
+    }
     describe_counter!(
         "relay_agent_frames_produced_total",
         "Frames produced by sources, by kind"
