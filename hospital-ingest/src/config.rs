@@ -65,9 +65,69 @@ pub struct IngestConfig {
     /// The access audit log.
     #[command(flatten)]
     pub audit: AuditConfig,
+    /// Detection of irregular vehicle behaviour.
+    #[command(flatten)]
+    pub detect: DetectConfig,
     /// The Prometheus endpoint.
     #[command(flatten)]
     pub metrics: MetricsConfig,
+}
+
+/// Thresholds of the detector of irregular vehicle behaviour (README "Security"); findings
+/// are counted in `relay_ingest_security_events_total{reason}` and audited, never blocked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// Capture times further ahead of the ingest's clock are reported (timestamp_future).
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "detect-max-clock-ahead", value_parser = parse_duration)]
+    pub max_clock_ahead: Duration,
+    /// Capture times older than this are reported (timestamp_past).
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "detect-max-age", value_parser = parse_duration)]
+    pub max_age: Duration,
+    /// Movement between GPS fixes faster than this is reported (impossible_movement), km/h.
+    #[arg(long = "detect-max-speed-kmh")]
+    pub max_speed_kmh: f64,
+    /// Frames per second of capture time a stream may produce (beyond: seq_jump).
+    #[arg(long = "detect-max-frames-per-second")]
+    pub max_frames_per_second: f64,
+    /// New sessions of one vehicle in ten minutes beyond which it is reported
+    /// (session_storm).
+    #[arg(long = "detect-max-new-sessions-per-10min")]
+    pub max_new_sessions_per_10min: usize,
+    /// Source addresses of one vehicle's live connections at once beyond which it is
+    /// reported (too_many_addresses): its bearers.
+    #[arg(long = "detect-max-addresses")]
+    pub max_addresses: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        let t = crate::detect::Thresholds::default();
+        Self {
+            max_clock_ahead: t.max_clock_ahead,
+            max_age: t.max_age,
+            max_speed_kmh: (t.max_speed_mps * 3.6).round(),
+            max_frames_per_second: t.max_frames_per_second,
+            max_new_sessions_per_10min: t.max_new_sessions_per_10min,
+            max_addresses: t.max_addresses,
+        }
+    }
+}
+
+impl DetectConfig {
+    /// The detector's thresholds.
+    pub fn thresholds(&self) -> crate::detect::Thresholds {
+        crate::detect::Thresholds {
+            max_clock_ahead: self.max_clock_ahead,
+            max_age: self.max_age,
+            max_speed_mps: self.max_speed_kmh / 3.6,
+            max_frames_per_second: self.max_frames_per_second,
+            max_new_sessions_per_10min: self.max_new_sessions_per_10min,
+            max_addresses: self.max_addresses,
+        }
+    }
 }
 
 /// The tamper-evident access audit log (README "Security").
@@ -457,6 +517,11 @@ impl ServiceConfig for IngestConfig {
             ),
             ("store.writer_queue", self.store.writer_queue),
             ("audit.max_files", self.audit.max_files),
+            (
+                "detect.max_new_sessions_per_10min",
+                self.detect.max_new_sessions_per_10min,
+            ),
+            ("detect.max_addresses", self.detect.max_addresses),
             ("audit.queue", self.audit.queue),
             ("store.cache_bytes", self.store.cache_bytes),
             (

@@ -12,6 +12,7 @@
 pub mod access;
 pub mod audit;
 pub mod config;
+pub mod detect;
 pub mod grpc;
 pub mod metrics;
 pub mod quic;
@@ -264,6 +265,7 @@ impl Ingest {
             writer: writer_tx,
             online: online.clone(),
             audit: audit.clone(),
+            watch: detect::Watch::new(cfg.detect.thresholds(), audit.clone()),
         };
         let quic = tokio::spawn(quic::serve(endpoint.clone(), ctx, stop.clone()));
 

@@ -39,6 +39,10 @@ fn export_from_start() {
     for reason in SECURITY_EVENT_REASONS {
         metrics::counter!("relay_ingest_security_events_total", "reason" => *reason).increment(0);
     }
+    for reason in crate::detect::Reason::ALL {
+        metrics::counter!("relay_ingest_security_events_total", "reason" => reason.label())
+            .increment(0);
+    }
 }
 
 /// Registers the description and unit of every ingest metric.
@@ -90,7 +94,7 @@ pub fn describe() {
     }
     describe_counter!(
         "relay_ingest_security_events_total",
-        "Identity problems: unusable certificate names, Hello claiming another vehicle; by reason"
+        "Security events by reason: unusable certificate names, Hellos claiming another vehicle or redeclaring a session, revoked certificates, and the detector's findings (timestamps, movement, rates, sequence jumps, session storms, addresses)"
     );
     describe_gauge!(
         "relay_ingest_certificate_expiry_timestamp_seconds",

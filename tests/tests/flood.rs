@@ -243,6 +243,15 @@ async fn handshake_flood(phase: Duration, max_live_gap: Duration) {
         metric_value(&body, "relay_ingest_handshake_retries_total") > 0.0,
         "the flood met Retry: {body}"
     );
+    // Streaming through the flood, with its redials, the honest vehicle looks honest.
+    for reason in hospital_ingest::detect::Reason::ALL {
+        let n = labelled_metric(
+            &body,
+            "relay_ingest_security_events_total",
+            &format!("reason=\"{}\"", reason.label()),
+        );
+        assert_eq!(n, Some(0.0), "{}: {body}", reason.label());
+    }
     // The streaming vehicle's one connection and the two mid-flood sessions, nothing else:
     // amb-1 never had to reconnect, and no flooded Initial became a connection.
     assert_eq!(

@@ -26,6 +26,17 @@ async fn raw_connect(
     vehicle: &str,
     ingest: SocketAddr,
 ) -> Result<quinn::Connection, String> {
+    raw_connect_from([127, 0, 0, 1], cert_dir, trust_dir, vehicle, ingest).await
+}
+
+/// As [`raw_connect`], from loopback address `from`.
+async fn raw_connect_from(
+    from: [u8; 4],
+    cert_dir: &Path,
+    trust_dir: &Path,
+    vehicle: &str,
+    ingest: SocketAddr,
+) -> Result<quinn::Connection, String> {
     let files = TlsFiles {
         ca_cert: trust_dir.join("hospital-ca.pem"),
         cert: cert_dir.join(format!("{vehicle}.pem")),
@@ -37,7 +48,7 @@ async fn raw_connect(
         Duration::from_millis(250),
     )
     .unwrap();
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = quinn::Endpoint::client(SocketAddr::from((from, 0))).unwrap();
     let conn = ep
         .connect_with(client, ingest, "localhost")
         .unwrap()
@@ -147,6 +158,172 @@ async fn closed_within(conn: &quinn::Connection) -> quinn::ConnectionError {
     tokio::time::timeout(Duration::from_secs(20), conn.closed())
         .await
         .expect("connection should be closed by the ingest")
+}
+
+/// A frame of `stream` with `seq`, captured at `at_ns`.
+fn frame_at(stream_id: u32, seq: u64, at_ns: i64, payload: Payload) -> Vec<u8> {
+    Frame {
+        stream_id,
+        seq,
+        capture_time_ns: at_ns,
+        payload: Some(payload),
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_detector_reason_is_raised_by_a_vehicle_that_misbehaves_and_not_by_an_honest_one() {
+    use relay_proto::model::{ChannelInfo, Location, WaveformChunk, WaveformInfo};
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let honest = Agent::start(agent_config(
+        pki.path(),
+        "amb-2",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+    let connect =
+        |from: [u8; 4]| raw_connect_from(from, pki.path(), pki.path(), "amb-1", ingest.quic_addr);
+    let gps = StreamDescriptor {
+        stream_id: 1,
+        kind: StreamKind::Location as i32,
+        name: "gps".into(),
+        waveform: None,
+    };
+    let ecg = StreamDescriptor {
+        stream_id: 2,
+        kind: StreamKind::Waveform as i32,
+        name: "ecg".into(),
+        waveform: Some(WaveformInfo {
+            sample_rate_hz: 500.0,
+            channels: vec![ChannelInfo {
+                name: "II".into(),
+                gain: 200.0,
+                ..ChannelInfo::default()
+            }],
+            source: String::new(),
+        }),
+    };
+    let conn = connect([127, 0, 0, 1]).await.unwrap();
+    let streams = vec![vitals(0, "vitals"), gps, ecg];
+    hello_session(&conn, "amb-1", 42, streams).await.unwrap();
+    let now = hospital_ingest::now_utc_ns();
+    let s = 1_000_000_000i64;
+    let vital = || {
+        Payload::Vitals(VitalsReport {
+            values: vec![VitalSign {
+                mdc_code: 147_842,
+                value: 80.0,
+                ..VitalSign::default()
+            }],
+        })
+    };
+    let fix = |lat: f64| {
+        Payload::Location(Location {
+            latitude_deg: lat,
+            longitude_deg: 16.37,
+            ..Location::default()
+        })
+    };
+    let chunk = |index: u64, count: u32| {
+        Payload::Waveform(WaveformChunk {
+            first_sample_index: index,
+            sample_count: count,
+            samples: vec![0; count as usize],
+        })
+    };
+    for bytes in [
+        // A minute ahead of the ingest's clock, then two days old.
+        frame_at(0, 0, now + 60 * s, vital()),
+        frame_at(0, 1, now - 48 * 3600 * s, vital()),
+        // 11 km in 10 s, and 10,000 frames in those 10 s.
+        frame_at(1, 0, now, fix(48.2)),
+        frame_at(1, 10_000, now + 10 * s, fix(48.3)),
+        // 5,000 samples in 40 ms at a declared 500 Hz.
+        frame_at(2, 0, now, chunk(0, 20)),
+        frame_at(2, 1, now + s / 25, chunk(5_000, 20)),
+    ] {
+        send_raw_frame(&conn, &bytes).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Eleven new sessions within a minute.
+    for session in 100..111 {
+        let c = connect([127, 0, 0, 1]).await.unwrap();
+        hello_session(&c, "amb-1", session, vec![vitals(0, "vitals")])
+            .await
+            .unwrap();
+        c.close(quinn::VarInt::from_u32(0), b"next");
+    }
+    // Five source addresses at once for a vehicle with four bearers at most.
+    let mut held = Vec::new();
+    for last in 2..7u8 {
+        let c = connect([127, 0, 0, last]).await.unwrap();
+        hello(&c, "amb-1").await.unwrap();
+        held.push(c);
+    }
+
+    let reasons = [
+        "timestamp_future",
+        "timestamp_past",
+        "impossible_movement",
+        "seq_jump",
+        "rate_exceeded",
+        "session_storm",
+        "too_many_addresses",
+    ];
+    let audit_dir = work.path().join("audit");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = hospital_ingest::audit::query(
+            &hospital_ingest::audit::files_in(&audit_dir).unwrap(),
+            None,
+            0,
+        )
+        .unwrap();
+        let seen: Vec<&str> = reasons
+            .iter()
+            .copied()
+            .filter(|r| {
+                records.iter().any(|rec| {
+                    rec.event.action == "security_event"
+                        && rec.event.vehicles == ["amb-1"]
+                        && rec.event.detail["reason"] == *r
+                })
+            })
+            .collect();
+        if seen.len() == reasons.len() {
+            break records;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audited so far: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    for reason in reasons {
+        let n = labelled_metric(
+            &body,
+            "relay_ingest_security_events_total",
+            &format!("reason=\"{reason}\""),
+        );
+        assert!(n.is_some_and(|n| n >= 1.0), "{reason}: {body}");
+    }
+    // The honest vehicle, streaming the whole time, raised nothing.
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.event.action == "security_event" && r.event.vehicles == ["amb-2"]),
+        "{records:#?}"
+    );
+    drop(held);
+    honest.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

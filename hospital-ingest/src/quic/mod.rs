@@ -39,6 +39,8 @@ pub struct QuicContext {
     pub online: Arc<Online>,
     /// Where refusals that matter for security are recorded.
     pub audit: crate::audit::AuditLog,
+    /// Irregular behaviour of vehicles, detected and reported.
+    pub watch: crate::detect::Watch,
 }
 
 /// Why a connection was closed by us.

@@ -30,6 +30,36 @@ const STOP_DEADLINE: u32 = 1;
 /// How long acknowledgements may gather before they are written.
 const ACK_COALESCE: Duration = Duration::from_millis(5);
 
+/// A connection the detector knows of, until it ends.
+struct WatchedConnection {
+    watch: crate::detect::Watch,
+    vehicle: Arc<str>,
+    id: u64,
+}
+
+impl WatchedConnection {
+    fn new(watch: &crate::detect::Watch, vehicle: &Arc<str>, addr: std::net::IpAddr) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        watch.check(|d| d.on_connect(vehicle, id, addr));
+        Self {
+            watch: watch.clone(),
+            vehicle: vehicle.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for WatchedConnection {
+    fn drop(&mut self) {
+        let (vehicle, id) = (&self.vehicle, self.id);
+        self.watch.check(|d| {
+            d.on_disconnect(vehicle, id);
+            Vec::new()
+        });
+    }
+}
+
 /// Why the first control message could not be read.
 enum HelloReadError {
     /// The stream ended first.
@@ -169,6 +199,10 @@ pub(super) async fn serve_vehicle(
 
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
+    // Watched from here: its sessions, its addresses, its frames.
+    let _watched = WatchedConnection::new(&ctx.watch, &vehicle, conn.remote_address().ip());
+    let (v, now) = (vehicle.clone(), crate::now_utc_ns());
+    ctx.watch.check(|d| d.on_hello(now, &v, session));
     let reader = FrameReader {
         budget: online.budget.clone(),
         reading: ctx.reading.clone(),
@@ -178,6 +212,7 @@ pub(super) async fn serve_vehicle(
         vehicle: vehicle.clone(),
         session,
         writer: ctx.writer.clone(),
+        watch: ctx.watch.clone(),
     };
     let (fail_tx, mut fail_rx) = mpsc::channel::<Refusal>(1);
     let mut readers = JoinSet::new();
@@ -231,6 +266,7 @@ struct FrameReader {
     vehicle: Arc<str>,
     session: u64,
     writer: mpsc::Sender<WriterCmd>,
+    watch: crate::detect::Watch,
 }
 
 impl FrameReader {
@@ -272,6 +308,12 @@ impl FrameReader {
             .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
         validate_frame(&frame, &self.streams)?;
         metrics::counter!("relay_ingest_frames_received_total").increment(1);
+        let received_ns = crate::now_utc_ns();
+        if let Some(desc) = self.streams.get(&frame.stream_id) {
+            let (vehicle, session) = (&self.vehicle, self.session);
+            self.watch
+                .check(|d| d.on_frame(received_ns, vehicle, session, desc, &frame));
+        }
         if ack.capacity() == 0 {
             // The agent does not read its acknowledgements: stop taking its frames.
             return Err(refuse(
@@ -283,7 +325,7 @@ impl FrameReader {
             vehicle: self.vehicle.clone(),
             session: self.session,
             frame,
-            received_ns: crate::now_utc_ns(),
+            received_ns,
             ack,
             budget,
         };

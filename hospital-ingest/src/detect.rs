@@ -1,0 +1,613 @@
+//! Detection of irregular vehicle behaviour (sans-IO): a compromised router uses a valid
+//! certificate, so what it sends is checked against what a real ambulance can produce. The
+//! [`Detector`] is fed with connections, Hellos and validated frames, each with the time, and
+//! answers with [`Finding`]s; the caller counts them
+//! (`relay_ingest_security_events_total{reason}`), logs them and writes them to the audit log.
+//! Nothing here refuses anything: findings report, the validation and quotas block.
+//!
+//! Frames are judged by their capture times, not by when they arrive, so a backlog that an
+//! agent delivers in a burst after an outage looks exactly as it was produced.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use relay_proto::model::{Frame, StreamDescriptor, frame::Payload};
+
+/// Thresholds, each with a default that a working ambulance stays well inside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    /// Capture times further ahead of the ingest's clock are implausible.
+    pub max_clock_ahead: Duration,
+    /// Capture times older than this are implausible (spools hold hours, not days).
+    pub max_age: Duration,
+    /// Faster movement between two GPS fixes is impossible (m/s).
+    pub max_speed_mps: f64,
+    /// Frames a stream may produce per second of capture time (beyond: a sequence jump).
+    pub max_frames_per_second: f64,
+    /// New sessions of one vehicle in ten minutes beyond which it is a storm.
+    pub max_new_sessions_per_10min: usize,
+    /// Distinct source addresses of one vehicle's live connections at once (its bearers).
+    pub max_addresses: usize,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            max_clock_ahead: Duration::from_secs(5),
+            max_age: Duration::from_secs(24 * 3600),
+            max_speed_mps: 300.0 / 3.6,
+            max_frames_per_second: 200.0,
+            max_new_sessions_per_10min: 10,
+            max_addresses: 4,
+        }
+    }
+}
+
+/// What looked wrong (a bounded metric label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A capture time ahead of the ingest's clock.
+    TimestampFuture,
+    /// A capture time older than any spool would hold.
+    TimestampPast,
+    /// GPS fixes further apart than a vehicle can travel in the time between them.
+    ImpossibleMovement,
+    /// More samples than the declared rate gives for the capture time that passed.
+    RateExceeded,
+    /// Sequence numbers advancing faster than frames can be produced.
+    SeqJump,
+    /// Many new sessions from one vehicle.
+    SessionStorm,
+    /// More source addresses at once than a vehicle has bearers.
+    TooManyAddresses,
+}
+
+impl Reason {
+    /// Every reason, for metrics exported from the start.
+    pub const ALL: [Reason; 7] = [
+        Reason::TimestampFuture,
+        Reason::TimestampPast,
+        Reason::ImpossibleMovement,
+        Reason::RateExceeded,
+        Reason::SeqJump,
+        Reason::SessionStorm,
+        Reason::TooManyAddresses,
+    ];
+
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TimestampFuture => "timestamp_future",
+            Self::TimestampPast => "timestamp_past",
+            Self::ImpossibleMovement => "impossible_movement",
+            Self::RateExceeded => "rate_exceeded",
+            Self::SeqJump => "seq_jump",
+            Self::SessionStorm => "session_storm",
+            Self::TooManyAddresses => "too_many_addresses",
+        }
+    }
+}
+
+/// One irregularity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// What.
+    pub reason: Reason,
+    /// Which vehicle.
+    pub vehicle: String,
+    /// The figures behind it.
+    pub detail: String,
+}
+
+/// Stream states kept at most; idle ones are forgotten first.
+const MAX_STREAMS: usize = 65_536;
+/// Sequence numbers an agent may skip on a restart (its spool's reservation headroom) and
+/// reordering slack.
+const SEQ_SLACK: u64 = 1024;
+/// GPS noise below which no movement is judged (m).
+const MIN_JUMP_M: f64 = 100.0;
+
+#[derive(Debug, Default)]
+struct StreamState {
+    /// Highest seq seen and its capture time.
+    seq: Option<(u64, i64)>,
+    /// Highest sample index seen (waveforms) and its capture time.
+    sample: Option<(u64, i64)>,
+    /// Latest GPS fix by capture time.
+    fix: Option<(f64, f64, i64)>,
+    last_seen_ns: i64,
+}
+
+#[derive(Debug, Default)]
+struct VehicleState {
+    /// Session ids seen lately, with when they were first seen.
+    sessions: VecDeque<(u64, i64)>,
+    /// Live connections: id -> source address.
+    connections: HashMap<u64, IpAddr>,
+}
+
+/// The detector's state.
+#[derive(Debug, Default)]
+pub struct Detector {
+    thresholds: Thresholds,
+    streams: HashMap<(String, u64, u32), StreamState>,
+    vehicles: HashMap<String, VehicleState>,
+}
+
+fn finding(reason: Reason, vehicle: &str, detail: String) -> Finding {
+    Finding {
+        reason,
+        vehicle: vehicle.to_owned(),
+        detail,
+    }
+}
+
+/// Great-circle distance in metres.
+fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = p2 - p1;
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * 6_371_000.0 * a.sqrt().asin()
+}
+
+impl Detector {
+    /// A detector with `thresholds`.
+    pub fn new(thresholds: Thresholds) -> Self {
+        Self {
+            thresholds,
+            ..Self::default()
+        }
+    }
+
+    /// A validated frame of `vehicle`'s session `session`, on the stream `desc` declares,
+    /// received at `now_ns`.
+    pub fn on_frame(
+        &mut self,
+        now_ns: i64,
+        vehicle: &str,
+        session: u64,
+        desc: &StreamDescriptor,
+        frame: &Frame,
+    ) -> Vec<Finding> {
+        let t = &self.thresholds;
+        let mut out = Vec::new();
+        let capture = frame.capture_time_ns;
+        let ahead = capture.saturating_sub(now_ns);
+        if ahead > t.max_clock_ahead.as_nanos() as i64 {
+            out.push(finding(
+                Reason::TimestampFuture,
+                vehicle,
+                format!(
+                    "stream {} seq {}: captured {:.1} s ahead of the ingest's clock",
+                    frame.stream_id,
+                    frame.seq,
+                    ahead as f64 / 1e9
+                ),
+            ));
+        }
+        let age = now_ns.saturating_sub(capture);
+        if age > t.max_age.as_nanos() as i64 {
+            out.push(finding(
+                Reason::TimestampPast,
+                vehicle,
+                format!(
+                    "stream {} seq {}: captured {:.0} h ago",
+                    frame.stream_id,
+                    frame.seq,
+                    age as f64 / 3.6e12
+                ),
+            ));
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            let oldest = now_ns - 3_600_000_000_000;
+            self.streams.retain(|_, s| s.last_seen_ns > oldest);
+        }
+        let key = (vehicle.to_owned(), session, frame.stream_id);
+        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+            return out; // thousands of busy streams: judge the timestamps only
+        }
+        let (max_fps, max_speed) = (t.max_frames_per_second, t.max_speed_mps);
+        let state = self.streams.entry(key).or_default();
+        state.last_seen_ns = now_ns;
+
+        // Sequence numbers: no faster than frames can be produced in the capture time passed.
+        match state.seq {
+            Some((seq, at)) if frame.seq > seq => {
+                let dt = capture.saturating_sub(at).max(0) as f64 / 1e9;
+                let allowed = (dt * max_fps) as u64 + SEQ_SLACK;
+                if frame.seq - seq > allowed {
+                    out.push(finding(
+                        Reason::SeqJump,
+                        vehicle,
+                        format!(
+                            "stream {}: seq {} -> {} in {dt:.3} s of capture time (at most {allowed})",
+                            frame.stream_id, seq, frame.seq
+                        ),
+                    ));
+                }
+                state.seq = Some((frame.seq, capture));
+            }
+            None => state.seq = Some((frame.seq, capture)),
+            Some(_) => {} // a copy or an older frame overtaken by newer ones
+        }
+
+        match &frame.payload {
+            Some(Payload::Waveform(w)) => {
+                let rate = desc.waveform.as_ref().map_or(0.0, |w| w.sample_rate_hz);
+                match state.sample {
+                    Some((index, at)) if w.first_sample_index > index => {
+                        let dt = capture.saturating_sub(at) as f64 / 1e9;
+                        let samples = (w.first_sample_index - index) as f64;
+                        // The agent stamps sample n at epoch + n / rate: honest frames fit to
+                        // the nanosecond; allow 1 % and two samples of rounding.
+                        if samples > rate * dt.max(0.0) * 1.01 + 2.0 {
+                            out.push(finding(
+                                Reason::RateExceeded,
+                                vehicle,
+                                format!(
+                                    "stream {}: {samples} samples in {dt:.3} s of capture time at a declared {rate} Hz",
+                                    frame.stream_id
+                                ),
+                            ));
+                        }
+                        state.sample = Some((w.first_sample_index, capture));
+                    }
+                    None => state.sample = Some((w.first_sample_index, capture)),
+                    Some(_) => {}
+                }
+            }
+            Some(Payload::Location(l)) => match state.fix {
+                Some((lat, lon, at)) if capture > at => {
+                    let dt = (capture - at) as f64 / 1e9;
+                    let d = haversine_m(lat, lon, l.latitude_deg, l.longitude_deg);
+                    if d > MIN_JUMP_M && d / dt > max_speed {
+                        out.push(finding(
+                            Reason::ImpossibleMovement,
+                            vehicle,
+                            format!(
+                                "moved {:.2} km in {dt:.1} s ({:.0} km/h)",
+                                d / 1000.0,
+                                d / dt * 3.6
+                            ),
+                        ));
+                    }
+                    state.fix = Some((l.latitude_deg, l.longitude_deg, capture));
+                }
+                None => state.fix = Some((l.latitude_deg, l.longitude_deg, capture)),
+                Some(_) => {}
+            },
+            _ => {}
+        }
+        out
+    }
+
+    /// An accepted Hello of `vehicle` for `session` at `now_ns`.
+    pub fn on_hello(&mut self, now_ns: i64, vehicle: &str, session: u64) -> Vec<Finding> {
+        let max = self.thresholds.max_new_sessions_per_10min;
+        let v = self.vehicles.entry(vehicle.to_owned()).or_default();
+        let window = now_ns - 600_000_000_000;
+        while v.sessions.front().is_some_and(|(_, at)| *at < window) {
+            v.sessions.pop_front();
+        }
+        if v.sessions.iter().any(|(s, _)| *s == session) {
+            return Vec::new(); // a bearer redialling into its session
+        }
+        v.sessions.push_back((session, now_ns));
+        // Bounded: beyond the threshold the count is what matters, not every id.
+        while v.sessions.len() > max + 64 {
+            v.sessions.pop_front();
+        }
+        if v.sessions.len() > max {
+            return vec![finding(
+                Reason::SessionStorm,
+                vehicle,
+                format!("{} new sessions in 10 minutes", v.sessions.len()),
+            )];
+        }
+        Vec::new()
+    }
+
+    /// Connection `id` of `vehicle` from `addr` became a session.
+    pub fn on_connect(&mut self, vehicle: &str, id: u64, addr: IpAddr) -> Vec<Finding> {
+        let max = self.thresholds.max_addresses;
+        let v = self.vehicles.entry(vehicle.to_owned()).or_default();
+        v.connections.insert(id, addr);
+        let mut addrs: Vec<&IpAddr> = v.connections.values().collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.len() > max {
+            return vec![finding(
+                Reason::TooManyAddresses,
+                vehicle,
+                format!("connected from {} addresses at once", addrs.len()),
+            )];
+        }
+        Vec::new()
+    }
+
+    /// Connection `id` of `vehicle` ended.
+    pub fn on_disconnect(&mut self, vehicle: &str, id: u64) {
+        if let Some(v) = self.vehicles.get_mut(vehicle) {
+            v.connections.remove(&id);
+            if v.connections.is_empty() && v.sessions.is_empty() {
+                self.vehicles.remove(vehicle);
+            }
+        }
+    }
+}
+
+/// The shell around the [`Detector`]: one for all connections, findings counted, logged and
+/// audited (each vehicle and reason at most once a minute in the log and the audit; the
+/// counter counts every one).
+#[derive(Debug, Clone)]
+pub struct Watch {
+    detector: std::sync::Arc<std::sync::Mutex<Detector>>,
+    reported: std::sync::Arc<std::sync::Mutex<HashMap<(String, Reason), i64>>>,
+    audit: crate::audit::AuditLog,
+}
+
+/// Vehicle and reason pairs remembered for the once-a-minute report, at most.
+const MAX_REPORTED: usize = 16_384;
+
+impl Watch {
+    /// A watch with `thresholds`, reporting to `audit`.
+    pub fn new(thresholds: Thresholds, audit: crate::audit::AuditLog) -> Self {
+        Self {
+            detector: std::sync::Arc::new(std::sync::Mutex::new(Detector::new(thresholds))),
+            reported: std::sync::Arc::default(),
+            audit,
+        }
+    }
+
+    /// Runs `f` on the detector and reports what it found.
+    pub fn check(&self, f: impl FnOnce(&mut Detector) -> Vec<Finding>) {
+        let findings = {
+            let mut d = self
+                .detector
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut d)
+        };
+        if !findings.is_empty() {
+            self.report(relay_ops::now_utc_ns(), findings);
+        }
+    }
+
+    fn report(&self, now_ns: i64, findings: Vec<Finding>) {
+        let mut reported = self
+            .reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reported.len() >= MAX_REPORTED {
+            reported.retain(|_, at| now_ns - *at < 60_000_000_000);
+        }
+        for f in findings {
+            metrics::counter!("relay_ingest_security_events_total", "reason" => f.reason.label())
+                .increment(1);
+            let key = (f.vehicle.clone(), f.reason);
+            let due = reported
+                .get(&key)
+                .is_none_or(|at| now_ns - *at >= 60_000_000_000);
+            if !due || reported.len() >= MAX_REPORTED {
+                continue;
+            }
+            reported.insert(key, now_ns);
+            tracing::warn!(vehicle = %f.vehicle, reason = f.reason.label(), detail = %f.detail, "irregular vehicle behaviour");
+            let mut event =
+                crate::audit::AuditEvent::new("security_event", crate::audit::Outcome::Failure);
+            event.vehicles = vec![f.vehicle];
+            event.detail = serde_json::json!({ "reason": f.reason.label(), "detail": f.detail });
+            self.audit.record(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::model::{
+        ChannelInfo, Location, StreamKind, VitalSign, VitalsReport, WaveformChunk, WaveformInfo,
+    };
+
+    const S: i64 = 1_000_000_000;
+    const T0: i64 = 1_800_000_000 * S;
+
+    fn ecg() -> StreamDescriptor {
+        StreamDescriptor {
+            stream_id: 0,
+            kind: StreamKind::Waveform as i32,
+            name: "ecg".into(),
+            waveform: Some(WaveformInfo {
+                sample_rate_hz: 500.0,
+                channels: vec![ChannelInfo::default()],
+                source: String::new(),
+            }),
+        }
+    }
+
+    fn gps() -> StreamDescriptor {
+        StreamDescriptor {
+            stream_id: 2,
+            kind: StreamKind::Location as i32,
+            name: "gps".into(),
+            waveform: None,
+        }
+    }
+
+    /// Frame `seq` of 20 samples at 500 Hz, stamped as the agent's framer does.
+    fn chunk(seq: u64) -> Frame {
+        let index = seq * 20;
+        Frame {
+            stream_id: 0,
+            seq,
+            capture_time_ns: T0 + (index as f64 * 1e9 / 500.0).round() as i64,
+            payload: Some(Payload::Waveform(WaveformChunk {
+                first_sample_index: index,
+                sample_count: 20,
+                samples: vec![0; 20],
+            })),
+        }
+    }
+
+    fn fix(seq: u64, at: i64, lat: f64, lon: f64) -> Frame {
+        Frame {
+            stream_id: 2,
+            seq,
+            capture_time_ns: at,
+            payload: Some(Payload::Location(Location {
+                latitude_deg: lat,
+                longitude_deg: lon,
+                ..Location::default()
+            })),
+        }
+    }
+
+    fn reasons(f: &[Finding]) -> Vec<Reason> {
+        f.iter().map(|f| f.reason).collect()
+    }
+
+    #[test]
+    fn an_honest_stream_delivered_late_out_of_order_and_twice_raises_nothing() {
+        let mut d = Detector::default();
+        // A 30 minute outage: the backlog arrives in a burst an hour later, reordered, with
+        // copies from a second bearer.
+        let now = T0 + 3600 * S;
+        let mut seqs: Vec<u64> = (0..5000).collect();
+        seqs.swap(10, 20);
+        seqs.swap(300, 301);
+        for seq in seqs.iter().chain(&[5, 6, 7]) {
+            assert!(d.on_frame(now, "amb-1", 7, &ecg(), &chunk(*seq)).is_empty());
+        }
+        // A drive at 120 km/h, one fix a second.
+        for i in 0..600 {
+            let f = fix(i, T0 + i as i64 * S, 48.0 + i as f64 * 0.0003, 16.0);
+            assert!(d.on_frame(now, "amb-1", 7, &gps(), &f).is_empty());
+        }
+        // Redials into the same session, two bearers from two addresses.
+        for i in 0..50 {
+            assert!(d.on_hello(T0 + i * S, "amb-1", 7).is_empty());
+        }
+        assert!(
+            d.on_connect("amb-1", 1, "10.0.0.1".parse().unwrap())
+                .is_empty()
+        );
+        assert!(
+            d.on_connect("amb-1", 2, "10.0.0.2".parse().unwrap())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn capture_times_ahead_of_the_clock_or_days_old_are_findings() {
+        let mut d = Detector::default();
+        let f = chunk(0);
+        let r = d.on_frame(f.capture_time_ns - 6 * S, "amb-1", 1, &ecg(), &f);
+        assert_eq!(reasons(&r), vec![Reason::TimestampFuture]);
+        let r = d.on_frame(f.capture_time_ns + 4 * S, "amb-1", 2, &ecg(), &f);
+        assert!(r.is_empty(), "4 s of skew is within bounds");
+        let r = d.on_frame(f.capture_time_ns + 25 * 3600 * S, "amb-1", 3, &ecg(), &f);
+        assert_eq!(reasons(&r), vec![Reason::TimestampPast]);
+    }
+
+    #[test]
+    fn more_samples_than_the_declared_rate_allows_is_a_finding() {
+        let mut d = Detector::default();
+        let now = T0 + 3600 * S;
+        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
+        // Sample index 2,000 ahead, stamped 40 ms later: 50,000 Hz against 500 declared.
+        let mut f = chunk(1);
+        if let Some(Payload::Waveform(w)) = f.payload.as_mut() {
+            w.first_sample_index = 2_000;
+        }
+        assert_eq!(
+            reasons(&d.on_frame(now, "amb-1", 1, &ecg(), &f)),
+            vec![Reason::RateExceeded]
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_racing_ahead_of_capture_time_are_a_finding() {
+        let mut d = Detector::default();
+        let now = T0 + 3600 * S;
+        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
+        // A restart skips the spool's headroom: fine.
+        let mut f = chunk(1);
+        f.seq = 300;
+        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &f).is_empty());
+        f.seq = 1_000_000;
+        f.capture_time_ns += S / 25;
+        assert_eq!(
+            reasons(&d.on_frame(now, "amb-1", 1, &ecg(), &f)),
+            vec![Reason::SeqJump]
+        );
+    }
+
+    #[test]
+    fn gps_fixes_kilometres_apart_seconds_apart_are_impossible_movement() {
+        let mut d = Detector::default();
+        let now = T0 + 3600 * S;
+        assert!(
+            d.on_frame(now, "amb-1", 1, &gps(), &fix(0, T0, 48.2, 16.37))
+                .is_empty()
+        );
+        // 0.1 degree of latitude (11 km) in 10 s.
+        let r = d.on_frame(now, "amb-1", 1, &gps(), &fix(1, T0 + 10 * S, 48.3, 16.37));
+        assert_eq!(reasons(&r), vec![Reason::ImpossibleMovement]);
+        assert!(r[0].detail.contains("km/h"), "{}", r[0].detail);
+        // An older fix overtaken by newer ones is not judged against them.
+        assert!(
+            d.on_frame(now, "amb-1", 1, &gps(), &fix(2, T0 + 5 * S, 48.2, 16.37))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn many_new_sessions_are_a_storm_but_redials_are_not() {
+        let mut d = Detector::default();
+        for s in 0..10 {
+            assert!(d.on_hello(T0 + s as i64 * S, "amb-1", s).is_empty());
+        }
+        let r = d.on_hello(T0 + 11 * S, "amb-1", 99);
+        assert_eq!(reasons(&r), vec![Reason::SessionStorm]);
+        assert!(
+            d.on_hello(T0 + 12 * S, "amb-2", 1).is_empty(),
+            "per vehicle"
+        );
+        // Ten minutes later the window is empty again.
+        assert!(d.on_hello(T0 + 700 * S, "amb-1", 100).is_empty());
+    }
+
+    #[test]
+    fn more_addresses_at_once_than_bearers_is_a_finding() {
+        let mut d = Detector::default();
+        for i in 0..4u64 {
+            let addr = IpAddr::from([10, 0, 0, i as u8]);
+            assert!(d.on_connect("amb-1", i, addr).is_empty());
+        }
+        let r = d.on_connect("amb-1", 9, IpAddr::from([10, 0, 0, 9]));
+        assert_eq!(reasons(&r), vec![Reason::TooManyAddresses]);
+        d.on_disconnect("amb-1", 9);
+        d.on_disconnect("amb-1", 0);
+        assert!(
+            d.on_connect("amb-1", 10, IpAddr::from([10, 0, 0, 1]))
+                .is_empty()
+        );
+        // Vitals carry no extra checks beyond time and sequence.
+        let vitals = Frame {
+            stream_id: 1,
+            seq: 0,
+            capture_time_ns: T0,
+            payload: Some(Payload::Vitals(VitalsReport {
+                values: vec![VitalSign::default()],
+            })),
+        };
+        let desc = StreamDescriptor {
+            stream_id: 1,
+            kind: StreamKind::Vitals as i32,
+            ..StreamDescriptor::default()
+        };
+        assert!(d.on_frame(T0, "amb-1", 1, &desc, &vitals).is_empty());
+    }
+}
