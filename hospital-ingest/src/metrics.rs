@@ -21,7 +21,6 @@ fn export_from_start() {
         "relay_ingest_frames_duplicate_total",
         "relay_ingest_frames_late_total",
         "relay_ingest_gaps_total",
-        "relay_ingest_handshake_failures_total",
         "relay_ingest_subscriber_lagged_total",
         "relay_ingest_subscribers_cut_off_total",
         "relay_ingest_store_errors_total",
@@ -39,6 +38,10 @@ fn export_from_start() {
     for reason in SECURITY_EVENT_REASONS {
         metrics::counter!("relay_ingest_security_events_total", "reason" => *reason).increment(0);
     }
+    for reason in crate::quic::HANDSHAKE_FAILURE_REASONS {
+        metrics::counter!("relay_ingest_handshake_failures_total", "reason" => *reason)
+            .increment(0);
+    }
     for reason in crate::detect::Reason::ALL {
         metrics::counter!("relay_ingest_security_events_total", "reason" => reason.label())
             .increment(0);
@@ -55,7 +58,7 @@ pub fn describe() {
     );
     describe_counter!(
         "relay_ingest_handshake_failures_total",
-        "QUIC/TLS handshakes that failed, including certificates from a foreign CA"
+        "Vehicle QUIC/TLS handshakes that failed, by reason (revoked, unknown_ca, expired, no_certificate, alpn, timeout, abandoned: a peer dropping its own attempt, as agents do with the dials that lose)"
     );
     describe_counter!(
         "relay_ingest_grpc_handshake_failures_total",

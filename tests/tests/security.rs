@@ -379,7 +379,12 @@ async fn foreign_ca_and_identity_claims_are_refused() {
 
     let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
     assert!(
-        metric_value(&body, "relay_ingest_handshake_failures_total") >= 1.0,
+        labelled_metric(
+            &body,
+            "relay_ingest_handshake_failures_total",
+            "reason=\"unknown_ca\""
+        )
+        .is_some_and(|n| n >= 1.0),
         "{body}"
     );
     assert!(
@@ -1130,6 +1135,10 @@ async fn a_renewed_vehicle_certificate_is_used_at_the_next_dial_without_losing_a
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The agent counted why it was cut off.
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let refused = labelled_metric(&body, "relay_agent_refusals_total", "code=\"revoked\"");
+    assert!(refused.is_some_and(|n| n >= 1.0), "{body}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let summary = agent.shutdown().await.unwrap();
     assert_eq!(

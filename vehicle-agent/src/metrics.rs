@@ -27,6 +27,13 @@ pub fn describe() {
     ] {
         metrics::counter!(name).increment(0);
     }
+    for code in (0..=u64::from(u8::MAX)).filter_map(relay_proto::CloseCode::from_u64) {
+        metrics::counter!("relay_agent_refusals_total", "code" => code.label()).increment(0);
+    }
+    describe_counter!(
+        "relay_agent_refusals_total",
+        "Connections the ingest closed with a close code (quota_exceeded, revoked, identity_mismatch, ...), by code"
+    );
     for kind in ["events", "waveform", "vitals", "location"] {
         metrics::counter!("relay_agent_frames_evicted_total", "kind" => kind).increment(0);
     }

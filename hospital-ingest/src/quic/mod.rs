@@ -87,6 +87,65 @@ fn protocol_error(ctx: &QuicContext, conn: &quinn::Connection, vehicle: &str, r:
     conn.close(quinn::VarInt::from_u32(r.code.as_u32()), reason.as_bytes());
 }
 
+/// Every reason of `relay_ingest_handshake_failures_total`.
+pub const HANDSHAKE_FAILURE_REASONS: &[&str] = &[
+    "revoked",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "no_certificate",
+    "bad_certificate",
+    "alpn",
+    "timeout",
+    "abandoned",
+    "protocol",
+];
+
+/// Why a QUIC handshake failed, as a bounded label. A peer that closes or resets its own
+/// attempt is `abandoned`: agents dial several bearers at once and drop the attempts that
+/// lose, which is no attack.
+pub fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
+    use quinn::ConnectionError as E;
+    match e {
+        E::TimedOut => "timeout",
+        E::ApplicationClosed(_) | E::ConnectionClosed(_) | E::Reset | E::LocallyClosed => {
+            "abandoned"
+        }
+        // rustls' verdict reaches us as the text of quinn's transport error.
+        E::TransportError(t) => tls_failure_reason(&t.reason),
+        _ => "protocol",
+    }
+}
+
+/// The cause in the text of a TLS failure.
+fn tls_failure_reason(text: &str) -> &'static str {
+    let text = text.to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if has(&["revoked"]) {
+        "revoked"
+    } else if has(&[
+        "unknownissuer",
+        "unknown issuer",
+        "unknown ca",
+        "badsignature",
+        "bad signature",
+    ]) {
+        "unknown_ca"
+    } else if has(&["expired"]) {
+        "expired"
+    } else if has(&["notvalidyet", "not valid yet"]) {
+        "not_yet_valid"
+    } else if has(&["no certificates", "nocertificatespresented"]) {
+        "no_certificate"
+    } else if has(&["application protocol"]) {
+        "alpn"
+    } else if has(&["certificate"]) {
+        "bad_certificate"
+    } else {
+        "protocol"
+    }
+}
+
 /// The certificate of a QUIC connection's peer, as the audit log names it.
 fn vehicle_client(conn: &quinn::Connection) -> Option<crate::audit::AuditClient> {
     let identity = conn.peer_identity()?;
@@ -185,8 +244,10 @@ async fn handle_incoming(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             // Includes certificates from a foreign CA: a security event, not just noise.
-            metrics::counter!("relay_ingest_handshake_failures_total").increment(1);
-            if e.to_string().to_ascii_lowercase().contains("revoked") {
+            let reason = handshake_failure_reason(&e);
+            metrics::counter!("relay_ingest_handshake_failures_total", "reason" => reason)
+                .increment(1);
+            if reason == "revoked" {
                 metrics::counter!("relay_ingest_security_events_total", "reason" => "revoked")
                     .increment(1);
                 let mut event = crate::audit::AuditEvent::new(
@@ -222,5 +283,44 @@ async fn handle_incoming(
     match result {
         Ok(()) => tracing::info!(vehicle, %remote, "vehicle disconnected"),
         Err(r) => protocol_error(&ctx, &conn, &vehicle, &r),
+    }
+}
+
+#[cfg(test)]
+mod handshake_failure_tests {
+    use super::*;
+
+    #[test]
+    fn handshake_failures_are_told_apart_by_cause() {
+        for (text, reason) in [
+            ("invalid peer certificate: Revoked", "revoked"),
+            ("invalid peer certificate: UnknownIssuer", "unknown_ca"),
+            // A CA of the same name that did not sign it.
+            ("invalid peer certificate: BadSignature", "unknown_ca"),
+            (
+                "invalid peer certificate: certificate expired: verification time 5",
+                "expired",
+            ),
+            ("invalid peer certificate: NotValidYet", "not_yet_valid"),
+            ("peer sent no certificates", "no_certificate"),
+            (
+                "peer doesn't support any known protocol: no application protocol",
+                "alpn",
+            ),
+            ("invalid peer certificate: BadEncoding", "bad_certificate"),
+            ("unexpected message", "protocol"),
+        ] {
+            assert_eq!(tls_failure_reason(text), reason, "{text}");
+        }
+        assert_eq!(
+            handshake_failure_reason(&quinn::ConnectionError::TimedOut),
+            "timeout"
+        );
+        assert_eq!(
+            handshake_failure_reason(&quinn::ConnectionError::Reset),
+            "abandoned",
+            "an agent's losing parallel dial is no attack"
+        );
+        assert!(HANDSHAKE_FAILURE_REASONS.contains(&"abandoned"));
     }
 }

@@ -151,6 +151,11 @@ impl BearerTask {
         let failed = |e: &UplinkError| {
             metrics::counter!("relay_agent_connect_failures_total", "reason" => e.label())
                 .increment(1);
+            if let UplinkError::Refused { code, .. } = e {
+                // What the ingest held against us: a quota, a revoked certificate, ...
+                let code = code.map_or("unknown", CloseCode::label);
+                metrics::counter!("relay_agent_refusals_total", "code" => code).increment(1);
+            }
             metrics::counter!("relay_agent_bearer_connect_failures_total", &label).increment(1);
         };
         loop {
