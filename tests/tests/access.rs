@@ -141,6 +141,27 @@ async fn an_ed_certificate_reads_only_what_the_policy_grants_and_follows_a_reloa
     .unwrap();
     ingest.reload().unwrap();
     assert_eq!(listed(&mut scoped).await, vec!["amb-2"]);
+    // The newly granted stream's descriptor comes before its first data record, so the
+    // client can interpret it.
+    let mut described = false;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), feed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match msg.record {
+            Some(Record::Stream(info)) => {
+                let s = info.stream.unwrap();
+                described |= s.vehicle_id == "amb-2" && s.kind == StreamKind::Location as i32;
+            }
+            Some(Record::Data(d)) if d.stream.as_ref().unwrap().vehicle_id == "amb-2" => {
+                assert!(described, "amb-2 data before its descriptor");
+                break;
+            }
+            _ => {}
+        }
+    }
     // Records already queued under the old grant drain first.
     let after: Vec<(String, i32)> = next_data(&mut feed, 40).await.split_off(20);
     assert!(

@@ -141,11 +141,16 @@ impl Filter {
             && self.grant.allows(vehicle, kind)
     }
 
-    /// Takes a reloaded policy into account.
-    fn refresh(&mut self) {
-        if self.access.generation() != self.generation {
-            (self.grant, self.generation) = self.access.grant(&self.who);
+    /// Takes a reloaded policy into account; true when the grant changed.
+    fn refresh(&mut self) -> bool {
+        if self.access.generation() == self.generation {
+            return false;
         }
+        let (grant, generation) = self.access.grant(&self.who);
+        self.generation = generation;
+        let changed = grant != self.grant;
+        self.grant = grant;
+        changed
     }
 
     fn matches_record(&self, msg: &SubscribeResponse) -> bool {
@@ -203,6 +208,8 @@ struct Outlet {
     delivered: u64,
     vehicles: std::collections::BTreeSet<String>,
     cursor: u64,
+    /// Streams whose descriptor the client has (vehicle, session, stream).
+    described: HashSet<(String, u64, u32)>,
 }
 
 /// Why a subscription ended early.
@@ -223,9 +230,17 @@ impl Outlet {
             Some(Record::Data(d)) => d.stream.as_ref().map(|s| s.vehicle_id.clone()),
             _ => None,
         };
+        let described = match &msg.record {
+            Some(Record::Stream(info)) => info
+                .stream
+                .as_ref()
+                .map(|s| (s.vehicle_id.clone(), s.session_id, s.stream_id)),
+            _ => None,
+        };
         match tokio::time::timeout(self.timeout, self.tx.send(msg)).await {
             Ok(Ok(())) => {
                 self.cursor = cursor;
+                self.described.extend(described);
                 if let Some(v) = vehicle {
                     self.delivered += 1;
                     if self.vehicles.len() < MAX_AUDITED_VEHICLES {
@@ -251,6 +266,29 @@ impl Outlet {
 }
 
 impl TelemetryService {
+    /// Sends the descriptors of the stored streams that `filter` lets through and the client
+    /// has not had yet (all at the start; those a reloaded policy newly grants later).
+    async fn describe(&self, filter: &Filter, cursor: u64, out: &mut Outlet) -> Result<(), Stop> {
+        let store = self.store.clone();
+        let streams = blocking(move || store.streams())
+            .await
+            .map_err(Stop::Failed)?;
+        for info in streams {
+            let Some(s) = info.stream.as_ref() else {
+                continue;
+            };
+            let key = (s.vehicle_id.clone(), s.session_id, s.stream_id);
+            if filter.matches(&s.vehicle_id, s.kind) && !out.described.contains(&key) {
+                out.send(SubscribeResponse {
+                    cursor,
+                    record: Some(Record::Stream(info)),
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends stored records in (after, up_to] that match; returns the last cursor examined.
     async fn send_backlog(
         &self,
@@ -268,7 +306,9 @@ impl TelemetryService {
             let Some(last) = page.last().map(|(c, _)| *c) else {
                 break;
             };
-            filter.refresh();
+            if filter.refresh() {
+                self.describe(filter, after, out).await?;
+            }
             for (_, msg) in page {
                 if filter.matches_record(&msg) {
                     out.send(msg).await?;
@@ -293,23 +333,7 @@ impl TelemetryService {
         let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
         let mut flow = SubscriptionFlow::new(start.as_ref(), head);
         // Descriptors of the matching streams first, so every data record can be interpreted.
-        let store = self.store.clone();
-        let streams = blocking(move || store.streams())
-            .await
-            .map_err(Stop::Failed)?;
-        for info in streams {
-            let matches = info
-                .stream
-                .as_ref()
-                .is_some_and(|s| filter.matches(&s.vehicle_id, s.kind));
-            if matches {
-                out.send(SubscribeResponse {
-                    cursor: flow.cursor(),
-                    record: Some(Record::Stream(info)),
-                })
-                .await?;
-            }
-        }
+        self.describe(&filter, flow.cursor(), out).await?;
         let (after, up_to) = flow.backlog();
         let (reached, backlog) = self.send_backlog(&mut filter, after, up_to, out).await?;
         flow.handle_caught_up(reached);
@@ -329,7 +353,9 @@ impl TelemetryService {
                             // cheap to heal from the store).
                             self.send_backlog(&mut filter, after, up_to, out).await?;
                         }
-                        filter.refresh();
+                        if filter.refresh() {
+                            self.describe(&filter, flow.cursor(), out).await?;
+                        }
                         if filter.matches(&e.vehicle, e.kind) {
                             out.send(e.message.clone()).await?;
                         }
@@ -571,6 +597,7 @@ impl Telemetry for TelemetryService {
             delivered: 0,
             vehicles: std::collections::BTreeSet::new(),
             cursor: 0,
+            described: HashSet::new(),
         };
         let failure = StatusSlot::default();
         let svc = self.clone();
