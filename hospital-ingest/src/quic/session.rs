@@ -74,8 +74,12 @@ async fn read_hello(
     recv: &mut quinn::RecvStream,
     budget: &Arc<Semaphore>,
 ) -> Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), HelloReadError> {
+    // A peer that goes away before its Hello is not malformed input: it just ended.
     let read = |e: quinn::ReadExactError| match e {
-        quinn::ReadExactError::FinishedEarly(_) => HelloReadError::Ended,
+        quinn::ReadExactError::FinishedEarly(_)
+        | quinn::ReadExactError::ReadError(
+            quinn::ReadError::ConnectionLost(_) | quinn::ReadError::Reset(_),
+        ) => HelloReadError::Ended,
         quinn::ReadExactError::ReadError(e) => HelloReadError::Io(e.into()),
     };
     let mut prefix = [0u8; 4];
