@@ -100,6 +100,14 @@ pub struct DetectConfig {
     /// reported (too_many_addresses): its bearers.
     #[arg(long = "detect-max-addresses")]
     pub max_addresses: usize,
+    /// Vehicles an ED client may start reading for the first time within an hour before it
+    /// is reported (subscriber_new_vehicles).
+    #[arg(long = "detect-max-new-vehicles-per-hour")]
+    pub max_new_vehicles_per_hour: usize,
+    /// Access-policy refusals of one ED client within ten minutes beyond which it is
+    /// reported (subscriber_denials).
+    #[arg(long = "detect-max-denials-per-10min")]
+    pub max_denials_per_10min: usize,
 }
 
 impl Default for DetectConfig {
@@ -112,6 +120,8 @@ impl Default for DetectConfig {
             max_frames_per_second: t.max_frames_per_second,
             max_new_sessions_per_10min: t.max_new_sessions_per_10min,
             max_addresses: t.max_addresses,
+            max_new_vehicles_per_hour: t.max_new_vehicles_per_hour,
+            max_denials_per_10min: t.max_denials_per_10min,
         }
     }
 }
@@ -126,6 +136,8 @@ impl DetectConfig {
             max_frames_per_second: self.max_frames_per_second,
             max_new_sessions_per_10min: self.max_new_sessions_per_10min,
             max_addresses: self.max_addresses,
+            max_new_vehicles_per_hour: self.max_new_vehicles_per_hour,
+            max_denials_per_10min: self.max_denials_per_10min,
         }
     }
 }

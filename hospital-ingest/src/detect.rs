@@ -29,6 +29,10 @@ pub struct Thresholds {
     pub max_new_sessions_per_10min: usize,
     /// Distinct source addresses of one vehicle's live connections at once (its bearers).
     pub max_addresses: usize,
+    /// Vehicles an ED client may start reading for the first time within an hour.
+    pub max_new_vehicles_per_hour: usize,
+    /// Refusals by the access policy one ED client may collect within ten minutes.
+    pub max_denials_per_10min: usize,
 }
 
 impl Default for Thresholds {
@@ -40,6 +44,8 @@ impl Default for Thresholds {
             max_frames_per_second: 200.0,
             max_new_sessions_per_10min: 10,
             max_addresses: 4,
+            max_new_vehicles_per_hour: 20,
+            max_denials_per_10min: 10,
         }
     }
 }
@@ -61,11 +67,15 @@ pub enum Reason {
     SessionStorm,
     /// More source addresses at once than a vehicle has bearers.
     TooManyAddresses,
+    /// An ED client starting to read many vehicles it never read before.
+    SubscriberNewVehicles,
+    /// An ED client repeatedly asking for what the access policy does not grant.
+    SubscriberDenials,
 }
 
 impl Reason {
     /// Every reason, for metrics exported from the start.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 9] = [
         Reason::TimestampFuture,
         Reason::TimestampPast,
         Reason::ImpossibleMovement,
@@ -73,6 +83,8 @@ impl Reason {
         Reason::SeqJump,
         Reason::SessionStorm,
         Reason::TooManyAddresses,
+        Reason::SubscriberNewVehicles,
+        Reason::SubscriberDenials,
     ];
 
     /// Bounded metric label.
@@ -85,6 +97,8 @@ impl Reason {
             Self::SeqJump => "seq_jump",
             Self::SessionStorm => "session_storm",
             Self::TooManyAddresses => "too_many_addresses",
+            Self::SubscriberNewVehicles => "subscriber_new_vehicles",
+            Self::SubscriberDenials => "subscriber_denials",
         }
     }
 }
@@ -94,7 +108,7 @@ impl Reason {
 pub struct Finding {
     /// What.
     pub reason: Reason,
-    /// Which vehicle.
+    /// Which vehicle ("" for a finding about an ED client, named in `detail`).
     pub vehicle: String,
     /// The figures behind it.
     pub detail: String,
@@ -127,12 +141,27 @@ struct VehicleState {
     connections: HashMap<u64, IpAddr>,
 }
 
+#[derive(Debug, Default)]
+struct SubscriberState {
+    /// Vehicles this client has read (bounded).
+    known: std::collections::HashSet<String>,
+    /// When it started reading a vehicle for the first time, within the last hour.
+    firsts: VecDeque<i64>,
+    /// Its refusals within the last ten minutes.
+    denials: VecDeque<i64>,
+}
+
+/// ED clients and vehicles per client remembered, at most.
+const MAX_SUBSCRIBERS: usize = 4096;
+const MAX_KNOWN_VEHICLES: usize = 4096;
+
 /// The detector's state.
 #[derive(Debug, Default)]
 pub struct Detector {
     thresholds: Thresholds,
     streams: HashMap<(String, u64, u32), StreamState>,
     vehicles: HashMap<String, VehicleState>,
+    subscribers: HashMap<String, SubscriberState>,
 }
 
 fn finding(reason: Reason, vehicle: &str, detail: String) -> Finding {
@@ -327,6 +356,84 @@ impl Detector {
         Vec::new()
     }
 
+    fn subscriber(&mut self, fingerprint: &str) -> Option<&mut SubscriberState> {
+        if self.subscribers.len() >= MAX_SUBSCRIBERS && !self.subscribers.contains_key(fingerprint)
+        {
+            self.subscribers
+                .retain(|_, s| !s.firsts.is_empty() || !s.denials.is_empty());
+            if self.subscribers.len() >= MAX_SUBSCRIBERS {
+                return None;
+            }
+        }
+        Some(self.subscribers.entry(fingerprint.to_owned()).or_default())
+    }
+
+    /// ED client `client` (certificate `fingerprint`) starts reading `vehicles` at `now_ns`.
+    pub fn on_subscriber_reads(
+        &mut self,
+        now_ns: i64,
+        client: &str,
+        fingerprint: &str,
+        vehicles: &[String],
+    ) -> Vec<Finding> {
+        let max = self.thresholds.max_new_vehicles_per_hour;
+        let Some(s) = self.subscriber(fingerprint) else {
+            return Vec::new();
+        };
+        for v in vehicles {
+            if s.known.len() < MAX_KNOWN_VEHICLES && s.known.insert(v.clone()) {
+                s.firsts.push_back(now_ns);
+            }
+        }
+        let window = now_ns - 3_600_000_000_000;
+        while s.firsts.front().is_some_and(|at| *at < window) {
+            s.firsts.pop_front();
+        }
+        if s.firsts.len() > max {
+            return vec![finding(
+                Reason::SubscriberNewVehicles,
+                "",
+                format!(
+                    "ED client {client}: {} vehicles read for the first time within an hour",
+                    s.firsts.len()
+                ),
+            )];
+        }
+        Vec::new()
+    }
+
+    /// The access policy refused ED client `client` at `now_ns`.
+    pub fn on_subscriber_denied(
+        &mut self,
+        now_ns: i64,
+        client: &str,
+        fingerprint: &str,
+    ) -> Vec<Finding> {
+        let max = self.thresholds.max_denials_per_10min;
+        let Some(s) = self.subscriber(fingerprint) else {
+            return Vec::new();
+        };
+        s.denials.push_back(now_ns);
+        let window = now_ns - 600_000_000_000;
+        while s.denials.front().is_some_and(|at| *at < window) {
+            s.denials.pop_front();
+        }
+        while s.denials.len() > max + 64 {
+            s.denials.pop_front();
+        }
+        if s.denials.len() > max {
+            return vec![finding(
+                Reason::SubscriberDenials,
+                "",
+                format!(
+                    "ED client {client}: {} refusals within ten minutes",
+                    s.denials.len()
+                ),
+            )];
+        }
+        Vec::new()
+    }
+
     /// Connection `id` of `vehicle` ended.
     pub fn on_disconnect(&mut self, vehicle: &str, id: u64) {
         if let Some(v) = self.vehicles.get_mut(vehicle) {
@@ -397,7 +504,10 @@ impl Watch {
             tracing::warn!(vehicle = %f.vehicle, reason = f.reason.label(), detail = %f.detail, "irregular vehicle behaviour");
             let mut event =
                 crate::audit::AuditEvent::new("security_event", crate::audit::Outcome::Failure);
-            event.vehicles = vec![f.vehicle];
+            event.vehicles = (!f.vehicle.is_empty())
+                .then_some(f.vehicle)
+                .into_iter()
+                .collect();
             event.detail = serde_json::json!({ "reason": f.reason.label(), "detail": f.detail });
             self.audit.record(event);
         }
@@ -577,6 +687,50 @@ mod tests {
         );
         // Ten minutes later the window is empty again.
         assert!(d.on_hello(T0 + 700 * S, "amb-1", 100).is_empty());
+    }
+
+    #[test]
+    fn an_ed_client_reading_many_new_vehicles_or_collecting_refusals_is_a_finding() {
+        let t = Thresholds {
+            max_new_vehicles_per_hour: 3,
+            max_denials_per_10min: 2,
+            ..Thresholds::default()
+        };
+        let mut d = Detector::new(t);
+        let v = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(
+            d.on_subscriber_reads(T0, "ed-1", "f1", &v(&["amb-1", "amb-2"]))
+                .is_empty()
+        );
+        // The same vehicles again are nothing new.
+        assert!(
+            d.on_subscriber_reads(T0 + S, "ed-1", "f1", &v(&["amb-1", "amb-2"]))
+                .is_empty()
+        );
+        assert!(
+            d.on_subscriber_reads(T0 + S, "ed-1", "f1", &v(&["amb-3"]))
+                .is_empty()
+        );
+        let r = d.on_subscriber_reads(T0 + 2 * S, "ed-1", "f1", &v(&["amb-4"]));
+        assert_eq!(reasons(&r), vec![Reason::SubscriberNewVehicles]);
+        assert!(r[0].detail.contains("ed-1") && r[0].vehicle.is_empty());
+        // Another client has its own history; an hour later the window is empty.
+        assert!(
+            d.on_subscriber_reads(T0, "ed-2", "f2", &v(&["amb-4"]))
+                .is_empty()
+        );
+        assert!(
+            d.on_subscriber_reads(T0 + 3700 * S, "ed-1", "f1", &v(&["amb-5"]))
+                .is_empty()
+        );
+        assert!(d.on_subscriber_denied(T0, "ed-1", "f1").is_empty());
+        assert!(d.on_subscriber_denied(T0 + S, "ed-1", "f1").is_empty());
+        let r = d.on_subscriber_denied(T0 + 2 * S, "ed-1", "f1");
+        assert_eq!(reasons(&r), vec![Reason::SubscriberDenials]);
+        assert!(
+            d.on_subscriber_denied(T0 + 700 * S, "ed-1", "f1")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -259,13 +259,15 @@ impl Ingest {
             .with_context(|| format!("binding QUIC {}", cfg.quic.listen))?;
         let quic_addr = endpoint.local_addr()?;
         let online = Arc::new(quic::Online::default());
+        // One detector for vehicles and ED clients.
+        let watch = detect::Watch::new(cfg.detect.thresholds(), audit.clone());
         let ctx = quic::QuicContext {
             reading: Arc::new(tokio::sync::Semaphore::new(cfg.quic.max_reading_bytes)),
             cfg: cfg.quic.clone(),
             writer: writer_tx,
             online: online.clone(),
             audit: audit.clone(),
-            watch: detect::Watch::new(cfg.detect.thresholds(), audit.clone()),
+            watch: watch.clone(),
         };
         let quic = tokio::spawn(quic::serve(endpoint.clone(), ctx, stop.clone()));
 
@@ -283,6 +285,7 @@ impl Ingest {
                 cfg.grpc.max_subscriptions_per_client,
             ),
             audit: audit.clone(),
+            watch,
         };
         let svc = grpc::TelemetryService::new(
             store,

@@ -96,6 +96,9 @@ async fn an_ed_certificate_reads_only_what_the_policy_grants_and_follows_a_reloa
     let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
     cfg.grpc.access_policy = Some(policy.clone());
     cfg.tls.watch_interval = Duration::ZERO;
+    // Small thresholds, so the subscriber reasons show in this short run.
+    cfg.detect.max_denials_per_10min = 2;
+    cfg.detect.max_new_vehicles_per_hour = 1;
     let ingest = Ingest::start(cfg).await.unwrap();
     let (a1, a2) = two_vehicles(&pki, &ingest).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -181,6 +184,25 @@ async fn an_ed_certificate_reads_only_what_the_policy_grants_and_follows_a_reloa
         .unwrap_or(0.0)
     };
     assert!(denied("vehicle") >= 2.0 && denied("kind") >= 1.0, "{body}");
+    // Three refusals within ten minutes, and the console reading two vehicles it never read.
+    let _console_feed = console.subscribe(live(&[], &[])).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+        let event = |reason: &str| {
+            labelled_metric(
+                &body,
+                "relay_ingest_security_events_total",
+                &format!("reason=\"{reason}\""),
+            )
+            .unwrap_or(0.0)
+        };
+        if event("subscriber_denials") >= 1.0 && event("subscriber_new_vehicles") >= 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a1.shutdown().await.unwrap();
     a2.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();

@@ -45,6 +45,8 @@ pub struct GrpcSettings {
     pub limits: Arc<ClientLimits>,
     /// Where every call is recorded.
     pub audit: AuditLog,
+    /// Irregular behaviour of clients, detected and reported.
+    pub watch: crate::detect::Watch,
 }
 
 /// Every reason of `relay_ingest_grpc_denied_total`, exported at zero from start.
@@ -398,6 +400,12 @@ impl TelemetryService {
         let mut event = audit_event(action, Outcome::Denied, who, remote);
         event.detail = serde_json::json!({ "reason": reason, "message": status.message() });
         self.settings.audit.record(event);
+        if let Some(who) = who.filter(|_| matches!(reason, "no_grant" | "vehicle" | "kind")) {
+            let now = crate::now_utc_ns();
+            self.settings
+                .watch
+                .check(|d| d.on_subscriber_denied(now, who.name(), &who.fingerprint));
+        }
         status
     }
 
@@ -578,7 +586,12 @@ impl Telemetry for TelemetryService {
             "start": start,
             "rules": grant.rules(),
         });
+        let in_reach = event.vehicles.clone();
         self.audit_first(event).await?;
+        let now = crate::now_utc_ns();
+        self.settings
+            .watch
+            .check(|d| d.on_subscriber_reads(now, who.name(), &who.fingerprint, &in_reach));
         let filter = Filter {
             vehicles: req.vehicle_ids.into_iter().collect(),
             kinds: req.kinds.into_iter().collect(),
@@ -675,6 +688,17 @@ mod tests {
                 })
                 .unwrap()
                 .0,
+                watch: crate::detect::Watch::new(
+                    crate::detect::Thresholds::default(),
+                    crate::audit::AuditLog::open(crate::audit::AuditSettings {
+                        dir: dir.path().join("audit-watch"),
+                        max_file_bytes: 1 << 20,
+                        max_files: 4,
+                        queue: 16,
+                    })
+                    .unwrap()
+                    .0,
+                ),
             },
             4,
             CancellationToken::new(),
