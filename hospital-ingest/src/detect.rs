@@ -159,7 +159,10 @@ const MAX_KNOWN_VEHICLES: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Detector {
     thresholds: Thresholds,
-    streams: HashMap<(String, u64, u32), StreamState>,
+    /// Per vehicle, per (session, stream): looked up by `&str`, so a frame allocates nothing.
+    streams: HashMap<String, HashMap<(u64, u32), StreamState>>,
+    /// Streams in `streams`, all vehicles together.
+    stream_count: usize,
     vehicles: HashMap<String, VehicleState>,
     subscribers: HashMap<String, SubscriberState>,
 }
@@ -229,16 +232,34 @@ impl Detector {
                 ),
             ));
         }
-        if self.streams.len() >= MAX_STREAMS {
-            let oldest = now_ns - 3_600_000_000_000;
-            self.streams.retain(|_, s| s.last_seen_ns > oldest);
-        }
-        let key = (vehicle.to_owned(), session, frame.stream_id);
-        if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
-            return out; // thousands of busy streams: judge the timestamps only
-        }
         let (max_fps, max_speed) = (t.max_frames_per_second, t.max_speed_mps);
-        let state = self.streams.entry(key).or_default();
+        let key = (session, frame.stream_id);
+        let known = self
+            .streams
+            .get(vehicle)
+            .is_some_and(|m| m.contains_key(&key));
+        if !known {
+            // Only a new stream can push the table over its bound; idle ones go first.
+            if self.stream_count >= MAX_STREAMS {
+                let oldest = now_ns - 3_600_000_000_000;
+                for m in self.streams.values_mut() {
+                    m.retain(|_, s| s.last_seen_ns > oldest);
+                }
+                self.streams.retain(|_, m| !m.is_empty());
+                self.stream_count = self.streams.values().map(HashMap::len).sum();
+            }
+            if self.stream_count >= MAX_STREAMS {
+                return out; // thousands of busy streams: judge the timestamps only
+            }
+            self.stream_count += 1;
+            if !self.streams.contains_key(vehicle) {
+                self.streams.insert(vehicle.to_owned(), HashMap::new());
+            }
+        }
+        let Some(per_vehicle) = self.streams.get_mut(vehicle) else {
+            return out;
+        };
+        let state = per_vehicle.entry(key).or_default();
         state.last_seen_ns = now_ns;
 
         // Sequence numbers: no faster than frames can be produced in the capture time passed.
