@@ -314,6 +314,7 @@ mod tests {
                 }),
                 late: false,
                 received_time_ns: 0,
+                ..DataRecord::default()
             })),
         }
     }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use relay_proto::codes;
-use relay_proto::model::{SubscribeResponse, frame::Payload, subscribe_response::Record};
+use relay_proto::model::{
+    SubscribeResponse, TimestampCheck, frame::Payload, subscribe_response::Record,
+};
 
 #[derive(Debug, Default, Clone)]
 /// The latest state of one vehicle.
@@ -28,6 +30,11 @@ pub struct VehicleView {
     pub gaps_open: u64,
     /// Gaps announced so far.
     pub gaps_seen: u64,
+    /// The vehicle clock's offset to the ingest's (vehicle minus ingest), seconds, as the
+    /// latest record carried it.
+    pub clock_offset_s: Option<f64>,
+    /// Records whose capture time the ingest flagged implausible.
+    pub implausible_times: u64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +78,14 @@ impl Dashboard {
                 if d.late {
                     v.late_frames += 1;
                 }
+                let offset_ns = d.vehicle_clock.as_ref().map_or(0, |c| c.offset_ns);
+                if let Some(c) = &d.vehicle_clock {
+                    v.clock_offset_s = Some(c.offset_ns as f64 / 1e9);
+                }
+                let check = TimestampCheck::try_from(d.capture_time_check);
+                if matches!(check, Ok(TimestampCheck::Future | TimestampCheck::Past)) {
+                    v.implausible_times += 1;
+                }
                 match &f.payload {
                     Some(Payload::Vitals(r)) => {
                         for x in &r.values {
@@ -100,7 +115,9 @@ impl Dashboard {
                             } else {
                                 0.0
                             };
-                            let end = f.capture_time_ns as f64 + dur_ns;
+                            // On the ingest's clock: a vehicle clock running ahead does not
+                            // make data look as if it came from the future.
+                            let end = (f.capture_time_ns - offset_ns) as f64 + dur_ns;
                             v.waveform_latency_ms = Some((now_ns as f64 - end) / 1e6);
                         }
                     }
@@ -144,7 +161,7 @@ impl Dashboard {
         );
         let _ = writeln!(
             s,
-            "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5}",
+            "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5} {:>8} {:>6}",
             "vehicle",
             "HR",
             "SpO2",
@@ -153,7 +170,9 @@ impl Dashboard {
             "ECG lat ms",
             "frames",
             "late",
-            "gaps"
+            "gaps",
+            "clock s",
+            "bad ts"
         );
         for (id, v) in &self.vehicles {
             let nibp = format!("{}/{} ({})", opt(v.nibp.0), opt(v.nibp.1), opt(v.nibp.2));
@@ -163,9 +182,10 @@ impl Dashboard {
             let lat = v
                 .waveform_latency_ms
                 .map_or("-".into(), |l| format!("{l:.0}"));
+            let clock = v.clock_offset_s.map_or("-".into(), |c| format!("{c:+.3}"));
             let _ = writeln!(
                 s,
-                "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5}",
+                "{:<12} {:>4} {:>5} {:>13} {:>24} {:>10} {:>8} {:>6} {:>5} {:>8} {:>6}",
                 id,
                 opt(v.hr),
                 opt(v.spo2),
@@ -174,7 +194,9 @@ impl Dashboard {
                 lat,
                 v.waveform_frames,
                 v.late_frames,
-                v.gaps_open
+                v.gaps_open,
+                clock,
+                v.implausible_times
             );
         }
         s
@@ -220,6 +242,7 @@ mod tests {
                 }),
                 late: false,
                 received_time_ns: 0,
+                ..DataRecord::default()
             })),
         };
         d.apply(&msg, 0);
@@ -228,5 +251,66 @@ mod tests {
         assert!(out.contains("81"), "{out}");
         assert!(out.contains("130/85 (100)"), "{out}");
         assert_eq!(d.cursor, 9);
+    }
+
+    #[test]
+    fn latency_is_measured_on_the_ingest_clock_and_flagged_times_are_counted() {
+        use relay_proto::model::{
+            ClockOffset, StreamDescriptor, StreamInfo, WaveformChunk, WaveformInfo,
+        };
+        let s = 1_000_000_000i64;
+        let stream = StreamRef {
+            vehicle_id: "amb-1".into(),
+            session_id: 1,
+            stream_id: 0,
+            kind: 2,
+        };
+        let mut d = Dashboard::default();
+        d.apply(
+            &SubscribeResponse {
+                cursor: 1,
+                record: Some(Record::Stream(StreamInfo {
+                    stream: Some(stream.clone()),
+                    descriptor: Some(StreamDescriptor {
+                        waveform: Some(WaveformInfo {
+                            sample_rate_hz: 500.0,
+                            ..WaveformInfo::default()
+                        }),
+                        ..StreamDescriptor::default()
+                    }),
+                })),
+            },
+            0,
+        );
+        // Captured at 100 s + 5 s by a clock 5 s ahead, 40 ms of samples, shown at 100.1 s.
+        let record = |check: TimestampCheck| SubscribeResponse {
+            cursor: 2,
+            record: Some(Record::Data(DataRecord {
+                stream: Some(stream.clone()),
+                frame: Some(Frame {
+                    capture_time_ns: 105 * s,
+                    payload: Some(Payload::Waveform(WaveformChunk {
+                        sample_count: 20,
+                        ..WaveformChunk::default()
+                    })),
+                    ..Frame::default()
+                }),
+                vehicle_clock: Some(ClockOffset {
+                    offset_ns: 5 * s,
+                    uncertainty_ns: s / 100,
+                    measured_time_ns: 99 * s,
+                }),
+                capture_time_check: check as i32,
+                ..DataRecord::default()
+            })),
+        };
+        d.apply(&record(TimestampCheck::Plausible), 100 * s + s / 10);
+        let v = &d.vehicles["amb-1"];
+        assert_eq!(v.waveform_latency_ms.map(|l| l.round()), Some(60.0));
+        assert_eq!((v.clock_offset_s, v.implausible_times), (Some(5.0), 0));
+        d.apply(&record(TimestampCheck::Future), 100 * s);
+        assert_eq!(d.vehicles["amb-1"].implausible_times, 1);
+        let out = d.render();
+        assert!(out.contains("+5.000"), "{out}");
     }
 }

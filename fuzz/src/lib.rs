@@ -19,7 +19,7 @@ use prost::Message;
 use relay_proto::model::{
     ChannelInfo, Frame, StreamDescriptor, StreamKind, WaveformInfo, frame::Payload,
 };
-use relay_proto::wire::v1::{ControlMessage, Hello, control_message::Body};
+use relay_proto::wire::v1::{ControlMessage, Hello, HelloAck, control_message::Body};
 use relay_wfdb::{WfdbError, parse_header, record_from_parts};
 use tokio::time::Instant;
 use vehicle_agent::AgentConfig;
@@ -142,12 +142,67 @@ pub fn ingest_hello(data: &[u8]) {
     assert!(hello.streams.iter().all(|s| s.name.len() <= 64));
 }
 
-/// Control messages at the agent: the reply to its Hello, then acknowledgements, which must
-/// release only frames that were sent on the acknowledging connection.
+/// Control messages after the Hello: at the agent the reply to its Hello, clock Pongs, and
+/// acknowledgements, which must release only frames that were sent on the acknowledging
+/// connection; at the ingest clock Pings. A clock estimate from any of them stays within
+/// the bounds of an exchange.
 pub fn agent_control(data: &[u8]) {
     let now = Instant::now();
     let mut hs = ClientHandshake::new(&Hello::default(), now, Duration::from_secs(1));
-    let _ = hs.handle_message(data);
+    let t = 1_700_000_000_000_000_000;
+    let mut filter = relay_proto::clock::ClockFilter::new();
+    let check = |filter: &relay_proto::clock::ClockFilter| {
+        if let Some(e) = filter.estimate() {
+            let max = relay_proto::clock::MAX_ROUND_TRIP_NS as i64;
+            assert!((0..=max / 2 + 1).contains(&e.uncertainty_ns), "{e:?}");
+        }
+    };
+    if let Ok(ack) = hs.handle_message(data) {
+        let (mut sync, hello) = vehicle_agent::clock::ClockSync::after_hello(
+            now,
+            Duration::from_secs(10),
+            t,
+            &ack,
+            t + 1,
+        );
+        let _ = filter.add_exchange(&hello);
+        let ping = sync.poll_ping(now, t + 2);
+        assert!(ping.is_some_and(|p| p.previous.is_some()));
+        check(&filter);
+    }
+    match ControlMessage::decode(data) {
+        Ok(ControlMessage {
+            body: Some(Body::Pong(pong)),
+        }) => {
+            let ack = HelloAck::default();
+            let (mut sync, _) = vehicle_agent::clock::ClockSync::after_hello(
+                now,
+                Duration::from_secs(10),
+                t,
+                &ack,
+                t,
+            );
+            let ping = sync.poll_ping(now, t);
+            assert_eq!(ping.map(|p| p.id), Some(1));
+            if let Some(exchange) = sync.on_pong(&pong, t + 5_000_000) {
+                assert_eq!(exchange.t1, t, "the agent's own send time, not the echo");
+                let _ = filter.add_exchange(&exchange);
+            }
+            check(&filter);
+        }
+        Ok(ControlMessage {
+            body: Some(Body::Ping(ping)),
+        }) => {
+            let mut server = hospital_ingest::quic::clock::ServerClock::after_hello(t, t, t);
+            let (pong, exchange) = server.on_ping(&ping, t + 1, t + 2);
+            assert_eq!(pong.id, ping.id);
+            if let Some(e) = exchange {
+                let _ = filter.add_exchange(&e);
+            }
+            check(&filter);
+        }
+        _ => {}
+    }
 
     let Ok(ControlMessage {
         body: Some(Body::Ack(ack)),
@@ -229,7 +284,7 @@ pub fn agent_config(data: &[u8]) {
 /// (`examples/seed-corpus.rs`) and the stable mutation runs.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     use relay_proto::model::{Location, VitalSign, VitalsReport, WaveformChunk};
-    use relay_proto::wire::v1::{Ack, HelloAck, SeqRange, StreamAck};
+    use relay_proto::wire::v1::{Ack, Ping, Pong, PongReceived, SeqRange, StreamAck};
     let frame = |stream_id, seq, payload| {
         Frame {
             stream_id,
@@ -278,11 +333,27 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             session_id: 42,
             streams: declared_streams().into_values().collect(),
             agent_version: "fuzz".into(),
+            agent_time_ns: 1_700_000_000_000_000_000,
         }))],
         "agent_control" => vec![
             control(Body::HelloAck(HelloAck {
                 protocol_version: relay_proto::PROTOCOL_VERSION,
                 ingest_time_ns: 1_700_000_000_000_000_000,
+                hello_received_ns: 1_699_999_999_999_000_000,
+            })),
+            control(Body::Pong(Pong {
+                id: 1,
+                agent_send_ns: 1_700_000_000_000_000_000,
+                ingest_receive_ns: 1_700_000_000_010_000_000,
+                ingest_send_ns: 1_700_000_000_011_000_000,
+            })),
+            control(Body::Ping(Ping {
+                id: 1,
+                agent_send_ns: 1_700_000_000_000_000_000,
+                previous: Some(PongReceived {
+                    id: 0,
+                    agent_receive_ns: 1_700_000_000_020_000_000,
+                }),
             })),
             control(Body::Ack(Ack {
                 streams: vec![StreamAck {

@@ -177,6 +177,7 @@ proptest! {
             session_id: 1,
             streams,
             agent_version: String::new(),
+            agent_time_ns: 0,
         };
         let bytes = ControlMessage { body: Some(Body::Hello(hello)) }.encode_to_vec();
         let hs = ServerHandshake::new(Instant::now(), Duration::from_secs(5));

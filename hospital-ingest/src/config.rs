@@ -78,14 +78,20 @@ pub struct IngestConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectConfig {
-    /// Capture times further ahead of the ingest's clock are reported (timestamp_future).
+    /// Capture times further ahead of the vehicle clock's estimated time (the ingest's clock
+    /// before the first estimate) are flagged and reported (timestamp_future).
     #[serde(with = "humantime_serde")]
     #[arg(long = "detect-max-clock-ahead", value_parser = parse_duration)]
     pub max_clock_ahead: Duration,
-    /// Capture times older than this are reported (timestamp_past).
+    /// Capture times older than this are flagged and reported (timestamp_past).
     #[serde(with = "humantime_serde")]
     #[arg(long = "detect-max-age", value_parser = parse_duration)]
     pub max_age: Duration,
+    /// A vehicle clock off the ingest's by more than this, beyond the estimate's
+    /// uncertainty, is reported (clock_skew).
+    #[serde(with = "humantime_serde")]
+    #[arg(long = "detect-max-clock-offset", value_parser = parse_duration)]
+    pub max_clock_offset: Duration,
     /// Movement between GPS fixes faster than this is reported (impossible_movement), km/h.
     #[arg(long = "detect-max-speed-kmh")]
     pub max_speed_kmh: f64,
@@ -116,6 +122,7 @@ impl Default for DetectConfig {
         Self {
             max_clock_ahead: t.max_clock_ahead,
             max_age: t.max_age,
+            max_clock_offset: t.max_clock_offset,
             max_speed_kmh: (t.max_speed_mps * 3.6).round(),
             max_frames_per_second: t.max_frames_per_second,
             max_new_sessions_per_10min: t.max_new_sessions_per_10min,
@@ -132,6 +139,7 @@ impl DetectConfig {
         crate::detect::Thresholds {
             max_clock_ahead: self.max_clock_ahead,
             max_age: self.max_age,
+            max_clock_offset: self.max_clock_offset,
             max_speed_mps: self.max_speed_kmh / 3.6,
             max_frames_per_second: self.max_frames_per_second,
             max_new_sessions_per_10min: self.max_new_sessions_per_10min,

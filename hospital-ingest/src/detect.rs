@@ -12,15 +12,19 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use relay_proto::model::{Frame, StreamDescriptor, frame::Payload};
+use relay_proto::model::{ClockOffset, Frame, StreamDescriptor, TimestampCheck, frame::Payload};
 
 /// Thresholds, each with a default that a working ambulance stays well inside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Thresholds {
-    /// Capture times further ahead of the ingest's clock are implausible.
+    /// Capture times further ahead of the vehicle clock's estimated time at arrival (the
+    /// ingest's clock before the first estimate) are implausible.
     pub max_clock_ahead: Duration,
     /// Capture times older than this are implausible (spools hold hours, not days).
     pub max_age: Duration,
+    /// A vehicle clock off the ingest's by more than this (beyond the estimate's
+    /// uncertainty) is reported.
+    pub max_clock_offset: Duration,
     /// Faster movement between two GPS fixes is impossible (m/s).
     pub max_speed_mps: f64,
     /// Frames a stream may produce per second of capture time (beyond: a sequence jump).
@@ -40,6 +44,7 @@ impl Default for Thresholds {
         Self {
             max_clock_ahead: Duration::from_secs(5),
             max_age: Duration::from_secs(24 * 3600),
+            max_clock_offset: Duration::from_secs(1),
             max_speed_mps: 300.0 / 3.6,
             max_frames_per_second: 200.0,
             max_new_sessions_per_10min: 10,
@@ -53,7 +58,7 @@ impl Default for Thresholds {
 /// What looked wrong (a bounded metric label each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// A capture time ahead of the ingest's clock.
+    /// A capture time ahead of the vehicle's clock.
     TimestampFuture,
     /// A capture time older than any spool would hold.
     TimestampPast,
@@ -71,11 +76,13 @@ pub enum Reason {
     SubscriberNewVehicles,
     /// An ED client repeatedly asking for what the access policy does not grant.
     SubscriberDenials,
+    /// A vehicle clock far off the ingest's.
+    ClockSkew,
 }
 
 impl Reason {
     /// Every reason, for metrics exported from the start.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::TimestampFuture,
         Reason::TimestampPast,
         Reason::ImpossibleMovement,
@@ -85,6 +92,7 @@ impl Reason {
         Reason::TooManyAddresses,
         Reason::SubscriberNewVehicles,
         Reason::SubscriberDenials,
+        Reason::ClockSkew,
     ];
 
     /// Bounded metric label.
@@ -99,6 +107,7 @@ impl Reason {
             Self::TooManyAddresses => "too_many_addresses",
             Self::SubscriberNewVehicles => "subscriber_new_vehicles",
             Self::SubscriberDenials => "subscriber_denials",
+            Self::ClockSkew => "clock_skew",
         }
     }
 }
@@ -139,6 +148,8 @@ struct VehicleState {
     sessions: VecDeque<(u64, i64)>,
     /// Live connections: id -> source address.
     connections: HashMap<u64, IpAddr>,
+    /// Its clock was reported off (again only once back within half the threshold).
+    clock_skewed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -193,11 +204,56 @@ impl Detector {
         }
     }
 
+    /// Whether `capture` is plausible for a frame received at `now_ns` from a vehicle whose
+    /// clock is `clock_offset_ns` ahead of ours (`None`: not estimated yet, ours is used).
+    pub fn check_capture_time(
+        &self,
+        now_ns: i64,
+        clock_offset_ns: Option<i64>,
+        capture: i64,
+    ) -> TimestampCheck {
+        let t = &self.thresholds;
+        let vehicle_now = now_ns.saturating_add(clock_offset_ns.unwrap_or(0));
+        if capture.saturating_sub(vehicle_now) > t.max_clock_ahead.as_nanos() as i64 {
+            TimestampCheck::Future
+        } else if vehicle_now.saturating_sub(capture) > t.max_age.as_nanos() as i64 {
+            TimestampCheck::Past
+        } else {
+            TimestampCheck::Plausible
+        }
+    }
+
     /// A validated frame of `vehicle`'s session `session`, on the stream `desc` declares,
-    /// received at `now_ns`.
+    /// received at `now_ns` from a vehicle whose clock is `clock_offset_ns` ahead of ours:
+    /// its capture time's check, and what looked wrong.
     pub fn on_frame(
         &mut self,
         now_ns: i64,
+        clock_offset_ns: Option<i64>,
+        vehicle: &str,
+        session: u64,
+        desc: &StreamDescriptor,
+        frame: &Frame,
+    ) -> (TimestampCheck, Vec<Finding>) {
+        let check = self.check_capture_time(now_ns, clock_offset_ns, frame.capture_time_ns);
+        let findings = self.judge_frame(
+            now_ns,
+            check,
+            clock_offset_ns,
+            vehicle,
+            session,
+            desc,
+            frame,
+        );
+        (check, findings)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn judge_frame(
+        &mut self,
+        now_ns: i64,
+        check: TimestampCheck,
+        clock_offset_ns: Option<i64>,
         vehicle: &str,
         session: u64,
         desc: &StreamDescriptor,
@@ -206,31 +262,34 @@ impl Detector {
         let t = &self.thresholds;
         let mut out = Vec::new();
         let capture = frame.capture_time_ns;
-        let ahead = capture.saturating_sub(now_ns);
-        if ahead > t.max_clock_ahead.as_nanos() as i64 {
-            out.push(finding(
+        let whose = if clock_offset_ns.is_some() {
+            "the vehicle's estimated clock"
+        } else {
+            "the ingest's clock"
+        };
+        let vehicle_now = now_ns.saturating_add(clock_offset_ns.unwrap_or(0));
+        match check {
+            TimestampCheck::Future => out.push(finding(
                 Reason::TimestampFuture,
                 vehicle,
                 format!(
-                    "stream {} seq {}: captured {:.1} s ahead of the ingest's clock",
+                    "stream {} seq {}: captured {:.1} s ahead of {whose}",
                     frame.stream_id,
                     frame.seq,
-                    ahead as f64 / 1e9
+                    capture.saturating_sub(vehicle_now) as f64 / 1e9
                 ),
-            ));
-        }
-        let age = now_ns.saturating_sub(capture);
-        if age > t.max_age.as_nanos() as i64 {
-            out.push(finding(
+            )),
+            TimestampCheck::Past => out.push(finding(
                 Reason::TimestampPast,
                 vehicle,
                 format!(
-                    "stream {} seq {}: captured {:.0} h ago",
+                    "stream {} seq {}: captured {:.0} h before {whose}",
                     frame.stream_id,
                     frame.seq,
-                    age as f64 / 3.6e12
+                    vehicle_now.saturating_sub(capture) as f64 / 3.6e12
                 ),
-            ));
+            )),
+            _ => {}
         }
         let (max_fps, max_speed) = (t.max_frames_per_second, t.max_speed_mps);
         let key = (session, frame.stream_id);
@@ -359,6 +418,31 @@ impl Detector {
         Vec::new()
     }
 
+    /// A new estimate of `vehicle`'s clock offset (vehicle minus ingest).
+    pub fn on_clock(&mut self, vehicle: &str, estimate: &ClockOffset) -> Vec<Finding> {
+        let max = self.thresholds.max_clock_offset.as_nanos() as i64;
+        let v = self.vehicles.entry(vehicle.to_owned()).or_default();
+        let off = estimate.offset_ns.saturating_abs();
+        // Only what the estimate's uncertainty cannot explain counts.
+        let skewed = off.saturating_sub(estimate.uncertainty_ns) > max;
+        if skewed && !v.clock_skewed {
+            v.clock_skewed = true;
+            return vec![finding(
+                Reason::ClockSkew,
+                vehicle,
+                format!(
+                    "vehicle clock {:+.3} s off the ingest's (+-{:.3} s)",
+                    estimate.offset_ns as f64 / 1e9,
+                    estimate.uncertainty_ns as f64 / 1e9
+                ),
+            )];
+        }
+        if off <= max / 2 {
+            v.clock_skewed = false;
+        }
+        Vec::new()
+    }
+
     /// Connection `id` of `vehicle` from `addr` became a session.
     pub fn on_connect(&mut self, vehicle: &str, id: u64, addr: IpAddr) -> Vec<Finding> {
         let max = self.thresholds.max_addresses;
@@ -459,7 +543,7 @@ impl Detector {
     pub fn on_disconnect(&mut self, vehicle: &str, id: u64) {
         if let Some(v) = self.vehicles.get_mut(vehicle) {
             v.connections.remove(&id);
-            if v.connections.is_empty() && v.sessions.is_empty() {
+            if v.connections.is_empty() && v.sessions.is_empty() && !v.clock_skewed {
                 self.vehicles.remove(vehicle);
             }
         }
@@ -491,7 +575,12 @@ impl Watch {
 
     /// Runs `f` on the detector and reports what it found.
     pub fn check(&self, f: impl FnOnce(&mut Detector) -> Vec<Finding>) {
-        let findings = {
+        self.judge(|d| ((), f(d)))
+    }
+
+    /// Runs `f` on the detector, reports what it found and returns the rest of its answer.
+    pub fn judge<T>(&self, f: impl FnOnce(&mut Detector) -> (T, Vec<Finding>)) -> T {
+        let (answer, findings) = {
             let mut d = self
                 .detector
                 .lock()
@@ -501,6 +590,7 @@ impl Watch {
         if !findings.is_empty() {
             self.report(relay_ops::now_utc_ns(), findings);
         }
+        answer
     }
 
     fn report(&self, now_ns: i64, findings: Vec<Finding>) {
@@ -543,6 +633,18 @@ mod tests {
     };
 
     const S: i64 = 1_000_000_000;
+
+    /// Findings of a frame from a vehicle whose clock was not estimated yet.
+    fn judged(
+        d: &mut Detector,
+        now: i64,
+        vehicle: &str,
+        session: u64,
+        desc: &StreamDescriptor,
+        frame: &Frame,
+    ) -> Vec<Finding> {
+        d.on_frame(now, None, vehicle, session, desc, frame).1
+    }
     const T0: i64 = 1_800_000_000 * S;
 
     fn ecg() -> StreamDescriptor {
@@ -609,12 +711,12 @@ mod tests {
         seqs.swap(10, 20);
         seqs.swap(300, 301);
         for seq in seqs.iter().chain(&[5, 6, 7]) {
-            assert!(d.on_frame(now, "amb-1", 7, &ecg(), &chunk(*seq)).is_empty());
+            assert!(judged(&mut d, now, "amb-1", 7, &ecg(), &chunk(*seq)).is_empty());
         }
         // A drive at 120 km/h, one fix a second.
         for i in 0..600 {
             let f = fix(i, T0 + i as i64 * S, 48.0 + i as f64 * 0.0003, 16.0);
-            assert!(d.on_frame(now, "amb-1", 7, &gps(), &f).is_empty());
+            assert!(judged(&mut d, now, "amb-1", 7, &gps(), &f).is_empty());
         }
         // Redials into the same session, two bearers from two addresses.
         for i in 0..50 {
@@ -634,26 +736,97 @@ mod tests {
     fn capture_times_ahead_of_the_clock_or_days_old_are_findings() {
         let mut d = Detector::default();
         let f = chunk(0);
-        let r = d.on_frame(f.capture_time_ns - 6 * S, "amb-1", 1, &ecg(), &f);
+        let r = judged(&mut d, f.capture_time_ns - 6 * S, "amb-1", 1, &ecg(), &f);
         assert_eq!(reasons(&r), vec![Reason::TimestampFuture]);
-        let r = d.on_frame(f.capture_time_ns + 4 * S, "amb-1", 2, &ecg(), &f);
+        let r = judged(&mut d, f.capture_time_ns + 4 * S, "amb-1", 2, &ecg(), &f);
         assert!(r.is_empty(), "4 s of skew is within bounds");
-        let r = d.on_frame(f.capture_time_ns + 25 * 3600 * S, "amb-1", 3, &ecg(), &f);
+        let r = judged(
+            &mut d,
+            f.capture_time_ns + 25 * 3600 * S,
+            "amb-1",
+            3,
+            &ecg(),
+            &f,
+        );
         assert_eq!(reasons(&r), vec![Reason::TimestampPast]);
+    }
+
+    #[test]
+    fn capture_times_are_judged_against_the_vehicle_clock_once_estimated() {
+        let mut d = Detector::default();
+        let f = chunk(0);
+        // A vehicle 8 s ahead, stamping honestly by its own clock: plausible once the offset
+        // is known, flagged (and reported) before.
+        let arrival = f.capture_time_ns - 8 * S + S / 10;
+        let (check, r) = d.on_frame(arrival, Some(8 * S), "amb-1", 1, &ecg(), &f);
+        assert_eq!((check, r.len()), (TimestampCheck::Plausible, 0));
+        let (check, r) = d.on_frame(arrival, None, "amb-1", 2, &ecg(), &f);
+        assert_eq!(check, TimestampCheck::Future);
+        assert_eq!(reasons(&r), vec![Reason::TimestampFuture]);
+        // A vehicle in sync whose frames claim to come from 6 s ahead of its clock.
+        let (check, _) = d.on_frame(f.capture_time_ns - 6 * S, Some(0), "amb-1", 3, &ecg(), &f);
+        assert_eq!(check, TimestampCheck::Future);
+        let (check, r) = d.on_frame(
+            f.capture_time_ns + 25 * 3600 * S,
+            Some(-S),
+            "amb-1",
+            4,
+            &ecg(),
+            &f,
+        );
+        assert_eq!(check, TimestampCheck::Past);
+        assert_eq!(reasons(&r), vec![Reason::TimestampPast]);
+    }
+
+    #[test]
+    fn a_clock_off_beyond_its_uncertainty_is_reported_once_until_it_recovers() {
+        let mut d = Detector::default();
+        let est = |offset_ns: i64, uncertainty_ns: i64| ClockOffset {
+            offset_ns,
+            uncertainty_ns,
+            measured_time_ns: T0,
+        };
+        let ms = S / 1000;
+        assert!(
+            d.on_clock("amb-1", &est(3 * ms, 20 * ms)).is_empty(),
+            "in sync"
+        );
+        // 1.15 s off, but a 400 ms round trip leaves room for 0.2 s of error.
+        assert!(
+            d.on_clock("amb-1", &est(-1150 * ms, 200 * ms)).is_empty(),
+            "explained by the round trip"
+        );
+        let r = d.on_clock("amb-1", &est(5000 * ms, 20 * ms));
+        assert_eq!(reasons(&r), vec![Reason::ClockSkew]);
+        assert!(r[0].detail.contains("+5.000 s"), "{}", r[0].detail);
+        assert!(
+            d.on_clock("amb-1", &est(5001 * ms, 15 * ms)).is_empty(),
+            "once"
+        );
+        assert!(
+            d.on_clock("amb-2", &est(-5 * S, 0)).len() == 1,
+            "per vehicle"
+        );
+        // Set right, then off again: a new report.
+        assert!(d.on_clock("amb-1", &est(100 * ms, 20 * ms)).is_empty());
+        assert_eq!(
+            reasons(&d.on_clock("amb-1", &est(2 * S, 0))),
+            vec![Reason::ClockSkew]
+        );
     }
 
     #[test]
     fn more_samples_than_the_declared_rate_allows_is_a_finding() {
         let mut d = Detector::default();
         let now = T0 + 3600 * S;
-        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
+        assert!(judged(&mut d, now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
         // Sample index 2,000 ahead, stamped 40 ms later: 50,000 Hz against 500 declared.
         let mut f = chunk(1);
         if let Some(Payload::Waveform(w)) = f.payload.as_mut() {
             w.first_sample_index = 2_000;
         }
         assert_eq!(
-            reasons(&d.on_frame(now, "amb-1", 1, &ecg(), &f)),
+            reasons(&judged(&mut d, now, "amb-1", 1, &ecg(), &f)),
             vec![Reason::RateExceeded]
         );
     }
@@ -662,15 +835,15 @@ mod tests {
     fn sequence_numbers_racing_ahead_of_capture_time_are_a_finding() {
         let mut d = Detector::default();
         let now = T0 + 3600 * S;
-        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
+        assert!(judged(&mut d, now, "amb-1", 1, &ecg(), &chunk(0)).is_empty());
         // A restart skips the spool's headroom: fine.
         let mut f = chunk(1);
         f.seq = 300;
-        assert!(d.on_frame(now, "amb-1", 1, &ecg(), &f).is_empty());
+        assert!(judged(&mut d, now, "amb-1", 1, &ecg(), &f).is_empty());
         f.seq = 1_000_000;
         f.capture_time_ns += S / 25;
         assert_eq!(
-            reasons(&d.on_frame(now, "amb-1", 1, &ecg(), &f)),
+            reasons(&judged(&mut d, now, "amb-1", 1, &ecg(), &f)),
             vec![Reason::SeqJump]
         );
     }
@@ -679,18 +852,29 @@ mod tests {
     fn gps_fixes_kilometres_apart_seconds_apart_are_impossible_movement() {
         let mut d = Detector::default();
         let now = T0 + 3600 * S;
-        assert!(
-            d.on_frame(now, "amb-1", 1, &gps(), &fix(0, T0, 48.2, 16.37))
-                .is_empty()
-        );
+        assert!(judged(&mut d, now, "amb-1", 1, &gps(), &fix(0, T0, 48.2, 16.37)).is_empty());
         // 0.1 degree of latitude (11 km) in 10 s.
-        let r = d.on_frame(now, "amb-1", 1, &gps(), &fix(1, T0 + 10 * S, 48.3, 16.37));
+        let r = judged(
+            &mut d,
+            now,
+            "amb-1",
+            1,
+            &gps(),
+            &fix(1, T0 + 10 * S, 48.3, 16.37),
+        );
         assert_eq!(reasons(&r), vec![Reason::ImpossibleMovement]);
         assert!(r[0].detail.contains("km/h"), "{}", r[0].detail);
         // An older fix overtaken by newer ones is not judged against them.
         assert!(
-            d.on_frame(now, "amb-1", 1, &gps(), &fix(2, T0 + 5 * S, 48.2, 16.37))
-                .is_empty()
+            judged(
+                &mut d,
+                now,
+                "amb-1",
+                1,
+                &gps(),
+                &fix(2, T0 + 5 * S, 48.2, 16.37)
+            )
+            .is_empty()
         );
     }
 
@@ -783,6 +967,6 @@ mod tests {
             kind: StreamKind::Vitals as i32,
             ..StreamDescriptor::default()
         };
-        assert!(d.on_frame(T0, "amb-1", 1, &desc, &vitals).is_empty());
+        assert!(judged(&mut d, T0, "amb-1", 1, &desc, &vitals).is_empty());
     }
 }

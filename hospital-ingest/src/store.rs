@@ -754,6 +754,7 @@ mod tests {
                 }),
                 late: false,
                 received_time_ns: received,
+                ..DataRecord::default()
             })),
         }
     }

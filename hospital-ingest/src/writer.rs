@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_proto::model::{
-    DataRecord, Frame, GapClosed, GapRecord, StreamDescriptor, StreamInfo, StreamKind, StreamRef,
-    SubscribeResponse, frame::Payload, subscribe_response::Record,
+    ClockOffset, DataRecord, Frame, GapClosed, GapRecord, StreamDescriptor, StreamInfo, StreamKind,
+    StreamRef, SubscribeResponse, TimestampCheck, frame::Payload, subscribe_response::Record,
 };
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -97,6 +97,10 @@ pub enum WriterCmd {
         frame: Frame,
         /// When it arrived (UTC ns).
         received_ns: i64,
+        /// The vehicle clock's offset estimate then.
+        vehicle_clock: Option<ClockOffset>,
+        /// Whether its capture time is plausible.
+        capture_time_check: TimestampCheck,
         /// Where to report it durable.
         ack: AckSender,
         /// The read budget its bytes took; given back once the writer has the frame.
@@ -122,6 +126,8 @@ pub struct RetentionPolicy {
 struct Pending {
     frame: Frame,
     received_ns: i64,
+    vehicle_clock: Option<ClockOffset>,
+    capture_time_check: TimestampCheck,
     ack: AckSender,
 }
 
@@ -245,6 +251,8 @@ impl Writer {
                         frame: Some(item.frame),
                         late,
                         received_time_ns: item.received_ns,
+                        vehicle_clock: item.vehicle_clock,
+                        capture_time_check: item.capture_time_check as i32,
                     };
                     let seq_ref = SeqRef {
                         vehicle: &key.vehicle,
@@ -365,6 +373,8 @@ impl Writer {
                     session,
                     frame,
                     received_ns,
+                    vehicle_clock,
+                    capture_time_check,
                     ack,
                     budget,
                 } => {
@@ -393,6 +403,8 @@ impl Writer {
                     let item = Pending {
                         frame,
                         received_ns,
+                        vehicle_clock,
+                        capture_time_check,
                         ack,
                     };
                     let (arrival, outputs) = self

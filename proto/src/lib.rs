@@ -2,7 +2,7 @@
 //!
 //! Generated from `proto/` with protox + tonic-prost-build; this crate adds the constants both
 //! sides must agree on and the small pure helpers and tables around them: sequence ranges
-//! ([`seq`]), close codes, the delivery [`Class`] of a stream kind, and the MDC/UCUM code
+//! ([`seq`]), the clock offset estimate ([`clock`]), close codes, the delivery [`Class`] of a stream kind, and the MDC/UCUM code
 //! table ([`codes`]). Nothing else lives here, so every crate can depend on it cheaply.
 #![warn(missing_docs)]
 #![allow(clippy::doc_lazy_continuation)]
@@ -24,6 +24,7 @@ pub mod wire {
 }
 
 pub mod class;
+pub mod clock;
 pub mod codes;
 pub mod seq;
 

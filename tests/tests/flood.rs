@@ -94,6 +94,7 @@ async fn time_to_session(pki: &Pki, vehicle: &str, ingest: SocketAddr) -> Durati
             waveform: None,
         }],
         agent_version: "test".into(),
+        agent_time_ns: relay_ops::now_utc_ns(),
     };
     w.send(Bytes::from(
         ControlMessage {

@@ -108,6 +108,7 @@ async fn hello_padded(
         session_id,
         streams,
         agent_version: "test".into(),
+        agent_time_ns: relay_ops::now_utc_ns(),
     };
     let mut msg = ControlMessage {
         body: Some(Body::Hello(hello)),
@@ -1353,5 +1354,122 @@ async fn a_revocation_list_copied_into_place_cuts_the_vehicle_off_without_a_sign
         .expect("amb-1 is cut off within 10 s");
     assert_eq!(close_code(&err), Some(CloseCode::Revoked), "{err}");
     assert!(amb2.close_reason().is_none(), "amb-2 is untouched");
+    ingest.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vehicle_clock_five_seconds_ahead_is_estimated_told_to_subscribers_and_reported() {
+    use relay_proto::model::{ClockOffset, ListVehiclesRequest, TimestampCheck};
+    use vehicle_agent::clock::WallClock;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let truth = 5_000_000_000i64;
+    let start = |vehicle: &'static str, wall: WallClock| {
+        let cfg = agent_config(pki.path(), vehicle, ingest.quic_addr, vitals_and_gps());
+        Agent::start_with_clock(cfg, wall)
+    };
+    let ahead = start("amb-1", WallClock::skewed(truth)).await.unwrap();
+    let synced = start("amb-2", WallClock::system()).await.unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let mut feed = client
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec![],
+            kinds: vec![],
+            start: Some(Start::AfterCursor(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The estimate is within half the round trip of its exchange (plus 5 ms for the time
+    // between reading the two clocks) of the truth.
+    let close_to = |c: &ClockOffset, truth: i64| {
+        let error = (c.offset_ns - truth).abs();
+        assert!(
+            error <= c.uncertainty_ns + 5_000_000,
+            "estimated {c:?}, truth {truth} ns"
+        );
+        assert!(c.uncertainty_ns < 1_000_000_000, "{c:?}");
+    };
+    // Records of both vehicles carrying an estimate, each judged plausible: the skewed
+    // vehicle stamps by its own clock, consistently.
+    let mut seen: std::collections::HashMap<String, ClockOffset> = Default::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let msg = tokio::time::timeout(left, feed.message())
+            .await
+            .expect("records with clock estimates of both vehicles within 20 s")
+            .unwrap()
+            .unwrap();
+        let Some(relay_proto::model::subscribe_response::Record::Data(d)) = msg.record else {
+            continue;
+        };
+        let vehicle = d.stream.as_ref().unwrap().vehicle_id.clone();
+        assert_eq!(
+            d.capture_time_check,
+            TimestampCheck::Plausible as i32,
+            "{vehicle}: {d:?}"
+        );
+        if let Some(c) = d.vehicle_clock {
+            seen.insert(vehicle, c);
+        }
+    }
+    close_to(&seen["amb-1"], truth);
+    close_to(&seen["amb-2"], 0);
+    // The agents' own estimates agree.
+    close_to(&ahead.clock_offset().unwrap(), truth);
+    close_to(&synced.clock_offset().unwrap(), 0);
+    // ListVehicles tells the current estimate too.
+    let list = client
+        .list_vehicles(ListVehiclesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for v in &list.vehicles {
+        let truth = if v.vehicle_id == "amb-1" { truth } else { 0 };
+        close_to(v.clock.as_ref().unwrap(), truth);
+    }
+    // The skew is a security event of amb-1, audited and counted; amb-2 raised none.
+    let audit_dir = work.path().join("audit");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let skew_events = |vehicle: &str| {
+        let records = hospital_ingest::audit::query(
+            &hospital_ingest::audit::files_in(&audit_dir).unwrap(),
+            None,
+            0,
+        )
+        .unwrap();
+        records
+            .into_iter()
+            .filter(|r| {
+                r.event.action == "security_event"
+                    && r.event.vehicles == [vehicle]
+                    && r.event.detail["reason"] == "clock_skew"
+            })
+            .count()
+    };
+    while skew_events("amb-1") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no clock_skew audited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let n = labelled_metric(
+        &body,
+        "relay_ingest_security_events_total",
+        "reason=\"clock_skew\"",
+    );
+    assert!(n >= Some(1.0), "{body}");
+    assert_eq!(skew_events("amb-2"), 0);
+    ahead.shutdown().await.unwrap();
+    synced.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }

@@ -43,6 +43,8 @@ pub fn body_name(body: Option<&Body>) -> &'static str {
         Some(Body::Hello(_)) => "Hello",
         Some(Body::HelloAck(_)) => "HelloAck",
         Some(Body::Ack(_)) => "Ack",
+        Some(Body::Ping(_)) => "Ping",
+        Some(Body::Pong(_)) => "Pong",
         None => "an empty message",
     }
 }
@@ -50,25 +52,28 @@ pub fn body_name(body: Option<&Body>) -> &'static str {
 /// One handshake in progress.
 #[derive(Debug)]
 pub struct ClientHandshake {
-    hello: Option<Bytes>,
+    hello: Option<Hello>,
     deadline: Instant,
 }
 
 impl ClientHandshake {
     /// Starts a handshake at `now` that must complete within `timeout`.
     pub fn new(hello: &Hello, now: Instant, timeout: Duration) -> Self {
-        let msg = ControlMessage {
-            body: Some(Body::Hello(hello.clone())),
-        };
         Self {
-            hello: Some(Bytes::from(msg.encode_to_vec())),
+            hello: Some(hello.clone()),
             deadline: now + timeout,
         }
     }
 
-    /// The Hello to write on the control stream, once.
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.hello.take()
+    /// The Hello to write on the control stream, once, stamped with our clock `wall_ns` (the
+    /// start of the first clock exchange).
+    pub fn poll_transmit(&mut self, wall_ns: i64) -> Option<Bytes> {
+        let mut hello = self.hello.take()?;
+        hello.agent_time_ns = wall_ns;
+        let msg = ControlMessage {
+            body: Some(Body::Hello(hello)),
+        };
+        Some(Bytes::from(msg.encode_to_vec()))
     }
 
     /// The first control message from the ingest: the handshake is done or failed.
@@ -118,13 +123,18 @@ mod tests {
             ..Hello::default()
         };
         let mut hs = ClientHandshake::new(&hello, t0, Duration::from_secs(5));
-        let sent = ControlMessage::decode(hs.poll_transmit().unwrap()).unwrap();
-        assert_eq!(sent.body, Some(Body::Hello(hello)));
-        assert!(hs.poll_transmit().is_none());
+        let sent = ControlMessage::decode(hs.poll_transmit(7).unwrap()).unwrap();
+        let stamped = Hello {
+            agent_time_ns: 7,
+            ..hello
+        };
+        assert_eq!(sent.body, Some(Body::Hello(stamped)));
+        assert!(hs.poll_transmit(8).is_none());
         let ack = hs
             .handle_message(&reply(Body::HelloAck(HelloAck {
                 protocol_version: PROTOCOL_VERSION,
                 ingest_time_ns: 42,
+                hello_received_ns: 41,
             })))
             .unwrap();
         assert_eq!(ack.ingest_time_ns, 42);
@@ -136,7 +146,7 @@ mod tests {
         let mut hs = ClientHandshake::new(&Hello::default(), t0, Duration::from_secs(5));
         let v = hs.handle_message(&reply(Body::HelloAck(HelloAck {
             protocol_version: PROTOCOL_VERSION + 1,
-            ingest_time_ns: 0,
+            ..HelloAck::default()
         })));
         assert!(matches!(v, Err(HandshakeError::Version { .. })), "{v:?}");
         let u = hs.handle_message(&reply(Body::Ack(Ack::default())));

@@ -10,6 +10,7 @@
 //! machines fed with time and events; the shell only moves bytes and time.
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod config;
 pub mod framer;
 pub mod handshake;
@@ -68,6 +69,7 @@ pub struct Agent {
     spool_finish: CancellationToken,
     failed: CancellationToken,
     seq_base: std::collections::HashMap<u32, u64>,
+    clock: std::sync::Arc<std::sync::Mutex<relay_proto::clock::ClockFilter>>,
     /// Address of the metrics endpoint, when one was asked for.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -80,6 +82,15 @@ impl Agent {
     /// Prepares sources, TLS and metrics, then starts streaming. Errors here are configuration
     /// errors (missing files, bad certificates); network trouble is retried forever.
     pub async fn start(cfg: AgentConfig) -> anyhow::Result<Self> {
+        Self::start_with_clock(cfg, clock::WallClock::system()).await
+    }
+
+    /// [`Agent::start`] with capture times and clock exchanges taken from `wall` (tests run
+    /// agents whose clock is off).
+    pub async fn start_with_clock(
+        cfg: AgentConfig,
+        wall: clock::WallClock,
+    ) -> anyhow::Result<Self> {
         // The recorder first: descriptions and gauges set before it exists are lost.
         relay_ops::prometheus().context("installing the metrics recorder")?;
         cfg.validate()?;
@@ -142,6 +153,7 @@ impl Agent {
             session_id: opened.session_id,
             streams: descriptors,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_time_ns: 0, // stamped by each connection as it sends it
         };
         tracing::info!(
             vehicle = %cfg.vehicle_id,
@@ -154,7 +166,7 @@ impl Agent {
             "agent starting"
         );
         let (tx, rx) = tokio::sync::mpsc::channel(SOURCE_QUEUE_FRAMES);
-        let epoch = now_utc_ns();
+        let epoch = wall.now_ns();
         let frame = cfg.framing.frame;
         let drain = cfg.buffer.stop_drain;
         let sources = prepared
@@ -167,6 +179,7 @@ impl Agent {
             })
             .collect();
         drop(tx);
+        let clock = std::sync::Arc::default();
         let uplink = tokio::spawn(uplink::run(uplink::Uplink {
             cfg,
             client,
@@ -178,6 +191,8 @@ impl Agent {
             failed: failed.clone(),
             restored: opened.frames,
             seq_base: opened.seq_base.clone(),
+            wall,
+            clock: std::sync::Arc::clone(&clock),
         }));
         Ok(Self {
             stop,
@@ -187,6 +202,7 @@ impl Agent {
             spool_finish,
             failed,
             seq_base: opened.seq_base,
+            clock,
             metrics_addr,
         })
     }
@@ -222,6 +238,15 @@ impl Agent {
     /// resumed after a restart).
     pub fn seq_base(&self) -> &std::collections::HashMap<u32, u64> {
         &self.seq_base
+    }
+
+    /// The estimate of this vehicle's clock offset to the ingest's (vehicle minus ingest), once
+    /// a clock exchange completed.
+    pub fn clock_offset(&self) -> Option<relay_proto::model::ClockOffset> {
+        self.clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .estimate()
     }
 
     /// Resolves when the uplink ends (only after `shutdown` was requested elsewhere).

@@ -184,6 +184,16 @@ pub fn describe() {
         "Changed certificate files that did not load (the previous ones stay in use)"
     );
     describe_gauge!(
+        "relay_agent_clock_offset_seconds",
+        Unit::Seconds,
+        "This vehicle's clock minus the ingest's, from the clock exchange with the shortest round trip (absent until one completed)"
+    );
+    describe_gauge!(
+        "relay_agent_clock_offset_uncertainty_seconds",
+        Unit::Seconds,
+        "Half the round trip of that exchange: the true offset lies within the estimate plus or minus this"
+    );
+    describe_gauge!(
         "relay_agent_certificate_expiry_timestamp_seconds",
         Unit::Seconds,
         "When the vehicle's certificate and the pinned ingest CA stop being valid (Unix time)"

@@ -481,6 +481,7 @@ impl Telemetry for TelemetryService {
                     online: self.online.is_online(&id),
                     last_seen_ns,
                     streams: Vec::new(),
+                    clock: self.online.clock(&id),
                 };
                 (id, v)
             })

@@ -71,12 +71,14 @@ impl ServerHandshake {
         Ok(hello)
     }
 
-    /// The answer to an accepted Hello.
-    pub fn hello_ack(ingest_time_ns: i64) -> Bytes {
+    /// The answer to an accepted Hello that arrived at `hello_received_ns`, sent at
+    /// `ingest_time_ns` (our clock: the middle of the first clock exchange).
+    pub fn hello_ack(hello_received_ns: i64, ingest_time_ns: i64) -> Bytes {
         let msg = ControlMessage {
             body: Some(Body::HelloAck(HelloAck {
                 protocol_version: PROTOCOL_VERSION,
                 ingest_time_ns,
+                hello_received_ns,
             })),
         };
         Bytes::from(msg.encode_to_vec())
@@ -102,6 +104,7 @@ mod tests {
                     waveform: None,
                 }],
                 agent_version: "test".into(),
+                agent_time_ns: 0,
             })),
         }
         .encode_to_vec()
@@ -112,12 +115,13 @@ mod tests {
         let hs = ServerHandshake::new(Instant::now(), Duration::from_secs(5));
         let h = hs.handle_message(&hello("amb-1"), "amb-1").unwrap();
         assert_eq!(h.session_id, 1);
-        let ack = ControlMessage::decode(ServerHandshake::hello_ack(9)).unwrap();
+        let ack = ControlMessage::decode(ServerHandshake::hello_ack(8, 9)).unwrap();
         assert_eq!(
             ack.body,
             Some(Body::HelloAck(HelloAck {
                 protocol_version: PROTOCOL_VERSION,
-                ingest_time_ns: 9
+                ingest_time_ns: 9,
+                hello_received_ns: 8,
             }))
         );
     }

@@ -6,6 +6,7 @@
 
 pub mod acks;
 pub mod admission;
+pub mod clock;
 pub mod handshake;
 pub mod registry;
 mod session;

@@ -9,8 +9,12 @@ use tokio::sync::Semaphore;
 /// A live session and the serial number of its certificate.
 type LiveSession = (quinn::Connection, Option<Vec<u8>>);
 
-/// A connected vehicle: its connection count and the read budget its bearers share.
-type Vehicle = (usize, Arc<Semaphore>);
+/// Estimate of a vehicle's clock offset, from the clock exchanges of all its bearers.
+pub(crate) type SharedClock = Arc<Mutex<relay_proto::clock::ClockFilter>>;
+
+/// A connected vehicle: its connection count, the read budget its bearers share and its
+/// clock offset estimate (forgotten when its last bearer goes: the clock may be set anew).
+type Vehicle = (usize, Arc<Semaphore>, SharedClock);
 
 /// Which vehicles have a bearer connected now (vehicle -> connection count and read budget),
 /// and when the connected vehicles' certificates expire.
@@ -51,28 +55,44 @@ impl Online {
 
     /// Counts one more connection of `v` unless it already holds `max`; returns the read
     /// budget of the vehicle (`budget_bytes`, made when its first bearer connects).
-    fn try_up(&self, v: &str, max: usize, budget_bytes: usize) -> Option<Arc<Semaphore>> {
+    fn try_up(
+        &self,
+        v: &str,
+        max: usize,
+        budget_bytes: usize,
+    ) -> Option<(Arc<Semaphore>, SharedClock)> {
         let mut m = self.lock();
-        if m.get(v).is_some_and(|(n, _)| *n >= max) || max == 0 {
+        if m.get(v).is_some_and(|(n, _, _)| *n >= max) || max == 0 {
             return None;
         }
-        let (n, budget) = m
-            .entry(v.to_owned())
-            .or_insert_with(|| (0, Arc::new(Semaphore::new(budget_bytes))));
+        let (n, budget, clock) = m.entry(v.to_owned()).or_insert_with(|| {
+            (
+                0,
+                Arc::new(Semaphore::new(budget_bytes)),
+                SharedClock::default(),
+            )
+        });
         *n += 1;
-        let budget = budget.clone();
+        let up = (budget.clone(), clock.clone());
         metrics::gauge!("relay_ingest_vehicles_online").set(m.len() as f64);
-        Some(budget)
+        Some(up)
     }
 
     /// Connections of vehicle `v` now.
     pub fn connections(&self, v: &str) -> usize {
-        self.lock().get(v).map_or(0, |(n, _)| *n)
+        self.lock().get(v).map_or(0, |(n, _, _)| *n)
+    }
+
+    /// The estimate of vehicle `v`'s clock offset while it is online.
+    pub fn clock(&self, v: &str) -> Option<relay_proto::model::ClockOffset> {
+        let clock = self.lock().get(v).map(|(_, _, c)| c.clone())?;
+        let filter = clock.lock().unwrap_or_else(|p| p.into_inner());
+        filter.estimate()
     }
 
     fn down(&self, v: &str) {
         let mut m = self.lock();
-        if let Some((n, _)) = m.get_mut(v) {
+        if let Some((n, _, _)) = m.get_mut(v) {
             *n -= 1;
             if *n == 0 {
                 m.remove(v);
@@ -143,6 +163,8 @@ pub(crate) struct OnlineGuard<'a> {
     live_id: u64,
     /// Bytes of frames this vehicle may have in reading at once, all its bearers together.
     pub(crate) budget: Arc<Semaphore>,
+    /// The vehicle's clock offset estimate, fed by all its bearers.
+    pub(crate) clock: SharedClock,
 }
 
 impl<'a> OnlineGuard<'a> {
@@ -155,7 +177,7 @@ impl<'a> OnlineGuard<'a> {
         budget_bytes: usize,
         conn: &quinn::Connection,
     ) -> Option<Self> {
-        let budget = online.try_up(vehicle, max, budget_bytes)?;
+        let (budget, clock) = online.try_up(vehicle, max, budget_bytes)?;
         let not_after = crate::tls::connection_not_after(conn);
         online.track_expiry(not_after, true);
         let live_id = online
@@ -172,6 +194,7 @@ impl<'a> OnlineGuard<'a> {
             not_after,
             live_id,
             budget,
+            clock,
         })
     }
 }
@@ -214,8 +237,12 @@ mod tests {
     #[test]
     fn bearers_of_one_vehicle_share_one_read_budget_and_the_cap_holds() {
         let online = Online::default();
-        let a1 = online.try_up("amb-1", 2, 1000).unwrap();
-        let a2 = online.try_up("amb-1", 2, 1000).unwrap();
+        let (a1, clock1) = online.try_up("amb-1", 2, 1000).unwrap();
+        let (a2, clock2) = online.try_up("amb-1", 2, 1000).unwrap();
+        assert!(
+            Arc::ptr_eq(&clock1, &clock2),
+            "one clock estimate per vehicle"
+        );
         assert!(
             Arc::ptr_eq(&a1, &a2),
             "one budget for all bearers of a vehicle"
@@ -224,7 +251,7 @@ mod tests {
             online.try_up("amb-1", 2, 1000).is_none(),
             "third bearer over the cap"
         );
-        let b = online.try_up("amb-2", 2, 1000).unwrap();
+        let (b, _) = online.try_up("amb-2", 2, 1000).unwrap();
         assert!(
             !Arc::ptr_eq(&a1, &b),
             "another vehicle has a budget of its own"
@@ -236,7 +263,7 @@ mod tests {
         online.down("amb-1");
         assert_eq!(online.connections("amb-1"), 0);
         assert!(!online.is_online("amb-1"));
-        let again = online.try_up("amb-1", 2, 1000).unwrap();
+        let (again, _) = online.try_up("amb-1", 2, 1000).unwrap();
         assert_eq!(
             again.available_permits(),
             1000,

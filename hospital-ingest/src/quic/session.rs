@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use relay_proto::model::{Frame, StreamDescriptor};
-use relay_proto::wire::v1::{ControlMessage, control_message::Body};
+use relay_proto::model::{Frame, StreamDescriptor, TimestampCheck};
+use relay_proto::wire::v1::{ControlMessage, Pong, control_message::Body};
 use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -19,6 +19,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::acks::{AckCoalescer, MAX_ACK_SEQS};
+use super::clock::ServerClock;
 use super::handshake::ServerHandshake;
 use super::registry::{HelloSlot, OnlineGuard};
 use super::validate::validate_frame;
@@ -143,6 +144,7 @@ pub(super) async fn serve_vehicle(
     let first = tokio::time::timeout_at(hs.poll_timeout(), read_hello(&mut recv, &ctx.reading))
         .await
         .map_err(|_| hs.handle_timeout("hello"))?;
+    let hello_received_ns = crate::now_utc_ns();
     let hello = match first {
         Ok((bytes, _reserved)) => hs.handle_message(&bytes, &vehicle)?,
         Err(HelloReadError::Ended) => return Err(hs.handle_end(None)),
@@ -166,7 +168,7 @@ pub(super) async fn serve_vehicle(
             format!("more than {max} connections of this vehicle"),
         ));
     };
-    let session = hello.session_id;
+    let (session, agent_time_ns) = (hello.session_id, hello.agent_time_ns);
     let streams: HashMap<u32, StreamDescriptor> = hello
         .streams
         .iter()
@@ -195,14 +197,18 @@ pub(super) async fn serve_vehicle(
         }
         Err(_) => return Err(refuse(CloseCode::Overloaded, "could not register streams")),
     }
-    let ack = ServerHandshake::hello_ack(crate::now_utc_ns());
+    let ack_sent_ns = crate::now_utc_ns();
+    let ack = ServerHandshake::hello_ack(hello_received_ns, ack_sent_ns);
     if control_out.send(ack).await.is_err() {
         return Ok(()); // the peer went away during the handshake
     }
+    let mut clock = ServerClock::after_hello(agent_time_ns, hello_received_ns, ack_sent_ns);
     tracing::info!(vehicle = %vehicle, session, streams = streams.len(), remote = %conn.remote_address(), "vehicle connected");
 
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
-    let mut ack_writer = tokio::spawn(write_acks(ack_rx, control_out));
+    // Pongs beyond these wait for none: an agent pinging faster than we answer loses some.
+    let (pong_tx, pong_rx) = mpsc::channel(PONG_QUEUE);
+    let mut ack_writer = tokio::spawn(write_acks(ack_rx, pong_rx, control_out));
     // Watched from here: its sessions, its addresses, its frames.
     let _watched = WatchedConnection::new(&ctx.watch, &vehicle, conn.remote_address().ip());
     let (v, now) = (vehicle.clone(), crate::now_utc_ns());
@@ -217,6 +223,7 @@ pub(super) async fn serve_vehicle(
         session,
         writer: ctx.writer.clone(),
         watch: ctx.watch.clone(),
+        clock: online.clock.clone(),
     };
     let (fail_tx, mut fail_rx) = mpsc::channel::<Refusal>(1);
     let mut readers = JoinSet::new();
@@ -240,7 +247,20 @@ pub(super) async fn serve_vehicle(
                 None => Err(refuse(CloseCode::BadHandshake, "control stream closed")),
             },
             msg = control_in.next() => match msg {
-                Some(Ok(_)) => {} // nothing else is expected from the agent yet; ignore
+                Some(Ok(bytes)) => {
+                    let received_ns = crate::now_utc_ns();
+                    match ControlMessage::decode(bytes.freeze()) {
+                        Ok(ControlMessage { body: Some(Body::Ping(ping)) }) => {
+                            let (pong, completed) = clock.on_ping(&ping, received_ns, crate::now_utc_ns());
+                            let _ = pong_tx.try_send(pong);
+                            if let Some(exchange) = completed {
+                                clock_exchange(ctx, &vehicle, &online.clock, &exchange);
+                            }
+                        }
+                        Ok(_) => {} // nothing else is expected from the agent; ignore
+                        Err(e) => break Err(refuse(CloseCode::Malformed, format!("control message: {e}"))),
+                    }
+                }
                 // A read error on a connection that is already closed is a disconnect, not
                 // bad input.
                 Some(Err(_)) if conn.close_reason().is_some() => break Ok(()),
@@ -258,6 +278,30 @@ pub(super) async fn serve_vehicle(
     result
 }
 
+/// Pongs waiting to be written at most.
+const PONG_QUEUE: usize = 4;
+
+/// A completed clock exchange of `vehicle`: into its estimate, and the estimate to the
+/// detector.
+fn clock_exchange(
+    ctx: &QuicContext,
+    vehicle: &str,
+    clock: &super::registry::SharedClock,
+    exchange: &relay_proto::clock::Exchange,
+) {
+    let estimate = {
+        let mut filter = clock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = filter.add_exchange(exchange) {
+            tracing::debug!(vehicle, error = %e, "clock exchange not usable");
+            return;
+        }
+        filter.estimate()
+    };
+    if let Some(estimate) = estimate {
+        ctx.watch.check(|d| d.on_clock(vehicle, &estimate));
+    }
+}
+
 /// What every frame stream of one session is read against.
 #[derive(Clone)]
 struct FrameReader {
@@ -271,6 +315,8 @@ struct FrameReader {
     session: u64,
     writer: mpsc::Sender<WriterCmd>,
     watch: crate::detect::Watch,
+    /// The vehicle's clock offset estimate.
+    clock: super::registry::SharedClock,
 }
 
 impl FrameReader {
@@ -313,11 +359,20 @@ impl FrameReader {
         validate_frame(&frame, &self.streams)?;
         metrics::counter!("relay_ingest_frames_received_total").increment(1);
         let received_ns = crate::now_utc_ns();
-        if let Some(desc) = self.streams.get(&frame.stream_id) {
-            let (vehicle, session) = (&self.vehicle, self.session);
-            self.watch
-                .check(|d| d.on_frame(received_ns, vehicle, session, desc, &frame));
-        }
+        let vehicle_clock = self
+            .clock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .estimate();
+        let offset = vehicle_clock.as_ref().map(|c| c.offset_ns);
+        let capture_time_check = match self.streams.get(&frame.stream_id) {
+            Some(desc) => {
+                let (vehicle, session) = (&self.vehicle, self.session);
+                self.watch
+                    .judge(|d| d.on_frame(received_ns, offset, vehicle, session, desc, &frame))
+            }
+            None => TimestampCheck::Unspecified, // validation refuses such frames
+        };
         if ack.capacity() == 0 {
             // The agent does not read its acknowledgements: stop taking its frames.
             return Err(refuse(
@@ -330,6 +385,8 @@ impl FrameReader {
             session: self.session,
             frame,
             received_ns,
+            vehicle_clock,
+            capture_time_check,
             ack,
             budget,
         };
@@ -343,6 +400,7 @@ impl FrameReader {
 /// Writes the acknowledgements the [`AckCoalescer`] forms from durable (stream, seq).
 async fn write_acks(
     mut rx: mpsc::Receiver<(u32, u64)>,
+    mut pongs: mpsc::Receiver<Pong>,
     mut out: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
 ) {
     let mut acks = AckCoalescer::new(ACK_COALESCE, MAX_ACK_SEQS);
@@ -354,6 +412,14 @@ async fn write_acks(
                 Some((stream_id, seq)) => acks.handle_durable(Instant::now(), stream_id, seq),
                 None => open = false,
             },
+            Some(pong) = pongs.recv() => {
+                let msg = ControlMessage {
+                    body: Some(Body::Pong(pong)),
+                };
+                if out.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
+                    return;
+                }
+            }
             () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
         }
         let ack = if open {

@@ -203,6 +203,7 @@ mod tests {
             session_id: 1,
             streams,
             agent_version: String::new(),
+            agent_time_ns: 0,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
 use rand::Rng;
+use relay_proto::clock::Exchange;
 use relay_proto::wire::v1::{ControlMessage, Hello, control_message::Body};
 use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
 use tokio::task::JoinSet;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dispatch::cancel_copy;
 use super::{Shared, UplinkError, lock};
+use crate::clock::{ClockSync, PING_INTERVAL, WallClock};
 use crate::config::{AgentConfig, BearerConfig};
 use crate::handshake::{ClientHandshake, HandshakeError};
 use crate::health::PathSample;
@@ -54,6 +56,7 @@ pub(super) struct BearerTask {
     pub(super) client: Arc<crate::tls::ReloadingClientConfig>,
     pub(super) hello: Hello,
     pub(super) shared: Arc<Shared>,
+    pub(super) wall: WallClock,
 }
 
 /// A QUIC endpoint on this bearer's own address or interface.
@@ -93,7 +96,10 @@ type ControlWriter = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
 struct Dialed {
     conn: quinn::Connection,
     reader: ControlReader,
-    _writer: ControlWriter,
+    writer: ControlWriter,
+    /// Clock exchanges of this connection, the Hello's done.
+    clock: ClockSync,
+    hello_exchange: Exchange,
 }
 
 /// One connection attempt: QUIC handshake, Hello, HelloAck, all within `timeout`.
@@ -104,6 +110,7 @@ async fn dial(
     server_name: String,
     hello: Hello,
     timeout: Duration,
+    wall: WallClock,
 ) -> Result<Dialed, UplinkError> {
     let mut hs = ClientHandshake::new(&hello, Instant::now(), timeout);
     let deadline = hs.poll_timeout();
@@ -114,7 +121,8 @@ async fn dial(
     let (send, recv) = conn.open_bi().await?;
     let mut writer = FramedWrite::new(send, control_codec());
     let mut reader = FramedRead::new(recv, control_codec());
-    if let Some(hello) = hs.poll_transmit() {
+    let hello_sent_ns = wall.now_ns();
+    if let Some(hello) = hs.poll_transmit(hello_sent_ns) {
         writer
             .send(hello)
             .await
@@ -126,11 +134,21 @@ async fn dial(
     };
     match reply {
         Some(Ok(bytes)) => {
-            hs.handle_message(&bytes)?;
+            let received_ns = wall.now_ns();
+            let ack = hs.handle_message(&bytes)?;
+            let (clock, hello_exchange) = ClockSync::after_hello(
+                Instant::now(),
+                PING_INTERVAL,
+                hello_sent_ns,
+                &ack,
+                received_ns,
+            );
             Ok(Dialed {
                 conn,
                 reader,
-                _writer: writer,
+                writer,
+                clock,
+                hello_exchange,
             })
         }
         Some(Err(e)) => Err(UplinkError::ControlStream(e)),
@@ -185,6 +203,7 @@ impl BearerTask {
                     cfg.ingest.server_name.clone(),
                     self.hello.clone(),
                     handshake,
+                    self.wall,
                 ));
             }
             let wake = redial.poll_timeout();
@@ -243,8 +262,11 @@ impl BearerTask {
         let Dialed {
             conn,
             mut reader,
-            _writer,
+            mut writer,
+            mut clock,
+            hello_exchange,
         } = dialed;
+        shared.clock_exchange(&hello_exchange);
         tracing::info!(bearer = %self.bearer.name, remote = %conn.remote_address(), "bearer connected to ingest");
         metrics::counter!("relay_agent_connects_total").increment(1);
         *lock(&shared.conns[index]) = Some((generation, conn.clone()));
@@ -255,10 +277,29 @@ impl BearerTask {
         let stats = tokio::spawn(poll_stats(conn.clone(), shared.clone(), index));
 
         let result = loop {
+            if let Some(ping) = clock.poll_ping(Instant::now(), self.wall.now_ns()) {
+                let msg = ControlMessage {
+                    body: Some(Body::Ping(ping)),
+                };
+                // A control stream that takes a while to write is a slow path, not an error;
+                // the ingest's reads of frames do not wait on it.
+                if let Err(e) = writer.send(bytes::Bytes::from(msg.encode_to_vec())).await {
+                    break Err(conn
+                        .close_reason()
+                        .map_or(UplinkError::ControlStream(e), refusal));
+                }
+            }
+            let ping_due = clock.poll_timeout();
             tokio::select! {
+                () = tokio::time::sleep_until(ping_due) => {}
                 msg = reader.next() => match msg {
                     Some(Ok(bytes)) => match ControlMessage::decode(bytes.freeze()) {
                         Ok(ControlMessage { body: Some(Body::Ack(ack)) }) => handle_ack(shared, index, &ack).await,
+                        Ok(ControlMessage { body: Some(Body::Pong(pong)) }) => {
+                            if let Some(exchange) = clock.on_pong(&pong, self.wall.now_ns()) {
+                                shared.clock_exchange(&exchange);
+                            }
+                        }
                         Ok(other) => tracing::debug!(?other, "ignoring control message"),
                         Err(e) => break Err(UplinkError::Undecodable(e)),
                     },

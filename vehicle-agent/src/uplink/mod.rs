@@ -111,6 +111,8 @@ struct Shared {
     spool: SpoolHandle,
     /// Cancelled when the agent can no longer keep its promise of crash safety.
     failed: CancellationToken,
+    /// Clock exchanges of every bearer: the best estimate of our offset to the ingest.
+    clock: Arc<Mutex<relay_proto::clock::ClockFilter>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +139,21 @@ impl Shared {
             names,
             spool,
             failed,
+            clock: Arc::default(),
+        }
+    }
+
+    /// A completed clock exchange on any bearer; the estimate is exported as metrics.
+    fn clock_exchange(&self, exchange: &relay_proto::clock::Exchange) {
+        let mut filter = lock(&self.clock);
+        if let Err(e) = filter.add_exchange(exchange) {
+            tracing::debug!(error = %e, "clock exchange not usable");
+            return;
+        }
+        if let Some(best) = filter.estimate() {
+            metrics::gauge!("relay_agent_clock_offset_seconds").set(best.offset_ns as f64 / 1e9);
+            metrics::gauge!("relay_agent_clock_offset_uncertainty_seconds")
+                .set(best.uncertainty_ns as f64 / 1e9);
         }
     }
 
@@ -188,6 +205,10 @@ pub struct Uplink {
     pub restored: Vec<StoredFrame>,
     /// Per stream: added to the sources' sequence numbers (a resumed session continues).
     pub seq_base: HashMap<u32, u64>,
+    /// The vehicle's wall clock (clock exchanges are stamped with it).
+    pub wall: crate::clock::WallClock,
+    /// Where the estimate of our clock's offset to the ingest's is kept.
+    pub clock: Arc<Mutex<relay_proto::clock::ClockFilter>>,
 }
 
 /// The scheduler's configuration from the agent's.
@@ -222,6 +243,8 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
         failed,
         restored,
         seq_base,
+        wall,
+        clock,
     } = up;
     let budgets = cfg
         .bearers
@@ -256,7 +279,9 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
     }
     let dropped = spool.delete(dropped).await;
     let names = cfg.bearers.iter().map(|b| b.name.clone()).collect();
-    let shared = Arc::new(Shared::new(sched, names, spool, failed));
+    let mut shared = Shared::new(sched, names, spool, failed);
+    shared.clock = clock;
+    let shared = Arc::new(shared);
     if let Err(e) = dropped {
         shared.spool_lost(e);
     }
@@ -279,6 +304,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
             client: client.clone(),
             hello: hello.clone(),
             shared: shared.clone(),
+            wall,
         };
         tasks.spawn(b.run(shutdown.clone()));
     }
