@@ -213,6 +213,26 @@ pub fn reissue_vehicle(dir: &Path, vehicle: &str, days: u32) -> Result<(), DevCe
     )
 }
 
+/// Issues `<file>.pem` and `<file>.key` for `vehicle` from the fleet CA in `dir`, valid from
+/// two days ago until yesterday: what a router whose renewal failed presents (for tests of
+/// its refusal).
+pub fn issue_expired_vehicle(dir: &Path, file: &str, vehicle: &str) -> Result<(), DevCertError> {
+    check_name(file)?;
+    check_name(vehicle)?;
+    let ca = load_ca(dir, "fleet-ca", FLEET_CA_CN)?;
+    let now = now()?;
+    let window = (now - time::Duration::days(2), now - time::Duration::days(1));
+    make_leaf_valid(
+        dir,
+        file,
+        vehicle,
+        vec![],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &ca,
+        window,
+    )
+}
+
 /// Creates a CA and writes `<name>.pem` and `<name>.key` into `dir`.
 fn make_ca(dir: &Path, name: &str, cn: &str, days: u32) -> Result<Ca, DevCertError> {
     let mut params = ca_params(cn);
@@ -233,8 +253,27 @@ fn make_leaf(
     ca: &Ca,
     days: u32,
 ) -> Result<(), DevCertError> {
+    let now = now()?;
+    // From an hour ago (clock skew).
+    let window = (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(i64::from(days)),
+    );
+    make_leaf_valid(dir, file, cn, sans, usage, ca, window)
+}
+
+fn make_leaf_valid(
+    dir: &Path,
+    file: &str,
+    cn: &str,
+    sans: Vec<String>,
+    usage: ExtendedKeyUsagePurpose,
+    ca: &Ca,
+    (not_before, not_after): (time::OffsetDateTime, time::OffsetDateTime),
+) -> Result<(), DevCertError> {
     let mut params = CertificateParams::new(sans)?;
-    validity(&mut params, days)?;
+    params.not_before = not_before;
+    params.not_after = not_after;
     params.distinguished_name = dn(cn);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

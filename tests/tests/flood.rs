@@ -16,46 +16,6 @@ use relay_proto::wire::v1::{ControlMessage, Hello, control_message::Body};
 use tokio::time::Instant;
 use vehicle_agent::Agent;
 
-/// Sends real QUIC Initials (each with its own connection id, captured from a client that
-/// never goes on) at `rate` per second for `duration`, each from a fresh socket on `bind` that
-/// is closed right away: fire and forget, nothing answers the ingest. Returns how many.
-async fn flood(target: SocketAddr, bind: IpAddr, ca: &Path, rate: u64, duration: Duration) -> u64 {
-    // A stranger: it trusts the ingest's CA, so its handshakes are real, but has no certificate.
-    let mut roots = rustls::RootCertStore::empty();
-    for c in relay_ops::pem::load_certs(ca).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let mut crypto = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    crypto.alpn_protocols = vec![relay_proto::ALPN.to_vec()];
-    let client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
-    ));
-    let maker = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let until = Instant::now() + duration;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    let mut sent = 0;
-    let mut buf = vec![0u8; 2048];
-    while Instant::now() < until {
-        tick.tick().await;
-        // Capture one Initial: the client dials a socket of ours instead of the ingest.
-        let sniffer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let connecting = maker
-            .connect_with(client.clone(), sniffer.local_addr().unwrap(), "localhost")
-            .unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(1), sniffer.recv_from(&mut buf)).await;
-        drop(connecting);
-        let Ok(Ok((len, _))) = got else { continue };
-        // Replay it from a fresh port, then vanish.
-        let socket = std::net::UdpSocket::bind(SocketAddr::new(bind, 0)).unwrap();
-        if socket.send_to(&buf[..len], target).is_ok() {
-            sent += 1;
-        }
-    }
-    sent
-}
-
 /// Time from dialling to a HelloAck for a vehicle with a certificate.
 async fn time_to_session(pki: &Pki, vehicle: &str, ingest: SocketAddr) -> Duration {
     use bytes::Bytes;

@@ -1473,3 +1473,131 @@ async fn a_vehicle_clock_five_seconds_ahead_is_estimated_told_to_subscribers_and
     synced.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }
+
+/// A QUIC client towards the ingest trusting its CA, presenting `cert` (file stem in
+/// `cert_dir`) or no certificate, offering `alpn`.
+async fn dial_with(
+    ingest: SocketAddr,
+    trust_dir: &Path,
+    cert: Option<(&Path, &str)>,
+    alpn: &[u8],
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in relay_ops::pem::load_certs(&trust_dir.join("hospital-ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut tls = match cert {
+        Some((dir, stem)) => builder
+            .with_client_auth_cert(
+                relay_ops::pem::load_certs(&dir.join(format!("{stem}.pem"))).unwrap(),
+                relay_ops::pem::load_key(&dir.join(format!("{stem}.key"))).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let client = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(client, ingest, "localhost")
+        .unwrap()
+        .await?;
+    // Under TLS 1.3 the client may finish before the server has judged its certificate:
+    // the refusal then arrives as the connection's close.
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(e) => Err(e),
+        Err(_) => Ok(conn),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_vehicle_handshakes_are_counted_by_cause() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    relay_devcerts::revoke(pki.path(), &["amb-4".into()]).unwrap();
+    relay_devcerts::issue_expired_vehicle(pki.path(), "amb-3-lapsed", "amb-3").unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.quic.handshake_timeout = Duration::from_secs(1);
+    // Its own process: the counters are this test's alone.
+    let ingest =
+        spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
+    let target = ingest.quic;
+    let count = |body: &str, reason: &str| {
+        labelled_metric(
+            body,
+            "relay_ingest_handshake_failures_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    let (_, before) = http_get(ingest.metrics.unwrap(), "/metrics").await;
+    let alpn = relay_proto::ALPN;
+    let (trust, rogue) = (pki.path(), pki.rogue.path());
+    // Each attempt in turn; every one is refused.
+    let attempts: Vec<(&str, Option<(&Path, &str)>, &[u8])> = vec![
+        ("unknown_ca", Some((rogue, "amb-1")), alpn),
+        ("revoked", Some((trust, "amb-4")), alpn),
+        ("expired", Some((trust, "amb-3-lapsed")), alpn),
+        ("no_certificate", None, alpn),
+        ("alpn", Some((trust, "amb-1")), b"h3"),
+    ];
+    for (reason, cert, alpn) in &attempts {
+        let r = dial_with(target, trust, *cert, alpn).await;
+        assert!(r.is_err(), "{reason}: the attempt got through");
+    }
+    // A stranger that sends its Initial and goes silent.
+    let sent = flood(
+        target,
+        [127, 0, 0, 1].into(),
+        &trust.join("hospital-ca.pem"),
+        5,
+        Duration::from_millis(150),
+    )
+    .await;
+    assert!(sent >= 1);
+    // A genuine vehicle still connects, and its dial is no failure.
+    dial_with(target, trust, Some((trust, "amb-1")), alpn)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, after) = http_get(ingest.metrics.unwrap(), "/metrics").await;
+        let missing: Vec<&str> = [
+            "unknown_ca",
+            "revoked",
+            "expired",
+            "no_certificate",
+            "alpn",
+            "timeout",
+        ]
+        .into_iter()
+        .filter(|r| count(&after, r) < count(&before, r) + 1.0)
+        .collect();
+        if missing.is_empty() {
+            // Exactly one each (the timeouts: one per Initial replayed); nothing else is a
+            // "protocol" failure.
+            for (reason, ..) in &attempts {
+                assert_eq!(
+                    count(&after, reason),
+                    count(&before, reason) + 1.0,
+                    "{reason}"
+                );
+            }
+            assert_eq!(
+                count(&after, "protocol"),
+                count(&before, "protocol"),
+                "{after}"
+            );
+            assert_eq!(count(&after, "bad_certificate"), 0.0, "{after}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not counted by cause: {missing:?}\n{after}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -112,8 +112,12 @@ pub fn handshake_failure_reason(e: &quinn::ConnectionError) -> &'static str {
         E::ApplicationClosed(_) | E::ConnectionClosed(_) | E::Reset | E::LocallyClosed => {
             "abandoned"
         }
-        // rustls' verdict reaches us as the text of quinn's transport error.
-        E::TransportError(t) => tls_failure_reason(&t.reason),
+        // rustls' verdict reaches us as the text of quinn's transport error, and as the TLS
+        // alert in its code.
+        E::TransportError(t) => match tls_failure_reason(&t.reason) {
+            "protocol" => tls_alert_reason(u64::from(t.code)),
+            reason => reason,
+        },
         _ => "protocol",
     }
 }
@@ -138,12 +142,25 @@ fn tls_failure_reason(text: &str) -> &'static str {
         "not_yet_valid"
     } else if has(&["no certificates", "nocertificatespresented"]) {
         "no_certificate"
-    } else if has(&["application protocol"]) {
+    } else if has(&["application protocol", "known protocol"]) {
         "alpn"
     } else if has(&["certificate"]) {
         "bad_certificate"
     } else {
         "protocol"
+    }
+}
+
+/// The cause a TLS alert (carried in a QUIC CRYPTO_ERROR code, 0x100 + alert) names.
+fn tls_alert_reason(code: u64) -> &'static str {
+    match code.checked_sub(0x100) {
+        Some(44) => "revoked",
+        Some(45) => "expired",
+        Some(48) => "unknown_ca",
+        Some(116) => "no_certificate",
+        Some(120) => "alpn",
+        Some(42 | 43 | 46) => "bad_certificate",
+        _ => "protocol",
     }
 }
 
@@ -238,7 +255,10 @@ async fn handle_incoming(
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(ctx.cfg.handshake_timeout, incoming).await {
         Err(_) => {
+            // Dropped by admission control, and a failed handshake by its cause.
             metrics::counter!("relay_ingest_handshakes_refused_total", "reason" => "handshake_timeout")
+                .increment(1);
+            metrics::counter!("relay_ingest_handshake_failures_total", "reason" => "timeout")
                 .increment(1);
             return;
         }
@@ -304,10 +324,8 @@ mod handshake_failure_tests {
             ),
             ("invalid peer certificate: NotValidYet", "not_yet_valid"),
             ("peer sent no certificates", "no_certificate"),
-            (
-                "peer doesn't support any known protocol: no application protocol",
-                "alpn",
-            ),
+            // rustls' own words for NoApplicationProtocol.
+            ("peer doesn't support any known protocol", "alpn"),
             ("invalid peer certificate: BadEncoding", "bad_certificate"),
             ("unexpected message", "protocol"),
         ] {
@@ -323,5 +341,15 @@ mod handshake_failure_tests {
             "an agent's losing parallel dial is no attack"
         );
         assert!(HANDSHAKE_FAILURE_REASONS.contains(&"abandoned"));
+        // Text that names nothing: the alert in the code decides.
+        for (alert, reason) in [
+            (120, "alpn"),
+            (116, "no_certificate"),
+            (48, "unknown_ca"),
+            (80, "protocol"),
+        ] {
+            assert_eq!(tls_alert_reason(0x100 + alert), reason, "{alert}");
+        }
+        assert_eq!(tls_alert_reason(0x0a), "protocol");
     }
 }
