@@ -1474,12 +1474,15 @@ async fn a_vehicle_clock_five_seconds_ahead_is_estimated_told_to_subscribers_and
     ingest.shutdown().await.unwrap();
 }
 
+/// A certificate to present: its directory and file stem.
+type Presented<'a> = Option<(&'a Path, &'a str)>;
+
 /// A QUIC client towards the ingest trusting its CA, presenting `cert` (file stem in
 /// `cert_dir`) or no certificate, offering `alpn`.
 async fn dial_with(
     ingest: SocketAddr,
     trust_dir: &Path,
-    cert: Option<(&Path, &str)>,
+    cert: Presented<'_>,
     alpn: &[u8],
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -1537,7 +1540,7 @@ async fn failed_vehicle_handshakes_are_counted_by_cause() {
     let alpn = relay_proto::ALPN;
     let (trust, rogue) = (pki.path(), pki.rogue.path());
     // Each attempt in turn; every one is refused.
-    let attempts: Vec<(&str, Option<(&Path, &str)>, &[u8])> = vec![
+    let attempts: Vec<(&str, Presented, &[u8])> = vec![
         ("unknown_ca", Some((rogue, "amb-1")), alpn),
         ("revoked", Some((trust, "amb-4")), alpn),
         ("expired", Some((trust, "amb-3-lapsed")), alpn),
