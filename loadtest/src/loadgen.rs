@@ -26,7 +26,9 @@ use vehicle_agent::config::SourceConfig;
 use vehicle_agent::config::{BearerConfig, Policy};
 use vehicle_agent::{Agent, AgentConfig};
 
-use crate::report::{ClassAccumulator, IngestUsage, Machine, PhaseReport, Report};
+use crate::report::{
+    ClassAccumulator, IngestUsage, Machine, PhaseReport, Report, SecurityCounters,
+};
 use crate::seqset::SeqSet;
 use relay_emulator::model::Direction;
 use relay_emulator::spec::parse_duration;
@@ -153,6 +155,8 @@ struct IngestTarget {
     quic: SocketAddr,
     grpc_url: String,
     child: Option<tokio::process::Child>,
+    /// Its metrics endpoint (ours only).
+    metrics: Option<SocketAddr>,
 }
 
 /// A phase of the run.
@@ -290,9 +294,12 @@ async fn start_ingest(
             quic,
             grpc_url: grpc.clone(),
             child: None,
+            metrics: None,
         });
     }
     let (quic_port, grpc_port) = free_port_pair()?;
+    let (_, metrics_port) = free_port_pair()?;
+    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let log = std::fs::File::create(dir.join("ingest.log")).context("creating ingest.log")?;
     let mut cfg = hospital_ingest::IngestConfig::default();
     cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
@@ -300,6 +307,7 @@ async fn start_ingest(
     cfg.store.path = dir.join("store.redb");
     cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
     cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
+    cfg.metrics.listen = Some(metrics);
     let config = dir.join("ingest.toml");
     std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
     let child = tokio::process::Command::new(ingest_exe)
@@ -317,6 +325,42 @@ async fn start_ingest(
         quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
         grpc_url: format!("https://127.0.0.1:{grpc_port}"),
         child: Some(child),
+        metrics: Some(metrics),
+    })
+}
+
+/// Counters the ingest's detector and TLS stack keep, read from its metrics endpoint: by
+/// `reason`, the non-zero ones.
+async fn security_counters(metrics: SocketAddr) -> anyhow::Result<SecurityCounters> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        // The exposition of one ingest is a few hundred KiB at most.
+        s.take(16 * 1024 * 1024).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .context("reading the ingest's metrics timed out")?
+        .context("reading the ingest's metrics")?;
+    let text = String::from_utf8_lossy(&buf);
+    let by_reason = |name: &str| {
+        let prefix = format!("{name}{{reason=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                let (reason, rest) = l.split_once("\"}")?;
+                let n = rest.trim().parse::<f64>().ok()?;
+                (n > 0.0).then(|| (reason.to_owned(), n as u64))
+            })
+            .collect()
+    };
+    Ok(SecurityCounters {
+        security_events: by_reason("relay_ingest_security_events_total"),
+        handshake_failures: by_reason("relay_ingest_handshake_failures_total"),
     })
 }
 
@@ -878,6 +922,10 @@ async fn run_phase(
         .as_ref()
         .and_then(|c| c.id())
         .and_then(process_usage);
+    let security = match ingest.metrics {
+        Some(addr) => Some(security_counters(addr).await?),
+        None => None,
+    };
     stop_subscribers.cancel();
     // A subscriber that ended early (cut off as slow, connection lost) makes its figures
     // partial: the report says so instead of blaming the relay for frames it never asked for.
@@ -947,6 +995,7 @@ async fn run_phase(
         },
         links: counters,
         ingest: ingest_usage,
+        security,
         subscriber_errors,
     })
 }

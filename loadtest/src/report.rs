@@ -240,8 +240,20 @@ pub struct PhaseReport {
     pub links: LinkCounters,
     /// Ingest process CPU time and peak resident memory (None for an external ingest).
     pub ingest: Option<IngestUsage>,
+    /// What the ingest's detector and TLS stack reported (None for an external ingest).
+    pub security: Option<SecurityCounters>,
     /// Subscribers that ended before the phase did; their figures are partial.
     pub subscriber_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+/// Security counters of the ingest at the end of a phase, by reason (zeros left out): an
+/// honest fleet, outages and redials included, must raise no security event.
+pub struct SecurityCounters {
+    /// `relay_ingest_security_events_total`.
+    pub security_events: BTreeMap<String, u64>,
+    /// `relay_ingest_handshake_failures_total` (`abandoned`: the agents' own losing dials).
+    pub handshake_failures: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -394,6 +406,24 @@ impl Report {
                 None => {
                     let _ = writeln!(s, "   ingest: external (CPU and memory not measured)");
                 }
+            }
+            if let Some(sec) = &p.security {
+                let list = |m: &BTreeMap<String, u64>| {
+                    if m.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        m.iter()
+                            .map(|(r, n)| format!("{r} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                };
+                let _ = writeln!(
+                    s,
+                    "   security events: {}; handshake failures: {}",
+                    list(&sec.security_events),
+                    list(&sec.handshake_failures)
+                );
             }
         }
         s

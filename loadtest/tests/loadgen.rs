@@ -81,6 +81,13 @@ async fn a_short_load_run_delivers_everything_and_writes_its_report() {
         assert!(p["ingest"]["cpu_seconds"].as_f64().unwrap() > 0.0);
         assert!(p["ingest"]["peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
         assert_eq!(p["subscriber_errors"], serde_json::json!([]));
+        // Honest vehicles over lossy links raise no security event.
+        assert_eq!(
+            p["security"]["security_events"],
+            serde_json::json!({}),
+            "{name}: {}",
+            p["security"]
+        );
     }
     assert_eq!(phases[0]["bearers"].as_array().unwrap().len(), 2);
     assert_eq!(phases[1]["bearers"].as_array().unwrap().len(), 1);
