@@ -351,6 +351,8 @@ pub struct AuditSettings {
     pub max_files: usize,
     /// Records waiting for the writer at most.
     pub queue: usize,
+    /// Where durable records are forwarded (syslog over TLS), if anywhere.
+    pub forward: Option<crate::syslog::Forwarder>,
 }
 
 enum Command {
@@ -483,9 +485,14 @@ impl Writer {
         let mut text = String::new();
         let mut waiters = Vec::new();
         let before = self.chain.clone();
+        let mut sealed = Vec::new();
         for (event, done) in batch {
-            text.push_str(&self.chain.seal(event, relay_ops::now_utc_ns()));
+            let line = self.chain.seal(event, relay_ops::now_utc_ns());
+            text.push_str(&line);
             text.push('\n');
+            if self.settings.forward.is_some() {
+                sealed.push(line);
+            }
             waiters.extend(done);
         }
         let written = self
@@ -497,6 +504,13 @@ impl Writer {
                 self.size += text.len() as u64;
                 metrics::counter!("relay_ingest_audit_records_total")
                     .increment(text.lines().count() as u64);
+                // Off the machine only what is on its disk: the forward never holds a
+                // record the file lacks.
+                if let Some(forward) = &self.settings.forward {
+                    for line in sealed {
+                        forward.offer(line);
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -609,6 +623,7 @@ mod tests {
             max_file_bytes,
             max_files: 100,
             queue: 16,
+            forward: None,
         };
         let mut w = Writer::open(settings).unwrap();
         for i in 0..n {

@@ -166,9 +166,32 @@ pub struct AuditConfig {
     /// Files kept; the oldest beyond are deleted, so archive them before (or raise this).
     #[arg(id = "audit.max_files", long = "audit-max-files")]
     pub max_files: usize,
-    /// Records waiting for the writer at most.
+    /// Records waiting for the writer at most (and, with syslog forwarding, waiting to be
+    /// forwarded).
     #[arg(id = "audit.queue", long = "audit-queue")]
     pub queue: usize,
+    /// `host:port` of a syslog receiver (a SIEM) to which every durable record is forwarded
+    /// as RFC 5424 over TLS (RFC 5425, usually port 6514). None: no forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.syslog_address", long = "audit-syslog-address")]
+    pub syslog_address: Option<String>,
+    /// CA certificates (PEM) that sign the receiver's certificate; required with
+    /// syslog_address (there is no plaintext syslog).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.syslog_ca", long = "audit-syslog-ca")]
+    pub syslog_ca: Option<PathBuf>,
+    /// Name the receiver's certificate must carry. None: the host part of syslog_address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.syslog_server_name", long = "audit-syslog-server-name")]
+    pub syslog_server_name: Option<String>,
+    /// Our certificate (PEM) when the receiver asks for one; with syslog_key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.syslog_cert", long = "audit-syslog-cert")]
+    pub syslog_cert: Option<PathBuf>,
+    /// Its private key (PEM); with syslog_cert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "audit.syslog_key", long = "audit-syslog-key")]
+    pub syslog_key: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -178,8 +201,37 @@ impl Default for AuditConfig {
             max_file_bytes: 64 * 1024 * 1024,
             max_files: 256,
             queue: 4096,
+            syslog_address: None,
+            syslog_ca: None,
+            syslog_server_name: None,
+            syslog_cert: None,
+            syslog_key: None,
         }
     }
+}
+
+impl AuditConfig {
+    /// Where records are forwarded, when they are (checked by `validate`).
+    pub fn syslog_target(&self) -> Option<crate::syslog::SyslogTarget> {
+        let address = self.syslog_address.clone()?;
+        let server_name = match &self.syslog_server_name {
+            Some(n) => n.clone(),
+            None => syslog_host(&address).to_owned(),
+        };
+        Some(crate::syslog::SyslogTarget {
+            server_name,
+            ca: self.syslog_ca.clone()?,
+            client_cert: self.syslog_cert.clone().zip(self.syslog_key.clone()),
+            queue: self.queue,
+            address,
+        })
+    }
+}
+
+/// The host part of `host:port` (`[v6]:port` too).
+fn syslog_host(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Putting each stream back in order.
@@ -616,6 +668,29 @@ impl ServiceConfig for IngestConfig {
                 "must be at least 1 MiB and at most store.max_bytes",
             );
         }
+        let a = &self.audit;
+        if let Some(address) = &a.syslog_address {
+            let port = address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if port.is_none_or(|p| p == 0) || syslog_host(address).is_empty() {
+                return invalid("audit.syslog_address", address, "must be host:port");
+            }
+            if a.syslog_ca.is_none() {
+                return invalid(
+                    "audit.syslog_ca",
+                    &"none",
+                    "is required with audit.syslog_address (syslog goes over TLS only)",
+                );
+            }
+        }
+        if a.syslog_cert.is_some() != a.syslog_key.is_some() {
+            return invalid(
+                "audit.syslog_cert",
+                &a.syslog_cert.as_ref().map(|p| p.display().to_string()),
+                "needs audit.syslog_key, and the other way round",
+            );
+        }
         Ok(())
     }
 }
@@ -713,6 +788,31 @@ mod tests {
         cfg.quic.max_reading_bytes = cfg.quic.max_reading_bytes_per_vehicle - 1;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("quic.max_reading_bytes ="), "{err}");
+    }
+
+    #[test]
+    fn syslog_forwarding_needs_a_port_and_a_ca_and_names_the_host() {
+        let with = |address: &str, ca: bool| {
+            let mut cfg = IngestConfig::default();
+            cfg.audit.syslog_address = Some(address.into());
+            cfg.audit.syslog_ca = ca.then(|| PathBuf::from("/etc/siem-ca.pem"));
+            cfg
+        };
+        let err = |cfg: IngestConfig| cfg.validate().unwrap_err().to_string();
+        assert!(err(with("siem:6514", false)).contains("audit.syslog_ca"));
+        assert!(err(with("siem", true)).contains("audit.syslog_address"));
+        assert!(err(with(":6514", true)).contains("audit.syslog_address"));
+        let cfg = with("siem.hospital.example:6514", true);
+        cfg.validate().unwrap();
+        let target = cfg.audit.syslog_target().unwrap();
+        assert_eq!(target.server_name, "siem.hospital.example");
+        assert_eq!(target.client_cert, None);
+        let v6 = with("[::1]:6514", true).audit.syslog_target().unwrap();
+        assert_eq!(v6.server_name, "::1");
+        let mut half = with("siem:6514", true);
+        half.audit.syslog_cert = Some("/c.pem".into());
+        assert!(err(half).contains("audit.syslog_cert"));
+        assert_eq!(IngestConfig::default().audit.syslog_target(), None);
     }
 
     #[test]

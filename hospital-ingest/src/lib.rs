@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod quic;
 pub mod reassembly;
 pub mod store;
+pub mod syslog;
 pub mod tls;
 pub mod writer;
 
@@ -246,11 +247,19 @@ impl Ingest {
         .context("starting store writer")?;
 
         // The audit log before any listener: no access goes unrecorded.
+        let forward = match cfg.audit.syslog_target() {
+            Some(target) => Some(
+                syslog::Forwarder::start(target, &tokio::runtime::Handle::current())
+                    .context("starting the audit forward to syslog")?,
+            ),
+            None => None,
+        };
         let (audit, _audit_writer) = audit::AuditLog::open(audit::AuditSettings {
             dir: cfg.audit_dir(),
             max_file_bytes: cfg.audit.max_file_bytes,
             max_files: cfg.audit.max_files,
             queue: cfg.audit.queue,
+            forward,
         })
         .context("opening the audit log")?;
         let server_config =

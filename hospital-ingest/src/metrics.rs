@@ -88,10 +88,24 @@ pub fn describe() {
         "relay_ingest_audit_dropped_total",
         "Audit records dropped because the writer's queue was full (never those of data access)"
     );
+    describe_counter!(
+        "relay_ingest_audit_forwarded_total",
+        "Audit records forwarded to the syslog receiver (audit.syslog_address)"
+    );
+    describe_counter!(
+        "relay_ingest_audit_forward_dropped_total",
+        "Audit records not forwarded because the receiver was away longer than audit.queue lasted (they are in the local file)"
+    );
+    describe_gauge!(
+        "relay_ingest_audit_forward_connected",
+        "1 while the connection to the syslog receiver is up (only when forwarding is configured)"
+    );
     for name in [
         "relay_ingest_audit_records_total",
         "relay_ingest_audit_write_failures_total",
         "relay_ingest_audit_dropped_total",
+        "relay_ingest_audit_forwarded_total",
+        "relay_ingest_audit_forward_dropped_total",
     ] {
         metrics::counter!(name).increment(0);
     }

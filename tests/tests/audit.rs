@@ -206,3 +206,175 @@ async fn every_call_is_audited_and_the_chain_survives_sigkill_and_shows_tamperin
     let at = format!("{}:{}:", files[0].display(), target + 1);
     assert!(text.contains(&at), "expected {at} in {text}");
 }
+
+/// rsyslogd receiving RFC 5425 (syslog over TLS) on `port`, with the ingest's development
+/// certificate as its own, writing what it receives to `out`, one line per message:
+/// MSGID|STRUCTURED-DATA|APP-NAME|FACILITY|SEVERITY|MSG.
+fn rsyslogd(dir: &Path, pki: &Path, port: u16, out: &Path) -> std::process::Child {
+    let conf = dir.join("rsyslog.conf");
+    let work = dir.join("rsyslog-work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            r#"global(workDirectory="{work}"
+       DefaultNetstreamDriver="gtls"
+       DefaultNetstreamDriverCAFile="{pki}/hospital-ca.pem"
+       DefaultNetstreamDriverCertFile="{pki}/ingest.pem"
+       DefaultNetstreamDriverKeyFile="{pki}/ingest.key")
+module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
+input(type="imtcp" port="{port}" address="127.0.0.1")
+template(name="fields" type="list") {{
+  property(name="msgid") constant(value="|")
+  property(name="structured-data") constant(value="|")
+  property(name="app-name") constant(value="|")
+  property(name="syslogfacility") constant(value="|")
+  property(name="syslogseverity") constant(value="|")
+  property(name="msg") constant(value="\n")
+}}
+action(type="omfile" file="{out}" template="fields")
+"#,
+            work = work.display(),
+            pki = pki.display(),
+            out = out.display(),
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("rsyslogd")
+        .args(["-n", "-iNONE", "-f"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("rsyslogd.log")).unwrap())
+        .spawn()
+        .expect("rsyslogd (Debian packages rsyslog and rsyslog-gnutls; .ci/run installs them)")
+}
+
+/// What rsyslog wrote so far: (msgid, structured data, app, facility, severity, record).
+fn received(out: &Path) -> Vec<(String, String, String, String, String, AuditRecord)> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(6, '|').collect();
+            assert_eq!(f.len(), 6, "{l}");
+            let json = f[5].trim_start_matches('\u{feff}');
+            let record: AuditRecord =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+            let s = |i: usize| f[i].to_owned();
+            (s(0), s(1), s(2), s(3), s(4), record)
+        })
+        .collect()
+}
+
+async fn wait_for_port(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rsyslogd did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every local record (at least `min_records`) has reached the receiver.
+async fn all_forwarded(
+    audit_dir: &Path,
+    out: &Path,
+    min_records: usize,
+) -> (
+    Vec<AuditRecord>,
+    Vec<(String, String, String, String, String, AuditRecord)>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mine = query(&files_in(audit_dir).unwrap(), None, 0).unwrap();
+        let theirs = received(out);
+        if mine.len() >= min_records && theirs.len() == mine.len() {
+            return (mine, theirs);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} local records, {} forwarded",
+            mine.len(),
+            theirs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_forwarded_to_a_real_syslog_receiver_over_tls_across_its_restart() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let (_, port) = free_ports();
+    let out = work.path().join("received.log");
+    let mut receiver = rsyslogd(work.path(), pki.path(), port, &out);
+    wait_for_port(port).await;
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.audit.syslog_address = Some(format!("127.0.0.1:{port}"));
+    cfg.audit.syslog_ca = Some(pki.path().join("hospital-ca.pem"));
+    cfg.audit.syslog_server_name = Some("localhost".into());
+    let ingest = spawn_ingest_child(EXE, cfg.clone(), work.path()).await;
+    let url = format!("https://{}", ingest.grpc);
+    let list = || async {
+        let mut c = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+            .await
+            .unwrap();
+        c.list_vehicles(ListVehiclesRequest {}).await.unwrap();
+    };
+    let audit_dir = cfg.audit_dir();
+    let local = || query(&files_in(&audit_dir).unwrap(), None, 0).unwrap();
+    list().await;
+    let (mine, theirs) = all_forwarded(&audit_dir, &out, 2).await;
+    for (record, (msgid, sd, app, facility, severity, copy)) in mine.iter().zip(&theirs) {
+        assert_eq!(copy, record);
+        assert_eq!(msgid, &record.event.action);
+        // Successes are informational, refusals and failures warnings.
+        let (outcome, level) = match record.event.outcome {
+            Outcome::Success => ("success", "6"),
+            Outcome::Denied => ("denied", "4"),
+            Outcome::Failure => ("failure", "4"),
+        };
+        assert_eq!(
+            sd,
+            &format!("[audit@32473 seq=\"{}\" outcome=\"{outcome}\"]", record.seq)
+        );
+        assert_eq!((app.as_str(), facility.as_str()), ("hospital-ingest", "13"));
+        assert_eq!(severity, level);
+    }
+    // The receiver goes away; what is audited meanwhile waits and arrives once it is back.
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    list().await;
+    list().await;
+    let before = mine.len();
+    assert!(local().len() >= before + 4, "recorded locally meanwhile");
+    let mut receiver = rsyslogd(work.path(), pki.path(), port, &out);
+    wait_for_port(port).await;
+    let (mine, theirs) = all_forwarded(&audit_dir, &out, before + 4).await;
+    let seqs: Vec<u64> = theirs.iter().map(|t| t.5.seq).collect();
+    let expected: Vec<u64> = mine.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs, expected,
+        "nothing lost or repeated across the restart"
+    );
+    let (_, body) = http_get(ingest.metrics.unwrap(), "/metrics").await;
+    assert_eq!(
+        metric_value(&body, "relay_ingest_audit_forwarded_total"),
+        mine.len() as f64
+    );
+    assert_eq!(
+        metric_value(&body, "relay_ingest_audit_forward_dropped_total"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(&body, "relay_ingest_audit_forward_connected"),
+        1.0
+    );
+    receiver.kill().unwrap();
+    receiver.wait().unwrap();
+}

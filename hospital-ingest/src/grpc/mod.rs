@@ -686,6 +686,7 @@ mod tests {
                     max_file_bytes: 1 << 20,
                     max_files: 4,
                     queue: 16,
+                    forward: None,
                 })
                 .unwrap()
                 .0,
@@ -696,6 +697,7 @@ mod tests {
                         max_file_bytes: 1 << 20,
                         max_files: 4,
                         queue: 16,
+                        forward: None,
                     })
                     .unwrap()
                     .0,

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README "Quick start"): installs what the tests use beyond the Rust
+# toolchain, then runs every test of the workspace. Arguments go to `cargo test` (CI passes
+# --locked). Today that is one receiver: rsyslogd with its GnuTLS driver (Debian's rsyslog
+# and rsyslog-gnutls), the real syslog server the audit-forward test sends to.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "installing rsyslog and rsyslog-gnutls (the audit-forward test's syslog receiver)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    rsyslog rsyslog-gnutls >/dev/null
+fi
+exec cargo test --workspace "$@"
