@@ -219,88 +219,180 @@ pub struct Verified {
     pub seqs: Option<(u64, u64)>,
 }
 
-/// The lines of `files`, in order, each with its file and line number.
-fn lines(files: &[PathBuf]) -> Result<Vec<(PathBuf, usize, String, bool)>, AuditError> {
-    let mut out = Vec::new();
-    for file in files {
-        let text = std::fs::read(file).map_err(io(file))?;
-        let text = String::from_utf8_lossy(&text);
-        let complete = text.ends_with('\n');
-        let pieces: Vec<&str> = text.split('\n').collect();
-        let n = pieces.len();
-        for (i, piece) in pieces.into_iter().enumerate() {
-            let last = i + 1 == n;
-            if last && piece.is_empty() {
-                break;
-            }
-            out.push((file.clone(), i + 1, piece.to_owned(), !last || complete));
+/// Lines longer than this are not records of ours (the writer's are a few hundred bytes):
+/// reading a damaged or foreign file holds no more than this in memory.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+/// One line of a log file.
+struct Line {
+    file: PathBuf,
+    /// 1-based.
+    number: usize,
+    text: String,
+    /// It ended with a newline.
+    complete: bool,
+    /// It was longer than [`MAX_LINE_BYTES`] (`text` holds its start).
+    too_long: bool,
+}
+
+impl Line {
+    fn broken(&self, reason: String) -> Broken {
+        Broken {
+            file: self.file.clone(),
+            line: self.number,
+            reason,
         }
     }
-    Ok(out)
+
+    /// The record it holds, or why it holds none.
+    fn record(&self) -> Result<AuditRecord, String> {
+        if self.too_long {
+            return Err(format!("the line is longer than {MAX_LINE_BYTES} bytes"));
+        }
+        if !self.complete {
+            return Err("the record is incomplete (no newline)".into());
+        }
+        serde_json::from_str(&self.text).map_err(|e| format!("not an audit record: {e}"))
+    }
+}
+
+/// The lines of `files`, in order, read one at a time.
+struct Lines<'a> {
+    files: std::slice::Iter<'a, PathBuf>,
+    current: Option<(PathBuf, BufReader<File>, usize)>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(files: &'a [PathBuf]) -> Self {
+        Self {
+            files: files.iter(),
+            current: None,
+        }
+    }
+}
+
+impl Iterator for Lines<'_> {
+    type Item = Result<Line, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.current.is_none() {
+                let path = self.files.next()?;
+                match File::open(path) {
+                    Ok(f) => self.current = Some((path.clone(), BufReader::new(f), 0)),
+                    Err(e) => return Some(Err(io(path)(e))),
+                }
+            }
+            let (path, reader, number) = self.current.as_mut()?;
+            let mut buf = Vec::new();
+            let limit = MAX_LINE_BYTES as u64 + 1;
+            match std::io::Read::take(&mut *reader, limit).read_until(b'\n', &mut buf) {
+                Err(e) => return Some(Err(io(path)(e))),
+                Ok(0) => {
+                    self.current = None;
+                    continue;
+                }
+                Ok(_) => {}
+            }
+            *number += 1;
+            let complete = buf.last() == Some(&b'\n');
+            if complete {
+                buf.pop();
+            }
+            let too_long = buf.len() > MAX_LINE_BYTES;
+            if too_long {
+                // The rest of the line would read as more lines: this file ends here.
+                buf.truncate(MAX_LINE_BYTES);
+                let line = Line {
+                    file: path.clone(),
+                    number: *number,
+                    text: String::from_utf8_lossy(&buf).into_owned(),
+                    complete,
+                    too_long,
+                };
+                self.current = None;
+                return Some(Ok(line));
+            }
+            return Some(Ok(Line {
+                file: path.clone(),
+                number: *number,
+                text: String::from_utf8_lossy(&buf).into_owned(),
+                complete,
+                too_long,
+            }));
+        }
+    }
 }
 
 /// Checks the chain through `files` (in order; a chain that starts in a later file, older
-/// ones archived, is taken from its first record). Names the first broken line.
+/// ones archived, is taken from its first record). Names the first broken line. Reads one
+/// line at a time: any size of log in bounded memory.
 pub fn verify(files: &[PathBuf]) -> Result<Result<Verified, Broken>, AuditError> {
-    let all = lines(files)?;
-    let broken = |i: usize, reason: String| {
-        let (file, line, _, _) = &all[i];
-        Err(Broken {
-            file: file.clone(),
-            line: *line,
-            reason,
-        })
-    };
-    let mut records = Vec::with_capacity(all.len());
-    for (i, (_, _, text, complete)) in all.iter().enumerate() {
-        if !complete {
-            return Ok(broken(i, "the record is incomplete (no newline)".into()));
-        }
-        match serde_json::from_str::<AuditRecord>(text) {
-            Ok(r) => records.push(r),
-            Err(e) => return Ok(broken(i, format!("not an audit record: {e}"))),
-        }
-    }
-    for i in 1..records.len() {
-        if records[i].seq != records[i - 1].seq + 1 {
-            return Ok(broken(
-                i,
-                format!(
+    let mut lines = Lines::new(files);
+    let mut records = 0u64;
+    let mut first_seq = None;
+    let mut last: Option<(Line, AuditRecord)> = None;
+    while let Some(line) = lines.next() {
+        let line = line?;
+        let record = match line.record() {
+            Ok(r) => r,
+            Err(reason) => return Ok(Err(line.broken(reason))),
+        };
+        if let Some((prev_line, prev)) = &last {
+            if record.seq != prev.seq + 1 {
+                return Ok(Err(line.broken(format!(
                     "records {}..{} are missing before this one",
-                    records[i - 1].seq + 1,
-                    records[i].seq
-                ),
-            ));
-        }
-        if records[i].prev != line_hash(&all[i - 1].2) {
-            // Either line i-1 was changed, or line i's own link was: if line i no longer
-            // hashes to what line i+1 holds, line i is the changed one.
-            let i_changed = records
-                .get(i + 1)
-                .is_some_and(|next| next.prev != line_hash(&all[i].2));
-            return Ok(if i_changed {
-                broken(
-                    i,
-                    "the record was changed (its link and its hash disagree)".into(),
-                )
-            } else {
-                broken(
-                    i - 1,
-                    format!(
+                    prev.seq + 1,
+                    record.seq
+                ))));
+            }
+            if record.prev != line_hash(&prev_line.text) {
+                // Either the previous line was changed, or this line's own link was: if this
+                // line no longer hashes to what the next one holds, this one is the changed one.
+                let next = lines.next().transpose()?;
+                let this_changed = next
+                    .and_then(|n| n.record().ok())
+                    .is_some_and(|n| n.prev != line_hash(&line.text));
+                return Ok(Err(if this_changed {
+                    line.broken("the record was changed (its link and its hash disagree)".into())
+                } else {
+                    prev_line.broken(format!(
                         "the record was changed: it does not hash to what record {} holds",
-                        records[i].seq
-                    ),
-                )
-            });
+                        record.seq
+                    ))
+                }));
+            }
         }
+        records += 1;
+        first_seq.get_or_insert(record.seq);
+        last = Some((line, record));
     }
     Ok(Ok(Verified {
-        records: records.len() as u64,
-        seqs: records
-            .first()
-            .zip(records.last())
-            .map(|(a, b)| (a.seq, b.seq)),
+        records,
+        seqs: first_seq.zip(last.map(|(_, r)| r.seq)),
     }))
+}
+
+/// Calls `found` with each record of `files` that involves `vehicle` (any, when None), from
+/// `since_ns` on, reading one line at a time.
+pub fn query_each(
+    files: &[PathBuf],
+    vehicle: Option<&str>,
+    since_ns: i64,
+    mut found: impl FnMut(AuditRecord),
+) -> Result<(), AuditError> {
+    for line in Lines::new(files) {
+        let line = line?;
+        let record = line.record().map_err(|reason| AuditError::Unreadable {
+            path: line.file.join(format!("line {}", line.number)),
+            reason,
+        })?;
+        let involves = vehicle.is_none_or(|v| record.event.vehicles.iter().any(|x| x == v));
+        if involves && record.time_ns >= since_ns {
+            found(record);
+        }
+    }
+    Ok(())
 }
 
 /// The records of `files` that involve `vehicle` (any, when None), from `since_ns` on.
@@ -310,17 +402,7 @@ pub fn query(
     since_ns: i64,
 ) -> Result<Vec<AuditRecord>, AuditError> {
     let mut out = Vec::new();
-    for (file, line, text, _) in lines(files)? {
-        let record: AuditRecord =
-            serde_json::from_str(&text).map_err(|e| AuditError::Unreadable {
-                path: file.join(format!("line {line}")),
-                reason: e.to_string(),
-            })?;
-        let involves = vehicle.is_none_or(|v| record.event.vehicles.iter().any(|x| x == v));
-        if involves && record.time_ns >= since_ns {
-            out.push(record);
-        }
-    }
+    query_each(files, vehicle, since_ns, |r| out.push(r))?;
     Ok(out)
 }
 
@@ -699,6 +781,25 @@ mod tests {
         assert_eq!(ok.seqs, Some((1, 5)), "repair note + the new record");
         let all = query(&files, None, 0).unwrap();
         assert_eq!(all[3].event.action, "audit_repaired");
+    }
+
+    #[test]
+    fn a_line_too_long_for_a_record_is_named_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_log(dir.path(), 3, u64::MAX);
+        let mut f = OpenOptions::new().append(true).open(&files[0]).unwrap();
+        // 8 MiB without a newline, then a line that would parse.
+        f.write_all(&vec![b'x'; 8 * MAX_LINE_BYTES]).unwrap();
+        f.write_all(b"\n{}\n").unwrap();
+        drop(f);
+        let broken = verify(&files).unwrap().unwrap_err();
+        assert_eq!(broken.line, 4, "{broken}");
+        assert!(broken.reason.contains("longer than"), "{broken}");
+        let err = query(&files, None, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("line 4") && err.contains("longer than"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -143,8 +143,9 @@ fn audit_cli(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<(
                     i64::try_from(ns).unwrap_or(i64::MAX)
                 }
             };
-            let records = audit::query(&audit_files(&paths)?, vehicle.as_deref(), since_ns)?;
-            for r in &records {
+            // Printed as found: a log of any size in bounded memory.
+            let (mut count, mut clients) = (0u64, std::collections::BTreeSet::new());
+            audit::query_each(&audit_files(&paths)?, vehicle.as_deref(), since_ns, |r| {
                 let client = r.event.client.as_ref();
                 println!(
                     "{} #{} {} {:?} client={:?} serial={} remote={} vehicles={} {}",
@@ -158,9 +159,13 @@ fn audit_cli(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<(
                     r.event.vehicles.join(","),
                     r.event.detail
                 );
-            }
-            println!("{} records; clients:", records.len());
-            for (subject, serial) in audit::clients(&records) {
+                count += 1;
+                if let Some(c) = client {
+                    clients.insert((c.subject.clone(), c.serial.clone()));
+                }
+            })?;
+            println!("{count} records; clients:");
+            for (subject, serial) in clients {
                 println!("  {subject} (serial {serial})");
             }
             Ok(())
