@@ -15,10 +15,16 @@ struct Answered {
     t3: i64,
 }
 
+/// Pings closer together than this are not answered: the agent sends one every 10 s, and a
+/// flood of them must not cost more than a trickle.
+pub const MIN_PING_INTERVAL_NS: i64 = 1_000_000_000;
+
 /// One connection's clock exchanges.
 #[derive(Debug, Default)]
 pub struct ServerClock {
     answered: Option<Answered>,
+    /// When the last Ping answered arrived.
+    last_ping_ns: Option<i64>,
 }
 
 impl ServerClock {
@@ -32,17 +38,26 @@ impl ServerClock {
                 t2: received_ns,
                 t3: ack_sent_ns,
             }),
+            last_ping_ns: None,
         }
     }
 
     /// A Ping received at `received_ns`, answered at `now_ns`: the Pong to send, and the
-    /// earlier exchange the Ping completes (if it reports the one we answered last).
+    /// earlier exchange the Ping completes (if it reports the one we answered last). None:
+    /// it came within [`MIN_PING_INTERVAL_NS`] of the last Ping answered and is ignored.
     pub fn on_ping(
         &mut self,
         ping: &Ping,
         received_ns: i64,
         now_ns: i64,
-    ) -> (Pong, Option<Exchange>) {
+    ) -> Option<(Pong, Option<Exchange>)> {
+        // The Hello exchange does not count: the first Ping follows it at once.
+        if let Some(last) = self.last_ping_ns
+            && received_ns.saturating_sub(last).saturating_abs() < MIN_PING_INTERVAL_NS
+        {
+            return None;
+        }
+        self.last_ping_ns = Some(received_ns);
         let completed = match (self.answered, &ping.previous) {
             (Some(a), Some(p)) if p.id == a.id => Some(Exchange {
                 t1: a.t1,
@@ -64,7 +79,7 @@ impl ServerClock {
             ingest_receive_ns: received_ns,
             ingest_send_ns: now_ns,
         };
-        (pong, completed)
+        Some((pong, completed))
     }
 }
 
@@ -89,7 +104,7 @@ mod tests {
                 agent_receive_ns: T0 + 41 * MS + theta,
             }),
         };
-        let (pong, hello) = c.on_ping(&ping, T0 + 70 * MS, T0 + 70 * MS);
+        let (pong, hello) = c.on_ping(&ping, T0 + 70 * MS, T0 + 70 * MS).unwrap();
         assert_eq!(hello.unwrap().sample().unwrap().offset_ns, theta);
         assert_eq!(
             (pong.id, pong.ingest_receive_ns, pong.ingest_send_ns),
@@ -104,7 +119,10 @@ mod tests {
                 agent_receive_ns: T0,
             }),
         };
-        assert!(c.on_ping(&stray, T0, T0).1.is_none());
+        // Within a second of the last one: not answered at all.
+        assert!(c.on_ping(&stray, T0 + 900 * MS, T0 + 900 * MS).is_none());
+        let at = T0 + 1100 * MS;
+        assert!(c.on_ping(&stray, at, at).unwrap().1.is_none());
         let next = Ping {
             id: 3,
             agent_send_ns: T0 + 200 * MS + theta,
@@ -114,13 +132,14 @@ mod tests {
             }),
         };
         // Ping 2's exchange is completed with the times the ingest kept for it.
-        let e = c.on_ping(&next, T0 + 220 * MS, T0 + 220 * MS).1.unwrap();
+        let at = T0 + 2200 * MS;
+        let e = c.on_ping(&next, at, at).unwrap().1.unwrap();
         assert_eq!(
             e,
             Exchange {
                 t1: T0,
-                t2: T0,
-                t3: T0,
+                t2: T0 + 1100 * MS,
+                t3: T0 + 1100 * MS,
                 t4: T0 + 100 * MS + theta
             }
         );

@@ -251,10 +251,11 @@ pub(super) async fn serve_vehicle(
                     let received_ns = crate::now_utc_ns();
                     match ControlMessage::decode(bytes.freeze()) {
                         Ok(ControlMessage { body: Some(Body::Ping(ping)) }) => {
-                            let (pong, completed) = clock.on_ping(&ping, received_ns, crate::now_utc_ns());
-                            let _ = pong_tx.try_send(pong);
-                            if let Some(exchange) = completed {
-                                clock_exchange(ctx, &vehicle, &online.clock, &exchange);
+                            if let Some((pong, completed)) = clock.on_ping(&ping, received_ns, crate::now_utc_ns()) {
+                                let _ = pong_tx.try_send(pong);
+                                if let Some(exchange) = completed {
+                                    clock_exchange(ctx, &vehicle, &online.clock, &exchange);
+                                }
                             }
                         }
                         Ok(_) => {} // nothing else is expected from the agent; ignore
