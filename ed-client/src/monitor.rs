@@ -25,6 +25,9 @@ pub struct MonitorOptions {
     pub kinds: Vec<i32>,
     /// Start after this cursor; live only when absent (a cursor file, if present, wins).
     pub after_cursor: Option<u64>,
+    /// Rewind: start with what was captured at or after this time (UTC ns), when no cursor
+    /// is known; a reconnect resumes from the cursor.
+    pub from_capture_time_ns: Option<i64>,
     /// Read at start, written on exit.
     pub cursor_file: Option<PathBuf>,
     /// Write every waveform stream as a WFDB record here.
@@ -84,7 +87,11 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
             let req = SubscribeRequest {
                 vehicle_ids: opts.vehicles.clone(),
                 kinds: opts.kinds.clone(),
-                start: Some(cursor.map_or(Start::Live(true), Start::AfterCursor)),
+                start: Some(match (cursor, opts.from_capture_time_ns) {
+                    (Some(c), _) => Start::AfterCursor(c),
+                    (None, Some(t)) => Start::FromCaptureTimeNs(t),
+                    (None, None) => Start::Live(true),
+                }),
             };
             anyhow::Ok(client.subscribe(req).await?.into_inner())
         };

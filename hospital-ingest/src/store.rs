@@ -37,6 +37,9 @@ const VEHICLE_LOG: TableDefinition<(&str, u64), u64> = TableDefinition::new("veh
 /// vehicle -> bytes of log it holds.
 const VEHICLE_BYTES: TableDefinition<&str, u64> = TableDefinition::new("vehicle_bytes");
 
+/// Records [`Store::cursor_before_received`] looks past a probe for a data record.
+const RECEIVED_PROBE: usize = 256;
+
 /// Page cache of [`Store::open`] (as `store.cache_bytes`' default).
 pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -231,6 +234,43 @@ impl Store {
             out.push((cursor, msg));
         }
         Ok(out)
+    }
+
+    /// A cursor after which lie all records received at or after `at_ns` (ingest clock): a
+    /// binary search over the received times data records carry, in one read transaction.
+    /// Receipt order follows cursor order up to the writer's batching (milliseconds), so
+    /// callers ask with a margin and filter what they get.
+    pub fn cursor_before_received(&self, at_ns: i64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let (Some(first), Some(last)) = (log.first()?, log.last()?) else {
+            return Ok(0);
+        };
+        let (first, last) = (first.0.value(), last.0.value());
+        // The first data record at or after cursor `c` (looking a bounded way ahead; none
+        // found counts as "received later", which only makes the start earlier).
+        let received_from = |c: u64| -> Result<Option<(u64, i64)>, StoreError> {
+            for item in log.range(c..=last)?.take(RECEIVED_PROBE) {
+                let (k, v) = item?;
+                let cursor = k.value();
+                let msg = SubscribeResponse::decode(v.value())
+                    .map_err(|source| StoreError::Corrupt { cursor, source })?;
+                if let Some(Record::Data(d)) = msg.record {
+                    return Ok(Some((cursor, d.received_time_ns)));
+                }
+            }
+            Ok(None)
+        };
+        // Invariant: data before `lo` was received before `at_ns`; from `hi` on, not.
+        let (mut lo, mut hi) = (first, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match received_from(mid)? {
+                Some((cursor, received)) if received < at_ns => lo = cursor + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo.saturating_sub(1))
     }
 
     /// Every stream announcement stored.
@@ -805,6 +845,50 @@ mod tests {
         assert!(
             store.stored_streams(0).unwrap()[0].holes.is_empty(),
             "holes bounded"
+        );
+    }
+
+    #[test]
+    fn the_cursor_before_a_receipt_time_is_found_by_binary_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        assert_eq!(store.cursor_before_received(5).unwrap(), 0, "empty");
+        // Cursors 1..=100 received at 10, 20, ..., 1000, with non-data records among them.
+        for i in 1..=100u64 {
+            fill(&store, "amb-1", i, 1, i as i64 * 10);
+            if i % 7 == 0 {
+                let mut b = store.begin().unwrap();
+                b.append(
+                    &Arc::from("amb-1"),
+                    2,
+                    SubscribeResponse {
+                        cursor: 0,
+                        record: Some(Record::Sync(Default::default())),
+                    },
+                    None,
+                )
+                .unwrap();
+                b.commit().unwrap();
+            }
+        }
+        let received = |c: u64| match store.record(c).unwrap().and_then(|m| m.record) {
+            Some(Record::Data(d)) => Some(d.received_time_ns),
+            _ => None,
+        };
+        for at in [0i64, 10, 11, 500, 505, 1000, 1001] {
+            let after = store.cursor_before_received(at).unwrap();
+            // Nothing after it was received earlier; the record at it (if data) was.
+            let head = store.head().unwrap();
+            for c in after + 1..=head {
+                assert!(received(c).is_none_or(|r| r >= at), "at {at}: cursor {c}");
+            }
+            if let Some(r) = received(after) {
+                assert!(r < at, "at {at}: starts too early at {after}");
+            }
+        }
+        assert_eq!(
+            store.cursor_before_received(i64::MAX).unwrap(),
+            store.head().unwrap()
         );
     }
 

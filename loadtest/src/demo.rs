@@ -146,6 +146,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         vehicles: Vec::new(),
         kinds: Vec::new(),
         after_cursor: Some(0),
+        from_capture_time_ns: None,
         cursor_file: None,
         wfdb_dir: args.wfdb_dir.clone(),
         max_gap_fill: ed_client::client::DEFAULT_MAX_GAP_FILL,

@@ -38,6 +38,10 @@ struct Args {
     /// Start after this cursor (0 = oldest retained); live only when absent.
     #[arg(long)]
     after_cursor: Option<u64>,
+    /// Rewind: start with what was captured at or after this time, RFC 3339
+    /// (2026-11-29T08:00:00Z) or a duration ago (10m); a cursor (file or flag) wins.
+    #[arg(long, value_parser = parse_time)]
+    from: Option<i64>,
     /// Keep the resume cursor here: read at start (wins over --after-cursor), written on exit.
     #[arg(long)]
     cursor_file: Option<PathBuf>,
@@ -58,6 +62,17 @@ struct Args {
     /// Print the table every second instead of redrawing the screen.
     #[arg(long)]
     plain: bool,
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    let at = humantime::parse_rfc3339_weak(s)
+        .or_else(|_| humantime::parse_duration(s).map(|ago| std::time::SystemTime::now() - ago))
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration"))?;
+    let ns = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_nanos();
+    i64::try_from(ns).map_err(|_| format!("{s:?} is too far ahead"))
 }
 
 fn parse_kind(s: &str) -> Result<i32, String> {
@@ -89,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         vehicles: a.vehicles,
         kinds: a.kinds,
         after_cursor: a.after_cursor,
+        from_capture_time_ns: a.from,
         cursor_file: a.cursor_file,
         wfdb_dir: a.wfdb_dir,
         max_gap_fill: a.max_gap_fill,

@@ -40,6 +40,9 @@ impl SubscriptionFlow {
     pub fn new(start: Option<&Start>, head: u64) -> Self {
         let cursor = match start {
             Some(Start::AfterCursor(c)) => (*c).min(head),
+            // Resolved to a cursor by the caller (the store knows where that time lies); from
+            // the oldest record otherwise, the time filter leaves out what is too old.
+            Some(Start::FromCaptureTimeNs(_)) => 0,
             Some(Start::Live(_)) | None => head,
         };
         Self {

@@ -31,6 +31,9 @@ use limits::ClientLimits;
 
 /// Records read from the store per page while sending a backlog.
 const BACKLOG_PAGE: usize = 512;
+/// How long before a rewind's capture time the store is read from (vehicle clocks ahead of
+/// the ingest's by less than this are covered).
+const REWIND_MARGIN_NS: i64 = 10 * 60 * 1_000_000_000;
 
 #[derive(Debug, Clone)]
 /// Who may read what, and per-subscriber bounds.
@@ -134,9 +137,24 @@ struct Filter {
     access: Arc<AccessControl>,
     grant: Grant,
     generation: u64,
+    /// A rewind: data captured before this is left out (`from_capture_time_ns`).
+    from_capture_ns: Option<i64>,
 }
 
 impl Filter {
+    /// Whether `msg` reaches into the time asked for: data captured at or after it, gaps
+    /// ending after it; everything when no time was asked for.
+    fn in_time(&self, msg: &SubscribeResponse) -> bool {
+        let Some(from) = self.from_capture_ns else {
+            return true;
+        };
+        match &msg.record {
+            Some(Record::Data(d)) => d.frame.as_ref().is_some_and(|f| f.capture_time_ns >= from),
+            Some(Record::Gap(g)) => g.end_time_ns == 0 || g.end_time_ns >= from,
+            _ => true,
+        }
+    }
+
     fn matches(&self, vehicle: &str, kind: i32) -> bool {
         (self.vehicles.is_empty() || self.vehicles.contains(vehicle))
             && (self.kinds.is_empty() || self.kinds.contains(&kind))
@@ -156,7 +174,7 @@ impl Filter {
     }
 
     fn matches_record(&self, msg: &SubscribeResponse) -> bool {
-        record_scope(msg).is_some_and(|(v, k)| self.matches(v, k))
+        record_scope(msg).is_some_and(|(v, k)| self.matches(v, k)) && self.in_time(msg)
     }
 }
 
@@ -333,6 +351,20 @@ impl TelemetryService {
         let mut live = self.bus.subscribe();
         let store = self.store.clone();
         let head = blocking(move || store.head()).await.map_err(Stop::Failed)?;
+        // A rewind starts at the records received since a little before that capture time:
+        // what was captured then cannot have arrived earlier (a vehicle clock more than the
+        // margin ahead is a clock_skew finding); earlier captures are filtered out.
+        let start = match start {
+            Some(Start::FromCaptureTimeNs(t)) => {
+                let store = self.store.clone();
+                let at = t.saturating_sub(REWIND_MARGIN_NS);
+                let after = blocking(move || store.cursor_before_received(at))
+                    .await
+                    .map_err(Stop::Failed)?;
+                Some(Start::AfterCursor(after))
+            }
+            other => other,
+        };
         let mut flow = SubscriptionFlow::new(start.as_ref(), head);
         // Descriptors of the matching streams first, so every data record can be interpreted.
         self.describe(&filter, flow.cursor(), out).await?;
@@ -358,7 +390,7 @@ impl TelemetryService {
                         if filter.refresh() {
                             self.describe(&filter, flow.cursor(), out).await?;
                         }
-                        if filter.matches(&e.vehicle, e.kind) {
+                        if filter.matches(&e.vehicle, e.kind) && filter.in_time(&e.message) {
                             out.send(e.message.clone()).await?;
                         }
                     }
@@ -575,6 +607,7 @@ impl Telemetry for TelemetryService {
         let start = match &req.start {
             Some(Start::Live(_)) => serde_json::json!("live"),
             Some(Start::AfterCursor(c)) => serde_json::json!({ "after_cursor": c }),
+            Some(Start::FromCaptureTimeNs(t)) => serde_json::json!({ "from_capture_time_ns": t }),
             None => serde_json::Value::Null,
         };
         let kinds: Vec<&str> = req
@@ -600,6 +633,10 @@ impl Telemetry for TelemetryService {
             access: self.settings.access.clone(),
             grant,
             generation,
+            from_capture_ns: match req.start {
+                Some(Start::FromCaptureTimeNs(t)) => Some(t),
+                _ => None,
+            },
         };
         let who = filter.who.clone();
         let (tx, rx) = mpsc::channel(self.settings.subscriber_queue);
