@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use relay_proto::model::{StreamInfo, SubscribeResponse, subscribe_response::Record};
+use relay_proto::model::{
+    DataRecord, GapRecord, StreamInfo, SubscribeResponse, subscribe_response::Record,
+};
 
 use crate::reassembly::StreamKey;
 
@@ -82,6 +84,17 @@ pub struct LogEntry {
     pub kind: i32,
     /// The message as subscribers receive it.
     pub message: SubscribeResponse,
+}
+
+/// A time range of one stream, as [`Store::history`] returns it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// Data records in sequence order.
+    pub records: Vec<DataRecord>,
+    /// Sequence numbers missing between them (never received, or deleted).
+    pub missing: Vec<GapRecord>,
+    /// More records lie in the range beyond the bound.
+    pub truncated: bool,
 }
 
 /// Identity of a stored frame.
@@ -339,6 +352,108 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// One stream's data records captured in `[from_ns, to_ns)` (beginning with the frame in
+    /// progress at `from_ns` when later ones follow), in sequence order: at most `max_records` and about `max_bytes`
+    /// encoded, `truncated` when more lie in the range. Sequence numbers missing between the
+    /// records returned are listed. A binary search over the stream's sequence numbers finds
+    /// the start (capture times grow with them at the source).
+    pub fn history(
+        &self,
+        stream: &StreamKey,
+        from_ns: i64,
+        to_ns: i64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<History, StoreError> {
+        let txn = self.db.begin_read()?;
+        let seen = txn.open_table(SEEN)?;
+        let log = txn.open_table(LOG)?;
+        let (v, s, id) = (&*stream.vehicle, stream.session, stream.stream_id);
+        let data_at = |cursor: u64| -> Result<Option<DataRecord>, StoreError> {
+            let Some(bytes) = log.get(cursor)? else {
+                return Ok(None); // deleted by retention
+            };
+            let msg = SubscribeResponse::decode(bytes.value())
+                .map_err(|source| StoreError::Corrupt { cursor, source })?;
+            Ok(match msg.record {
+                Some(Record::Data(d)) => Some(d),
+                _ => None,
+            })
+        };
+        let capture = |d: &DataRecord| d.frame.as_ref().map_or(i64::MIN, |f| f.capture_time_ns);
+        // The first stored seq at or after `seq`, with its record.
+        let first_from = |seq: u64| -> Result<Option<(u64, DataRecord)>, StoreError> {
+            for item in seen.range((v, s, id, seq)..=(v, s, id, u64::MAX))? {
+                let (k, c) = item?;
+                if let Some(d) = data_at(c.value())? {
+                    return Ok(Some((k.value().3, d)));
+                }
+            }
+            Ok(None)
+        };
+        // Invariant: every stored seq below `lo` was captured before `from_ns`; the first
+        // stored seq at or after `hi` (if any) at or after it.
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match first_from(mid)? {
+                Some((seq, d)) if capture(&d) < from_ns => lo = seq.saturating_add(1),
+                _ => hi = mid,
+            }
+        }
+        // The frame in progress at `from_ns` (the last stored one before it), unless one
+        // starts exactly there or the stream has nothing after it (it ended before).
+        let in_progress = first_from(lo)?.is_some_and(|(_, d)| capture(&d) > from_ns);
+        let start = match seen.range((v, s, id, 0)..(v, s, id, lo))?.next_back() {
+            Some(item) if in_progress => item?.0.value().3,
+            _ => lo,
+        };
+        let mut out = History::default();
+        let mut bytes = 0usize;
+        let mut previous: Option<(u64, i64)> = None;
+        for item in seen.range((v, s, id, start)..=(v, s, id, u64::MAX))? {
+            let (k, c) = item?;
+            let seq = k.value().3;
+            let Some(d) = data_at(c.value())? else {
+                continue;
+            };
+            let at = capture(&d);
+            if at >= to_ns {
+                break;
+            }
+            if out.records.len() >= max_records || (bytes >= max_bytes && !out.records.is_empty()) {
+                out.truncated = true;
+                break;
+            }
+            if let Some((p, p_at)) = previous
+                && seq > p + 1
+            {
+                out.missing.push(GapRecord {
+                    stream: d.stream.clone(),
+                    start_seq: p + 1,
+                    end_seq: seq,
+                    start_time_ns: p_at,
+                    end_time_ns: at,
+                });
+            }
+            previous = Some((seq, at));
+            bytes += d.encoded_len();
+            out.records.push(d);
+        }
+        Ok(out)
+    }
+
+    /// The announcement of one stream, if it is known.
+    pub fn stream_info(&self, stream: &StreamKey) -> Result<Option<StreamInfo>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STREAMS)?;
+        let key = (&*stream.vehicle, stream.session, stream.stream_id);
+        match t.get(key)? {
+            Some(v) => Ok(StreamInfo::decode(v.value()).ok()),
+            None => Ok(None),
+        }
     }
 
     /// The record at `cursor`, if it is still kept.
@@ -889,6 +1004,86 @@ mod tests {
         assert_eq!(
             store.cursor_before_received(i64::MAX).unwrap(),
             store.head().unwrap()
+        );
+    }
+
+    #[test]
+    fn history_returns_a_time_range_of_one_stream_with_its_holes_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let key = StreamKey {
+            vehicle: "amb-1".into(),
+            session: 1,
+            stream_id: 0,
+        };
+        // Frames every 40 ms from seq 0 to 99, 50..=54 never stored; another stream between.
+        let mut b = store.begin().unwrap();
+        for seq in (0..100u64).filter(|s| !(50..55).contains(s)) {
+            for stream_id in [0u32, 1] {
+                let mut msg = data(&key.vehicle, seq, 0);
+                if let Some(Record::Data(d)) = msg.record.as_mut() {
+                    d.stream.as_mut().unwrap().stream_id = stream_id;
+                    let f = d.frame.as_mut().unwrap();
+                    f.stream_id = stream_id;
+                    f.capture_time_ns = seq as i64 * 40;
+                }
+                let r = SeqRef {
+                    vehicle: &key.vehicle,
+                    session: 1,
+                    stream_id,
+                    seq,
+                };
+                b.append(&key.vehicle, 2, msg, Some(r)).unwrap();
+            }
+        }
+        b.commit().unwrap();
+        let seqs = |h: &History| -> Vec<u64> {
+            h.records
+                .iter()
+                .map(|d| d.frame.as_ref().unwrap().seq)
+                .collect()
+        };
+        // 1,000..2,000: frames 25..=49 and the frame in progress at 1,000 (seq 25 starts
+        // exactly there, so none before it).
+        let h = store.history(&key, 1000, 2000, 1000, usize::MAX).unwrap();
+        assert_eq!(seqs(&h), (25..50).collect::<Vec<_>>());
+        assert!(!h.truncated && h.missing.is_empty());
+        assert!(
+            h.records
+                .iter()
+                .all(|d| d.stream.as_ref().unwrap().stream_id == 0)
+        );
+        // 1,010..: begins with seq 25, in progress at 1,010; across the hole.
+        let h = store.history(&key, 1010, 2400, 1000, usize::MAX).unwrap();
+        assert_eq!(seqs(&h).first(), Some(&25));
+        assert_eq!(seqs(&h).last(), Some(&59));
+        assert_eq!(h.missing.len(), 1);
+        let gap = &h.missing[0];
+        assert_eq!((gap.start_seq, gap.end_seq), (50, 55));
+        assert_eq!((gap.start_time_ns, gap.end_time_ns), (49 * 40, 55 * 40));
+        // Bounded by count and by bytes.
+        let h = store.history(&key, 0, i64::MAX, 10, usize::MAX).unwrap();
+        assert_eq!((seqs(&h), h.truncated), ((0..10).collect(), true));
+        let h = store.history(&key, 0, i64::MAX, 1000, 1).unwrap();
+        assert_eq!((h.records.len(), h.truncated), (1, true));
+        // Outside what is stored: nothing; an unknown stream: nothing.
+        assert!(
+            store
+                .history(&key, 10_000, 20_000, 10, usize::MAX)
+                .unwrap()
+                .records
+                .is_empty()
+        );
+        let other = StreamKey {
+            stream_id: 7,
+            ..key.clone()
+        };
+        assert!(
+            store
+                .history(&other, 0, i64::MAX, 10, usize::MAX)
+                .unwrap()
+                .records
+                .is_empty()
         );
     }
 

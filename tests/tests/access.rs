@@ -325,3 +325,138 @@ async fn one_ca_for_vehicles_and_ed_clients_is_refused() {
     let err = Ingest::start(cfg).await.unwrap_err();
     assert!(format!("{err:#}").contains("different CAs"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_returns_a_capture_time_range_of_one_stream_within_the_grant() {
+    use relay_proto::model::{HistoryRequest, StreamRef, subscribe_response::Record};
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let policy = work.path().join("policy.toml");
+    std::fs::write(&policy, SCOPED).unwrap();
+    let mut cfg = ingest_config(&pki, &work.path().join("s.redb"));
+    cfg.grpc.access_policy = Some(policy);
+    let audit_dir = cfg.audit_dir();
+    let ingest = Ingest::start(cfg).await.unwrap();
+    let mut sources = vitals_and_gps();
+    sources.push(replay("100", 1.0));
+    let agent = Agent::start(agent_config(pki.path(), "amb-1", ingest.quic_addr, sources))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut console = client(&ingest, &pki, "ed-console").await;
+    // The ECG stream's stored frames, as a subscriber sees them.
+    let mut feed = console
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec!["amb-1".into()],
+            kinds: vec![StreamKind::Waveform as i32],
+            start: Some(relay_proto::model::subscribe_request::Start::AfterCursor(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut ecg, mut stream) = (Vec::new(), None);
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), feed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match msg.record {
+            Some(Record::Data(d)) => {
+                stream = d.stream.clone();
+                ecg.push(d.frame.unwrap());
+            }
+            Some(Record::Sync(_)) => break,
+            _ => {}
+        }
+    }
+    drop(feed);
+    assert!(ecg.len() > 30, "{} frames", ecg.len());
+    let stream = stream.unwrap();
+    let k = ecg.len() / 3;
+    let ask = |from: i64, to: i64, max: u32| HistoryRequest {
+        stream: Some(StreamRef {
+            kind: 0,
+            ..stream.clone()
+        }),
+        from_capture_time_ns: from,
+        to_capture_time_ns: to,
+        max_records: max,
+    };
+    // Ten frames, from one that starts exactly at `from`: the same frames the subscriber got.
+    let (from, to) = (ecg[k].capture_time_ns, ecg[k + 10].capture_time_ns);
+    let h = console
+        .history(ask(from, to, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<_> = h.records.iter().map(|d| d.frame.clone().unwrap()).collect();
+    assert_eq!(got, ecg[k..k + 10].to_vec());
+    assert!(!h.truncated && h.missing.is_empty());
+    let info = h.stream.unwrap();
+    assert!(
+        info.descriptor.unwrap().waveform.is_some(),
+        "the descriptor comes along"
+    );
+    // A millisecond later the frame in progress then comes first.
+    let h = console
+        .history(ask(from + 1_000_000, to, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.records[0].frame.as_ref().unwrap().seq, ecg[k].seq);
+    // Bounded.
+    let h = console.history(ask(0, 0, 3)).await.unwrap().into_inner();
+    assert_eq!((h.records.len(), h.truncated), (3, true));
+    assert_eq!(
+        console.history(ask(0, 0, 10_001)).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    // ed-2 reads amb-1's vitals only: its waveforms are refused, an unknown stream not found.
+    let mut scoped = client(&ingest, &pki, "ed-2").await;
+    let err = scoped.history(ask(from, to, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let mut unknown = ask(from, to, 0);
+    unknown.stream.as_mut().unwrap().stream_id = 999;
+    let err = console.history(unknown).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    // Each answered call left its audit record first.
+    let records = hospital_ingest::audit::query(
+        &hospital_ingest::audit::files_in(&audit_dir).unwrap(),
+        Some("amb-1"),
+        0,
+    )
+    .unwrap();
+    let history: Vec<_> = records
+        .iter()
+        .filter(|r| r.event.action == "history")
+        .collect();
+    let console_calls = history
+        .iter()
+        .filter(|r| {
+            r.event.outcome == hospital_ingest::audit::Outcome::Success
+                && r.event
+                    .client
+                    .as_ref()
+                    .unwrap()
+                    .subject
+                    .contains("ed-console")
+        })
+        .count();
+    // The three answered calls (an invalid request and an unknown stream read nothing).
+    assert_eq!(console_calls, 3, "{history:#?}");
+    let all = hospital_ingest::audit::query(
+        &hospital_ingest::audit::files_in(&audit_dir).unwrap(),
+        None,
+        0,
+    )
+    .unwrap();
+    assert!(
+        all.iter().any(|r| r.event.action == "history"
+            && r.event.outcome == hospital_ingest::audit::Outcome::Denied
+            && r.event.client.as_ref().unwrap().subject.contains("ed-2")),
+        "the refusal is audited"
+    );
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}

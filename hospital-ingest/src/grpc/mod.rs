@@ -15,8 +15,8 @@ use std::time::Duration;
 use futures::Stream;
 use relay_proto::model::telemetry_server::Telemetry;
 use relay_proto::model::{
-    ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest, SubscribeResponse, Vehicle,
-    subscribe_request::Start, subscribe_response::Record,
+    HistoryRequest, HistoryResponse, ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest,
+    SubscribeResponse, Vehicle, subscribe_request::Start, subscribe_response::Record,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -491,8 +491,98 @@ impl TelemetryService {
     }
 }
 
+/// Records one History call returns at most, by default and at most.
+const HISTORY_DEFAULT_RECORDS: usize = 1000;
+const HISTORY_MAX_RECORDS: usize = 10_000;
+/// Encoded size one History response stays about within: below the 4 MiB gRPC clients accept
+/// by default.
+const HISTORY_MAX_BYTES: usize = 3 * 1024 * 1024;
+
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
+    async fn history(
+        &self,
+        req: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let who = self.admit(&req, "history")?;
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let Some(stream) = req.stream else {
+            return Err(Status::invalid_argument("name the stream"));
+        };
+        let max = match req.max_records as usize {
+            0 => HISTORY_DEFAULT_RECORDS,
+            n if n > HISTORY_MAX_RECORDS => {
+                return Err(Status::invalid_argument(format!(
+                    "max_records is at most {HISTORY_MAX_RECORDS}"
+                )));
+            }
+            n => n,
+        };
+        let to = match req.to_capture_time_ns {
+            0 => i64::MAX,
+            t => t,
+        };
+        let (grant, _) = self.settings.access.grant(&who);
+        let refuse = |reason, message: String| {
+            Err(self.deny(
+                "history",
+                reason,
+                Some(&who),
+                remote,
+                Status::permission_denied(message),
+            ))
+        };
+        if grant.is_empty() {
+            return refuse(
+                "no_grant",
+                "the access policy grants this client nothing".into(),
+            );
+        }
+        // Outside the grant the vehicle is not even named as existing.
+        if !grant.sees(&stream.vehicle_id) {
+            return refuse(
+                "vehicle",
+                format!("not allowed to read vehicle {:?}", stream.vehicle_id),
+            );
+        }
+        let key = crate::reassembly::StreamKey {
+            vehicle: stream.vehicle_id.as_str().into(),
+            session: stream.session_id,
+            stream_id: stream.stream_id,
+        };
+        let store = self.store.clone();
+        let lookup = key.clone();
+        let Some(info) = blocking(move || store.stream_info(&lookup)).await? else {
+            return Err(Status::not_found("no such stream"));
+        };
+        let kind = info.stream.as_ref().map_or(0, |s| s.kind);
+        if !grant.allows(&stream.vehicle_id, kind) {
+            let kind = relay_proto::kind_label(kind);
+            return refuse("kind", format!("not allowed to read {kind} streams"));
+        }
+        // Audited before any data is read out.
+        let mut event = audit_event("history", Outcome::Success, Some(&who), remote);
+        event.vehicles = vec![stream.vehicle_id.clone()];
+        event.detail = serde_json::json!({
+            "stream": { "session": stream.session_id, "stream": stream.stream_id, "kind": relay_proto::kind_label(kind) },
+            "from_capture_time_ns": req.from_capture_time_ns,
+            "to_capture_time_ns": req.to_capture_time_ns,
+            "max_records": max,
+            "rules": grant.rules(),
+        });
+        self.audit_first(event).await?;
+        let store = self.store.clone();
+        let from = req.from_capture_time_ns;
+        let h = blocking(move || store.history(&key, from, to, max, HISTORY_MAX_BYTES)).await?;
+        Ok(Response::new(HistoryResponse {
+            stream: Some(info),
+            records: h.records,
+            missing: h.missing,
+            truncated: h.truncated,
+        }))
+    }
+
     async fn list_vehicles(
         &self,
         req: Request<ListVehiclesRequest>,
