@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README "Quick start"): installs what the tests use beyond the Rust
 # toolchain, then runs every test of the workspace. Arguments go to `cargo test` (CI passes
-# --locked). Today that is one receiver: rsyslogd with its GnuTLS driver (Debian's rsyslog
-# and rsyslog-gnutls), the real syslog server the audit-forward test sends to.
+# --locked): rsyslogd with its GnuTLS driver (Debian's rsyslog and rsyslog-gnutls), the real
+# syslog server the audit-forward test sends to, and the Python package fhir.resources (pinned),
+# the independent validator of the FHIR export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
@@ -12,5 +13,9 @@ if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     rsyslog rsyslog-gnutls >/dev/null
+fi
+if ! python3 -c "import fhir.resources" >/dev/null 2>&1; then
+  echo "installing fhir.resources (the FHIR export test's validator)"
+  python3 -m pip install --quiet --disable-pip-version-check "fhir.resources==7.1.0"
 fi
 exec cargo test --workspace "$@"

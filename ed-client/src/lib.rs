@@ -5,5 +5,6 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod fhir;
 pub mod monitor;
 pub mod view;

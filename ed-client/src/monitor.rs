@@ -32,6 +32,8 @@ pub struct MonitorOptions {
     pub cursor_file: Option<PathBuf>,
     /// Write every waveform stream as a WFDB record here.
     pub wfdb_dir: Option<PathBuf>,
+    /// Write what was received of the one vehicle followed as a FHIR R4 Bundle (JSON) here.
+    pub fhir: Option<PathBuf>,
     /// Holes up to this long are filled in a record; past it a new record begins.
     pub max_gap_fill: Duration,
     /// Stop once the backlog has been received (sync marker).
@@ -65,6 +67,11 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
             .with_context(|| format!("cursor file {} holds no number", f.display()))?;
         cursor = Some(c);
     }
+    let mut fhir = match (&opts.fhir, opts.vehicles.as_slice()) {
+        (None, _) => None,
+        (Some(_), [vehicle]) => Some(crate::fhir::FhirExport::new(vehicle)),
+        (Some(_), _) => anyhow::bail!("a FHIR export is of one vehicle: name it once"),
+    };
     let mut sink = opts
         .wfdb_dir
         .as_deref()
@@ -121,6 +128,9 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
                         if let Some(s) = sink.as_mut() {
                             s.handle(&m).context("writing WFDB")?;
                         }
+                        if let Some(f) = fhir.as_mut() {
+                            f.handle(&m);
+                        }
                         cursor = Some(m.cursor);
                         if opts.exit_after_sync && matches!(m.record, Some(Record::Sync(_))) {
                             break 'outer;
@@ -148,6 +158,10 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
         Some(s) => s.finish().context("finishing WFDB records")?,
         None => Vec::new(),
     };
+    if let (Some(path), Some(export)) = (&opts.fhir, &fhir) {
+        let text = serde_json::to_string_pretty(&export.bundle())?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(MonitorSummary {
         dashboard: dash,
         cursor,

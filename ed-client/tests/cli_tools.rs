@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ed_client::client::{ClientTls, connect};
 use hospital_ingest::{Ingest, IngestConfig};
-use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
+use relay_proto::model::{
+    StreamKind, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
+};
 use vehicle_agent::config::{BearerConfig, SourceConfig};
 use vehicle_agent::{Agent, AgentConfig};
 
@@ -51,12 +53,17 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     a.tls.ca_cert = certs.join("hospital-ca.pem");
     a.tls.cert = certs.join("amb-9.pem");
     a.tls.key = certs.join("amb-9.key");
-    a.sources = vec![SourceConfig::Wfdb {
-        record: data("s0010_re"),
-        speed: 20.0,
-        r#loop: false,
-        name: "ecg".into(),
-    }];
+    a.sources = vec![
+        SourceConfig::Wfdb {
+            record: data("s0010_re"),
+            speed: 20.0,
+            r#loop: false,
+            name: "ecg".into(),
+        },
+        SourceConfig::SyntheticVitals {
+            interval: Duration::from_millis(100),
+        },
+    ];
     let agent = Agent::start(a).await.unwrap();
 
     // Wait until the whole record is stored: the last frame carries sample 38_399.
@@ -77,7 +84,11 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
             .unwrap()
             .unwrap()
             .unwrap();
-        if matches!(m.record, Some(Record::Data(_))) {
+        if let Some(Record::Data(d)) = &m.record
+            && d.stream
+                .as_ref()
+                .is_some_and(|s| s.kind == StreamKind::Waveform as i32)
+        {
             frames += 1;
         }
     }
@@ -135,5 +146,131 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
         .parse()
         .unwrap();
     assert!(cursor > 0, "the cursor to resume from is kept");
+
+    // The same recording as a FHIR R4 Bundle.
+    let bundle = work.path().join("bundle.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ed-monitor"))
+        .arg("--server")
+        .arg(&url)
+        .arg("--ca")
+        .arg(certs.join("hospital-ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("ed-console.pem"))
+        .arg("--key")
+        .arg(certs.join("ed-console.key"))
+        .args([
+            "--vehicle",
+            "amb-9",
+            "--after-cursor",
+            "0",
+            "--exit-after-sync",
+            "--plain",
+            "--fhir",
+        ])
+        .arg(&bundle)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_fhir_bundle(&bundle, &orig);
     ingest.shutdown().await.unwrap();
+}
+
+/// The Bundle validates with the independent `fhir.resources` package (R4B models), and its
+/// SampledData give back every physical value of `orig` within one quantisation step.
+fn check_fhir_bundle(bundle: &Path, orig: &relay_wfdb::Record) {
+    let script = r#"
+import json, sys
+from fhir.resources.R4B.bundle import Bundle
+text = open(sys.argv[1]).read()
+b = Bundle.parse_raw(text) if hasattr(Bundle, "parse_raw") else Bundle.model_validate_json(text)
+counts = {}
+for e in b.entry:
+    t = e.resource.resource_type
+    counts[t] = counts.get(t, 0) + 1
+print(json.dumps(counts))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(bundle)
+        .output()
+        .expect("python3 (tests/run.sh installs fhir.resources)");
+    assert!(
+        out.status.success(),
+        "fhir.resources refused the bundle: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(counts["Device"], 1, "{counts}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle).unwrap()).unwrap();
+    let resources: Vec<&serde_json::Value> = json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let coded = |r: &serde_json::Value, code: &str| {
+        r["code"]["coding"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["code"] == code))
+    };
+    // Vitals: heart rate with LOINC and MDC codes, blood pressure as a panel.
+    let hr = resources
+        .iter()
+        .find(|r| coded(r, "8867-4"))
+        .expect("a heart rate");
+    assert!(coded(hr, "147842"), "{hr}");
+    assert_eq!(hr["valueQuantity"]["system"], "http://unitsofmeasure.org");
+    let bp = resources
+        .iter()
+        .find(|r| coded(r, "85354-9"))
+        .expect("a BP panel");
+    assert!(bp["component"].as_array().unwrap().len() >= 2, "{bp}");
+    // Waveforms: every sample of every lead, in 10 s windows.
+    let nsig = orig.header.signals.len();
+    let mut seen = 0usize;
+    for r in resources
+        .iter()
+        .filter(|r| r["component"][0]["valueSampledData"].is_object())
+    {
+        let first: usize = r["identifier"][0]["value"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let components = r["component"].as_array().unwrap();
+        assert_eq!(components.len(), nsig);
+        for (c, comp) in components.iter().enumerate() {
+            let sd = &comp["valueSampledData"];
+            let (origin, factor) = (
+                sd["origin"]["value"].as_f64().unwrap(),
+                sd["factor"].as_f64().unwrap(),
+            );
+            let sig = &orig.header.signals[c];
+            for (i, token) in sd["data"].as_str().unwrap().split(' ').enumerate() {
+                let value: f64 = token.parse().unwrap_or_else(|_| panic!("sample {token:?}"));
+                let stored = orig.samples[(first + i) * nsig + c];
+                let physical = (f64::from(stored) - f64::from(sig.baseline)) / sig.gain;
+                assert!(
+                    (origin + factor * value - physical).abs() <= 1.0 / sig.gain,
+                    "lead {c} sample {}",
+                    first + i
+                );
+                if c == 0 {
+                    seen += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(seen, orig.samples_per_signal, "every sample exported once");
 }

@@ -149,6 +149,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         from_capture_time_ns: None,
         cursor_file: None,
         wfdb_dir: args.wfdb_dir.clone(),
+        fhir: None,
         max_gap_fill: ed_client::client::DEFAULT_MAX_GAP_FILL,
         exit_after_sync: false,
         duration: args.duration_s.map(Duration::from_secs),

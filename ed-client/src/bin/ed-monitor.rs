@@ -48,6 +48,11 @@ struct Args {
     /// Write every waveform stream as a WFDB record (format 16) into this directory.
     #[arg(long)]
     wfdb_dir: Option<PathBuf>,
+    /// Write what was received of the one --vehicle as a FHIR R4 Bundle (JSON) to this file:
+    /// vital-signs Observations (LOINC + MDC), waveforms as SampledData per 10 s, the vehicle
+    /// as a Device. With --from and --exit-after-sync it exports a time range.
+    #[arg(long)]
+    fhir: Option<PathBuf>,
     /// Holes in a stream up to this long are filled with the invalid sample value; past it
     /// the stream continues in a new record (`..._s2`, ...), so a far-off sample index never
     /// makes a huge file.
@@ -107,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         from_capture_time_ns: a.from,
         cursor_file: a.cursor_file,
         wfdb_dir: a.wfdb_dir,
+        fhir: a.fhir,
         max_gap_fill: a.max_gap_fill,
         exit_after_sync: a.exit_after_sync,
         duration: a.duration_s.map(Duration::from_secs),
