@@ -190,3 +190,141 @@ async fn a_subscriber_rewinds_to_a_capture_time_and_gets_exactly_what_was_captur
     agent.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stemi_alert_raised_by_the_crew_reaches_the_ed_and_its_acknowledgement_the_crew() {
+    use relay_proto::model::{Severity, StreamKind, frame::Payload};
+    use vehicle_agent::events::{Request, request as raise};
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let socket = work.path().join("events.sock");
+    let mut cfg = agent_config(pki.path(), "amb-1", ingest.quic_addr, vitals_and_gps());
+    cfg.events.socket = Some(socket.clone());
+    let agent = Agent::start(cfg).await.unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "only the agent's user may raise events");
+    }
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let mut feed = client
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec!["amb-1".into()],
+            kinds: vec![StreamKind::Events as i32],
+            start: Some(Start::Live(true)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The sync marker first: from here on everything is live.
+    loop {
+        let msg = feed.message().await.unwrap().unwrap();
+        if matches!(msg.record, Some(Record::Sync(_))) {
+            break;
+        }
+    }
+    let raised = raise(
+        &socket,
+        &Request::Raise {
+            code: "stemi".into(),
+            text: "inferior ST elevation".into(),
+            severity: None,
+        },
+    )
+    .await
+    .unwrap();
+    let seq = raised["seq"].as_u64().unwrap();
+    let (event, session) = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), feed.message())
+            .await
+            .expect("the alert within 5 s on loopback")
+            .unwrap()
+            .unwrap();
+        if let Some(Record::Data(d)) = msg.record {
+            let s = d.stream.unwrap();
+            assert_eq!(s.kind, StreamKind::Events as i32);
+            assert_eq!(s.stream_id as u64, raised["stream"].as_u64().unwrap());
+            let f = d.frame.unwrap();
+            assert_eq!(f.seq, seq);
+            assert_eq!(
+                f.capture_time_ns,
+                raised["capture_time_ns"].as_i64().unwrap()
+            );
+            let Some(Payload::Event(e)) = f.payload else {
+                panic!("not an event");
+            };
+            break (e, s.session_id);
+        }
+    };
+    assert_eq!(event.code, "STEMI");
+    assert_eq!(event.severity, Severity::High as i32);
+    assert_eq!(event.text, "inferior ST elevation");
+    // Not acknowledged yet; then the ED acknowledges, and the crew sees who and when.
+    let status = Request::Status { seq };
+    assert_eq!(
+        raise(&socket, &status).await.unwrap()["acknowledged"],
+        false
+    );
+    let acked_at = tokio::time::Instant::now();
+    let ack = client
+        .acknowledge(relay_proto::model::AcknowledgeRequest {
+            stream: Some(relay_proto::model::StreamRef {
+                vehicle_id: "amb-1".into(),
+                session_id: session,
+                stream_id: raised["stream"].as_u64().unwrap() as u32,
+                kind: 0,
+            }),
+            seq,
+            note: "cath lab ready".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.delivered);
+    let answer = loop {
+        let a = raise(&socket, &status).await.unwrap();
+        if a["acknowledged"] == true {
+            break a;
+        }
+        assert!(
+            acked_at.elapsed() < Duration::from_secs(2),
+            "the acknowledgement reaches the vehicle within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(answer["acknowledged_by"], "ed-console");
+    assert_eq!(answer["note"], "cath lab ready");
+    assert!(answer["acknowledged_at_ns"].as_i64().unwrap() > 0);
+    // Unknown codes are refused with a reason; the API keeps serving.
+    let err = raise(
+        &socket,
+        &Request::Raise {
+            code: "PIZZA".into(),
+            text: String::new(),
+            severity: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown code"), "{err}");
+    let again = raise(
+        &socket,
+        &Request::Raise {
+            code: "ETA".into(),
+            text: "12 min".into(),
+            severity: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again["seq"].as_u64().unwrap(), seq + 1);
+    agent.shutdown().await.unwrap();
+    assert!(!socket.exists(), "the socket goes with the agent");
+    ingest.shutdown().await.unwrap();
+}

@@ -89,6 +89,9 @@ pub struct AgentConfig {
     /// The crash-safe spool.
     #[command(flatten)]
     pub spool: SpoolConfig,
+    /// The crew's clinical events.
+    #[command(flatten)]
+    pub events: EventsConfig,
     /// Data sources, each one stream (`[[sources]]` in the file; --wfdb-record on the command
     /// line).
     #[arg(skip)]
@@ -207,6 +210,17 @@ pub struct Scheduling {
     #[serde(with = "humantime_serde")]
     #[arg(long = "scheduling-probe-interval", value_parser = parse_duration)]
     pub probe_interval: Duration,
+}
+
+/// The crew's local API for clinical events (README "Clinical events").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Unix socket of the crew's event API (created owner-only); the agent then declares an
+    /// `events` stream. None: no event API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "events.socket", long = "events-socket")]
+    pub socket: Option<PathBuf>,
 }
 
 /// The crash-safe spool.
@@ -406,6 +420,7 @@ impl Default for AgentConfig {
             bearers: vec![BearerConfig::new("wan0", any_address())],
             scheduling: Scheduling::default(),
             spool: SpoolConfig::default(),
+            events: EventsConfig::default(),
             sources: vec![
                 SourceConfig::SyntheticEcg {
                     rate_hz: default_ecg_rate(),

@@ -45,6 +45,7 @@ pub fn body_name(body: Option<&Body>) -> &'static str {
         Some(Body::Ack(_)) => "Ack",
         Some(Body::Ping(_)) => "Ping",
         Some(Body::Pong(_)) => "Pong",
+        Some(Body::EventAck(_)) => "EventAck",
         None => "an empty message",
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod events;
 pub mod framer;
 pub mod handshake;
 pub mod health;
@@ -38,6 +39,9 @@ const SOURCE_QUEUE_FRAMES: usize = 1024;
 /// agent fails (its spool died: the process then exits non-zero for its supervisor to restart
 /// it), then stop, delivering for `buffer.stop_drain`.
 pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    if args.get(1).is_some_and(|a| a == "event") {
+        return event_cli(args.into_iter().skip(1)).await;
+    }
     relay_ops::init_logging("info");
     let cfg: AgentConfig =
         relay_ops::config::load_or_exit(args).context("loading configuration")?;
@@ -47,6 +51,65 @@ pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         () = agent.failed() => tracing::error!("agent failed; stopping so the supervisor restarts it"),
     }
     agent.shutdown().await.map(|_| ())
+}
+
+/// `vehicle-agent event ...`: the crew's clinical events, for scripts and the crew tablet.
+#[derive(Debug, clap::Parser)]
+#[command(name = "vehicle-agent event")]
+enum EventCommand {
+    /// Raises an event (STEMI, STROKE, TRAUMA, ECG_12_LEAD_ACQUIRED, ETA, HANDOVER_NOTE) and
+    /// prints where it went: its stream and sequence number.
+    Raise {
+        /// The event code (case-insensitive).
+        code: String,
+        /// Free text: an ETA, a note.
+        #[arg(long, default_value = "")]
+        text: String,
+        /// info, low, medium or high; the code's default when absent.
+        #[arg(long)]
+        severity: Option<String>,
+        /// The agent's events socket (`events.socket`).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
+    /// Prints whether, by whom and when the ED acknowledged an event.
+    Status {
+        /// The event's sequence number, as `raise` printed it.
+        seq: u64,
+        /// The agent's events socket (`events.socket`).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
+}
+
+async fn event_cli(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let command = match EventCommand::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match command {
+        EventCommand::Raise {
+            code,
+            text,
+            severity,
+            socket,
+        } => {
+            let request = events::Request::Raise {
+                code,
+                text,
+                severity,
+            };
+            let answer = events::request(&socket, &request).await?;
+            println!("{answer}");
+            Ok(())
+        }
+        EventCommand::Status { seq, socket } => {
+            let answer = events::request(&socket, &events::Request::Status { seq }).await?;
+            println!("{answer}");
+            Ok(())
+        }
+    }
 }
 
 /// What an agent did, reported when it stops.
@@ -70,6 +133,8 @@ pub struct Agent {
     failed: CancellationToken,
     seq_base: std::collections::HashMap<u32, u64>,
     clock: std::sync::Arc<std::sync::Mutex<relay_proto::clock::ClockFilter>>,
+    /// The crew's event API, when configured (ends with `stop`).
+    events_api: Option<JoinHandle<()>>,
     /// Address of the metrics endpoint, when one was asked for.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -116,6 +181,15 @@ impl Agent {
                 sources::PreparedSource::prepare(s, id)
                     .with_context(|| format!("preparing source {i}"))?,
             );
+        }
+        // The crew's events: a stream after the sources, fed by the local API.
+        let mut events = None;
+        if cfg.events.socket.is_some() {
+            let id = u32::try_from(prepared.len()).context("too many sources")?;
+            let (tx, rx) = tokio::sync::mpsc::channel(events::QUEUE);
+            events = Some((id, tx));
+            // Its sequence base is known once the spool is open (set below).
+            prepared.push(sources::PreparedSource::events(id, rx, 0));
         }
         let descriptors: Vec<_> = prepared.iter().map(|p| p.descriptor.clone()).collect();
         let spool_path = cfg.spool.path.clone();
@@ -169,6 +243,23 @@ impl Agent {
         let epoch = wall.now_ns();
         let frame = cfg.framing.frame;
         let drain = cfg.buffer.stop_drain;
+        let mut events_api = None;
+        let acks = events::Acks::default();
+        let event_acks = events.as_ref().map(|(id, _)| (*id, acks.clone()));
+        if let Some((id, tx)) = events {
+            for p in &mut prepared {
+                if p.descriptor.stream_id == id {
+                    p.set_events_seq_base(opened.seq_base.get(&id).copied().unwrap_or(0));
+                }
+            }
+            if let Some(path) = &cfg.events.socket {
+                events_api = Some(
+                    events::serve(path, id, tx, acks.clone(), stop.clone())
+                        .context("starting the crew's event API")?,
+                );
+                tracing::info!(socket = %path.display(), stream = id, "crew event API listening");
+            }
+        }
         let sources = prepared
             .into_iter()
             .map(|p| {
@@ -193,6 +284,7 @@ impl Agent {
             seq_base: opened.seq_base.clone(),
             wall,
             clock: std::sync::Arc::clone(&clock),
+            event_acks,
         }));
         Ok(Self {
             stop,
@@ -203,6 +295,7 @@ impl Agent {
             failed,
             seq_base: opened.seq_base,
             clock,
+            events_api,
             metrics_addr,
         })
     }
@@ -211,6 +304,9 @@ impl Agent {
     /// unacknowledged (what is left stays in the spool), then closes the bearers.
     pub async fn shutdown(self) -> anyhow::Result<AgentSummary> {
         self.stop.cancel();
+        if let Some(api) = self.events_api {
+            let _ = api.await;
+        }
         let mut frames_produced = Vec::new();
         for (stream_id, s) in self.sources {
             frames_produced.push((stream_id, s.await.unwrap_or(0)));

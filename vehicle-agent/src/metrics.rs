@@ -183,6 +183,14 @@ pub fn describe() {
         "relay_agent_tls_reload_errors_total",
         "Changed certificate files that did not load (the previous ones stay in use)"
     );
+    describe_counter!(
+        "relay_agent_events_raised_total",
+        "Clinical events the crew raised through the local event API"
+    );
+    describe_counter!(
+        "relay_agent_events_acknowledged_total",
+        "Clinical events the ED acknowledged (the first acknowledgement of each)"
+    );
     describe_gauge!(
         "relay_agent_clock_offset_seconds",
         Unit::Seconds,

@@ -54,6 +54,12 @@ enum Kind {
     Vitals {
         interval: Duration,
     },
+    /// Clinical events from the crew's local API; `seq_base` is added to tell the crew the
+    /// sequence number the ED sees (a resumed session continues its numbers).
+    Events {
+        raises: mpsc::Receiver<crate::events::Raise>,
+        seq_base: u64,
+    },
     Gps {
         interval: Duration,
         lat: f64,
@@ -188,6 +194,31 @@ impl PreparedSource {
         })
     }
 
+    /// The crew's clinical events as stream `stream_id`, raised through `raises`.
+    pub fn events(
+        stream_id: u32,
+        raises: mpsc::Receiver<crate::events::Raise>,
+        seq_base: u64,
+    ) -> Self {
+        Self {
+            descriptor: StreamDescriptor {
+                stream_id,
+                kind: StreamKind::Events as i32,
+                name: "events".into(),
+                waveform: None,
+            },
+            kind: Kind::Events { raises, seq_base },
+        }
+    }
+
+    /// Numbers an events stream's frames from `base` on, as the crew is told (the spool's
+    /// base of a resumed session); other sources are numbered by the uplink.
+    pub fn set_events_seq_base(&mut self, base: u64) {
+        if let Kind::Events { seq_base, .. } = &mut self.kind {
+            *seq_base = base;
+        }
+    }
+
     /// Produces frames until the source ends or `stop` fires. `epoch_ns` is the capture time of
     /// the first sample. Returns the number of frames produced.
     pub async fn run(
@@ -248,6 +279,36 @@ impl PreparedSource {
                     seq.frame(t, Payload::Vitals(vitals.next_report()))
                 })
                 .await
+            }
+            Kind::Events {
+                mut raises,
+                seq_base,
+            } => {
+                let mut seq = SequenceCounter::new(stream_id);
+                let start = Instant::now();
+                let mut produced = 0;
+                loop {
+                    let raise = tokio::select! {
+                        r = raises.recv() => r,
+                        () = stop.cancelled() => None,
+                    };
+                    let Some(crate::events::Raise { event, placed }) = raise else {
+                        break;
+                    };
+                    // Stamped now on the vehicle clock, like every other stream.
+                    let elapsed = i64::try_from(start.elapsed().as_nanos()).unwrap_or(i64::MAX);
+                    let t = epoch_ns.saturating_add(elapsed);
+                    let frame = seq.frame(t, Payload::Event(event));
+                    let number = frame.seq + seq_base;
+                    if tx.send(frame).await.is_err() {
+                        break;
+                    }
+                    metrics::counter!("relay_agent_frames_produced_total", "kind" => kind_label)
+                        .increment(1);
+                    produced += 1;
+                    let _ = placed.send((number, t));
+                }
+                produced
             }
             Kind::Gps { interval, lat, lon } => {
                 let mut seq = SequenceCounter::new(stream_id);

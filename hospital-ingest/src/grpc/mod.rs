@@ -15,8 +15,9 @@ use std::time::Duration;
 use futures::Stream;
 use relay_proto::model::telemetry_server::Telemetry;
 use relay_proto::model::{
-    HistoryRequest, HistoryResponse, ListVehiclesRequest, ListVehiclesResponse, SubscribeRequest,
-    SubscribeResponse, Vehicle, subscribe_request::Start, subscribe_response::Record,
+    AcknowledgeRequest, AcknowledgeResponse, HistoryRequest, HistoryResponse, ListVehiclesRequest,
+    ListVehiclesResponse, SubscribeRequest, SubscribeResponse, Vehicle, subscribe_request::Start,
+    subscribe_response::Record,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -498,8 +499,80 @@ const HISTORY_MAX_RECORDS: usize = 10_000;
 /// by default.
 const HISTORY_MAX_BYTES: usize = 3 * 1024 * 1024;
 
+/// Longest note an acknowledgement carries to the crew.
+const MAX_ACK_NOTE_CHARS: usize = 500;
+
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
+    async fn acknowledge(
+        &self,
+        req: Request<AcknowledgeRequest>,
+    ) -> Result<Response<AcknowledgeResponse>, Status> {
+        let who = self.admit(&req, "acknowledge")?;
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let Some(stream) = req.stream else {
+            return Err(Status::invalid_argument("name the event's stream"));
+        };
+        if req.note.chars().count() > MAX_ACK_NOTE_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "the note is longer than {MAX_ACK_NOTE_CHARS} characters"
+            )));
+        }
+        let (grant, _) = self.settings.access.grant(&who);
+        let events = relay_proto::model::StreamKind::Events as i32;
+        if !grant.allows(&stream.vehicle_id, events) {
+            return Err(self.deny(
+                "acknowledge",
+                if grant.is_empty() {
+                    "no_grant"
+                } else if grant.sees(&stream.vehicle_id) {
+                    "kind"
+                } else {
+                    "vehicle"
+                },
+                Some(&who),
+                remote,
+                Status::permission_denied(format!(
+                    "not allowed to read vehicle {:?}'s events",
+                    stream.vehicle_id
+                )),
+            ));
+        }
+        let key = crate::reassembly::StreamKey {
+            vehicle: stream.vehicle_id.as_str().into(),
+            session: stream.session_id,
+            stream_id: stream.stream_id,
+        };
+        let store = self.store.clone();
+        let info = blocking(move || store.stream_info(&key)).await?;
+        if info.and_then(|i| i.stream).is_none_or(|s| s.kind != events) {
+            return Err(Status::not_found("no such events stream"));
+        }
+        let ack = relay_proto::wire::v1::EventAck {
+            session_id: stream.session_id,
+            stream_id: stream.stream_id,
+            seq: req.seq,
+            acknowledged_by: who.name().to_owned(),
+            acknowledged_at_ns: crate::now_utc_ns(),
+            note: req.note,
+        };
+        // Recorded before it leaves: who acknowledged which event.
+        let mut event = audit_event("acknowledge", Outcome::Success, Some(&who), remote);
+        event.vehicles = vec![stream.vehicle_id.clone()];
+        event.detail = serde_json::json!({
+            "stream": { "session": stream.session_id, "stream": stream.stream_id },
+            "seq": req.seq,
+            "note": ack.note,
+        });
+        self.audit_first(event).await?;
+        let delivered = self.online.send_event_ack(&stream.vehicle_id, &ack);
+        tracing::info!(vehicle = %stream.vehicle_id, seq = req.seq, by = %ack.acknowledged_by, delivered, "event acknowledged");
+        Ok(Response::new(AcknowledgeResponse {
+            delivered: delivered > 0,
+        }))
+    }
+
     async fn history(
         &self,
         req: Request<HistoryRequest>,

@@ -9,6 +9,14 @@ use tokio::sync::Semaphore;
 /// A live session and the serial number of its certificate.
 type LiveSession = (quinn::Connection, Option<Vec<u8>>);
 
+/// Where an ED's acknowledgement of a clinical event reaches one connection of a vehicle.
+#[derive(Debug)]
+struct AckRoute {
+    vehicle: String,
+    session: u64,
+    tx: tokio::sync::mpsc::Sender<relay_proto::wire::v1::EventAck>,
+}
+
 /// Estimate of a vehicle's clock offset, from the clock exchanges of all its bearers.
 pub(crate) type SharedClock = Arc<Mutex<relay_proto::clock::ClockFilter>>;
 
@@ -29,6 +37,8 @@ pub struct Online {
     /// Hellos being read per vehicle: what a certificate can make the ingest hold before
     /// its sessions count.
     hellos: Mutex<HashMap<String, usize>>,
+    /// Live connection id -> where event acknowledgements for it go.
+    ack_routes: Mutex<HashMap<u64, AckRoute>>,
 }
 
 impl Online {
@@ -121,6 +131,17 @@ impl Online {
     pub fn is_online(&self, v: &str) -> bool {
         self.lock().contains_key(v)
     }
+
+    /// Hands `ack` to every connected bearer of `vehicle` in the acknowledged event's
+    /// session; how many took it.
+    pub fn send_event_ack(&self, vehicle: &str, ack: &relay_proto::wire::v1::EventAck) -> usize {
+        let routes = self.ack_routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .values()
+            .filter(|r| r.vehicle == vehicle && r.session == ack.session_id)
+            .filter(|r| r.tx.try_send(ack.clone()).is_ok())
+            .count()
+    }
 }
 
 /// One Hello of a vehicle being read; the count drops when it is dropped.
@@ -199,8 +220,33 @@ impl<'a> OnlineGuard<'a> {
     }
 }
 
+impl OnlineGuard<'_> {
+    /// Event acknowledgements for this connection's `session` go to `tx` while it lives.
+    pub(crate) fn route_acks(
+        &self,
+        session: u64,
+        tx: tokio::sync::mpsc::Sender<relay_proto::wire::v1::EventAck>,
+    ) {
+        let route = AckRoute {
+            vehicle: self.vehicle.to_owned(),
+            session,
+            tx,
+        };
+        self.online
+            .ack_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.live_id, route);
+    }
+}
+
 impl Drop for OnlineGuard<'_> {
     fn drop(&mut self) {
+        self.online
+            .ack_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.live_id);
         self.online
             .live
             .lock()

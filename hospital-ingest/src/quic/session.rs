@@ -208,7 +208,10 @@ pub(super) async fn serve_vehicle(
     let (ack_tx, ack_rx) = mpsc::channel(ctx.cfg.max_pending_acks);
     // Pongs beyond these wait for none: an agent pinging faster than we answer loses some.
     let (pong_tx, pong_rx) = mpsc::channel(PONG_QUEUE);
-    let mut ack_writer = tokio::spawn(write_acks(ack_rx, pong_rx, control_out));
+    // ED acknowledgements of the crew's events, to this connection.
+    let (event_ack_tx, event_ack_rx) = mpsc::channel(EVENT_ACK_QUEUE);
+    online.route_acks(session, event_ack_tx);
+    let mut ack_writer = tokio::spawn(write_acks(ack_rx, pong_rx, event_ack_rx, control_out));
     // Watched from here: its sessions, its addresses, its frames.
     let _watched = WatchedConnection::new(&ctx.watch, &vehicle, conn.remote_address().ip());
     let (v, now) = (vehicle.clone(), crate::now_utc_ns());
@@ -281,6 +284,8 @@ pub(super) async fn serve_vehicle(
 
 /// Pongs waiting to be written at most.
 const PONG_QUEUE: usize = 4;
+/// Event acknowledgements waiting to be written at most (the ED sees "not delivered" beyond).
+const EVENT_ACK_QUEUE: usize = 64;
 
 /// A completed clock exchange of `vehicle`: into its estimate, and the estimate to the
 /// detector.
@@ -402,6 +407,7 @@ impl FrameReader {
 async fn write_acks(
     mut rx: mpsc::Receiver<(u32, u64)>,
     mut pongs: mpsc::Receiver<Pong>,
+    mut event_acks: mpsc::Receiver<relay_proto::wire::v1::EventAck>,
     mut out: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
 ) {
     let mut acks = AckCoalescer::new(ACK_COALESCE, MAX_ACK_SEQS);
@@ -416,6 +422,14 @@ async fn write_acks(
             Some(pong) = pongs.recv() => {
                 let msg = ControlMessage {
                     body: Some(Body::Pong(pong)),
+                };
+                if out.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Some(ack) = event_acks.recv() => {
+                let msg = ControlMessage {
+                    body: Some(Body::EventAck(ack)),
                 };
                 if out.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
                     return;

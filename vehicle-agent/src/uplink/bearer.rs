@@ -295,6 +295,15 @@ impl BearerTask {
                 msg = reader.next() => match msg {
                     Some(Ok(bytes)) => match ControlMessage::decode(bytes.freeze()) {
                         Ok(ControlMessage { body: Some(Body::Ack(ack)) }) => handle_ack(shared, index, &ack).await,
+                        Ok(ControlMessage { body: Some(Body::EventAck(ack)) }) => {
+                            // Only for this session's events stream (a stale ack names another).
+                            if let Some((id, acks)) = &shared.event_acks
+                                && ack.stream_id == *id
+                                && ack.session_id == self.hello.session_id
+                            {
+                                crate::events::record_ack(acks, ack);
+                            }
+                        }
                         Ok(ControlMessage { body: Some(Body::Pong(pong)) }) => {
                             if let Some(exchange) = clock.on_pong(&pong, self.wall.now_ns()) {
                                 shared.clock_exchange(&exchange);

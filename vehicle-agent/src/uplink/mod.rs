@@ -113,6 +113,8 @@ struct Shared {
     failed: CancellationToken,
     /// Clock exchanges of every bearer: the best estimate of our offset to the ingest.
     clock: Arc<Mutex<relay_proto::clock::ClockFilter>>,
+    /// The events stream's id and the ED's acknowledgements of its events.
+    event_acks: Option<(u32, crate::events::Acks)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +142,7 @@ impl Shared {
             spool,
             failed,
             clock: Arc::default(),
+            event_acks: None,
         }
     }
 
@@ -209,6 +212,8 @@ pub struct Uplink {
     pub wall: crate::clock::WallClock,
     /// Where the estimate of our clock's offset to the ingest's is kept.
     pub clock: Arc<Mutex<relay_proto::clock::ClockFilter>>,
+    /// The events stream's id and where the ED's acknowledgements of its events go.
+    pub event_acks: Option<(u32, crate::events::Acks)>,
 }
 
 /// The scheduler's configuration from the agent's.
@@ -245,6 +250,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
         seq_base,
         wall,
         clock,
+        event_acks,
     } = up;
     let budgets = cfg
         .bearers
@@ -281,6 +287,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
     let names = cfg.bearers.iter().map(|b| b.name.clone()).collect();
     let mut shared = Shared::new(sched, names, spool, failed);
     shared.clock = clock;
+    shared.event_acks = event_acks;
     let shared = Arc::new(shared);
     if let Err(e) = dropped {
         shared.spool_lost(e);
