@@ -19,6 +19,20 @@ fn data(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// ed-monitor towards `url` as ed-console of the development PKI in `certs`.
+fn ed_monitor(url: &str, certs: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_ed-monitor"));
+    c.arg("--server")
+        .arg(url)
+        .arg("--ca")
+        .arg(certs.join("hospital-ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("ed-console.pem"))
+        .arg("--key")
+        .arg(certs.join("ed-console.key"));
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
     let work = tempfile::tempdir().unwrap();
@@ -96,15 +110,8 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
 
     let export = work.path().join("export");
     let cursor_file = work.path().join("ed.cursor");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ed-monitor"))
-        .arg("--server")
-        .arg(&url)
-        .arg("--ca")
-        .arg(certs.join("hospital-ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("ed-console.pem"))
-        .arg("--key")
-        .arg(certs.join("ed-console.key"))
+    let mut export_wfdb = ed_monitor(&url, &certs);
+    let out = export_wfdb
         .args([
             "--after-cursor",
             "0",
@@ -149,15 +156,8 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
 
     // The same recording as a FHIR R4 Bundle.
     let bundle = work.path().join("bundle.json");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ed-monitor"))
-        .arg("--server")
-        .arg(&url)
-        .arg("--ca")
-        .arg(certs.join("hospital-ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("ed-console.pem"))
-        .arg("--key")
-        .arg(certs.join("ed-console.key"))
+    let mut export_fhir = ed_monitor(&url, &certs);
+    let out = export_fhir
         .args([
             "--vehicle",
             "amb-9",
