@@ -412,7 +412,53 @@ impl TelemetryService {
     }
 }
 
+/// Why `grant` does not let a client read `vehicle`'s streams of `kind` (None: the kind is not
+/// known yet, the vehicle alone is checked), as (reason label, message); None when it does.
+fn stream_refusal(
+    grant: &Grant,
+    vehicle: &str,
+    kind: Option<i32>,
+) -> Option<(&'static str, String)> {
+    if grant.is_empty() {
+        return Some((
+            "no_grant",
+            "the access policy grants this client nothing".into(),
+        ));
+    }
+    // Outside the grant the vehicle is not even named as existing.
+    if !grant.sees(vehicle) {
+        return Some((
+            "vehicle",
+            format!("not allowed to read vehicle {vehicle:?}"),
+        ));
+    }
+    match kind {
+        Some(k) if !grant.allows(vehicle, k) => {
+            let kind = relay_proto::kind_label(k);
+            Some(("kind", format!("not allowed to read {kind} streams")))
+        }
+        _ => None,
+    }
+}
+
 impl TelemetryService {
+    /// Refuses a call for what the access policy does not grant (`PERMISSION_DENIED`).
+    fn refuse(
+        &self,
+        action: &str,
+        (reason, message): (&'static str, String),
+        who: &ClientIdentity,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Status {
+        self.deny(
+            action,
+            reason,
+            Some(who),
+            remote,
+            Status::permission_denied(message),
+        )
+    }
+
     /// Refuses a call: counted, logged and audited.
     fn deny(
         &self,
@@ -521,23 +567,8 @@ impl Telemetry for TelemetryService {
         }
         let (grant, _) = self.settings.access.grant(&who);
         let events = relay_proto::model::StreamKind::Events as i32;
-        if !grant.allows(&stream.vehicle_id, events) {
-            return Err(self.deny(
-                "acknowledge",
-                if grant.is_empty() {
-                    "no_grant"
-                } else if grant.sees(&stream.vehicle_id) {
-                    "kind"
-                } else {
-                    "vehicle"
-                },
-                Some(&who),
-                remote,
-                Status::permission_denied(format!(
-                    "not allowed to read vehicle {:?}'s events",
-                    stream.vehicle_id
-                )),
-            ));
+        if let Some(refusal) = stream_refusal(&grant, &stream.vehicle_id, Some(events)) {
+            return Err(self.refuse("acknowledge", refusal, &who, remote));
         }
         let key = crate::reassembly::StreamKey {
             vehicle: stream.vehicle_id.as_str().into(),
@@ -597,27 +628,8 @@ impl Telemetry for TelemetryService {
             t => t,
         };
         let (grant, _) = self.settings.access.grant(&who);
-        let refuse = |reason, message: String| {
-            Err(self.deny(
-                "history",
-                reason,
-                Some(&who),
-                remote,
-                Status::permission_denied(message),
-            ))
-        };
-        if grant.is_empty() {
-            return refuse(
-                "no_grant",
-                "the access policy grants this client nothing".into(),
-            );
-        }
-        // Outside the grant the vehicle is not even named as existing.
-        if !grant.sees(&stream.vehicle_id) {
-            return refuse(
-                "vehicle",
-                format!("not allowed to read vehicle {:?}", stream.vehicle_id),
-            );
+        if let Some(refusal) = stream_refusal(&grant, &stream.vehicle_id, None) {
+            return Err(self.refuse("history", refusal, &who, remote));
         }
         let key = crate::reassembly::StreamKey {
             vehicle: stream.vehicle_id.as_str().into(),
@@ -630,9 +642,8 @@ impl Telemetry for TelemetryService {
             return Err(Status::not_found("no such stream"));
         };
         let kind = info.stream.as_ref().map_or(0, |s| s.kind);
-        if !grant.allows(&stream.vehicle_id, kind) {
-            let kind = relay_proto::kind_label(kind);
-            return refuse("kind", format!("not allowed to read {kind} streams"));
+        if let Some(refusal) = stream_refusal(&grant, &stream.vehicle_id, Some(kind)) {
+            return Err(self.refuse("history", refusal, &who, remote));
         }
         // Audited before any data is read out.
         let mut event = audit_event("history", Outcome::Success, Some(&who), remote);
@@ -715,27 +726,21 @@ impl Telemetry for TelemetryService {
             return Err(Status::invalid_argument("too many vehicle ids or kinds"));
         }
         let (grant, generation) = self.settings.access.grant(&who);
-        let refuse = |reason, message: String| {
-            Err(self.deny(
-                "subscribe",
-                reason,
-                Some(&who),
-                remote,
-                Status::permission_denied(message),
-            ))
-        };
+        let refuse = |refusal| Err(self.refuse("subscribe", refusal, &who, remote));
+        for v in &req.vehicle_ids {
+            if let Some(refusal) = stream_refusal(&grant, v, None) {
+                return refuse(refusal);
+            }
+        }
         if grant.is_empty() {
-            return refuse(
+            return refuse((
                 "no_grant",
                 "the access policy grants this client nothing".into(),
-            );
-        }
-        if let Some(v) = req.vehicle_ids.iter().find(|v| !grant.sees(v)) {
-            return refuse("vehicle", format!("not allowed to read vehicle {v:?}"));
+            ));
         }
         if let Some(k) = req.kinds.iter().find(|k| !grant.reads_kind(**k)) {
             let kind = relay_proto::kind_label(*k);
-            return refuse("kind", format!("not allowed to read {kind} streams"));
+            return refuse(("kind", format!("not allowed to read {kind} streams")));
         }
         let client_slot = self
             .settings
