@@ -288,14 +288,19 @@ fn make_leaf_valid(
 
 /// Refuses a leaf name that would clash with the CA files or escape the directory.
 fn check_name(name: &str) -> Result<(), DevCertError> {
-    if !relay_proto::is_valid_vehicle_id(name) || name.ends_with("-ca") || name == "ingest" {
+    if !relay_proto::is_valid_vehicle_id(name)
+        || name.ends_with("-ca")
+        || name == "ingest"
+        || name == ED_WEB_SERVER
+    {
         return Err(DevCertError::BadName(name.to_owned()));
     }
     Ok(())
 }
 
 /// Writes a complete development PKI into `dir`:
-/// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `<vehicle>.pem/.key`,
+/// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `ed-web-server.pem/.key` (ed-web's
+/// HTTPS certificate, same names as the ingest's), `<vehicle>.pem/.key`,
 /// `<subscriber>.pem/.key` (CA keys too, so more leaves can be made by hand).
 pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     for name in pki.vehicles.iter().chain(&pki.subscribers) {
@@ -313,6 +318,15 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
         dir,
         "ingest",
         "hospital-ingest",
+        pki.ingest_names.clone(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &hospital,
+        days,
+    )?;
+    make_leaf(
+        dir,
+        ED_WEB_SERVER,
+        "ed-web",
         pki.ingest_names.clone(),
         ExtendedKeyUsagePurpose::ServerAuth,
         &hospital,
@@ -346,6 +360,9 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     write_access_policy(dir, &pki.subscribers)?;
     Ok(())
 }
+
+/// File stem of ed-web's HTTPS server certificate in a development PKI.
+pub const ED_WEB_SERVER: &str = "ed-web-server";
 
 /// Name of the development access policy [`generate`] writes beside the certificates.
 pub const ACCESS_POLICY: &str = "access-policy.toml";

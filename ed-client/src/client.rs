@@ -58,8 +58,7 @@ impl ClientTls {
     }
 }
 
-/// Connects to `url` (e.g. `https://127.0.0.1:50051`) with mutual TLS.
-pub async fn connect(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Channel>, ClientError> {
+fn endpoint(url: &str, tls: &ClientTls) -> Result<tonic::transport::Endpoint, ClientError> {
     relay_ops::install_crypto_provider();
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| ClientError::Io {
@@ -71,13 +70,25 @@ pub async fn connect(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Chann
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
         .domain_name(tls.domain.clone());
-    let channel = Channel::from_shared(url.to_owned())
+    Ok(Channel::from_shared(url.to_owned())
         .map_err(|_| ClientError::Address(url.to_owned()))?
-        .tls_config(tls_cfg)?
-        .connect()
-        .await?;
-    Ok(TelemetryClient::new(channel)
-        .max_decoding_message_size(relay_proto::DEFAULT_MAX_FRAME_BYTES * 2))
+        .tls_config(tls_cfg)?)
+}
+
+fn client(channel: Channel) -> TelemetryClient<Channel> {
+    TelemetryClient::new(channel)
+        .max_decoding_message_size(relay_proto::DEFAULT_MAX_FRAME_BYTES * 2)
+}
+
+/// Connects to `url` (e.g. `https://127.0.0.1:50051`) with mutual TLS.
+pub async fn connect(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Channel>, ClientError> {
+    Ok(client(endpoint(url, tls)?.connect().await?))
+}
+
+/// A client for `url` that connects on first use and reconnects after a failure (for
+/// long-running services: the ingest may start later or restart).
+pub fn connect_lazy(url: &str, tls: &ClientTls) -> Result<TelemetryClient<Channel>, ClientError> {
+    Ok(client(endpoint(url, tls)?.connect_lazy()))
 }
 
 /// Identity of a stream as a map key.

@@ -1,0 +1,47 @@
+"use strict";
+// The board: one row per vehicle in the user's scope, pushed once a second.
+(async function () {
+  const me = await ed.me();
+  if (!me) return;
+  const body = document.getElementById("vehicles");
+  const status = document.getElementById("status");
+  const banner = document.getElementById("banner");
+  const empty = document.getElementById("empty");
+  window.edBoard = { updates: 0, vehicles: [] };
+
+  function row(v, now) {
+    const link = ed.el("a", { href: "/vehicle?id=" + encodeURIComponent(v.id) }, v.id);
+    const online = v.online ? ed.el("span", { class: "online" }, "online")
+      : ed.el("span", { class: "offline-text" }, "offline");
+    const vit = v.vitals || {};
+    const nibp = vit.nibp_sys && vit.nibp_dia
+      ? `${vit.nibp_sys.value.toFixed(0)}/${vit.nibp_dia.value.toFixed(0)} ${vit.nibp_sys.unit}` : "–";
+    const highs = (v.events || []).filter(e => e.severity === "high");
+    const alerts = ed.el("td", {}, ...(highs.length
+      ? highs.slice(-3).map(e => ed.el("div", { class: "alert-high" }, `${e.code} ${ed.time(e.time)}`))
+      : ["–"]));
+    const track = ed.el("canvas", { width: "160", height: "80", class: "track" });
+    ed.drawTrack(track, v.track);
+    const pos = v.position
+      ? `${v.position.lat.toFixed(4)}, ${v.position.lon.toFixed(4)}` + (v.position.speed != null ? ` · ${(v.position.speed * 3.6).toFixed(0)} km/h` : "")
+      : "–";
+    return ed.el("tr", { "data-vehicle": v.id },
+      ed.el("td", {}, link), ed.el("td", {}, online), ed.el("td", {}, ed.age(v.last_seen, now)),
+      ed.el("td", {}, ed.vital(vit.hr, 0)), ed.el("td", {}, ed.vital(vit.spo2, 0)),
+      ed.el("td", {}, nibp), alerts, ed.el("td", {}, ed.el("div", {}, pos), track));
+  }
+
+  function render(b) {
+    window.edBoard.updates += 1;
+    window.edBoard.vehicles = b.vehicles.map(v => v.id);
+    status.textContent = "updated " + ed.time(b.now);
+    banner.classList.toggle("hidden", b.connected);
+    banner.textContent = b.connected ? "" : "The ingest is not reachable: the board is not current.";
+    body.replaceChildren(...b.vehicles.map(v => row(v, b.now)));
+    empty.classList.toggle("hidden", b.vehicles.length > 0);
+  }
+
+  const es = new EventSource("/api/board/events");
+  es.addEventListener("board", ev => render(JSON.parse(ev.data)));
+  es.onerror = () => { status.textContent = "reconnecting…"; };
+})();
