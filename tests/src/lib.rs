@@ -16,6 +16,7 @@ use relay_proto::model::{
 };
 use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
+pub mod browser;
 pub mod sim;
 
 /// The vehicles the test PKI has certificates for.
@@ -42,7 +43,7 @@ impl Pki {
         relay_ops::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let vehicles = VEHICLES.iter().map(|v| v.to_string()).collect();
-        let subscribers = vec!["ed-console".into(), "ed-2".into()];
+        let subscribers = vec!["ed-console".into(), "ed-2".into(), "ed-web".into()];
         generate(
             dir.path(),
             &DevPki {
@@ -117,6 +118,35 @@ pub fn agent_config(
     c.tls.key = pki_dir.join(format!("{vehicle}.key"));
     c.sources = sources;
     c
+}
+
+/// `n` emulated links towards `ingest`, each shaped by `spec` (relay-emulator's syntax).
+pub async fn links(n: usize, spec: &str, ingest: SocketAddr) -> Vec<relay_emulator::Link> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let spec =
+            relay_emulator::BearerSpec::parse(spec, &mut relay_emulator::TraceCache::default())
+                .unwrap();
+        out.push(
+            relay_emulator::Link::start("127.0.0.1:0".parse().unwrap(), ingest, spec, i as u64)
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// One bearer per emulated link (`wan0`, `wan1`, ...).
+pub fn over_links(cfg: &mut AgentConfig, links: &[relay_emulator::Link]) {
+    cfg.bearers = links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut b = BearerConfig::new(&format!("wan{i}"), "127.0.0.1:0".parse().unwrap());
+            b.remote = Some(l.addr);
+            b
+        })
+        .collect();
 }
 
 /// A WFDB replay of shipped record `name`.

@@ -13,33 +13,7 @@ use relay_e2e::*;
 use relay_emulator::{BearerSpec, Link, TraceCache};
 use tokio::time::Instant;
 use vehicle_agent::Agent;
-use vehicle_agent::config::{AgentConfig, BearerConfig, Policy};
-
-async fn links(n: usize, spec: &str, ingest: SocketAddr) -> Vec<Link> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let spec = BearerSpec::parse(spec, &mut TraceCache::default()).unwrap();
-        out.push(
-            Link::start("127.0.0.1:0".parse().unwrap(), ingest, spec, i as u64)
-                .await
-                .unwrap(),
-        );
-    }
-    out
-}
-
-/// One bearer per emulated link.
-fn over_links(cfg: &mut AgentConfig, links: &[Link]) {
-    cfg.bearers = links
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let mut b = BearerConfig::new(&format!("wan{i}"), "127.0.0.1:0".parse().unwrap());
-            b.remote = Some(l.addr);
-            b
-        })
-        .collect();
-}
+use vehicle_agent::config::{BearerConfig, Policy};
 
 /// Collects in the background until `target` ECG frames (set later) have arrived.
 fn subscribe(

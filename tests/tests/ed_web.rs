@@ -1,0 +1,376 @@
+//! ed-web in a real browser: headless Chromium logs in, reads the board and a vehicle's live
+//! view, and the test checks what the page itself received and drew.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use ed_client::web::{EdWeb, WebConfig, auth::hash_password};
+use hospital_ingest::Ingest;
+use relay_e2e::browser::Browser;
+use relay_e2e::{
+    Pki, agent_config, ingest_config, links, over_links, record, replay, vitals_and_gps,
+};
+use serde_json::Value;
+use vehicle_agent::Agent;
+use vehicle_agent::config::Policy;
+
+/// The declared pixel density of the test's "screen": 25 mm/s is then 100 px/s and
+/// 10 mm/mV 40 px/mV.
+const PPMM: f64 = 4.0;
+
+fn users_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("users.toml");
+    let text = format!(
+        "[[user]]\nname = \"dr-lee\"\npassword_hash = \"{}\"\nvehicles = [\"amb-1\", \"amb-2\"]\n\n\
+         [[user]]\nname = \"nurse-kim\"\npassword_hash = \"{}\"\nvehicles = [\"amb-2\"]\n",
+        hash_password("lee's long passphrase").unwrap(),
+        hash_password("kim's long passphrase").unwrap(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn web_config(pki: &Pki, ingest: &Ingest, work: &Path) -> WebConfig {
+    let mut w = WebConfig::default();
+    w.http.listen = "127.0.0.1:0".parse().unwrap();
+    w.http.cert = pki.path().join("ed-web-server.pem");
+    w.http.key = pki.path().join("ed-web-server.key");
+    w.ingest.url = format!("https://{}", ingest.grpc_addr);
+    w.ingest.ca = pki.path().join("hospital-ca.pem");
+    w.ingest.cert = pki.path().join("ed-web.pem");
+    w.ingest.key = pki.path().join("ed-web.key");
+    w.ingest.refresh = Duration::from_millis(500);
+    w.auth.users_file = users_file(work);
+    w.display.pixels_per_mm = PPMM;
+    w.audit.path = Some(work.join("ed-web-audit.jsonl"));
+    w
+}
+
+async fn login(b: &mut Browser, base: &str, user: &str, password: &str) {
+    b.navigate(&format!("{base}/login")).await;
+    b.eval(&format!(
+        "document.getElementById('user').value = {user:?}; \
+         document.getElementById('password').value = {password:?}; \
+         document.getElementById('login').submit(); true"
+    ))
+    .await;
+    b.wait_for(
+        "document.readyState === 'complete' && (location.pathname !== '/login' || location.search !== '')",
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
+async fn status_of(b: &mut Browser, path: &str) -> u64 {
+    // An EventSource URL answers 200 and stays open: abort after the headers.
+    b.eval(&format!(
+        "(async () => {{ const c = new AbortController(); \
+           const r = await fetch({path:?}, {{ signal: c.signal, redirect: 'manual' }}); \
+           c.abort(); return r.type === 'opaqueredirect' ? 303 : r.status; }})()"
+    ))
+    .await
+    .as_u64()
+    .unwrap()
+}
+
+/// FNV-1a over each sample's four bytes (little-endian), as the page computes it.
+fn fnv(samples: &[i32]) -> u32 {
+    let mut h: u32 = 2_166_136_261;
+    for v in samples {
+        for b in v.to_le_bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(16_777_619);
+        }
+    }
+    h
+}
+
+/// Centres of the runs of columns in `row` that `is_line` accepts.
+fn line_centres(row: &[[u8; 3]], is_line: impl Fn([u8; 3]) -> bool) -> Vec<f64> {
+    let mut centres = Vec::new();
+    let mut run: Option<usize> = None;
+    for (x, px) in row.iter().enumerate() {
+        match (is_line(*px), run) {
+            (true, None) => run = Some(x),
+            (false, Some(start)) => {
+                centres.push((start + x - 1) as f64 / 2.0);
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    centres
+}
+
+fn decode_png(bytes: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let pixels = buf[..info.buffer_size()]
+        .chunks(channels)
+        .map(|p| [p[0], p[1], p[2]])
+        .collect();
+    (info.width as usize, info.height as usize, pixels)
+}
+
+fn screenshot_dir() -> std::path::PathBuf {
+    std::env::var_os("ED_WEB_SCREENSHOTS").map_or_else(
+        || Path::new(env!("CARGO_TARGET_TMPDIR")).join("ed-web-screenshots"),
+        std::path::PathBuf::from,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clinicians_see_the_board_and_every_sample_of_a_live_ecg_in_the_browser() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let mut icfg = ingest_config(&pki, &work.path().join("store.redb"));
+    // A short reorder window: frames recovered over the other bearer after a cut come later
+    // than it, so the ingest announces the gap and the page must draw it, then fill it.
+    icfg.reassembly.reorder_window = Duration::from_millis(5);
+    let ingest = Ingest::start(icfg).await.unwrap();
+    let web = EdWeb::start(web_config(&pki, &ingest, work.path()))
+        .await
+        .unwrap();
+    let base = format!("https://127.0.0.1:{}", web.addr.port());
+
+    // amb-1 replays record 100 in real time over two emulated bearers, each ECG frame on one
+    // of them, so the test can cut the one carrying it; amb-2 sends vitals and positions.
+    let links = links(2, "rate=20mbit,delay=10ms", ingest.quic_addr).await;
+    let start_ms = relay_ops::now_utc_ns() as f64 / 1e6 - 2000.0;
+    let mut sources = vec![replay("100", 1.0)];
+    sources.extend(vitals_and_gps());
+    let mut cfg = agent_config(pki.path(), "amb-1", links[0].addr, sources);
+    over_links(&mut cfg, &links);
+    cfg.scheduling.waveforms = Policy::Fastest;
+    let amb1 = Agent::start(cfg).await.unwrap();
+    let amb2 = Agent::start(agent_config(
+        pki.path(),
+        "amb-2",
+        ingest.quic_addr,
+        vitals_and_gps(),
+    ))
+    .await
+    .unwrap();
+
+    let mut b = Browser::launch().await;
+
+    // No anonymous access: pages send to the login, the API refuses.
+    b.navigate(&format!("{base}/")).await;
+    assert_eq!(b.eval("location.pathname").await, "/login");
+    for path in [
+        "/api/board",
+        "/api/board/events",
+        "/api/vehicles/amb-1/events",
+        "/api/me",
+    ] {
+        assert_eq!(status_of(&mut b, path).await, 401, "{path}");
+    }
+    assert_eq!(status_of(&mut b, "/vehicle?id=amb-1").await, 303);
+    // Secure headers on every answer.
+    let headers = b
+        .eval(
+            "(async () => { const r = await fetch('/login'); \
+               return Object.fromEntries(r.headers.entries()); })()",
+        )
+        .await;
+    let csp = headers["content-security-policy"].as_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(
+        headers["strict-transport-security"]
+            .as_str()
+            .unwrap()
+            .contains("max-age=")
+    );
+    assert_eq!(headers["cache-control"], "no-store");
+
+    // A wrong password is refused; a user sees only the vehicles in scope.
+    login(&mut b, &base, "nurse-kim", "guess").await;
+    assert_eq!(b.eval("location.search").await, "?failed=1");
+    login(&mut b, &base, "nurse-kim", "kim's long passphrase").await;
+    assert_eq!(b.eval("location.pathname").await, "/");
+    assert_eq!(status_of(&mut b, "/vehicle?id=amb-1").await, 403);
+    assert_eq!(status_of(&mut b, "/api/vehicles/amb-1/events").await, 403);
+    assert_eq!(status_of(&mut b, "/vehicle?id=amb-2").await, 200);
+    b.wait_for(
+        "window.edBoard && edBoard.vehicles.includes('amb-2')",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        b.eval("edBoard.vehicles").await,
+        serde_json::json!(["amb-2"])
+    );
+    b.eval("document.querySelector('form[action=\"/logout\"]').submit(); true")
+        .await;
+    b.wait_for("location.pathname === '/login'", Duration::from_secs(10))
+        .await;
+    assert_eq!(status_of(&mut b, "/api/board").await, 401, "logged out");
+
+    // The board lists both vehicles for a user whose scope has both.
+    login(&mut b, &base, "dr-lee", "lee's long passphrase").await;
+    b.wait_for(
+        "window.edBoard && edBoard.vehicles.includes('amb-1') && edBoard.vehicles.includes('amb-2') \
+         && document.querySelectorAll('#vehicles tr').length === 2",
+        Duration::from_secs(30),
+    )
+    .await;
+    b.wait_for(
+        "[...document.querySelectorAll('#vehicles tr')].every(r => r.textContent.includes('/min'))",
+        Duration::from_secs(30),
+    )
+    .await;
+    let shots = screenshot_dir();
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("ed-web-board.png"), b.screenshot(None).await).unwrap();
+
+    // The vehicle view, from before amb-1 started: the page must hold every sample from 0.
+    b.navigate(&format!("{base}/vehicle?id=amb-1&from={start_ms}"))
+        .await;
+    let contig =
+        "(() => { const s = Object.values(edState.streams)[0]; return s ? s.contig : 0; })()";
+    b.wait_for(&format!("{contig} >= 360 * 4"), Duration::from_secs(30))
+        .await;
+
+    // Cut the bearer carrying amb-1's ECG for 300 ms: what it had in flight arrives late
+    // over the other one, so the page shows a break, then the late data back-filled.
+    let before: Vec<u64> = links
+        .iter()
+        .map(|l| l.counters().up.delivered_bytes)
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let carrier = (0..2)
+        .max_by_key(|&i| links[i].counters().up.delivered_bytes - before[i])
+        .unwrap();
+    links[carrier].cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    links[carrier].restore();
+    b.wait_for(&format!("{contig} >= 360 * 14"), Duration::from_secs(60))
+        .await;
+    let s: Value = b
+        .eval(
+            "(() => { const s = Object.values(edState.streams)[0]; \
+               return { contig: s.contig, base: s.base, nch: s.nch, hash: s.hash, holes: s.holes, \
+                        backfilled: s.backfilled, duplicates: s.duplicates, gaps: s.gaps }; })()",
+        )
+        .await;
+    let contig = s["contig"].as_u64().unwrap() as usize;
+    assert_eq!(s["base"], 0, "the view starts at the record's first sample");
+    assert_eq!(s["duplicates"], 0);
+    assert!(
+        s["holes"].as_u64().unwrap() >= 1 && s["backfilled"].as_u64().unwrap() >= 1,
+        "the cut made a break that late data filled: {s:?}"
+    );
+
+    // Every sample, in order, as the page holds it: the hash of its contiguous prefix equals
+    // the record's.
+    let rec = relay_wfdb::read_record(&record("100")).unwrap();
+    let n = rec.num_signals();
+    assert_eq!(s["nch"].as_u64().unwrap() as usize, n);
+    assert_eq!(
+        s["hash"].as_u64().unwrap() as u32,
+        fnv(&rec.samples[..contig * n]),
+        "the page's samples 0..{contig} differ from record 100"
+    );
+
+    // Capture to screen, measured by the page on live frames.
+    let mut lat: Vec<f64> = serde_json::from_value(b.eval("edState.latencies").await).unwrap();
+    assert!(lat.len() >= 50, "{} live frames measured", lat.len());
+    lat.sort_by(f64::total_cmp);
+    let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    eprintln!(
+        "capture-to-screen over {} frames: p50 {:.0} ms, p99 {p99:.0} ms",
+        lat.len(),
+        lat[lat.len() / 2]
+    );
+    assert!(p99 < 500.0, "p99 {p99} ms");
+
+    // The trace at 25 mm/s and 10 mm/mV: the calibration pulse is 1 mV (40 px) tall and
+    // 200 ms (20 px) wide, and the 5 mm grid puts one second at 100 px.
+    std::fs::write(shots.join("ed-web-vehicle.png"), b.screenshot(None).await).unwrap();
+    let rect = b
+        .eval("(() => { const r = document.querySelector('canvas.lead').getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
+        .await;
+    let r: Vec<f64> = serde_json::from_value(rect).unwrap();
+    let png = b.screenshot(Some((r[0], r[1], r[2], r[3]))).await;
+    let (w, h, px) = decode_png(&png);
+    let dark = |p: [u8; 3]| p[0] < 90 && p[1] < 90 && p[2] < 90;
+    // The pulse sits in the left margin (15 mm), where no trace is drawn.
+    let margin = (15.0 * PPMM) as usize;
+    let (mut top, mut bottom, mut left, mut right) = (h, 0, w, 0);
+    for y in 0..h {
+        for x in 0..margin {
+            if dark(px[y * w + x]) {
+                top = top.min(y);
+                bottom = bottom.max(y);
+                left = left.min(x);
+                right = right.max(x);
+            }
+        }
+    }
+    let pulse_h = (bottom - top) as f64;
+    // Its top edge: the dark columns of the first dark row.
+    let top_row = &px[top * w..top * w + margin];
+    let tops: Vec<usize> = (0..margin).filter(|&x| dark(top_row[x])).collect();
+    let pulse_w = (tops.last().unwrap() - tops.first().unwrap()) as f64;
+    assert!(
+        (pulse_h - 10.0 * PPMM).abs() <= 2.0,
+        "pulse {pulse_h} px tall, {left}..{right}"
+    );
+    assert!(
+        (pulse_w - 5.0 * PPMM).abs() <= 2.0,
+        "pulse {pulse_w} px wide"
+    );
+    // Major grid lines along a row near the bottom (the trace rarely reaches it): redder than
+    // the faint minor lines, even where antialiasing spreads a line over two columns.
+    let major = |p: [u8; 3]| p[0] > 200 && p[1] < 215 && p[2] < 215;
+    let y = h - 2;
+    let centres = line_centres(&px[y * w..(y + 1) * w], major);
+    let mut spacings: Vec<f64> = centres.windows(2).map(|c| c[1] - c[0]).collect();
+    spacings.sort_by(f64::total_cmp);
+    assert!(spacings.len() >= 10, "{centres:?}");
+    let second = spacings[spacings.len() / 2] * 5.0;
+    assert!(
+        (second - 25.0 * PPMM).abs() <= 1.5,
+        "one second is {second} px"
+    );
+    eprintln!(
+        "at {PPMM} px/mm: calibration pulse {pulse_h} x {pulse_w} px (1 mV x 200 ms), one second {second} px"
+    );
+
+    // Every view was audited with its user.
+    let audit = std::fs::read_to_string(work.path().join("ed-web-audit.jsonl")).unwrap();
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let has = |user: &str, action: &str, vehicle: Option<&str>, outcome: &str| {
+        lines.iter().any(|l| {
+            l["user"] == user
+                && l["action"] == action
+                && l["outcome"] == outcome
+                && vehicle.is_none_or(|v| l["vehicle"] == v)
+        })
+    };
+    assert!(has("nurse-kim", "login", None, "bad_credentials"));
+    assert!(has("nurse-kim", "view_vehicle", Some("amb-1"), "denied"));
+    assert!(has("nurse-kim", "stream_vehicle", Some("amb-1"), "denied"));
+    assert!(has("dr-lee", "view_vehicle", Some("amb-1"), "ok"));
+    assert!(has("dr-lee", "stream_vehicle", Some("amb-1"), "ok"));
+
+    b.close().await;
+    web.shutdown();
+    amb1.shutdown().await.unwrap();
+    amb2.shutdown().await.unwrap();
+    for l in links {
+        l.stop();
+    }
+    ingest.shutdown().await.unwrap();
+}
