@@ -2,8 +2,9 @@
 # The test command (README "Quick start"): installs what the tests use beyond the Rust
 # toolchain, then runs every test of the workspace. Arguments go to `cargo test` (CI passes
 # --locked): rsyslogd with its GnuTLS driver (Debian's rsyslog and rsyslog-gnutls), the real
-# syslog server the audit-forward test sends to, and the Python package fhir.resources (pinned),
-# the independent validator of the FHIR export.
+# syslog server the audit-forward test sends to; Debian's chromium, the headless browser the
+# ed-web test drives; and the Python package fhir.resources (pinned), the independent
+# validator of the FHIR export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
@@ -13,6 +14,14 @@ if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     rsyslog rsyslog-gnutls >/dev/null
+fi
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "installing chromium (the ed-web test's headless browser)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    chromium >/dev/null
 fi
 if ! python3 -c "import fhir.resources" >/dev/null 2>&1; then
   echo "installing fhir.resources (the FHIR export test's validator)"

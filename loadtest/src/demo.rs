@@ -1,5 +1,5 @@
-//! The demo: a development PKI, an ingest, two ambulances and an ED monitor, all on loopback,
-//! with embedded defaults and the shipped recordings.
+//! The demo: a development PKI, an ingest, two ambulances, the ED web view and an ED monitor,
+//! all on loopback, with embedded defaults and the shipped recordings.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ed_client::client::ClientTls;
 use ed_client::monitor::{self, MonitorOptions};
+use ed_client::web::{EdWeb, WebConfig, auth::hash_password};
 use hospital_ingest::{Ingest, IngestConfig};
 use relay_devcerts::{DevPki, generate};
 use vehicle_agent::config::SourceConfig;
@@ -35,6 +36,9 @@ pub struct DemoArgs {
     /// Print status lines instead of redrawing the screen.
     #[arg(long)]
     pub plain: bool,
+    /// HTTPS address of the ED web view (ed-web).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub web_listen: std::net::SocketAddr,
 }
 
 /// The shipped recordings (data/ecg).
@@ -88,6 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &pki,
         &DevPki {
             vehicles,
+            subscribers: vec!["ed-console".into(), "ed-web".into()],
             ..DevPki::default()
         },
     )
@@ -131,6 +136,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ))
     .await?;
 
+    let (web, password) = start_web(&pki, work.path(), ingest.grpc_addr, args.web_listen).await?;
     println!(
         "relay demo: ingest QUIC {} gRPC {} metrics http://{}/metrics; amb-1 replays MIT-BIH 100, amb-2 PTB s0010_re; ctrl-c stops",
         ingest.quic_addr,
@@ -139,6 +145,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .metrics_addr
             .map(|a| a.to_string())
             .unwrap_or_default()
+    );
+    println!(
+        "ED web view: https://{}/ (login: demo / {password}; the certificate is the demo's own, \
+         signed by {}: accept the browser's warning or trust that CA)",
+        web.addr,
+        pki.join("hospital-ca.pem").display()
     );
     let summary = monitor::run(MonitorOptions {
         server: format!("https://{}", ingest.grpc_addr),
@@ -160,8 +172,44 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (id, path) in summary.written {
         println!("wrote {} ({} stream {})", path.display(), id.0, id.2);
     }
+    web.shutdown();
     a1.shutdown().await?;
     a2.shutdown().await?;
     ingest.shutdown().await?;
     Ok(())
+}
+
+/// Starts ed-web for one user, `demo`, whose password is made up for this run.
+async fn start_web(
+    pki: &Path,
+    work: &Path,
+    grpc: std::net::SocketAddr,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(EdWeb, String)> {
+    use rand::RngCore;
+    let mut raw = [0_u8; 9];
+    rand::rng().fill_bytes(&mut raw);
+    let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let users = work.join("ed-web-users.toml");
+    std::fs::write(
+        &users,
+        format!(
+            "[[user]]\nname = \"demo\"\npassword_hash = \"{}\"\nvehicles = [\"*\"]\n",
+            hash_password(&password)?
+        ),
+    )
+    .context("writing the demo's ed-web users file")?;
+    let mut w = WebConfig::default();
+    w.http.listen = listen;
+    w.http.cert = pki.join(format!("{}.pem", relay_devcerts::ED_WEB_SERVER));
+    w.http.key = pki.join(format!("{}.key", relay_devcerts::ED_WEB_SERVER));
+    w.ingest.url = format!("https://{grpc}");
+    w.ingest.ca = pki.join("hospital-ca.pem");
+    w.ingest.cert = pki.join("ed-web.pem");
+    w.ingest.key = pki.join("ed-web.key");
+    w.auth.users_file = users;
+    let web = EdWeb::start(w)
+        .await
+        .with_context(|| format!("starting ed-web on {listen} (pass --web-listen)"))?;
+    Ok((web, password))
 }

@@ -7,7 +7,14 @@ use std::time::Duration;
 async fn demo_shows_both_ambulances_and_writes_their_waveforms() {
     let out_dir = tempfile::tempdir().unwrap();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-demo"))
-        .args(["--duration-s", "4", "--plain", "--wfdb-dir"])
+        .args([
+            "--duration-s",
+            "4",
+            "--plain",
+            "--web-listen",
+            "127.0.0.1:0",
+            "--wfdb-dir",
+        ])
         .arg(out_dir.path())
         .kill_on_drop(true)
         .output();
@@ -20,6 +27,14 @@ async fn demo_shows_both_ambulances_and_writes_their_waveforms() {
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The web view's address and login are printed.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ED web view: https://127.0.0.1:")
+                && l.contains("login: demo / ")),
+        "{stdout}"
     );
     let last_table: Vec<&str> = stdout
         .lines()

@@ -93,6 +93,8 @@ fn example_configs_are_the_defaults_with_every_key() {
         &config.join("hospital-ingest.toml"),
     )
     .unwrap();
+    relay_ops::config::check_example::<ed_client::web::WebConfig>(&config.join("ed-web.toml"))
+        .unwrap();
 }
 
 /// The command line of a unit's ExecStart, with its config file taken from deploy/config and
@@ -126,10 +128,16 @@ fn the_units_start_the_services_with_their_key_from_the_credentials_directory() 
     let agent: vehicle_agent::AgentConfig =
         relay_ops::config::load_from(exec_start("vehicle-agent.service", "/run/creds")).unwrap();
     assert_eq!(agent.tls.key, Path::new("/run/creds/vehicle.key"));
+    let web: ed_client::web::WebConfig =
+        relay_ops::config::load_from(exec_start("ed-web.service", "/run/creds")).unwrap();
+    assert_eq!(web.http.key, Path::new("/run/creds/ed-web-server.key"));
+    assert_eq!(web.ingest.key, Path::new("/run/creds/ed-web.key"));
     // Each key the command line names is one the unit loads as a credential.
     for (unit, key) in [
         ("hospital-ingest.service", "ingest.key"),
         ("vehicle-agent.service", "vehicle.key"),
+        ("ed-web.service", "ed-web-server.key"),
+        ("ed-web.service", "ed-web.key"),
     ] {
         let text = std::fs::read_to_string(root().join("deploy/systemd").join(unit)).unwrap();
         assert!(

@@ -185,7 +185,8 @@ pub struct DisplayConfig {
 impl Default for DisplayConfig {
     fn default() -> Self {
         Self {
-            pixels_per_mm: 96.0 / 25.4,
+            // CSS's 96 px per inch, to five digits (a value TOML reads back exactly).
+            pixels_per_mm: 3.7795,
             rewind_limit: Duration::from_secs(3600),
             tile_url: String::new(),
         }
