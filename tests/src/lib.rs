@@ -456,12 +456,17 @@ impl IngestChild {
 }
 
 /// Starts `exe` (the test package's `e2e-hospital-ingest`, from `CARGO_BIN_EXE_...`, which
-/// only integration tests see) with `cfg` on free loopback ports, its configuration written
+/// only integration tests see) with `cfg` on free loopback ports (where it says port 0), its configuration written
 /// into `dir`, and waits until its gRPC port accepts (QUIC is bound before it).
 pub async fn spawn_ingest_child(exe: &str, mut cfg: IngestConfig, dir: &Path) -> IngestChild {
+    // Port 0 becomes a free port; a given one is kept (a restart on the same addresses).
     let (quic, grpc) = free_ports();
-    cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
-    cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
+    if cfg.quic.listen.port() == 0 {
+        cfg.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    }
+    if cfg.grpc.listen.port() == 0 {
+        cfg.grpc.listen = format!("127.0.0.1:{grpc}").parse().unwrap();
+    }
     let metrics = cfg.metrics.listen.map(|_| {
         let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         t.local_addr().unwrap()

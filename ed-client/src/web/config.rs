@@ -38,6 +38,9 @@ pub struct WebConfig {
     /// The record of who viewed what.
     #[command(flatten)]
     pub audit: WebAuditConfig,
+    /// Paging the cath lab.
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
 }
 
 /// The HTTPS endpoint (`[http]`).
@@ -204,6 +207,48 @@ pub struct WebAuditConfig {
     pub path: Option<PathBuf>,
 }
 
+/// Paging the cath lab (`[webhook]`): events with one of `codes` are POSTed to `url`,
+/// exactly once each (README "ED web view").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// HTTPS URL alerts are POSTed to (JSON, with an Idempotency-Key header); no paging
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(id = "webhook.url", long = "webhook-url")]
+    pub url: Option<String>,
+    /// CA that signed the receiver's certificate (PEM).
+    #[arg(id = "webhook.ca", long = "webhook-ca")]
+    pub ca: PathBuf,
+    /// Event codes that page (comma-separated on the command line).
+    #[arg(id = "webhook.codes", long = "webhook-codes", value_delimiter = ',')]
+    pub codes: Vec<String>,
+    /// The durable outbox (redb): alerts not yet delivered and those already sent.
+    #[arg(id = "webhook.outbox", long = "webhook-outbox")]
+    pub outbox: PathBuf,
+    /// One POST (connect, TLS, answer) must finish within this.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "webhook.timeout", long = "webhook-timeout", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Retries back off from 1 s, doubling up to this.
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "webhook.max_backoff", long = "webhook-max-backoff", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            ca: "certs/webhook-ca.pem".into(),
+            codes: vec!["STEMI".into()],
+            outbox: "ed-web-webhook.redb".into(),
+            timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
 impl ServiceConfig for WebConfig {
     const RENAMED: &'static [Rename] = &[];
 
@@ -228,7 +273,14 @@ impl ServiceConfig for WebConfig {
             ("ingest.refresh", self.ingest.refresh),
             ("auth.session_ttl", self.auth.session_ttl),
             ("display.rewind_limit", self.display.rewind_limit),
+            ("webhook.timeout", self.webhook.timeout),
+            ("webhook.max_backoff", self.webhook.max_backoff),
         ])?;
+        if let Some(url) = &self.webhook.url
+            && !url.starts_with("https://")
+        {
+            return invalid("webhook.url", url, "must be an https:// URL");
+        }
         let ppmm = self.display.pixels_per_mm;
         if !(ppmm.is_finite() && (1.0..=40.0).contains(&ppmm)) {
             return invalid("display.pixels_per_mm", &ppmm, "must be in 1..=40");
@@ -267,5 +319,11 @@ mod tests {
         let bad: Result<WebConfig, _> =
             WebConfig::load_from(["ed-web", "--ingest-url", "http://10.0.0.1:50051"]);
         assert!(bad.unwrap_err().to_string().contains("ingest.url"));
+        let bad: Result<WebConfig, _> =
+            WebConfig::load_from(["ed-web", "--webhook-url", "http://cathlab/page"]);
+        assert!(bad.unwrap_err().to_string().contains("webhook.url"));
+        let c: WebConfig =
+            WebConfig::load_from(["ed-web", "--webhook-codes", "STEMI,STROKE"]).unwrap();
+        assert_eq!(c.webhook.codes, ["STEMI", "STROKE"]);
     }
 }

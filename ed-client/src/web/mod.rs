@@ -10,6 +10,7 @@ pub mod board;
 pub mod config;
 pub mod feed;
 pub mod listener;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -66,6 +67,9 @@ pub enum WebError {
     /// The ingest's address or client certificate is unusable.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The webhook's outbox, URL or CA is unusable.
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
 }
 
 /// Capture time a vehicle view starts with when the browser names none: the trace fills at
@@ -195,7 +199,12 @@ impl EdWeb {
             what: "HTTPS listener".into(),
             source,
         })?;
-        let board = Arc::new(Mutex::new(Board::default()));
+        let webhook = webhook::Webhook::start(&cfg.webhook)?;
+        // With a webhook, the board resumes after the last alert it wrote to the outbox, so
+        // no alert raised while ed-web was down is missed.
+        let mut first = Board::default();
+        first.cursor = webhook.as_ref().and_then(webhook::Webhook::resume_cursor);
+        let board = Arc::new(Mutex::new(first));
         let state = Arc::new(AppState {
             streams: Arc::new(Semaphore::new(cfg.http.max_streams)),
             per_user: Mutex::new(HashMap::new()),
@@ -205,7 +214,7 @@ impl EdWeb {
             auth,
             cfg: cfg.clone(),
         });
-        let board_task = tokio::spawn(follow_board(client, board, cfg.ingest.refresh));
+        let board_task = tokio::spawn(follow_board(client, board, cfg.ingest.refresh, webhook));
         let app = router(state);
         let server = tokio::spawn(async move {
             let svc = app.into_make_service_with_connect_info::<Peer>();
@@ -226,6 +235,31 @@ impl EdWeb {
         self.server.abort();
         self.board.abort();
     }
+}
+
+/// The `ed-web` command line: `ed-web hash-password` (password on stdin, argon2 hash on
+/// stdout), or the service until SIGTERM / ctrl-c.
+pub async fn run_cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    if args.get(1).is_some_and(|a| a == "hash-password") {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
+        let password = line.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+        println!("{}", auth::hash_password(password)?);
+        return Ok(());
+    }
+    relay_ops::init_logging("info");
+    let cfg: WebConfig = relay_ops::config::load_or_exit(args)?;
+    let web = EdWeb::start(cfg).await.context("starting ed-web")?;
+    println!("ed-web: https://{}/", web.addr);
+    relay_ops::shutdown_signal().await;
+    web.shutdown();
+    Ok(())
 }
 
 fn router(state: Shared) -> Router {
@@ -721,6 +755,7 @@ async fn follow_board(
     client: TelemetryClient<Channel>,
     board: Arc<Mutex<Board>>,
     refresh: Duration,
+    webhook: Option<webhook::Webhook>,
 ) {
     let list = {
         let mut client = client.clone();
@@ -771,6 +806,12 @@ async fn follow_board(
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .apply(&m);
+                        if let Some(w) = &webhook
+                            && let Some(alert) = webhook::alert_of(&m)
+                            && w.pages(alert.body["code"].as_str().unwrap_or_default())
+                        {
+                            w.offer(alert).await;
+                        }
                     }
                 }
                 Err(status) => tracing::warn!(%status, "subscribing for the board"),

@@ -353,7 +353,7 @@
   }
 
   function onEvent(m) {
-    const e = { ...m, acked: null };
+    const e = { ...m, acked: null, arrived: performance.timeOrigin + performance.now() };
     state.events.push(e);
     if (state.events.length > 50) state.events.shift();
     renderEvents();
