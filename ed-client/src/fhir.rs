@@ -74,6 +74,10 @@ pub struct FhirExport {
     waveforms: BTreeMap<(u64, u32), Waveform>,
     /// (capture time, vital signs of one report).
     vitals: Vec<(i64, Vec<VitalSign>)>,
+    /// The incident (the EMS case number), when known: the Bundle gets an Encounter.
+    incident: Option<String>,
+    /// Data captured after this (UTC ns) is left out.
+    until_ns: Option<i64>,
 }
 
 impl FhirExport {
@@ -84,7 +88,22 @@ impl FhirExport {
             descriptors: HashMap::new(),
             waveforms: BTreeMap::new(),
             vitals: Vec::new(),
+            incident: None,
+            until_ns: None,
         }
+    }
+
+    /// The export belongs to incident `id` (an EMS case number): the Bundle holds an
+    /// Encounter for it and every Observation refers to it.
+    pub fn with_incident(mut self, id: Option<String>) -> Self {
+        self.incident = id.filter(|i| !i.is_empty());
+        self
+    }
+
+    /// Leaves out data captured after `until_ns` (a time range's end).
+    pub fn until(mut self, until_ns: Option<i64>) -> Self {
+        self.until_ns = until_ns;
+        self
     }
 
     /// Takes one message of a subscription (others than the vehicle's are ignored).
@@ -102,7 +121,9 @@ impl FhirExport {
                 let (Some(s), Some(f)) = (&d.stream, &d.frame) else {
                     return;
                 };
-                if s.vehicle_id != self.vehicle {
+                if s.vehicle_id != self.vehicle
+                    || self.until_ns.is_some_and(|t| f.capture_time_ns > t)
+                {
                     return;
                 }
                 match &f.payload {
@@ -151,11 +172,45 @@ impl FhirExport {
                 "deviceName": [{ "name": format!("Ambulance {}", self.vehicle), "type": "user-friendly-name" }],
             }
         })];
+        // FHIR ids are 1-64 of [A-Za-z0-9.-]: the case number is kept as is in the identifier.
+        let encounter = self.incident.as_ref().map(|incident| {
+            let safe: String = incident
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(55)
+                .collect();
+            let id = format!("incident-{safe}");
+            entries.push(json!({
+                "fullUrl": format!("urn:uuid:{}-{id}", self.vehicle),
+                "resource": {
+                    "resourceType": "Encounter",
+                    "id": id,
+                    "status": "in-progress",
+                    "class": {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                        "code": "EMER",
+                        "display": "emergency",
+                    },
+                    "identifier": [{ "system": "urn:ambulance-relay:incident", "value": incident }],
+                    "serviceProvider": { "display": format!("Ambulance {}", self.vehicle) },
+                }
+            }));
+            json!({ "reference": format!("Encounter/{id}") })
+        });
         let mut n = 0usize;
         let mut push = |entries: &mut Vec<Value>, mut resource: Value| {
             n += 1;
             let id = format!("obs-{n}");
             resource["id"] = json!(id);
+            if let Some(e) = &encounter {
+                resource["encounter"] = e.clone();
+            }
             entries.push(json!({ "fullUrl": format!("urn:uuid:{}-{id}", self.vehicle), "resource": resource }));
         };
         let category = json!([{ "coding": [{

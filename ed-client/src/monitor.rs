@@ -34,6 +34,8 @@ pub struct MonitorOptions {
     pub wfdb_dir: Option<PathBuf>,
     /// Write what was received of the one vehicle followed as a FHIR R4 Bundle (JSON) here.
     pub fhir: Option<PathBuf>,
+    /// The incident (EMS case number) the FHIR export belongs to: it gets an Encounter.
+    pub incident: Option<String>,
     /// Holes up to this long are filled in a record; past it a new record begins.
     pub max_gap_fill: Duration,
     /// Stop once the backlog has been received (sync marker).
@@ -69,7 +71,9 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
     }
     let mut fhir = match (&opts.fhir, opts.vehicles.as_slice()) {
         (None, _) => None,
-        (Some(_), [vehicle]) => Some(crate::fhir::FhirExport::new(vehicle)),
+        (Some(_), [vehicle]) => {
+            Some(crate::fhir::FhirExport::new(vehicle).with_incident(opts.incident.clone()))
+        }
         (Some(_), _) => anyhow::bail!("a FHIR export is of one vehicle: name it once"),
     };
     let mut sink = opts

@@ -162,6 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         cursor_file: None,
         wfdb_dir: args.wfdb_dir.clone(),
         fhir: None,
+        incident: None,
         max_gap_fill: ed_client::client::DEFAULT_MAX_GAP_FILL,
         exit_after_sync: false,
         duration: args.duration_s.map(Duration::from_secs),

@@ -116,6 +116,100 @@ fn decode_png(bytes: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
     (info.width as usize, info.height as usize, pixels)
 }
 
+/// Validates a Bundle with the independent `fhir.resources` package (R4B models) and decodes
+/// its waveform SampledData against `orig` (every value within one quantisation step, `E`
+/// only where no sample is known). Returns how many samples per lead it held.
+fn check_fhir_export(bundle: &Path, orig: &relay_wfdb::Record) -> usize {
+    let script = r#"
+import json, sys
+from fhir.resources.R4B.bundle import Bundle
+text = open(sys.argv[1]).read()
+b = Bundle.parse_raw(text) if hasattr(Bundle, "parse_raw") else Bundle.model_validate_json(text)
+counts = {}
+for e in b.entry:
+    t = e.resource.resource_type
+    counts[t] = counts.get(t, 0) + 1
+print(json.dumps(counts))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(bundle)
+        .output()
+        .expect("python3 (tests/run.sh installs fhir.resources)");
+    assert!(
+        out.status.success(),
+        "fhir.resources refused the bundle: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(counts["Device"], 1, "{counts}");
+    assert_eq!(counts["Encounter"], 1, "{counts}");
+    let json: Value = serde_json::from_slice(&std::fs::read(bundle).unwrap()).unwrap();
+    let resources: Vec<&Value> = json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let encounter = resources
+        .iter()
+        .find(|r| r["resourceType"] == "Encounter")
+        .unwrap();
+    assert_eq!(encounter["identifier"][0]["value"], "EMS-2026-0042");
+    let nsig = orig.header.signals.len();
+    let mut held = std::collections::BTreeSet::new();
+    for r in resources
+        .iter()
+        .filter(|r| r["component"][0]["valueSampledData"].is_object())
+    {
+        assert_eq!(
+            r["encounter"]["reference"],
+            format!("Encounter/{}", encounter["id"].as_str().unwrap())
+        );
+        let first: usize = r["identifier"][0]["value"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        for (c, comp) in r["component"].as_array().unwrap().iter().enumerate() {
+            let sd = &comp["valueSampledData"];
+            let (origin, factor) = (
+                sd["origin"]["value"].as_f64().unwrap(),
+                sd["factor"].as_f64().unwrap(),
+            );
+            let sig = &orig.header.signals[c];
+            for (i, token) in sd["data"].as_str().unwrap().split(' ').enumerate() {
+                if token == "E" {
+                    continue;
+                }
+                let value: f64 = token.parse().unwrap();
+                let stored = orig.samples[(first + i) * nsig + c];
+                let physical = (f64::from(stored) - f64::from(sig.baseline)) / sig.gain;
+                assert!(
+                    (origin + factor * value - physical).abs() <= 1.0 / sig.gain,
+                    "lead {c} sample {}",
+                    first + i
+                );
+                if c == 0 {
+                    held.insert(first + i);
+                }
+            }
+        }
+    }
+    // From sample 0 without a hole: the cut was back-filled before the export.
+    let n = held.len();
+    assert_eq!(
+        held.last().copied(),
+        Some(n - 1),
+        "samples 0..{n} without E"
+    );
+    n
+}
+
 fn screenshot_dir() -> std::path::PathBuf {
     std::env::var_os("ED_WEB_SCREENSHOTS").map_or_else(
         || Path::new(env!("CARGO_TARGET_TMPDIR")).join("ed-web-screenshots"),
@@ -278,6 +372,33 @@ async fn clinicians_see_the_board_and_every_sample_of_a_live_ecg_in_the_browser(
         s["hash"].as_u64().unwrap() as u32,
         fnv(&rec.samples[..contig * n]),
         "the page's samples 0..{contig} differ from record 100"
+    );
+
+    // The FHIR export of what was received, read-only from ed-web, for an incident: it
+    // validates with fhir.resources and gives back every sample of record 100 received.
+    let bundle = b
+        .eval(&format!(
+            "fetch('/api/vehicles/amb-1/fhir?from={start_ms}&incident=EMS-2026-0042').then(r => r.text())"
+        ))
+        .await;
+    let bundle_path = work.path().join("amb-1.fhir.json");
+    std::fs::write(&bundle_path, bundle.as_str().unwrap()).unwrap();
+    let exported = check_fhir_export(&bundle_path, &rec);
+    assert!(
+        exported >= contig,
+        "the export holds every sample the page had: {exported} < {contig}"
+    );
+    assert_eq!(
+        status_of(
+            &mut b,
+            &format!(
+                "/api/vehicles/amb-1/fhir?from={start_ms}&to={}",
+                start_ms - 1.0
+            )
+        )
+        .await,
+        400,
+        "a range that ends before it starts"
     );
 
     // Capture to screen, measured by the page on live frames.
@@ -579,7 +700,9 @@ async fn a_stemi_alert_reaches_the_ed_view_and_pages_the_cath_lab_once_across_cr
     )
     .await;
     let socket = work.path().join("events.sock");
-    let mut cfg = agent_config(pki.path(), "amb-1", links[0].addr, vitals_and_gps());
+    let mut sources = vec![replay("100", 1.0)];
+    sources.extend(vitals_and_gps());
+    let mut cfg = agent_config(pki.path(), "amb-1", links[0].addr, sources);
     over_links(&mut cfg, &links);
     cfg.events.socket = Some(socket.clone());
     let agent = Agent::start(cfg).await.unwrap();
@@ -655,8 +778,23 @@ async fn a_stemi_alert_reaches_the_ed_view_and_pages_the_cath_lab_once_across_cr
     );
     assert!(view_p99 < 1000.0 && paged_p99 < 1000.0);
 
-    // The ED acknowledges the newest alarm in the browser; the crew's API shows it.
+    // The alarm shows the 10 s of ECG before the newest alert (360 Hz), from the history.
     let (last_seq, _) = *raised.last().unwrap();
+    let strip = b
+        .wait_for(
+            &format!(
+                "window.edState.alarmStrip && edState.alarmStrip.alert.endsWith('/{last_seq}') && edState.alarmStrip"
+            ),
+            Duration::from_secs(30),
+        )
+        .await;
+    let samples = strip["samples"].as_u64().unwrap();
+    assert!((3590..=3601).contains(&samples), "{strip}");
+    let shots = screenshot_dir();
+    std::fs::create_dir_all(&shots).unwrap();
+    std::fs::write(shots.join("ed-web-alarm.png"), b.screenshot(None).await).unwrap();
+
+    // The ED acknowledges the newest alarm in the browser; the crew's API shows it.
     b.wait_for(
         "document.querySelector('#alarm button') !== null",
         Duration::from_secs(10),

@@ -53,6 +53,10 @@ struct Args {
     /// as a Device. With --from and --exit-after-sync it exports a time range.
     #[arg(long)]
     fhir: Option<PathBuf>,
+    /// The incident (EMS case number) the --fhir export belongs to: the Bundle gets an
+    /// Encounter with it, and every Observation refers to the Encounter.
+    #[arg(long)]
+    incident: Option<String>,
     /// Holes in a stream up to this long are filled with the invalid sample value; past it
     /// the stream continues in a new record (`..._s2`, ...), so a far-off sample index never
     /// makes a huge file.
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         cursor_file: a.cursor_file,
         wfdb_dir: a.wfdb_dir,
         fhir: a.fhir,
+        incident: a.incident,
         max_gap_fill: a.max_gap_fill,
         exit_after_sync: a.exit_after_sync,
         duration: a.duration_s.map(Duration::from_secs),

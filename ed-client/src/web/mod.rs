@@ -79,6 +79,15 @@ const DEFAULT_BACKFILL: Duration = Duration::from_secs(12);
 const SLOW_BROWSER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the board is pushed to each browser.
 const BOARD_PUSH: Duration = Duration::from_secs(1);
+/// The longest time range one FHIR export or history request covers.
+const MAX_RANGE: Duration = Duration::from_secs(3600);
+/// Records one FHIR export reads at most (an hour of a 12-lead 500 Hz stream in 40 ms frames
+/// is 90,000); beyond, the export is refused rather than held in memory.
+const MAX_EXPORT_RECORDS: usize = 400_000;
+/// A FHIR export must be read from the ingest within this.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Records one history request returns at most (the ingest bounds it too).
+const MAX_HISTORY_RECORDS: u32 = 1000;
 
 /// One JSON line per login, page view and data stream (and a log line each).
 #[derive(Debug)]
@@ -274,6 +283,8 @@ fn router(state: Shared) -> Router {
         .route("/api/board/events", get(board_events))
         .route("/api/vehicles/{id}/events", get(vehicle_events))
         .route("/api/vehicles/{id}/ack", post(acknowledge))
+        .route("/api/vehicles/{id}/history", get(history))
+        .route("/api/vehicles/{id}/fhir", get(fhir_export))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             security_headers,
@@ -716,11 +727,7 @@ async fn acknowledge(
             .record(&s.user, "acknowledge", Some(&id), "denied", peer);
         return out_of_scope();
     }
-    let Some((session_id, stream_id)) = body
-        .key
-        .split_once(':')
-        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u32>().ok()?)))
-    else {
+    let Some((session_id, stream_id)) = parse_key(&body.key) else {
         return (StatusCode::BAD_REQUEST, "key must be session:stream\n").into_response();
     };
     let req = AcknowledgeRequest {
@@ -747,6 +754,185 @@ async fn acknowledge(
             (StatusCode::BAD_GATEWAY, format!("{}\n", status.message())).into_response()
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct RangeQuery {
+    /// Start, capture time in milliseconds since the epoch.
+    from: f64,
+    /// End (inclusive); now when absent.
+    to: Option<f64>,
+    /// For history: the stream, `session:stream`.
+    key: Option<String>,
+    /// For FHIR: the incident (EMS case number), which adds an Encounter.
+    incident: Option<String>,
+}
+
+impl RangeQuery {
+    /// The range in UTC ns, checked: finite, ordered, at most MAX_RANGE.
+    fn range(&self) -> Result<(i64, i64), Box<Response>> {
+        let to = self.to.unwrap_or(relay_ops::now_utc_ns() as f64 / 1e6);
+        let ok = self.from.is_finite()
+            && to.is_finite()
+            && self.from <= to
+            && to - self.from <= MAX_RANGE.as_millis() as f64;
+        if !ok {
+            return Err(Box::new(
+                (
+                    StatusCode::BAD_REQUEST,
+                    "from and to must be times in ms, from <= to, at most an hour apart\n",
+                )
+                    .into_response(),
+            ));
+        }
+        Ok(((self.from * 1e6) as i64, (to * 1e6) as i64))
+    }
+}
+
+fn parse_key(key: &str) -> Option<(u64, u32)> {
+    let (a, b) = key.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// A time range of one stream (the 10 s of ECG before an alarm), from the ingest's History.
+async fn history(
+    State(state): State<Shared>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(s) = session(&state, &headers) else {
+        return unauthorized();
+    };
+    if !s.scope.allows(&id) {
+        state
+            .audit
+            .record(&s.user, "history", Some(&id), "denied", peer);
+        return out_of_scope();
+    }
+    let (from, to) = match q.range() {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let Some((session_id, stream_id)) = q.key.as_deref().and_then(parse_key) else {
+        return (StatusCode::BAD_REQUEST, "key must be session:stream\n").into_response();
+    };
+    let req = relay_proto::model::HistoryRequest {
+        stream: Some(StreamRef {
+            vehicle_id: id.clone(),
+            session_id,
+            stream_id,
+            kind: StreamKind::Waveform as i32,
+        }),
+        from_capture_time_ns: from,
+        to_capture_time_ns: to,
+        max_records: MAX_HISTORY_RECORDS,
+    };
+    let h = match state.client.clone().history(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            state
+                .audit
+                .record(&s.user, "history", Some(&id), "ingest_refused", peer);
+            return (StatusCode::BAD_GATEWAY, format!("{}\n", status.message())).into_response();
+        }
+    };
+    state
+        .audit
+        .record(&s.user, "history", Some(&id), "ok", peer);
+    let wrap = |record| relay_proto::model::SubscribeResponse {
+        cursor: 0,
+        record: Some(record),
+    };
+    use relay_proto::model::subscribe_response::Record;
+    axum::Json(json!({
+        "stream": h.stream.map(|i| feed::to_json(&wrap(Record::Stream(i)))),
+        "records": h.records.into_iter().filter_map(|d| feed::to_json(&wrap(Record::Data(d)))).collect::<Vec<_>>(),
+        "missing": h.missing.into_iter().filter_map(|g| feed::to_json(&wrap(Record::Gap(g)))).collect::<Vec<_>>(),
+        "truncated": h.truncated,
+    }))
+    .into_response()
+}
+
+/// What was received of a vehicle in a time range as a FHIR R4 Bundle (read-only).
+async fn fhir_export(
+    State(state): State<Shared>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    use relay_proto::model::subscribe_response::Record;
+    let Some(s) = session(&state, &headers) else {
+        return unauthorized();
+    };
+    if !s.scope.allows(&id) {
+        state
+            .audit
+            .record(&s.user, "fhir_export", Some(&id), "denied", peer);
+        return out_of_scope();
+    }
+    let (from, to) = match q.range() {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let req = SubscribeRequest {
+        vehicle_ids: vec![id.clone()],
+        kinds: vec![],
+        start: Some(Start::FromCaptureTimeNs(from)),
+    };
+    let mut export = crate::fhir::FhirExport::new(&id)
+        .with_incident(q.incident.clone())
+        .until(Some(to));
+    let read = async {
+        let mut stream = state.client.clone().subscribe(req).await?.into_inner();
+        let mut records = 0_usize;
+        while let Some(m) = stream.message().await? {
+            if matches!(m.record, Some(Record::Sync(_))) {
+                return Ok(true);
+            }
+            records += 1;
+            if records > MAX_EXPORT_RECORDS {
+                return Ok(false);
+            }
+            export.handle(&m);
+        }
+        Ok::<bool, tonic::Status>(true)
+    };
+    match tokio::time::timeout(EXPORT_TIMEOUT, read).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            state
+                .audit
+                .record(&s.user, "fhir_export", Some(&id), "too_large", peer);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too much data: export a shorter range\n",
+            )
+                .into_response();
+        }
+        Ok(Err(status)) => {
+            state
+                .audit
+                .record(&s.user, "fhir_export", Some(&id), "ingest_refused", peer);
+            return (StatusCode::BAD_GATEWAY, format!("{}\n", status.message())).into_response();
+        }
+        Err(_) => {
+            state
+                .audit
+                .record(&s.user, "fhir_export", Some(&id), "timeout", peer);
+            return (StatusCode::GATEWAY_TIMEOUT, "the ingest took too long\n").into_response();
+        }
+    }
+    state
+        .audit
+        .record(&s.user, "fhir_export", Some(&id), "ok", peer);
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        export.bundle().to_string(),
+    )
+        .into_response()
 }
 
 /// Keeps the board current: the vehicle list every `refresh`, and a live subscription to

@@ -15,7 +15,7 @@
       : ed.el("span", { class: "offline-text" }, "offline");
     const vit = v.vitals || {};
     const nibp = vit.nibp_sys && vit.nibp_dia
-      ? `${vit.nibp_sys.value.toFixed(0)}/${vit.nibp_dia.value.toFixed(0)} ${vit.nibp_sys.unit}` : "–";
+      ? `${vit.nibp_sys.value.toFixed(0)}/${vit.nibp_dia.value.toFixed(0)} ${ed.unit(vit.nibp_sys.unit)}` : "–";
     const highs = (v.events || []).filter(e => e.severity === "high");
     const alerts = ed.el("td", {}, ...(highs.length
       ? highs.slice(-3).map(e => ed.el("div", { class: "alert-high" }, `${e.code} ${ed.time(e.time)}`))

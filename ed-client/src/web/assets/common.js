@@ -54,7 +54,11 @@ const ed = {
     const [lat, lon] = track[track.length - 1];
     g.fillStyle = "#b00020"; g.beginPath(); g.arc(x(lon), y(lat), 5, 0, 2 * Math.PI); g.fill();
   },
+  // UCUM codes as clinicians write them.
+  unit(u) {
+    return { "Cel": "°C", "mm[Hg]": "mmHg", "[degF]": "°F", "{beats}/min": "/min" }[u] || u;
+  },
   vital(v, digits) {
-    return v ? v.value.toFixed(digits) + " " + v.unit : "–";
+    return v ? v.value.toFixed(digits) + " " + ed.unit(v.unit) : "–";
   },
 };

@@ -203,6 +203,15 @@
     return c;
   }
 
+  // 1 mV calibration pulse, 200 ms wide at the chosen speed, in the left margin.
+  function calibrationPulse(g, y0, pxPerMv) {
+    const x0 = 3 * PPMM, pw = 0.2 * view.speed * PPMM;
+    g.strokeStyle = "#000"; g.lineWidth = 1.5; g.beginPath();
+    g.moveTo(PPMM, y0); g.lineTo(x0, y0); g.lineTo(x0, y0 - pxPerMv);
+    g.lineTo(x0 + pw, y0 - pxPerMv); g.lineTo(x0 + pw, y0); g.lineTo(x0 + pw + 2 * PPMM, y0);
+    g.stroke();
+  }
+
   function windowSeconds(s) {
     const c = s.canvases && s.canvases[0];
     const w = c ? c.clientWidth : 800;
@@ -232,12 +241,7 @@
     if (mvPerUnit !== undefined) {
       const pxPerMv = view.gain * PPMM;
       scaleY = phys => y0 - phys * mvPerUnit * pxPerMv;
-      // 1 mV calibration pulse, 200 ms wide at the chosen speed.
-      const x0 = 3 * PPMM, pw = 0.2 * view.speed * PPMM;
-      g.strokeStyle = "#000"; g.beginPath();
-      g.moveTo(PPMM, y0); g.lineTo(x0, y0); g.lineTo(x0, y0 - pxPerMv);
-      g.lineTo(x0 + pw, y0 - pxPerMv); g.lineTo(x0 + pw, y0); g.lineTo(x0 + pw + 2 * PPMM, y0);
-      g.stroke();
+      calibrationPulse(g, y0, pxPerMv);
     } else {
       g.fillText(info.unit, 2, 27);
     }
@@ -327,7 +331,7 @@
   function renderVitals() {
     const now = Date.now();
     const rows = Object.values(state.vitals).map(v => ed.el("tr", {},
-      ed.el("th", {}, v.label), ed.el("td", {}, `${Number(v.value).toFixed(v.value % 1 ? 1 : 0)} ${v.unit}`),
+      ed.el("th", {}, v.label), ed.el("td", {}, `${Number(v.value).toFixed(v.value % 1 ? 1 : 0)} ${ed.unit(v.unit)}`),
       ed.el("td", {}, `${ed.time(v.time)} (${ed.age(v.time, now)})`)));
     document.querySelector("#vitals tbody").replaceChildren(...rows);
   }
@@ -375,6 +379,74 @@
     return state.events.filter(e => e.severity === "high" && !e.acked && e.cap > recent);
   }
 
+  // The 10 s of ECG before the newest open alarm, from the ingest's history, drawn at the
+  // chosen speed and gain (lead II when the stream has one).
+  const strip = { alert: null };
+  async function showAlarmStrip(e) {
+    const id = `${e.key}/${e.seq}`;
+    if (strip.alert === id) return;
+    strip.alert = id;
+    const s = Object.values(state.streams)[0];
+    if (!s) return;
+    const ch = Math.max(0, s.channels.findIndex(c => c.name === "II"));
+    const url = `/api/vehicles/${encodeURIComponent(vehicle)}/history?key=${encodeURIComponent(s.key)}` +
+      `&from=${e.cap - 10000}&to=${e.cap}`;
+    // The alert travels ahead of the ECG frame it falls in (events go first): ask again
+    // until the history reaches the alert's time, for a few seconds at most.
+    let hist = null, samples = new Map();
+    for (let attempt = 0; attempt < 10; attempt++) {
+      const r = await fetch(url, { credentials: "same-origin" });
+      if (!r.ok) return;
+      hist = await r.json();
+      samples = new Map();
+      let newest = -Infinity;
+      for (const m of hist.records) {
+        if (m.t !== "wave") continue;
+        // Frames overlap the range's ends: keep exactly the 10 s before the alert.
+        for (let j = 0; j < m.n; j++) {
+          const t = m.cap + (j / s.rate) * 1000;
+          newest = Math.max(newest, t);
+          if (t >= e.cap - 10000 && t <= e.cap) samples.set(m.first + j, m.s[j * s.nch + ch]);
+        }
+      }
+      if (newest >= e.cap - 1000 / s.rate || hist.truncated) break;
+      await new Promise(done => setTimeout(done, 500));
+    }
+    if (strip.alert !== id) return; // a newer alarm took the strip meanwhile
+    const idx = [...samples.keys()].sort((a, b) => a - b);
+    state.alarmStrip = {
+      alert: id, samples: samples.size, truncated: hist.truncated, missing: hist.missing.length,
+      first: idx.length ? idx[0] : null, last: idx.length ? idx[idx.length - 1] : null,
+    };
+    const canvas = document.getElementById("alarm-canvas");
+    const info = s.channels[ch];
+    const w = Math.round(MARGIN_MM * PPMM + 10 * view.speed * PPMM), h = Math.round(LEAD_MM * PPMM);
+    const dpr = window.devicePixelRatio || 1;
+    canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr);
+    canvas.style.width = w + "px"; canvas.style.height = h + "px";
+    const g = canvas.getContext("2d");
+    g.drawImage(grid(w, h, dpr), 0, 0);
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    const y0 = h / 2, pxPerMv = view.gain * PPMM, mv = MV_UNITS[info.unit] || 1;
+    calibrationPulse(g, y0, pxPerMv);
+    g.fillStyle = "#1a4fa0"; g.font = "12px system-ui, sans-serif"; g.fillText(info.name, 2, 13);
+    const t0 = idx.length ? idx[0] : 0, end = idx.length ? idx[idx.length - 1] : -1;
+    const x = i => MARGIN_MM * PPMM + ((i - t0) / s.rate) * view.speed * PPMM;
+    const y = i => y0 - ((samples.get(i) - (info.baseline || 0)) / (info.gain || 1)) * mv * pxPerMv;
+    g.strokeStyle = "#000"; g.lineWidth = 1.5; g.beginPath();
+    let drawing = false;
+    for (let i = t0; i <= end; i++) {
+      if (!samples.has(i)) { drawing = false; continue; }
+      if (drawing) g.lineTo(x(i), y(i)); else g.moveTo(x(i), y(i));
+      drawing = true;
+    }
+    g.stroke();
+    document.getElementById("alarm-strip-title").textContent =
+      `${s.name} ${info.name}: the 10 s before the ${e.code} alert at ${ed.time(e.cap)}` +
+      (hist.missing.length ? " (with gaps)" : "");
+    document.getElementById("alarm-strip").classList.remove("hidden");
+  }
+
   function renderEvents() {
     const items = state.events.slice().reverse().map(e => {
       const li = ed.el("li", { class: e.severity === "high" ? "alert-high" : "" },
@@ -397,6 +469,9 @@
       const b = ed.el("button", { type: "button" }, "Acknowledge");
       b.onclick = () => acknowledge(e);
       alarm.replaceChildren(`${e.code} ALERT ${ed.time(e.cap)}` + (e.text ? `: ${e.text}` : ""), b);
+      showAlarmStrip(e);
+    } else {
+      document.getElementById("alarm-strip").classList.add("hidden");
     }
   }
   // An unacknowledged alert sounds again every 5 s.
