@@ -822,6 +822,24 @@ async fn a_stemi_alert_reaches_the_ed_view_and_pages_the_cath_lab_once_across_cr
     );
     assert_eq!(ack["acknowledged_by"], "ed-web");
     assert!(ack["note"].as_str().unwrap().contains("dr-lee"), "{ack}");
+    // Every ED screen learns it from the board: that alert no longer alarms, the others do.
+    let events = b
+        .eval("fetch('/api/board').then(r => r.json()).then(b => b.vehicles[0].events)")
+        .await;
+    let events = events.as_array().unwrap();
+    let acked: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["acked_by"] == "dr-lee")
+        .collect();
+    assert_eq!(acked.len(), 1, "{events:?}");
+    assert_eq!(acked[0]["seq"], last_seq);
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.get("acked_by").is_none())
+            .count()
+            >= 10
+    );
     b.close().await;
 
     // The pager is down when the next alert comes, and ed-web is killed with it pending.

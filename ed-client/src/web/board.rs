@@ -164,6 +164,36 @@ impl Board {
         }
     }
 
+    /// Records that `user` acknowledged event `seq` of stream `key` of `vehicle` through
+    /// ed-web, so every screen stops alarming for it. False when the board does not hold
+    /// that event (older than the last MAX_EVENTS).
+    pub fn acknowledged(
+        &mut self,
+        vehicle: &str,
+        key: &str,
+        seq: u64,
+        user: &str,
+        at_ms: f64,
+    ) -> bool {
+        let Some(e) = self.vehicles.get_mut(vehicle) else {
+            return false;
+        };
+        match e
+            .events
+            .iter_mut()
+            .find(|ev| ev["key"] == key && ev["seq"] == seq)
+        {
+            Some(ev) => {
+                if ev.get("acked_by").is_none() {
+                    ev["acked_by"] = json!(user);
+                    ev["acked_at"] = json!(at_ms);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The vehicles `scope` allows, as the page's JSON.
     pub fn snapshot(&self, scope: &Scope, now_ms: f64) -> Value {
         let vehicles: Vec<Value> = self
@@ -248,5 +278,32 @@ mod tests {
         let one = b.snapshot(&Scope::new(vec!["amb-2".into()]), 0.0);
         assert_eq!(one["vehicles"].as_array().unwrap().len(), 1);
         assert_eq!(one["vehicles"][0]["id"], "amb-2");
+    }
+
+    #[test]
+    fn the_first_acknowledgement_of_an_event_shows_on_the_board() {
+        use relay_proto::model::Event;
+        let mut b = Board::default();
+        let mut msg = vitals("amb-1", 1, 80.0);
+        if let Some(Record::Data(d)) = &mut msg.record
+            && let Some(f) = &mut d.frame
+        {
+            f.seq = 4;
+            f.payload = Some(Payload::Event(Event {
+                code: "STEMI".into(),
+                severity: 4,
+                ..Default::default()
+            }));
+        }
+        b.apply(&msg);
+        assert!(
+            !b.acknowledged("amb-1", "1:2", 5, "dr-lee", 1.0),
+            "no such event"
+        );
+        assert!(b.acknowledged("amb-1", "1:2", 4, "dr-lee", 1.0));
+        assert!(b.acknowledged("amb-1", "1:2", 4, "dr-kim", 2.0));
+        let snap = b.snapshot(&Scope::new(vec!["*".into()]), 0.0);
+        assert_eq!(snap["vehicles"][0]["events"][0]["acked_by"], "dr-lee");
+        assert_eq!(snap["vehicles"][0]["events"][0]["acked_at"], 1.0);
     }
 }

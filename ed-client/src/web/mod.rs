@@ -745,6 +745,17 @@ async fn acknowledge(
             state
                 .audit
                 .record(&s.user, "acknowledge", Some(&id), "ok", peer);
+            state
+                .board
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .acknowledged(
+                    &id,
+                    &body.key,
+                    body.seq,
+                    &s.user,
+                    relay_ops::now_utc_ns() as f64 / 1e6,
+                );
             axum::Json(json!({"delivered": r.into_inner().delivered})).into_response()
         }
         Err(status) => {

@@ -18,7 +18,8 @@
       ? `${vit.nibp_sys.value.toFixed(0)}/${vit.nibp_dia.value.toFixed(0)} ${ed.unit(vit.nibp_sys.unit)}` : "–";
     const highs = (v.events || []).filter(e => e.severity === "high");
     const alerts = ed.el("td", {}, ...(highs.length
-      ? highs.slice(-3).map(e => ed.el("div", { class: "alert-high" }, `${e.code} ${ed.time(e.time)}`))
+      ? highs.slice(-3).map(e => ed.el("div", { class: e.acked_by ? "" : "alert-high" },
+        `${e.code} ${ed.time(e.time)} ` + (e.acked_by ? `(acknowledged by ${e.acked_by})` : "UNACKNOWLEDGED")))
       : ["–"]));
     const track = ed.el("canvas", { width: "160", height: "80", class: "track" });
     ed.drawTrack(track, v.track);
@@ -38,8 +39,16 @@
     banner.classList.toggle("hidden", b.connected);
     banner.textContent = b.connected ? "" : "The ingest is not reachable: the board is not current.";
     body.replaceChildren(...b.vehicles.map(v => row(v, b.now)));
+    window.edBoard.unacknowledged = b.vehicles.reduce((n, v) => n + ed.unacknowledged(v.events, b.now).length, 0);
+    banner.classList.toggle("hidden", b.connected && window.edBoard.unacknowledged === 0);
+    if (b.connected && window.edBoard.unacknowledged > 0) {
+      banner.textContent = `${window.edBoard.unacknowledged} alert(s) not acknowledged: open the vehicle to acknowledge.`;
+    }
     empty.classList.toggle("hidden", b.vehicles.length > 0);
   }
+
+  // Unacknowledged alerts sound again every 5 s, on every screen, until someone acknowledges.
+  setInterval(() => { if (window.edBoard.unacknowledged > 0) ed.beep(); }, 5000);
 
   const es = new EventSource("/api/board/events");
   es.addEventListener("board", ev => render(JSON.parse(ev.data)));

@@ -54,6 +54,21 @@ const ed = {
     const [lat, lon] = track[track.length - 1];
     g.fillStyle = "#b00020"; g.beginPath(); g.arc(x(lon), y(lat), 5, 0, 2 * Math.PI); g.fill();
   },
+  // A short tone (Web Audio: no sound file); silent where the browser has no audio device or
+  // has not been interacted with yet, which the visual alarm covers.
+  beep() {
+    try {
+      ed.audio = ed.audio || new AudioContext();
+      const o = ed.audio.createOscillator(), g = ed.audio.createGain();
+      o.frequency.value = 880; g.gain.value = 0.2;
+      o.connect(g); g.connect(ed.audio.destination);
+      o.start(); o.stop(ed.audio.currentTime + 0.4);
+    } catch (_) { /* no audio */ }
+  },
+  // High-severity events of the last 30 minutes nobody has acknowledged through ed-web.
+  unacknowledged(events, now) {
+    return (events || []).filter(e => e.severity === "high" && !e.acked_by && e.time > now - 30 * 60 * 1000);
+  },
   // UCUM codes as clinicians write them.
   unit(u) {
     return { "Cel": "°C", "mm[Hg]": "mmHg", "[degF]": "°F", "{beats}/min": "/min" }[u] || u;

@@ -345,17 +345,6 @@
 
   // ---- clinical events and the alarm ---------------------------------------------------------
   const alarm = document.getElementById("alarm");
-  let audio = null;
-  function beep() {
-    try {
-      audio = audio || new AudioContext();
-      const o = audio.createOscillator(), g = audio.createGain();
-      o.frequency.value = 880; g.gain.value = 0.2;
-      o.connect(g); g.connect(audio.destination);
-      o.start(); o.stop(audio.currentTime + 0.4);
-    } catch (_) { /* no audio device: the visual alarm stays */ }
-  }
-
   function onEvent(m) {
     const e = { ...m, acked: null, arrived: performance.timeOrigin + performance.now() };
     state.events.push(e);
@@ -453,7 +442,8 @@
         `${ed.time(e.cap)} ${e.code}` + (e.text ? `: ${e.text}` : ""));
       if (e.acked) {
         li.append(ed.el("div", {}, `acknowledged by ${e.acked.by} at ${ed.time(e.acked.time)}` +
-          (e.acked.ok ? (e.acked.delivered ? " (delivered to the crew)" : " (queued for the crew)") : " (failed)")));
+          (!e.acked.ok ? " (failed)" : e.acked.delivered === null ? "" :
+            e.acked.delivered ? " (delivered to the crew)" : " (the vehicle is offline: not delivered)")));
       } else {
         const b = ed.el("button", { type: "button" }, "Acknowledge");
         b.onclick = () => acknowledge(e);
@@ -475,7 +465,7 @@
     }
   }
   // An unacknowledged alert sounds again every 5 s.
-  setInterval(() => { if (openAlarms().length) beep(); }, 5000);
+  setInterval(() => { if (openAlarms().length) ed.beep(); }, 5000);
 
   // ---- banners: offline, behind, rewound ---------------------------------------------------
   setInterval(async () => {
@@ -486,6 +476,17 @@
       const v = b.vehicles.find(x => x.id === vehicle);
       state.online = v ? v.online : false;
       state.lastSeen = v ? v.last_seen : null;
+      // Acknowledged on another screen: this one stops alarming too.
+      let changed = false;
+      for (const b of (v && v.events) || []) {
+        if (!b.acked_by) continue;
+        const e = state.events.find(x => x.key === b.key && x.seq === b.seq);
+        if (e && !e.acked) {
+          e.acked = { by: b.acked_by, time: b.acked_at, ok: true, delivered: null };
+          changed = true;
+        }
+      }
+      if (changed) renderEvents();
     } catch (_) { state.online = null; }
   }, 2000);
 
