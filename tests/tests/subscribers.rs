@@ -328,3 +328,128 @@ async fn a_stemi_alert_raised_by_the_crew_reaches_the_ed_and_its_acknowledgement
     assert!(!socket.exists(), "the socket goes with the agent");
     ingest.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_given_while_the_vehicle_is_offline_reaches_it_when_it_is_back() {
+    use relay_proto::model::{AcknowledgeRequest, ListVehiclesRequest, StreamKind, StreamRef};
+    use vehicle_agent::events::{Request, request};
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("s.redb")))
+        .await
+        .unwrap();
+    let links = links(1, "rate=20mbit,delay=5ms", ingest.quic_addr).await;
+    let socket = work.path().join("events.sock");
+    let mut cfg = agent_config(pki.path(), "amb-1", links[0].addr, vitals_and_gps());
+    over_links(&mut cfg, &links);
+    cfg.events.socket = Some(socket.clone());
+    let agent = Agent::start(cfg).await.unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let raised = request(
+        &socket,
+        &Request::Raise {
+            code: "stroke".into(),
+            text: "left-sided weakness".into(),
+            severity: None,
+        },
+    )
+    .await
+    .unwrap();
+    let (seq, stream_id) = (
+        raised["seq"].as_u64().unwrap(),
+        raised["stream"].as_u64().unwrap() as u32,
+    );
+    // The event's session, from the stored record.
+    let mut feed = client
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec!["amb-1".into()],
+            kinds: vec![StreamKind::Events as i32],
+            start: Some(Start::AfterCursor(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let session = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), feed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(Record::Data(d)) = m.record {
+            break d.stream.unwrap().session_id;
+        }
+    };
+    // Online: the vehicle's bearer shows with its round-trip time.
+    let vehicles = client
+        .list_vehicles(ListVehiclesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vehicles;
+    let bearers = &vehicles[0].bearers;
+    assert_eq!(bearers.len(), 1, "{vehicles:?}");
+    assert!(
+        bearers[0].rtt_ns >= 10_000_000,
+        "5 ms each way: {bearers:?}"
+    );
+    assert!(bearers[0].sent_packets > 0 && bearers[0].connected_since_ns > 0);
+
+    // The bearer goes dark; once the ingest counts the vehicle offline, the ED acknowledges.
+    links[0].cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = client
+            .list_vehicles(ListVehiclesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vehicles;
+        if !v[0].online {
+            assert!(v[0].bearers.is_empty());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still online");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ack = client
+        .acknowledge(AcknowledgeRequest {
+            stream: Some(StreamRef {
+                vehicle_id: "amb-1".into(),
+                session_id: session,
+                stream_id,
+                kind: StreamKind::Events as i32,
+            }),
+            seq,
+            note: "stroke team called".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ack.delivered && ack.held, "{ack:?}");
+    let status = Request::Status { seq };
+    assert_eq!(
+        request(&socket, &status).await.unwrap()["acknowledged"],
+        false
+    );
+    // Back in coverage: the held acknowledgement reaches the crew.
+    links[0].restore();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let a = request(&socket, &status).await.unwrap();
+        if a["acknowledged"] == true {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not delivered: {a}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer["note"], "stroke team called");
+    assert_eq!(answer["acknowledged_by"], "ed-console");
+    agent.shutdown().await.unwrap();
+    for l in links {
+        l.stop();
+    }
+    ingest.shutdown().await.unwrap();
+}

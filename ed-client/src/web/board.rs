@@ -30,6 +30,7 @@ struct Entry {
     last_seen_ms: f64,
     listed: bool,
     streams: Vec<Value>,
+    bearers: Vec<Value>,
     clock_offset_ms: Option<f64>,
     vitals: BTreeMap<&'static str, Reading>,
     track: VecDeque<(f64, f64, f64)>,
@@ -74,6 +75,17 @@ impl Board {
             e.online = v.online;
             e.last_seen_ms = ms(v.last_seen_ns);
             e.clock_offset_ms = v.clock.as_ref().map(|c| c.offset_ns as f64 / 1e6);
+            e.bearers = v
+                .bearers
+                .iter()
+                .map(|b| {
+                    json!({
+                        "rtt_ms": b.rtt_ns as f64 / 1e6,
+                        "loss": if b.sent_packets > 0 { b.lost_packets as f64 / b.sent_packets as f64 } else { 0.0 },
+                        "since": ms(b.connected_since_ns),
+                    })
+                })
+                .collect();
             e.streams = v
                 .streams
                 .iter()
@@ -219,6 +231,7 @@ impl Board {
                     "last_seen": e.last_seen_ms,
                     "clock_offset_ms": e.clock_offset_ms,
                     "streams": e.streams,
+                    "bearers": e.bearers,
                     "vitals": vitals,
                     "track": track.iter().map(|p| [p.0, p.1]).collect::<Vec<_>>(),
                     "position": track.last().map(|p| json!({"lat": p.0, "lon": p.1, "time": p.2, "speed": e.speed_mps})),

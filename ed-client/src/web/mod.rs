@@ -756,7 +756,8 @@ async fn acknowledge(
                     &s.user,
                     relay_ops::now_utc_ns() as f64 / 1e6,
                 );
-            axum::Json(json!({"delivered": r.into_inner().delivered})).into_response()
+            let r = r.into_inner();
+            axum::Json(json!({"delivered": r.delivered, "held": r.held})).into_response()
         }
         Err(status) => {
             state

@@ -601,6 +601,7 @@ impl Telemetry for TelemetryService {
         tracing::info!(vehicle = %stream.vehicle_id, seq = req.seq, by = %ack.acknowledged_by, delivered, "event acknowledged");
         Ok(Response::new(AcknowledgeResponse {
             delivered: delivered > 0,
+            held: delivered == 0,
         }))
     }
 
@@ -688,6 +689,7 @@ impl Telemetry for TelemetryService {
                     last_seen_ns,
                     streams: Vec::new(),
                     clock: self.online.clock(&id),
+                    bearers: self.online.bearers(&id),
                 };
                 (id, v)
             })

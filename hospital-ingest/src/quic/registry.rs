@@ -6,8 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
-/// A live session and the serial number of its certificate.
-type LiveSession = (quinn::Connection, Option<Vec<u8>>);
+/// A live session: its connection, the serial number of its certificate, its vehicle and
+/// when its Hello was accepted (UTC ns).
+type LiveSession = (quinn::Connection, Option<Vec<u8>>, String, i64);
+
+/// Acknowledgements held per offline vehicle at most (the newest are kept).
+pub const MAX_HELD_ACKS: usize = 64;
+/// Vehicles with held acknowledgements at most (the ones held longest are dropped).
+pub const MAX_VEHICLES_WITH_HELD_ACKS: usize = 4096;
 
 /// Where an ED's acknowledgement of a clinical event reaches one connection of a vehicle.
 #[derive(Debug)]
@@ -39,6 +45,9 @@ pub struct Online {
     hellos: Mutex<HashMap<String, usize>>,
     /// Live connection id -> where event acknowledgements for it go.
     ack_routes: Mutex<HashMap<u64, AckRoute>>,
+    /// Acknowledgements for vehicles that were offline when the ED gave them, sent when a
+    /// bearer of the event's session connects (vehicle -> acks, oldest first).
+    held_acks: Mutex<BTreeMap<String, std::collections::VecDeque<relay_proto::wire::v1::EventAck>>>,
 }
 
 impl Online {
@@ -115,7 +124,7 @@ impl Online {
     pub fn close_revoked(&self, revoked: &[Vec<u8>]) -> usize {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
-        for (conn, serial) in live.values() {
+        for (conn, serial, _, _) in live.values() {
             if serial.as_ref().is_some_and(|s| revoked.contains(s)) {
                 conn.close(
                     quinn::VarInt::from_u32(relay_proto::CloseCode::Revoked.as_u32()),
@@ -133,14 +142,63 @@ impl Online {
     }
 
     /// Hands `ack` to every connected bearer of `vehicle` in the acknowledged event's
-    /// session; how many took it.
+    /// session; how many took it. When none did, the ack is held for the session's next
+    /// connection.
     pub fn send_event_ack(&self, vehicle: &str, ack: &relay_proto::wire::v1::EventAck) -> usize {
         let routes = self.ack_routes.lock().unwrap_or_else(|p| p.into_inner());
-        routes
+        let took = routes
             .values()
             .filter(|r| r.vehicle == vehicle && r.session == ack.session_id)
             .filter(|r| r.tx.try_send(ack.clone()).is_ok())
-            .count()
+            .count();
+        if took == 0 {
+            let mut held = self.held_acks.lock().unwrap_or_else(|p| p.into_inner());
+            if !held.contains_key(vehicle) && held.len() >= MAX_VEHICLES_WITH_HELD_ACKS {
+                // The map is ordered by name, not age: drop the vehicle with the oldest ack.
+                let oldest = held
+                    .iter()
+                    .min_by_key(|(_, q)| q.front().map_or(i64::MIN, |a| a.acknowledged_at_ns))
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    held.remove(&k);
+                }
+            }
+            let q = held.entry(vehicle.to_owned()).or_default();
+            q.push_back(ack.clone());
+            while q.len() > MAX_HELD_ACKS {
+                q.pop_front();
+            }
+        }
+        took
+    }
+
+    /// Acknowledgements held for `vehicle` now.
+    pub fn held_acks(&self, vehicle: &str) -> usize {
+        self.held_acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vehicle)
+            .map_or(0, |q| q.len())
+    }
+
+    /// The vehicle's bearer connections now.
+    pub fn bearers(&self, v: &str) -> Vec<relay_proto::model::BearerLink> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut links: Vec<relay_proto::model::BearerLink> = live
+            .values()
+            .filter(|(_, _, vehicle, _)| vehicle == v)
+            .map(|(conn, _, _, since)| {
+                let stats = conn.stats();
+                relay_proto::model::BearerLink {
+                    rtt_ns: i64::try_from(stats.path.rtt.as_nanos()).unwrap_or(i64::MAX),
+                    sent_packets: stats.path.sent_packets,
+                    lost_packets: stats.path.lost_packets,
+                    connected_since_ns: *since,
+                }
+            })
+            .collect();
+        links.sort_by_key(|l| l.connected_since_ns);
+        links
     }
 }
 
@@ -208,7 +266,15 @@ impl<'a> OnlineGuard<'a> {
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(live_id, (conn.clone(), crate::tls::connection_serial(conn)));
+            .insert(
+                live_id,
+                (
+                    conn.clone(),
+                    crate::tls::connection_serial(conn),
+                    vehicle.to_owned(),
+                    crate::now_utc_ns(),
+                ),
+            );
         Some(Self {
             online,
             vehicle,
@@ -221,12 +287,28 @@ impl<'a> OnlineGuard<'a> {
 }
 
 impl OnlineGuard<'_> {
-    /// Event acknowledgements for this connection's `session` go to `tx` while it lives.
+    /// Event acknowledgements for this connection's `session` go to `tx` while it lives;
+    /// those held while the vehicle was offline go first.
     pub(crate) fn route_acks(
         &self,
         session: u64,
         tx: tokio::sync::mpsc::Sender<relay_proto::wire::v1::EventAck>,
     ) {
+        {
+            let mut held = self
+                .online
+                .held_acks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(q) = held.get_mut(self.vehicle) {
+                // Acks of this session leave the queue once this connection took them; a
+                // full queue keeps them for the next connection.
+                q.retain(|a| a.session_id != session || tx.try_send(a.clone()).is_err());
+                if q.is_empty() {
+                    held.remove(self.vehicle);
+                }
+            }
+        }
         let route = AckRoute {
             vehicle: self.vehicle.to_owned(),
             session,
@@ -277,6 +359,33 @@ mod tests {
         assert!(
             hellos.is_empty(),
             "nothing kept for vehicles without Hellos"
+        );
+    }
+
+    #[test]
+    fn acknowledgements_for_an_offline_vehicle_are_held_up_to_the_bound() {
+        let online = Online::default();
+        let ack = |seq: u64| relay_proto::wire::v1::EventAck {
+            session_id: 7,
+            stream_id: 3,
+            seq,
+            acknowledged_at_ns: seq as i64,
+            ..Default::default()
+        };
+        for seq in 0..(MAX_HELD_ACKS as u64 + 10) {
+            assert_eq!(
+                online.send_event_ack("amb-1", &ack(seq)),
+                0,
+                "nobody connected"
+            );
+        }
+        assert_eq!(online.held_acks("amb-1"), MAX_HELD_ACKS);
+        assert_eq!(online.held_acks("amb-2"), 0);
+        let held = online.held_acks.lock().unwrap();
+        assert_eq!(
+            held["amb-1"].front().unwrap().seq,
+            10,
+            "the newest are kept"
         );
     }
 

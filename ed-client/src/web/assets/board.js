@@ -13,6 +13,13 @@
     const link = ed.el("a", { href: "/vehicle?id=" + encodeURIComponent(v.id) }, v.id);
     const online = v.online ? ed.el("span", { class: "online" }, "online")
       : ed.el("span", { class: "offline-text" }, "offline");
+    // Bearer health as the ingest sees it: how many, their round-trip times, downlink loss.
+    const bearers = (v.bearers || []);
+    const health = bearers.length
+      ? ed.el("div", { class: "bearers" }, `${bearers.length} bearer${bearers.length > 1 ? "s" : ""}: RTT ` +
+        bearers.map(b => b.rtt_ms.toFixed(0)).join(", ") + " ms" +
+        `, loss ${(100 * Math.max(...bearers.map(b => b.loss))).toFixed(1)} %`)
+      : "";
     const vit = v.vitals || {};
     const nibp = vit.nibp_sys && vit.nibp_dia
       ? `${vit.nibp_sys.value.toFixed(0)}/${vit.nibp_dia.value.toFixed(0)} ${ed.unit(vit.nibp_sys.unit)}` : "–";
@@ -27,7 +34,7 @@
       ? `${v.position.lat.toFixed(4)}, ${v.position.lon.toFixed(4)}` + (v.position.speed != null ? ` · ${(v.position.speed * 3.6).toFixed(0)} km/h` : "")
       : "–";
     return ed.el("tr", { "data-vehicle": v.id },
-      ed.el("td", {}, link), ed.el("td", {}, online), ed.el("td", {}, ed.age(v.last_seen, now)),
+      ed.el("td", {}, link), ed.el("td", {}, online, health), ed.el("td", {}, ed.age(v.last_seen, now)),
       ed.el("td", {}, ed.vital(vit.hr, 0)), ed.el("td", {}, ed.vital(vit.spo2, 0)),
       ed.el("td", {}, nibp), alerts, ed.el("td", {}, ed.el("div", {}, pos), track));
   }

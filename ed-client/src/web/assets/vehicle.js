@@ -359,7 +359,10 @@
       body: JSON.stringify({ key: e.key, seq: e.seq }),
     });
     const body = r.ok ? await r.json() : null;
-    e.acked = { time: Date.now(), by: me.user, delivered: body ? body.delivered : false, ok: r.ok };
+    e.acked = {
+      time: Date.now(), by: me.user, ok: r.ok,
+      delivered: body ? body.delivered : false, held: body ? body.held : false,
+    };
     renderEvents();
   }
 
@@ -380,8 +383,9 @@
     const ch = Math.max(0, s.channels.findIndex(c => c.name === "II"));
     const url = `/api/vehicles/${encodeURIComponent(vehicle)}/history?key=${encodeURIComponent(s.key)}` +
       `&from=${e.cap - 10000}&to=${e.cap}`;
-    // The alert travels ahead of the ECG frame it falls in (events go first): ask again
-    // until the history reaches the alert's time, for a few seconds at most.
+    // The alert travels ahead of the ECG frame it falls in (events go first), and frames a
+    // bearer lost are still on their way: ask again until the history reaches the alert's
+    // time without gaps, for 5 s at most; what is still missing then is drawn as a break.
     let hist = null, samples = new Map();
     for (let attempt = 0; attempt < 10; attempt++) {
       const r = await fetch(url, { credentials: "same-origin" });
@@ -398,7 +402,8 @@
           if (t >= e.cap - 10000 && t <= e.cap) samples.set(m.first + j, m.s[j * s.nch + ch]);
         }
       }
-      if (newest >= e.cap - 1000 / s.rate || hist.truncated) break;
+      // Done when the ECG reaches the alert and no part of it is still being recovered.
+      if ((newest >= e.cap - 1000 / s.rate && hist.missing.length === 0) || hist.truncated) break;
       await new Promise(done => setTimeout(done, 500));
     }
     if (strip.alert !== id) return; // a newer alarm took the strip meanwhile
@@ -443,7 +448,8 @@
       if (e.acked) {
         li.append(ed.el("div", {}, `acknowledged by ${e.acked.by} at ${ed.time(e.acked.time)}` +
           (!e.acked.ok ? " (failed)" : e.acked.delivered === null ? "" :
-            e.acked.delivered ? " (delivered to the crew)" : " (the vehicle is offline: not delivered)")));
+            e.acked.delivered ? " (delivered to the crew)" :
+            e.acked.held ? " (the vehicle is offline: it gets this when it reconnects)" : " (not delivered)")));
       } else {
         const b = ed.el("button", { type: "button" }, "Acknowledge");
         b.onclick = () => acknowledge(e);
