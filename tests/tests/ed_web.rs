@@ -241,14 +241,12 @@ async fn clinicians_see_the_board_and_every_sample_of_a_live_ecg_in_the_browser(
     over_links(&mut cfg, &links);
     cfg.scheduling.waveforms = Policy::Fastest;
     let amb1 = Agent::start(cfg).await.unwrap();
-    let amb2 = Agent::start(agent_config(
-        pki.path(),
-        "amb-2",
-        ingest.quic_addr,
-        vitals_and_gps(),
-    ))
-    .await
-    .unwrap();
+    // amb-2 replays the whole of record 100 (30 min) at 100 times real time.
+    let mut sources = vec![replay("100", 100.0)];
+    sources.extend(vitals_and_gps());
+    let amb2 = Agent::start(agent_config(pki.path(), "amb-2", ingest.quic_addr, sources))
+        .await
+        .unwrap();
 
     let mut b = Browser::launch().await;
 
@@ -466,6 +464,33 @@ async fn clinicians_see_the_board_and_every_sample_of_a_live_ecg_in_the_browser(
     );
     eprintln!(
         "at {PPMM} px/mm: calibration pulse {pulse_h} x {pulse_w} px (1 mV x 200 ms), one second {second} px"
+    );
+
+    // amb-2's view, from before it started, ends up holding the whole record: all 650,000
+    // samples of both leads, in order, as the page's own hash shows.
+    b.navigate(&format!("{base}/vehicle?id=amb-2&from={start_ms}"))
+        .await;
+    let whole = rec.samples_per_signal;
+    b.wait_for(
+        &format!(
+            "(() => {{ const s = Object.values(edState.streams)[0]; return s && s.contig >= {whole}; }})()"
+        ),
+        Duration::from_secs(180),
+    )
+    .await;
+    let s: Value = b
+        .eval(
+            "(() => { const s = Object.values(edState.streams)[0]; \
+               return { contig: s.contig, base: s.base, hash: s.hash, duplicates: s.duplicates }; })()",
+        )
+        .await;
+    assert_eq!(s["base"], 0);
+    assert_eq!(s["contig"].as_u64().unwrap() as usize, whole, "{s}");
+    assert_eq!(s["duplicates"], 0);
+    assert_eq!(
+        s["hash"].as_u64().unwrap() as u32,
+        fnv(&rec.samples),
+        "the page's copy of record 100 differs from it"
     );
 
     // Every view was audited with its user.
