@@ -29,7 +29,7 @@
         `${e.code} ${ed.time(e.time)} ` + (e.acked_by ? `(acknowledged by ${e.acked_by})` : "UNACKNOWLEDGED")))
       : ["–"]));
     const track = ed.el("canvas", { width: "160", height: "80", class: "track" });
-    ed.drawTrack(track, v.track);
+    ed.drawTrack(track, v.track, me.tile_url);
     const pos = v.position
       ? `${v.position.lat.toFixed(4)}, ${v.position.lon.toFixed(4)}` + (v.position.speed != null ? ` · ${(v.position.speed * 3.6).toFixed(0)} km/h` : "")
       : "–";

@@ -29,13 +29,16 @@ const ed = {
     if (u) u.textContent = me.user;
     return me;
   },
-  // Draws a plain track (no map tiles): the positions scaled into the canvas, north up.
-  drawTrack(canvas, track) {
+  // Draws a vehicle's track, north up: on map tiles when a tile source is configured (fitted
+  // to the track, Web Mercator, images cached and drawn when loaded), else plain.
+  drawTrack(canvas, track, tileUrl) {
+    canvas.edTrack = { track, tileUrl };
     const g = canvas.getContext("2d");
     g.clearRect(0, 0, canvas.width, canvas.height);
     g.strokeStyle = "#ccc";
     g.strokeRect(0.5, 0.5, canvas.width - 1, canvas.height - 1);
     if (!track || track.length === 0) return;
+    if (tileUrl) return ed.drawOnTiles(canvas, g, track, tileUrl);
     let [minLat, maxLat, minLon, maxLon] = [Infinity, -Infinity, Infinity, -Infinity];
     for (const [lat, lon] of track) {
       minLat = Math.min(minLat, lat); maxLat = Math.max(maxLat, lat);
@@ -46,13 +49,63 @@ const ed = {
     const span = Math.max((maxLon - minLon) * kx, maxLat - minLat, 1e-4);
     const pad = 8, w = canvas.width - 2 * pad, h = canvas.height - 2 * pad;
     const scale = Math.min(w, h) / span;
-    const x = lon => pad + (lon - minLon) * kx * scale;
-    const y = lat => canvas.height - pad - (lat - minLat) * scale;
+    ed.polyline(g, track, ([lat, lon]) => [pad + (lon - minLon) * kx * scale,
+      canvas.height - pad - (lat - minLat) * scale]);
+  },
+  polyline(g, track, xy) {
     g.strokeStyle = "#1b5fa8"; g.lineWidth = 2; g.beginPath();
-    track.forEach(([lat, lon], i) => i ? g.lineTo(x(lon), y(lat)) : g.moveTo(x(lon), y(lat)));
+    track.forEach((p, i) => { const [x, y] = xy(p); if (i) g.lineTo(x, y); else g.moveTo(x, y); });
     g.stroke();
-    const [lat, lon] = track[track.length - 1];
-    g.fillStyle = "#b00020"; g.beginPath(); g.arc(x(lon), y(lat), 5, 0, 2 * Math.PI); g.fill();
+    const [x, y] = xy(track[track.length - 1]);
+    g.fillStyle = "#b00020"; g.beginPath(); g.arc(x, y, 5, 0, 2 * Math.PI); g.fill();
+  },
+  tiles: new Map(),                           // url -> Image, the newest 256
+  tileStats: { requested: 0, loaded: 0, failed: 0 },
+  drawOnTiles(canvas, g, track, tileUrl) {
+    const world = z => 256 * Math.pow(2, z);
+    const px = (lat, lon, z) => {
+      const s = Math.sin(Math.max(-85, Math.min(85, lat)) * Math.PI / 180);
+      return [(lon + 180) / 360 * world(z), (0.5 - Math.log((1 + s) / (1 - s)) / (4 * Math.PI)) * world(z)];
+    };
+    const pad = 16;
+    let z = 17;
+    for (; z > 3; z--) {
+      const pts = track.map(([lat, lon]) => px(lat, lon, z));
+      const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
+      if (Math.max(...xs) - Math.min(...xs) <= canvas.width - 2 * pad &&
+          Math.max(...ys) - Math.min(...ys) <= canvas.height - 2 * pad) break;
+    }
+    const pts = track.map(([lat, lon]) => px(lat, lon, z));
+    const cx = (Math.min(...pts.map(p => p[0])) + Math.max(...pts.map(p => p[0]))) / 2;
+    const cy = (Math.min(...pts.map(p => p[1])) + Math.max(...pts.map(p => p[1]))) / 2;
+    const ox = cx - canvas.width / 2, oy = cy - canvas.height / 2;
+    const n = Math.pow(2, z);
+    for (let tx = Math.floor(ox / 256); tx <= Math.floor((ox + canvas.width) / 256); tx++) {
+      for (let ty = Math.floor(oy / 256); ty <= Math.floor((oy + canvas.height) / 256); ty++) {
+        if (tx < 0 || ty < 0 || tx >= n || ty >= n) continue;
+        const url = tileUrl.replace("{z}", z).replace("{x}", tx).replace("{y}", ty);
+        let img = ed.tiles.get(url);
+        if (!img) {
+          img = new Image();
+          img.onload = () => { ed.tileStats.loaded++; ed.redrawTracks(); };
+          img.onerror = () => { ed.tileStats.failed++; };
+          img.src = url;
+          ed.tileStats.requested++;
+          ed.tiles.set(url, img);
+          if (ed.tiles.size > 256) ed.tiles.delete(ed.tiles.keys().next().value);
+        }
+        if (img.complete && img.naturalWidth > 0) g.drawImage(img, tx * 256 - ox, ty * 256 - oy);
+      }
+    }
+    ed.polyline(g, track, ([lat, lon]) => { const [x, y] = px(lat, lon, z); return [x - ox, y - oy]; });
+    g.fillStyle = "rgba(255,255,255,0.7)"; g.fillRect(0, canvas.height - 14, canvas.width, 14);
+    g.fillStyle = "#333"; g.font = "10px system-ui, sans-serif";
+    g.fillText("map: " + new URL(tileUrl.replace(/[{}]/g, "")).host, 3, canvas.height - 3);
+  },
+  redrawTracks() {
+    for (const c of document.querySelectorAll("canvas")) {
+      if (c.edTrack) ed.drawTrack(c, c.edTrack.track, c.edTrack.tileUrl);
+    }
   },
   // A short tone (Web Audio: no sound file); silent where the browser has no audio device or
   // has not been interacted with yet, which the visual alarm covers.

@@ -57,23 +57,35 @@
     layout(s);
   }
 
+  // The standard 12 leads (names matched without regard to case: PhysioNet writes "avr")
+  // in the usual 4 columns of 3 (I II III | aVR aVL aVF | V1-V3 | V4-V6); any other channel
+  // (Frank leads, pleth) below at full width.
+  function standardLead(name) {
+    return LEAD_ORDER.find(n => n.toLowerCase() === String(name).toLowerCase());
+  }
   function layout(s) {
     const group = ed.el("div", { class: "wave-group" }, ed.el("h3", {}, s.name));
-    const leads = ed.el("div", { class: "leads" });
-    let order = s.channels.map((c, i) => i);
-    const twelve = s.nch === 12 && LEAD_ORDER.every(n => s.channels.some(c => c.name === n));
-    if (twelve) order = LEAD_ORDER.map(n => s.channels.findIndex(c => c.name === n));
-    const cols = twelve ? 4 : 1;
-    leads.style.gridTemplateColumns = `repeat(${cols}, 1fr)`;
-    if (twelve) { leads.style.gridTemplateRows = "repeat(3, auto)"; leads.style.gridAutoFlow = "column"; }
-    s.canvases = order.map(ch => {
-      const c = ed.el("canvas", { class: "lead", "data-stream": s.key, "data-lead": s.channels[ch].name });
-      c.channel = ch;
-      leads.append(c);
-      return c;
-    });
-    s.cols = cols;
-    group.append(leads);
+    const byLead = LEAD_ORDER.map(n => s.channels.findIndex(c => standardLead(c.name) === n));
+    const twelve = byLead.every(i => i >= 0);
+    s.canvases = [];
+    const add = (box, ch, cols) => {
+      const name = standardLead(s.channels[ch].name) || s.channels[ch].name;
+      const c = ed.el("canvas", { class: "lead", "data-stream": s.key, "data-lead": name });
+      c.channel = ch; c.cols = cols; c.label = name;
+      box.append(c);
+      s.canvases.push(c);
+    };
+    if (twelve) {
+      const grid12 = ed.el("div", { class: "leads" });
+      grid12.style.gridTemplateColumns = "repeat(4, 1fr)";
+      grid12.style.gridTemplateRows = "repeat(3, auto)";
+      grid12.style.gridAutoFlow = "column";
+      for (const ch of byLead) add(grid12, ch, 4);
+      group.append(grid12);
+    }
+    const rest = ed.el("div", { class: "leads" });
+    s.channels.forEach((c, ch) => { if (!twelve || !byLead.includes(ch)) add(rest, ch, 1); });
+    group.append(rest);
     waves.append(group);
   }
 
@@ -213,14 +225,13 @@
   }
 
   function windowSeconds(s) {
-    const c = s.canvases && s.canvases[0];
-    const w = c ? c.clientWidth : 800;
+    const w = Math.max(0, ...(s.canvases || []).map(c => c.clientWidth)) || 800;
     return Math.max(1, (w - MARGIN_MM * PPMM) / (view.speed * PPMM));
   }
 
   function drawLead(s, canvas, head) {
     const dpr = window.devicePixelRatio || 1;
-    const w = Math.floor(canvas.parentElement.clientWidth / s.cols);
+    const w = Math.floor(canvas.parentElement.clientWidth / canvas.cols);
     const h = Math.round(LEAD_MM * PPMM);
     if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
       canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr);
@@ -235,7 +246,7 @@
     const margin = MARGIN_MM * PPMM;
     const mvPerUnit = MV_UNITS[info.unit];
     g.fillStyle = "#1a4fa0"; g.font = "12px system-ui, sans-serif";
-    g.fillText(`${info.name}`, 2, 13);
+    g.fillText(canvas.label, 2, 13);
     g.lineWidth = 1.5; g.lineJoin = "round";
     let scaleY;
     if (mvPerUnit !== undefined) {
@@ -245,7 +256,7 @@
     } else {
       g.fillText(info.unit, 2, 27);
     }
-    const W = windowSeconds(s);
+    const W = Math.max(1, (w - MARGIN_MM * PPMM) / (view.speed * PPMM));
     const n = Math.floor((W - ERASE_S) * s.rate);
     const first = Math.max(head - n + 1, s.maxIndex - s.cap + 1, 0);
     const gain = info.gain || 1, baseline = info.baseline || 0;
@@ -340,7 +351,7 @@
     const p = state.position;
     document.getElementById("position").textContent =
       `${p.lat.toFixed(5)}, ${p.lon.toFixed(5)} · ${(p.speed * 3.6).toFixed(0)} km/h · fix ${p.fix}, ${p.satellites} sat · ${ed.time(p.cap)}`;
-    ed.drawTrack(document.getElementById("track"), state.track);
+    ed.drawTrack(document.getElementById("track"), state.track, me.tile_url);
   }
 
   // ---- clinical events and the alarm ---------------------------------------------------------
@@ -380,7 +391,7 @@
     strip.alert = id;
     const s = Object.values(state.streams)[0];
     if (!s) return;
-    const ch = Math.max(0, s.channels.findIndex(c => c.name === "II"));
+    const ch = Math.max(0, s.channels.findIndex(c => standardLead(c.name) === "II"));
     const url = `/api/vehicles/${encodeURIComponent(vehicle)}/history?key=${encodeURIComponent(s.key)}` +
       `&from=${e.cap - 10000}&to=${e.cap}`;
     // The alert travels ahead of the ECG frame it falls in (events go first), and frames a
@@ -408,9 +419,17 @@
     }
     if (strip.alert !== id) return; // a newer alarm took the strip meanwhile
     const idx = [...samples.keys()].sort((a, b) => a - b);
+    // The strip and the live trace must show the same samples where both hold them.
+    let agree = 0, differ = 0;
+    for (const i of idx) {
+      const slot = i % s.cap;
+      if (s.slot[slot] !== i) continue;
+      if (s.data[slot * s.nch + ch] === samples.get(i)) agree++; else differ++;
+    }
     state.alarmStrip = {
       alert: id, samples: samples.size, truncated: hist.truncated, missing: hist.missing.length,
       first: idx.length ? idx[0] : null, last: idx.length ? idx[idx.length - 1] : null,
+      agree, differ, channel: ch,
     };
     const canvas = document.getElementById("alarm-canvas");
     const info = s.channels[ch];
@@ -423,7 +442,8 @@
     g.setTransform(dpr, 0, 0, dpr, 0, 0);
     const y0 = h / 2, pxPerMv = view.gain * PPMM, mv = MV_UNITS[info.unit] || 1;
     calibrationPulse(g, y0, pxPerMv);
-    g.fillStyle = "#1a4fa0"; g.font = "12px system-ui, sans-serif"; g.fillText(info.name, 2, 13);
+    const label = standardLead(info.name) || info.name;
+    g.fillStyle = "#1a4fa0"; g.font = "12px system-ui, sans-serif"; g.fillText(label, 2, 13);
     const t0 = idx.length ? idx[0] : 0, end = idx.length ? idx[idx.length - 1] : -1;
     const x = i => MARGIN_MM * PPMM + ((i - t0) / s.rate) * view.speed * PPMM;
     const y = i => y0 - ((samples.get(i) - (info.baseline || 0)) / (info.gain || 1)) * mv * pxPerMv;
@@ -436,7 +456,7 @@
     }
     g.stroke();
     document.getElementById("alarm-strip-title").textContent =
-      `${s.name} ${info.name}: the 10 s before the ${e.code} alert at ${ed.time(e.cap)}` +
+      `${s.name} ${label}: the 10 s before the ${e.code} alert at ${ed.time(e.cap)}` +
       (hist.missing.length ? " (with gaps)" : "");
     document.getElementById("alarm-strip").classList.remove("hidden");
   }
