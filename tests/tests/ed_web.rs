@@ -1106,3 +1106,223 @@ async fn a_stemi_alert_reaches_the_ed_view_and_pages_the_cath_lab_once_across_cr
         l.stop();
     }
 }
+
+/// A TLS connection to ed-web trusting the development hospital CA, with a small receive
+/// buffer so a reader that stops reading is felt by the server soon.
+async fn dial(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in relay_ops::pem::load_certs(&pki.path().join("hospital-ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+    let tcp = sock.connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends `request` and reads the answer's head (and, unless `head_only`, its body to the end).
+async fn exchange(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    request: &str,
+    head_only: bool,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0_u8; 1024];
+    let read = async {
+        loop {
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if head_only && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+async fn login_raw(addr: std::net::SocketAddr, pki: &Pki, user: &str, password: &str) -> String {
+    let body = format!(
+        "user={user}&password={}",
+        password.replace(' ', "+").replace('\'', "%27")
+    );
+    let mut s = dial(addr, pki).await;
+    let (_, answer) = exchange(
+        &mut s,
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        false,
+    )
+    .await;
+    answer
+}
+
+fn session_cookie(answer: &str) -> Option<String> {
+    answer
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: edweb_session=")
+        })
+        .and_then(|l| {
+            l.split_once(": ")
+                .map(|(_, v)| v.split(';').next().unwrap_or("").to_owned())
+        })
+        .filter(|c| !c.ends_with('='))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed_web_holds_the_line_against_login_floods_and_stalled_browsers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("store.redb")))
+        .await
+        .unwrap();
+    let mut cfg = web_config(&pki, &ingest, work.path());
+    cfg.http.max_streams_per_user = 3;
+    cfg.http.stream_queue = 16;
+    cfg.http.slow_browser_timeout = Duration::from_secs(2);
+    cfg.auth.lockout = Duration::from_secs(3);
+    let web = EdWeb::start(cfg).await.unwrap();
+    // Record 100 at 100 times real time: about 900 frames a second for the streams below.
+    let amb1 = Agent::start(agent_config(
+        pki.path(),
+        "amb-1",
+        ingest.quic_addr,
+        vec![replay("100", 100.0)],
+    ))
+    .await
+    .unwrap();
+
+    // A login flood: 60 wrong passwords for dr-lee, 20 at a time. Every one is refused, the
+    // user is locked out, and another user's board answers meanwhile.
+    let kim =
+        session_cookie(&login_raw(web.addr, &pki, "nurse-kim", "kim's long passphrase").await)
+            .expect("nurse-kim logs in");
+    let started = tokio::time::Instant::now();
+    let flood = async {
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            let round = (0..20).map(|i| {
+                let pki = &pki;
+                async move { login_raw(web.addr, pki, "dr-lee", &format!("guess {i}")).await }
+            });
+            outcomes.extend(futures::future::join_all(round).await);
+        }
+        outcomes
+    };
+    let board = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = tokio::time::Instant::now();
+        let mut s = dial(web.addr, &pki).await;
+        let (status, _) = exchange(
+            &mut s,
+            &format!("GET /api/board HTTP/1.1\r\nHost: localhost\r\nCookie: {kim}\r\nConnection: close\r\n\r\n"),
+            false,
+        )
+        .await;
+        (status, t.elapsed())
+    };
+    let (outcomes, (board_status, board_time)) = tokio::join!(flood, board);
+    let flood_time = started.elapsed();
+    assert!(
+        outcomes.iter().all(|a| session_cookie(a).is_none()),
+        "a wrong password got in"
+    );
+    let locked = outcomes
+        .iter()
+        .filter(|a| a.contains("/login?locked=1"))
+        .count();
+    assert!(locked >= 50, "{locked} of 60 refused by the lockout");
+    assert_eq!(board_status, 200);
+    eprintln!(
+        "login flood: 60 wrong passwords in {flood_time:?} ({locked} refused by the lockout without hashing); another user's board answered in {board_time:?}"
+    );
+    // Locked out even with the right password; then the lockout ends.
+    let answer = login_raw(web.addr, &pki, "dr-lee", "lee's long passphrase").await;
+    assert!(answer.contains("locked=1"), "{answer}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let lee = session_cookie(&login_raw(web.addr, &pki, "dr-lee", "lee's long passphrase").await)
+        .expect("dr-lee logs in after the lockout");
+
+    // Three streams for one user, never read; a fourth is refused.
+    let stream_request = format!(
+        "GET /api/vehicles/amb-1/events HTTP/1.1\r\nHost: localhost\r\nCookie: {lee}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = dial(web.addr, &pki).await;
+        let (status, _) = exchange(&mut s, &stream_request, true).await;
+        assert_eq!(status, 200);
+        stalled.push(s);
+    }
+    let mut fourth = dial(web.addr, &pki).await;
+    assert_eq!(exchange(&mut fourth, &stream_request, true).await.0, 429);
+    // The stalled browsers fill their queues and are dropped, freeing their places.
+    let t = tokio::time::Instant::now();
+    let freed = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut s = dial(web.addr, &pki).await;
+        if exchange(&mut s, &stream_request, true).await.0 == 200 {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "stalled streams were never dropped"
+        );
+    };
+    eprintln!("stalled browsers dropped and their places free after {freed:?}");
+    // A dropped stream ends: what was buffered drains, then its response ends (the last,
+    // empty chunk of HTTP/1.1 chunked encoding).
+    {
+        use tokio::io::AsyncReadExt;
+        let mut sink = vec![0_u8; 64 * 1024];
+        let mut tail: Vec<u8> = Vec::new();
+        let drained = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let n = stalled[0].read(&mut sink).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                tail.extend_from_slice(&sink[..n]);
+                let keep = tail.len().saturating_sub(16);
+                tail.drain(..keep);
+                if tail.ends_with(b"\r\n0\r\n\r\n") {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(drained.is_ok(), "the stalled stream never ended");
+    }
+    web.shutdown();
+    amb1.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
+}

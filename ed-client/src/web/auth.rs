@@ -228,14 +228,27 @@ impl Auth {
     /// Checks a login; on success returns the new session's token.
     pub async fn login(&self, name: &str, password: &str) -> Result<String, LoginRefused> {
         let now = Instant::now();
-        if let Some(until) = self
-            .table()
-            .failures
-            .get(name)
-            .and_then(|f| f.locked_until)
-            .filter(|until| *until > now)
         {
-            return Err(LoginRefused::LockedOut(until - now));
+            let mut table = self.table();
+            if let Some(until) = table
+                .failures
+                .get(name)
+                .and_then(|f| f.locked_until)
+                .filter(|until| *until > now)
+            {
+                return Err(LoginRefused::LockedOut(until - now));
+            }
+            // Every attempt counts as a failure until it succeeds, so concurrent guesses
+            // cannot all slip past the bound before the first is judged. Only known users
+            // are tracked, so the table is bounded by the users file.
+            if self.users.contains_key(name) {
+                let f = table.failures.entry(name.to_owned()).or_default();
+                f.count += 1;
+                if f.count >= self.max_failures {
+                    f.count = 0;
+                    f.locked_until = Some(now + self.lockout);
+                }
+            }
         }
         let user = self.users.get(name);
         let hash = user.map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
@@ -255,15 +268,6 @@ impl Auth {
         };
         let mut table = self.table();
         let Some(user) = user.filter(|_| ok) else {
-            // Only known users are tracked, so the table is bounded by the users file.
-            if self.users.contains_key(name) {
-                let f = table.failures.entry(name.to_owned()).or_default();
-                f.count += 1;
-                if f.count >= self.max_failures {
-                    f.count = 0;
-                    f.locked_until = Some(now + self.lockout);
-                }
-            }
             return Err(LoginRefused::BadCredentials);
         };
         table.failures.remove(name);

@@ -66,6 +66,11 @@ pub struct HttpConfig {
     /// and resumes from its last event id (nothing is lost, memory stays bounded).
     #[arg(id = "http.stream_queue", long = "http-stream-queue")]
     pub stream_queue: usize,
+    /// A browser whose queue stays full this long is disconnected (it resumes from its last
+    /// event id).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "http.slow_browser_timeout", long = "http-slow-browser-timeout", value_parser = parse_duration)]
+    pub slow_browser_timeout: Duration,
     /// TLS handshakes in progress at once; further connections wait in the kernel's backlog.
     #[arg(
         id = "http.max_pending_handshakes",
@@ -87,6 +92,7 @@ impl Default for HttpConfig {
             max_streams: 256,
             max_streams_per_user: 8,
             stream_queue: 1024,
+            slow_browser_timeout: Duration::from_secs(10),
             max_pending_handshakes: 64,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -270,6 +276,7 @@ impl ServiceConfig for WebConfig {
         ])?;
         positive(&[
             ("http.handshake_timeout", self.http.handshake_timeout),
+            ("http.slow_browser_timeout", self.http.slow_browser_timeout),
             ("ingest.refresh", self.ingest.refresh),
             ("auth.session_ttl", self.auth.session_ttl),
             ("display.rewind_limit", self.display.rewind_limit),

@@ -75,8 +75,6 @@ pub enum WebError {
 /// Capture time a vehicle view starts with when the browser names none: the trace fills at
 /// once with the latest seconds instead of sweeping in from empty.
 const DEFAULT_BACKFILL: Duration = Duration::from_secs(12);
-/// A browser whose queue stays full this long is disconnected (it resumes from its last id).
-const SLOW_BROWSER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the board is pushed to each browser.
 const BOARD_PUSH: Duration = Duration::from_secs(1);
 /// The longest time range one FHIR export or history request covers.
@@ -671,6 +669,7 @@ async fn vehicle_events(
         .audit
         .record(&s.user, "stream_vehicle", Some(&id), "ok", peer);
     let (tx, rx) = mpsc::channel::<Event>(state.cfg.http.stream_queue);
+    let slow = state.cfg.http.slow_browser_timeout;
     tokio::spawn(async move {
         let _slot = slot;
         loop {
@@ -689,7 +688,7 @@ async fn vehicle_events(
                 .id(msg.cursor.to_string())
                 .data(body.to_string());
             // A browser this far behind is dropped; it reconnects with its last id.
-            match tokio::time::timeout(SLOW_BROWSER_TIMEOUT, tx.send(ev)).await {
+            match tokio::time::timeout(slow, tx.send(ev)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
