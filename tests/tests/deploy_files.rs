@@ -19,7 +19,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
-        if !(name.starts_with("relay_agent_") || name.starts_with("relay_ingest_")) {
+        if !["relay_agent_", "relay_ingest_", "relay_edweb_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             continue; // e.g. the relay_proto crate
         }
         let base = ["_bucket", "_sum", "_count"]
@@ -32,11 +35,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// Metric names in the two metrics.rs files, which describe every metric.
+/// Metric names in the services' metrics.rs files, which describe every metric.
 fn described() -> BTreeSet<String> {
     [
         "vehicle-agent/src/metrics.rs",
         "hospital-ingest/src/metrics.rs",
+        "ed-client/src/web/metrics.rs",
     ]
     .iter()
     .flat_map(|f| metric_names(&std::fs::read_to_string(root().join(f)).unwrap()))
@@ -48,7 +52,11 @@ fn described() -> BTreeSet<String> {
 fn every_emitted_metric_is_described() {
     let described = described();
     let mut emitted = BTreeSet::new();
-    for dir in ["vehicle-agent/src", "hospital-ingest/src"] {
+    for dir in [
+        "vehicle-agent/src",
+        "hospital-ingest/src",
+        "ed-client/src/web",
+    ] {
         for entry in std::fs::read_dir(root().join(dir)).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("metrics.rs") {
@@ -158,8 +166,8 @@ fn exported(body: &str) -> BTreeSet<String> {
 }
 
 /// Every series a dashboard panel or an alert rule queries exists on a freshly started,
-/// quiet ingest and agent (each its own process), so `increase()` sees the first event and
-/// panels never show "no data".
+/// quiet ingest, agent and ed-web (each its own process), so `increase()` sees the first
+/// event and panels never show "no data".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start() {
     use relay_e2e::*;
@@ -185,6 +193,44 @@ async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // ed-web, with one user and its metrics endpoint.
+    let users = work.path().join("users.toml");
+    std::fs::write(
+        &users,
+        format!(
+            "[[user]]\nname = \"dr-lee\"\npassword_hash = \"{}\"\nvehicles = [\"*\"]\n",
+            ed_client::web::auth::hash_password("a long passphrase").unwrap()
+        ),
+    )
+    .unwrap();
+    let web_metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = |f: &str| pki.path().join(f);
+    let _web = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-ed-web"))
+        .args(["--http-listen", "127.0.0.1:0"])
+        .arg("--http-cert")
+        .arg(p("ed-web-server.pem"))
+        .arg("--http-key")
+        .arg(p("ed-web-server.key"))
+        .arg("--ingest-url")
+        .arg(format!("https://{}", ingest.grpc))
+        .arg("--ingest-ca")
+        .arg(p("hospital-ca.pem"))
+        .arg("--ingest-cert")
+        .arg(p("ed-web.pem"))
+        .arg("--ingest-key")
+        .arg(p("ed-web.key"))
+        .arg("--auth-users-file")
+        .arg(&users)
+        .arg("--metrics-listen")
+        .arg(web_metrics.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let (ingest_body, agent_body) = loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -201,8 +247,23 @@ async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start
             "the agent did not connect"
         );
     };
+    let web_body = loop {
+        if tokio::net::TcpStream::connect(web_metrics).await.is_ok() {
+            let (_, w) = http_get(web_metrics, "/metrics").await;
+            // Connected to the ingest once its first vehicle list came back.
+            if metric_value(&w, "relay_edweb_ingest_connected") >= 1.0 {
+                break w;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ed-web did not reach the ingest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
     let mut live = exported(&ingest_body);
     live.extend(exported(&agent_body));
+    live.extend(exported(&web_body));
     let mut missing = Vec::new();
     for f in [
         "deploy/grafana/relay-overview.json",
@@ -214,7 +275,7 @@ async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start
     }
     assert!(
         missing.is_empty(),
-        "queried but not exported by a fresh ingest and agent: {missing:#?}"
+        "queried but not exported by a fresh ingest, agent and ed-web: {missing:#?}"
     );
 }
 

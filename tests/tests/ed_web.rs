@@ -1210,6 +1210,7 @@ async fn ed_web_holds_the_line_against_login_floods_and_stalled_browsers() {
     cfg.http.stream_queue = 16;
     cfg.http.slow_browser_timeout = Duration::from_secs(2);
     cfg.auth.lockout = Duration::from_secs(3);
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     let web = EdWeb::start(cfg).await.unwrap();
     // Record 100 at 100 times real time: about 900 frames a second for the streams below.
     let amb1 = Agent::start(agent_config(
@@ -1322,6 +1323,26 @@ async fn ed_web_holds_the_line_against_login_floods_and_stalled_browsers() {
         .await;
         assert!(drained.is_ok(), "the stalled stream never ended");
     }
+    // Operators see it: refused logins, refused and dropped streams (the recorder is shared
+    // by the tests of this binary, hence "at least").
+    let (_, m) = relay_e2e::http_get(web.metrics_addr.unwrap(), "/metrics").await;
+    let value = |labels: &str, name: &str| {
+        relay_e2e::labelled_metric(&m, name, labels)
+            .unwrap_or_else(|| relay_e2e::metric_value(&m, name))
+    };
+    assert!(
+        value("outcome=\"locked_out\"", "relay_edweb_logins_total") >= 55.0,
+        "{m}"
+    );
+    assert!(
+        value("outcome=\"bad_credentials\"", "relay_edweb_logins_total") >= 5.0,
+        "{m}"
+    );
+    assert!(value("", "relay_edweb_streams_refused_total") >= 1.0, "{m}");
+    assert!(
+        value("", "relay_edweb_browsers_dropped_total") >= 3.0,
+        "{m}"
+    );
     web.shutdown();
     amb1.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();

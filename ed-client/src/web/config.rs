@@ -41,6 +41,9 @@ pub struct WebConfig {
     /// Paging the cath lab.
     #[command(flatten)]
     pub webhook: WebhookConfig,
+    /// The Prometheus endpoint.
+    #[command(flatten)]
+    pub metrics: relay_ops::config::MetricsConfig,
 }
 
 /// The HTTPS endpoint (`[http]`).

@@ -10,6 +10,7 @@ pub mod board;
 pub mod config;
 pub mod feed;
 pub mod listener;
+pub mod metrics;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -148,6 +149,8 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, list
 pub struct EdWeb {
     /// Where browsers connect.
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, when `metrics.listen` asked for one.
+    pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<()>,
     board: tokio::task::JoinHandle<()>,
 }
@@ -157,6 +160,19 @@ impl EdWeb {
     /// (a missing ingest is retried; the board shows it as disconnected).
     pub async fn start(cfg: WebConfig) -> Result<Self, WebError> {
         relay_ops::install_crypto_provider();
+        let metrics_addr = match cfg.metrics.listen {
+            Some(listen) => {
+                let addr = relay_ops::serve_metrics(listen, std::future::pending())
+                    .await
+                    .map_err(|e| WebError::Io {
+                        what: format!("metrics endpoint {listen}"),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                metrics::describe();
+                Some(addr)
+            }
+            None => None,
+        };
         let users = auth::read_users(&cfg.auth.users_file)?;
         let auth = Auth::new(users, &cfg.auth)?;
         let certs = relay_ops::pem::load_certs(&cfg.http.cert)?;
@@ -232,6 +248,7 @@ impl EdWeb {
         tracing::info!(%addr, "ed-web listening (HTTPS)");
         Ok(Self {
             addr,
+            metrics_addr,
             server,
             board: board_task,
         })
@@ -447,6 +464,7 @@ async fn login(
     }
     match state.auth.login(&form.user, &form.password).await {
         Ok(token) => {
+            ::metrics::counter!("relay_edweb_logins_total", "outcome" => "ok").increment(1);
             state.audit.record(&form.user, "login", None, "ok", peer);
             let cookie = format!(
                 "{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
@@ -455,12 +473,15 @@ async fn login(
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
         Err(LoginRefused::BadCredentials) => {
+            ::metrics::counter!("relay_edweb_logins_total", "outcome" => "bad_credentials")
+                .increment(1);
             state
                 .audit
                 .record(&form.user, "login", None, "bad_credentials", peer);
             Redirect::to("/login?failed=1").into_response()
         }
         Err(LoginRefused::LockedOut(_)) => {
+            ::metrics::counter!("relay_edweb_logins_total", "outcome" => "locked_out").increment(1);
             state
                 .audit
                 .record(&form.user, "login", None, "locked_out", peer);
@@ -520,6 +541,7 @@ struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        ::metrics::gauge!("relay_edweb_streams_open").decrement(1.0);
         let mut per_user = self
             .state
             .per_user
@@ -545,6 +567,7 @@ fn take_slot(state: &Shared, user: &str) -> Option<StreamSlot> {
         return None;
     }
     *n += 1;
+    ::metrics::gauge!("relay_edweb_streams_open").increment(1.0);
     Some(StreamSlot {
         state: state.clone(),
         user: user.to_owned(),
@@ -553,6 +576,7 @@ fn take_slot(state: &Shared, user: &str) -> Option<StreamSlot> {
 }
 
 fn too_many_streams() -> Response {
+    ::metrics::counter!("relay_edweb_streams_refused_total").increment(1);
     (
         StatusCode::TOO_MANY_REQUESTS,
         [(header::RETRY_AFTER, "5")],
@@ -692,6 +716,7 @@ async fn vehicle_events(
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
+                    ::metrics::counter!("relay_edweb_browsers_dropped_total").increment(1);
                     tracing::info!(vehicle = id, "a browser fell behind; disconnected");
                     return;
                 }
@@ -961,7 +986,10 @@ async fn follow_board(
             let mut tick = tokio::time::interval(refresh);
             loop {
                 tick.tick().await;
-                match client.list_vehicles(ListVehiclesRequest {}).await {
+                let listed = client.list_vehicles(ListVehiclesRequest {}).await;
+                ::metrics::gauge!("relay_edweb_ingest_connected")
+                    .set(f64::from(u8::from(listed.is_ok())));
+                match listed {
                     Ok(r) => board
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
@@ -160,6 +160,14 @@ impl Outbox {
         Ok(Some((k.value(), body)))
     }
 
+    /// Alerts not yet delivered.
+    fn pending(&self) -> Result<u64, WebhookError> {
+        let e = outbox_err(&self.path);
+        let r = self.db.begin_read().map_err(|x| e(x.into()))?;
+        let queue = r.open_table(QUEUE).map_err(|x| e(x.into()))?;
+        queue.len().map_err(|x| e(x.into()))
+    }
+
     fn delivered(&self, position: u64, id: &str) -> Result<(), WebhookError> {
         let e = outbox_err(&self.path);
         let w = self.db.begin_write().map_err(|x| e(x.into()))?;
@@ -275,6 +283,7 @@ impl Webhook {
         let target = Target::new(url, &cfg.ca, cfg.timeout)?;
         let outbox = Arc::new(Outbox::open(&cfg.outbox)?);
         let resume = outbox.cursor()?;
+        metrics::gauge!("relay_edweb_webhook_pending").set(outbox.pending()? as f64);
         let (tx, mut rx) = mpsc::channel::<Alert>(HANDOFF);
         let wake = Arc::new(Notify::new());
         {
@@ -286,6 +295,7 @@ impl Webhook {
                     let a = alert.clone();
                     match tokio::task::spawn_blocking(move || ob.offer(&a)).await {
                         Ok(Ok(true)) => {
+                            metrics::gauge!("relay_edweb_webhook_pending").increment(1.0);
                             tracing::warn!(
                                 alert = alert.id,
                                 "paging: alert queued for the webhook"
@@ -351,12 +361,17 @@ async fn send_loop(outbox: Arc<Outbox>, target: Target, wake: Arc<Notify>, max_b
                 let ob = outbox.clone();
                 let idc = id.clone();
                 match tokio::task::spawn_blocking(move || ob.delivered(position, &idc)).await {
-                    Ok(Ok(())) => backoff = Duration::from_secs(1),
+                    Ok(Ok(())) => {
+                        metrics::counter!("relay_edweb_webhook_delivered_total").increment(1);
+                        metrics::gauge!("relay_edweb_webhook_pending").decrement(1.0);
+                        backoff = Duration::from_secs(1);
+                    }
                     Ok(Err(e)) => tracing::error!(error = %e, alert = id, "webhook outbox"),
                     Err(e) => tracing::error!(error = %e, "webhook outbox task"),
                 }
             }
             other => {
+                metrics::counter!("relay_edweb_webhook_failed_attempts_total").increment(1);
                 tracing::warn!(alert = id, answer = ?other, retry_in = ?backoff, "webhook not delivered");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max_backoff);
