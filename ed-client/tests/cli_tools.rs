@@ -185,20 +185,11 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
 /// The Bundle validates with the independent `fhir.resources` package (R4B models), and its
 /// SampledData give back every physical value of `orig` within one quantisation step.
 fn check_fhir_bundle(bundle: &Path, orig: &relay_wfdb::Record) {
-    let script = r#"
-import json, sys
-from fhir.resources.R4B.bundle import Bundle
-text = open(sys.argv[1]).read()
-b = Bundle.parse_raw(text) if hasattr(Bundle, "parse_raw") else Bundle.model_validate_json(text)
-counts = {}
-for e in b.entry:
-    t = e.resource.resource_type
-    counts[t] = counts.get(t, 0) + 1
-print(json.dumps(counts))
-"#;
     let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fhir/validate.py"
+        ))
         .arg(bundle)
         .output()
         .expect("python3 (tests/run.sh installs fhir.resources)");

@@ -124,20 +124,8 @@ fn decode_png(bytes: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
 /// its waveform SampledData against `orig` (every value within one quantisation step, `E`
 /// only where no sample is known). Returns how many samples per lead it held.
 fn check_fhir_export(bundle: &Path, orig: &relay_wfdb::Record) -> usize {
-    let script = r#"
-import json, sys
-from fhir.resources.R4B.bundle import Bundle
-text = open(sys.argv[1]).read()
-b = Bundle.parse_raw(text) if hasattr(Bundle, "parse_raw") else Bundle.model_validate_json(text)
-counts = {}
-for e in b.entry:
-    t = e.resource.resource_type
-    counts[t] = counts.get(t, 0) + 1
-print(json.dumps(counts))
-"#;
     let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir/validate.py"))
         .arg(bundle)
         .output()
         .expect("python3 (tests/run.sh installs fhir.resources)");

@@ -383,6 +383,27 @@ fn session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
     cookie_token(headers).and_then(|t| state.auth.session(t))
 }
 
+/// The session of an API request about `vehicle`, or its refusal: 401 without a session,
+/// 403 (audited as `action` denied) outside the user's scope.
+fn api_access(
+    state: &AppState,
+    headers: &HeaderMap,
+    vehicle: &str,
+    action: &str,
+    peer: SocketAddr,
+) -> Result<Session, Box<Response>> {
+    let Some(s) = session(state, headers) else {
+        return Err(Box::new(unauthorized()));
+    };
+    if !s.scope.allows(vehicle) {
+        state
+            .audit
+            .record(&s.user, action, Some(vehicle), "denied", peer);
+        return Err(Box::new(out_of_scope()));
+    }
+    Ok(s)
+}
+
 fn html(body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
 }
@@ -648,15 +669,10 @@ async fn vehicle_events(
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(s) = session(&state, &headers) else {
-        return unauthorized();
+    let s = match api_access(&state, &headers, &id, "stream_vehicle", peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
-    if !s.scope.allows(&id) {
-        state
-            .audit
-            .record(&s.user, "stream_vehicle", Some(&id), "denied", peer);
-        return out_of_scope();
-    }
     let now_ns = relay_ops::now_utc_ns();
     let last_id = headers
         .get("last-event-id")
@@ -742,15 +758,10 @@ async fn acknowledge(
     headers: HeaderMap,
     axum::Json(body): axum::Json<AckBody>,
 ) -> Response {
-    let Some(s) = session(&state, &headers) else {
-        return unauthorized();
+    let s = match api_access(&state, &headers, &id, "acknowledge", peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
-    if !s.scope.allows(&id) {
-        state
-            .audit
-            .record(&s.user, "acknowledge", Some(&id), "denied", peer);
-        return out_of_scope();
-    }
     let Some((session_id, stream_id)) = parse_key(&body.key) else {
         return (StatusCode::BAD_REQUEST, "key must be session:stream\n").into_response();
     };
@@ -838,15 +849,10 @@ async fn history(
     Query(q): Query<RangeQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(s) = session(&state, &headers) else {
-        return unauthorized();
+    let s = match api_access(&state, &headers, &id, "history", peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
-    if !s.scope.allows(&id) {
-        state
-            .audit
-            .record(&s.user, "history", Some(&id), "denied", peer);
-        return out_of_scope();
-    }
     let (from, to) = match q.range() {
         Ok(r) => r,
         Err(e) => return *e,
@@ -900,15 +906,10 @@ async fn fhir_export(
     headers: HeaderMap,
 ) -> Response {
     use relay_proto::model::subscribe_response::Record;
-    let Some(s) = session(&state, &headers) else {
-        return unauthorized();
+    let s = match api_access(&state, &headers, &id, "fhir_export", peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
-    if !s.scope.allows(&id) {
-        state
-            .audit
-            .record(&s.user, "fhir_export", Some(&id), "denied", peer);
-        return out_of_scope();
-    }
     let (from, to) = match q.range() {
         Ok(r) => r,
         Err(e) => return *e,
