@@ -200,7 +200,11 @@ async fn start_web(
         ),
     )
     .context("writing the demo's ed-web users file")?;
-    let mut w = WebConfig::default();
+    let mut w = WebConfig {
+        // The demo runs on the development PKI it made itself.
+        allow_dev_pki: true,
+        ..WebConfig::default()
+    };
     w.http.listen = listen;
     w.http.cert = pki.join(format!("{}.pem", relay_devcerts::ED_WEB_SERVER));
     w.http.key = pki.join(format!("{}.key", relay_devcerts::ED_WEB_SERVER));

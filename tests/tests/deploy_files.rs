@@ -209,6 +209,7 @@ async fn every_metric_the_dashboards_and_alerts_query_is_exported_from_the_start
         .unwrap();
     let p = |f: &str| pki.path().join(f);
     let _web = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-ed-web"))
+        .arg("--allow-dev-pki")
         .args(["--http-listen", "127.0.0.1:0"])
         .arg("--http-cert")
         .arg(p("ed-web-server.pem"))

@@ -36,7 +36,10 @@ fn users_file(dir: &Path) -> std::path::PathBuf {
 }
 
 fn web_config(pki: &Pki, ingest: &Ingest, work: &Path) -> WebConfig {
-    let mut w = WebConfig::default();
+    let mut w = WebConfig {
+        allow_dev_pki: true,
+        ..WebConfig::default()
+    };
     w.http.listen = "127.0.0.1:0".parse().unwrap();
     w.http.cert = pki.path().join("ed-web-server.pem");
     w.http.key = pki.path().join("ed-web-server.key");
@@ -727,6 +730,7 @@ async fn spawn_ed_web(
         .open(work.join("ed-web.log"))
         .unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-ed-web"))
+        .arg("--allow-dev-pki")
         .args(["--http-listen", &format!("127.0.0.1:{port}")])
         .args(["--http-cert", &p("ed-web-server.pem")])
         .args(["--http-key", &p("ed-web-server.key")])
@@ -1193,6 +1197,13 @@ async fn ed_web_holds_the_line_against_login_floods_and_stalled_browsers() {
     let ingest = Ingest::start(ingest_config(&pki, &work.path().join("store.redb")))
         .await
         .unwrap();
+    // Without --allow-dev-pki, development certificates are refused at start.
+    let strict = WebConfig {
+        allow_dev_pki: false,
+        ..web_config(&pki, &ingest, work.path())
+    };
+    let refused = EdWeb::start(strict).await.unwrap_err().to_string();
+    assert!(refused.contains("development"), "{refused}");
     let mut cfg = web_config(&pki, &ingest, work.path());
     cfg.http.max_streams_per_user = 3;
     cfg.http.stream_queue = 16;

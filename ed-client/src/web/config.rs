@@ -23,6 +23,10 @@ pub struct WebConfig {
     #[serde(skip)]
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Accept certificates of the development PKI (relay-devcerts): demos and tests only.
+    #[serde(skip)]
+    #[arg(long)]
+    pub allow_dev_pki: bool,
     /// The HTTPS endpoint browsers use.
     #[command(flatten)]
     pub http: HttpConfig,

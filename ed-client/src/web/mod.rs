@@ -71,6 +71,9 @@ pub enum WebError {
     /// The webhook's outbox, URL or CA is unusable.
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    /// The metrics endpoint could not start.
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[from] relay_ops::OpsError),
 }
 
 /// Capture time a vehicle view starts with when the browser names none: the trace fills at
@@ -160,14 +163,19 @@ impl EdWeb {
     /// (a missing ingest is retried; the board shows it as disconnected).
     pub async fn start(cfg: WebConfig) -> Result<Self, WebError> {
         relay_ops::install_crypto_provider();
+        // A key made on a developer's machine is never trusted or shown in production.
+        let mut pem_files = vec![
+            cfg.http.cert.as_path(),
+            cfg.ingest.ca.as_path(),
+            cfg.ingest.cert.as_path(),
+        ];
+        if cfg.webhook.url.is_some() {
+            pem_files.push(cfg.webhook.ca.as_path());
+        }
+        relay_ops::pem::refuse_development(&pem_files, cfg.allow_dev_pki)?;
         let metrics_addr = match cfg.metrics.listen {
             Some(listen) => {
-                let addr = relay_ops::serve_metrics(listen, std::future::pending())
-                    .await
-                    .map_err(|e| WebError::Io {
-                        what: format!("metrics endpoint {listen}"),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
+                let addr = relay_ops::serve_metrics(listen, std::future::pending()).await?;
                 metrics::describe();
                 Some(addr)
             }
@@ -182,16 +190,19 @@ impl EdWeb {
             .with_single_cert(certs, key)?;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let file = match &cfg.audit.path {
-            Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
+            Some(p) => {
+                let io = |source| WebError::Io {
+                    what: format!("opening audit file {}", p.display()),
+                    source,
+                };
+                // Who looked at which patient: readable by ed-web's user only.
+                relay_ops::private::prepare_file(p).map_err(io)?;
+                let f = std::fs::OpenOptions::new()
                     .append(true)
                     .open(p)
-                    .map_err(|source| WebError::Io {
-                        what: format!("opening audit file {}", p.display()),
-                        source,
-                    })?,
-            )),
+                    .map_err(io)?;
+                Some(Mutex::new(f))
+            }
             None => None,
         };
         let link = &cfg.ingest;
