@@ -52,6 +52,56 @@ fn fix_name(fix: i32) -> &'static str {
     }
 }
 
+/// A waveform record as the page receives it, serialized straight from the frame's samples
+/// (the hot path: no JSON value per sample).
+#[derive(serde::Serialize)]
+struct Wave<'a> {
+    t: &'static str,
+    key: String,
+    seq: u64,
+    cap: f64,
+    cap_ingest: f64,
+    rcv: f64,
+    late: bool,
+    plausible: bool,
+    first: u64,
+    n: u32,
+    s: &'a [i32],
+}
+
+/// One subscription message as the text of the page's event (the JSON of [`to_json`]), or
+/// `None` for what a page cannot use.
+pub fn to_event_data(msg: &SubscribeResponse) -> Option<String> {
+    if let Some(Record::Data(d)) = &msg.record
+        && let (Some(s), Some(f)) = (&d.stream, &d.frame)
+        && let Some(Payload::Waveform(w)) = &f.payload
+    {
+        let offset_ns = d.vehicle_clock.as_ref().map_or(0, |c| c.offset_ns);
+        let wave = Wave {
+            t: "wave",
+            key: stream_key(s),
+            seq: f.seq,
+            cap: ms(f.capture_time_ns),
+            cap_ingest: ms(f.capture_time_ns.saturating_sub(offset_ns)),
+            rcv: ms(d.received_time_ns),
+            late: d.late,
+            plausible: plausible(d.capture_time_check),
+            first: w.first_sample_index,
+            n: w.sample_count,
+            s: &w.samples,
+        };
+        return serde_json::to_string(&wave).ok();
+    }
+    to_json(msg).map(|v| v.to_string())
+}
+
+fn plausible(check: i32) -> bool {
+    !matches!(
+        TimestampCheck::try_from(check),
+        Ok(TimestampCheck::Future | TimestampCheck::Past)
+    )
+}
+
 /// One subscription message as the page's JSON, or `None` for what a page cannot use.
 pub fn to_json(msg: &SubscribeResponse) -> Option<Value> {
     let v = match msg.record.as_ref()? {
@@ -83,10 +133,7 @@ pub fn to_json(msg: &SubscribeResponse) -> Option<Value> {
             let s = d.stream.as_ref()?;
             let f = d.frame.as_ref()?;
             let offset_ns = d.vehicle_clock.as_ref().map_or(0, |c| c.offset_ns);
-            let plausible = !matches!(
-                TimestampCheck::try_from(d.capture_time_check),
-                Ok(TimestampCheck::Future | TimestampCheck::Past)
-            );
+            let plausible = plausible(d.capture_time_check);
             let mut v = json!({
                 "key": stream_key(s),
                 "seq": f.seq,
@@ -200,5 +247,8 @@ mod tests {
         assert_eq!(v["s"], json!([-5, 7, 1024, -1024]));
         assert_eq!(v["late"], true);
         assert!((v["cap"].as_f64().unwrap() - 1_700_000_000_123.456_8).abs() < 0.001);
+        // The live stream's direct serialization says the same.
+        let direct: Value = serde_json::from_str(&to_event_data(&msg).unwrap()).unwrap();
+        assert_eq!(direct, v);
     }
 }

@@ -556,7 +556,7 @@ async fn board_json(State(state): State<Shared>, headers: HeaderMap) -> Response
 }
 
 fn board_snapshot(state: &AppState, s: &Session) -> serde_json::Value {
-    let now_ms = relay_ops::now_utc_ns() as f64 / 1e6;
+    let now_ms = feed::ms(relay_ops::now_utc_ns());
     state
         .board
         .lock()
@@ -732,12 +732,10 @@ async fn vehicle_events(
                     return;
                 }
             };
-            let Some(body) = feed::to_json(&msg) else {
+            let Some(body) = feed::to_event_data(&msg) else {
                 continue;
             };
-            let ev = Event::default()
-                .id(msg.cursor.to_string())
-                .data(body.to_string());
+            let ev = Event::default().id(msg.cursor.to_string()).data(body);
             // A browser this far behind is dropped; it reconnects with its last id.
             match tokio::time::timeout(slow, tx.send(ev)).await {
                 Ok(Ok(())) => {}
@@ -800,7 +798,7 @@ async fn acknowledge(
                     &body.key,
                     body.seq,
                     &s.user,
-                    relay_ops::now_utc_ns() as f64 / 1e6,
+                    feed::ms(relay_ops::now_utc_ns()),
                 );
             let r = r.into_inner();
             axum::Json(json!({"delivered": r.delivered, "held": r.held})).into_response()
@@ -829,7 +827,7 @@ struct RangeQuery {
 impl RangeQuery {
     /// The range in UTC ns, checked: finite, ordered, at most MAX_RANGE.
     fn range(&self) -> Result<(i64, i64), Box<Response>> {
-        let to = self.to.unwrap_or(relay_ops::now_utc_ns() as f64 / 1e6);
+        let to = self.to.unwrap_or(feed::ms(relay_ops::now_utc_ns()));
         let ok = self.from.is_finite()
             && to.is_finite()
             && self.from <= to
