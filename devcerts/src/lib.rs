@@ -302,7 +302,7 @@ fn check_name(name: &str) -> Result<(), DevCertError> {
 /// Writes a complete development PKI into `dir`:
 /// `fleet-ca.pem`, `hospital-ca.pem`, `ingest.pem/.key`, `ed-web-server.pem/.key` (ed-web's
 /// HTTPS certificate, same names as the ingest's), `nats-node.pem/.key` (the NATS nodes',
-/// server and client), `<vehicle>.pem/.key`,
+/// server and client), `ingest-nats.pem/.key` (the ingest's client certificate for NATS), `<vehicle>.pem/.key`,
 /// `<subscriber>.pem/.key` (CA keys too, so more leaves can be made by hand).
 pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     for name in pki.vehicles.iter().chain(&pki.subscribers) {
@@ -334,6 +334,15 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
+        &hospital,
+        days,
+    )?;
+    make_leaf(
+        dir,
+        NATS_INGEST_CLIENT,
+        "hospital-ingest-nats",
+        vec![],
+        &[ExtendedKeyUsagePurpose::ClientAuth],
         &hospital,
         days,
     )?;
@@ -374,6 +383,10 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     write_access_policy(dir, &pki.subscribers)?;
     Ok(())
 }
+
+/// File stem of the ingest's client certificate for the NATS cluster (the JetStream store's
+/// credentials; each ingest node has its own in production).
+pub const NATS_INGEST_CLIENT: &str = "ingest-nats";
 
 /// File stem of the NATS nodes' certificate in a development PKI: server and client
 /// authentication both, as cluster routes need (a node dials its peers).

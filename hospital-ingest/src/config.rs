@@ -59,6 +59,9 @@ pub struct IngestConfig {
     /// The durable store.
     #[command(flatten)]
     pub store: StoreConfig,
+    /// The JetStream cluster, when store.backend = "jetstream".
+    #[command(flatten)]
+    pub jetstream: JetStreamConfig,
     /// Putting each stream back in order.
     #[command(flatten)]
     pub reassembly: Reassembly,
@@ -434,11 +437,26 @@ impl Tls {
     }
 }
 
+/// Which backend holds the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// redb in one file (store.path): no server needed.
+    #[default]
+    Embedded,
+    /// A NATS JetStream cluster ([jetstream]).
+    Jetstream,
+}
+
 /// The durable store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// redb database file.
+    /// Which backend holds the log: embedded (redb file at store.path) or jetstream (the
+    /// cluster of [jetstream]).
+    #[arg(id = "store.backend", long = "store-backend", value_enum)]
+    pub backend: StoreBackend,
+    /// redb database file (embedded backend).
     #[arg(long = "store-path")]
     pub path: PathBuf,
     /// Records older than this are deleted.
@@ -462,6 +480,155 @@ pub struct StoreConfig {
     /// Memory the database may use to cache pages, bytes (redb would take 1 GiB).
     #[arg(long = "store-cache-bytes")]
     pub cache_bytes: usize,
+}
+
+/// The NATS JetStream cluster holding the log (store.backend = "jetstream"). The log is one
+/// replicated stream whose age and size limits are store.retention and store.max_bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// Server URLs, tls://host:port (any nodes of the cluster; TLS always).
+    #[arg(
+        id = "jetstream.servers",
+        long = "jetstream-servers",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
+    /// CA the servers' certificates chain to (PEM).
+    #[arg(id = "jetstream.ca", long = "jetstream-ca")]
+    pub ca: PathBuf,
+    /// This ingest node's client certificate for the cluster (PEM): its own credentials.
+    #[arg(id = "jetstream.cert", long = "jetstream-cert")]
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    #[arg(id = "jetstream.key", long = "jetstream-key")]
+    pub key: PathBuf,
+    /// Name of the log stream.
+    #[arg(id = "jetstream.stream", long = "jetstream-stream")]
+    pub stream: String,
+    /// Subject prefix of the log's records.
+    #[arg(id = "jetstream.subject_prefix", long = "jetstream-subject-prefix")]
+    pub subject_prefix: String,
+    /// KV bucket holding stream descriptors and vehicles' last contact.
+    #[arg(id = "jetstream.meta_bucket", long = "jetstream-meta-bucket")]
+    pub meta_bucket: String,
+    /// Replicas of the stream and the bucket (3 on a 3-node cluster: one node may fail).
+    #[arg(id = "jetstream.replicas", long = "jetstream-replicas")]
+    pub replicas: usize,
+    /// Time allowed for one request to the cluster (publish, read, admin).
+    #[serde(with = "humantime_serde")]
+    #[arg(id = "jetstream.request_timeout", long = "jetstream-request-timeout", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Precision of the byte accounting behind store.max_bytes and
+    /// store.max_bytes_per_vehicle, bytes (records are counted in runs of about this size;
+    /// memory: about 24 bytes per run).
+    #[arg(
+        id = "jetstream.accounting_granularity_bytes",
+        long = "jetstream-accounting-granularity-bytes"
+    )]
+    pub accounting_granularity_bytes: u64,
+    /// Name this ingest's connection carries (the servers' monitoring shows it).
+    #[arg(id = "jetstream.client_name", long = "jetstream-client-name")]
+    pub client_name: String,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["tls://127.0.0.1:4222".into()],
+            ca: "certs/hospital-ca.pem".into(),
+            cert: "certs/ingest-nats.pem".into(),
+            key: "certs/ingest-nats.key".into(),
+            stream: "RELAY_LOG".into(),
+            subject_prefix: "relay.log".into(),
+            meta_bucket: "RELAY_META".into(),
+            replicas: 3,
+            request_timeout: Duration::from_secs(10),
+            accounting_granularity_bytes: 1024 * 1024,
+            client_name: "hospital-ingest".into(),
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// The store's options, with the stream's limits from `store`.
+    pub fn options(&self, store: &StoreConfig) -> crate::store::JetStreamOptions {
+        crate::store::JetStreamOptions {
+            servers: self.servers.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            stream: self.stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            meta_bucket: self.meta_bucket.clone(),
+            replicas: self.replicas,
+            max_age: store.retention,
+            max_bytes: store.max_bytes,
+            request_timeout: self.request_timeout,
+            accounting_granularity_bytes: self.accounting_granularity_bytes,
+            client_name: self.client_name.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.servers.is_empty() {
+            return invalid("jetstream.servers", &"[]", "must name at least one server");
+        }
+        for s in &self.servers {
+            let rest = s.strip_prefix("tls://");
+            if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                return invalid(
+                    "jetstream.servers",
+                    s,
+                    "must be tls://host:port (there is no plaintext connection)",
+                );
+            }
+        }
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !name_ok(&self.stream) {
+            return invalid(
+                "jetstream.stream",
+                &self.stream,
+                "must be 1-64 of A-Z a-z 0-9 _ -",
+            );
+        }
+        if !name_ok(&self.meta_bucket) {
+            return invalid(
+                "jetstream.meta_bucket",
+                &self.meta_bucket,
+                "must be 1-64 of A-Z a-z 0-9 _ -",
+            );
+        }
+        let token_ok = |t: &str| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !self.subject_prefix.split('.').all(token_ok) {
+            return invalid(
+                "jetstream.subject_prefix",
+                &self.subject_prefix,
+                "must be dot-separated tokens of A-Z a-z 0-9 _ - (no wildcards)",
+            );
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("jetstream.replicas", &self.replicas, "must be 1..=5");
+        }
+        positive(&[("jetstream.request_timeout", self.request_timeout)])?;
+        if self.accounting_granularity_bytes == 0 {
+            return invalid(
+                "jetstream.accounting_granularity_bytes",
+                &0,
+                "must be positive",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for Quic {
@@ -524,6 +691,7 @@ impl Default for Tls {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            backend: StoreBackend::Embedded,
             path: "ingest-data/relay.redb".into(),
             retention: Duration::from_secs(72 * 3600),
             max_bytes: 10 * 1024 * 1024 * 1024,
@@ -668,6 +836,7 @@ impl ServiceConfig for IngestConfig {
                 "must be at least 1 MiB and at most store.max_bytes",
             );
         }
+        self.jetstream.validate()?;
         let a = &self.audit;
         if let Some(address) = &a.syslog_address {
             let port = address

@@ -226,8 +226,27 @@ impl Ingest {
         relay_ops::install_crypto_provider();
         crate::metrics::describe();
         let stop = CancellationToken::new();
-        let store = store::Store::open_with_cache(&cfg.store.path, cfg.store.cache_bytes)
-            .with_context(|| format!("opening store {}", cfg.store.path.display()))?;
+        let store = match cfg.store.backend {
+            config::StoreBackend::Embedded => store::Store::new(
+                store::EmbeddedStore::open_with_cache(&cfg.store.path, cfg.store.cache_bytes)
+                    .with_context(|| format!("opening store {}", cfg.store.path.display()))?,
+            ),
+            config::StoreBackend::Jetstream => {
+                let options = cfg.jetstream.options(&cfg.store);
+                // Connecting and reading the log back blocks: not on a runtime worker.
+                let opened =
+                    tokio::task::spawn_blocking(move || store::JetStreamStore::open(&options))
+                        .await
+                        .context("opening the JetStream store")?;
+                store::Store::new(opened.with_context(|| {
+                    format!(
+                        "opening the JetStream store (stream {} on {})",
+                        cfg.jetstream.stream,
+                        cfg.jetstream.servers.join(", ")
+                    )
+                })?)
+            }
+        };
         let (bus, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
         let retention = writer::RetentionPolicy {
             max_age: cfg.store.retention,
@@ -362,7 +381,17 @@ impl Ingest {
                 stop.clone(),
             ));
         }
-        tracing::info!(%quic_addr, %grpc_addr, ?metrics_addr, store = %cfg.store.path.display(), "ingest running");
+        let store_at = match cfg.store.backend {
+            config::StoreBackend::Embedded => cfg.store.path.display().to_string(),
+            config::StoreBackend::Jetstream => {
+                format!(
+                    "{} on {}",
+                    cfg.jetstream.stream,
+                    cfg.jetstream.servers.join(",")
+                )
+            }
+        };
+        tracing::info!(%quic_addr, %grpc_addr, ?metrics_addr, store = %store_at, "ingest running");
         Ok(Self {
             quic_addr,
             grpc_addr,

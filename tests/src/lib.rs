@@ -17,6 +17,7 @@ use relay_proto::model::{
 use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
 pub mod browser;
+pub mod nats;
 pub mod sim;
 
 /// The vehicles the test PKI has certificates for.
@@ -382,12 +383,23 @@ pub async fn collect_until(
 /// Writes what was collected as WFDB and checks it against the original record: every sample
 /// equal, header checksums equal to the original header's.
 pub fn assert_bit_exact(collected: Collected, vehicle: &str, original: &str) {
-    let orig = relay_wfdb::read_record(&record(original)).unwrap();
+    assert_all_bit_exact(collected, &[(vehicle, original)]);
+}
+
+/// [`assert_bit_exact`] for several vehicles, each with its original record.
+pub fn assert_all_bit_exact(collected: Collected, expected: &[(&str, &str)]) {
     let written = collected.sink.finish().unwrap();
-    let (_, hea) = written
-        .iter()
-        .find(|(id, _)| id.0 == vehicle)
-        .expect("a WFDB record for the vehicle");
+    for (vehicle, original) in expected {
+        let (_, hea) = written
+            .iter()
+            .find(|(id, _)| id.0 == *vehicle)
+            .expect("a WFDB record for the vehicle");
+        assert_same_record(hea, original);
+    }
+}
+
+fn assert_same_record(hea: &Path, original: &str) {
+    let orig = relay_wfdb::read_record(&record(original)).unwrap();
     let got = relay_wfdb::read_record(&hea.with_extension("")).unwrap();
     assert_eq!(got.num_signals(), orig.num_signals());
     assert_eq!(

@@ -874,11 +874,11 @@ mod tests {
     #[tokio::test]
     async fn a_store_read_error_ends_the_subscription_with_internal() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("store.redb")).unwrap();
-        store.damage_record_for_tests(1).unwrap();
+        let embedded = crate::store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        embedded.damage_record_for_tests(1).unwrap();
         let (bus, _) = broadcast::channel(16);
         let svc = TelemetryService::new(
-            store,
+            Store::new(embedded),
             bus,
             Arc::new(Online::default()),
             GrpcSettings {

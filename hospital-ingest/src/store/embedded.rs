@@ -1,6 +1,5 @@
-//! The ingest's durable store on redb: an append-only log of everything subscribers see (data,
-//! gaps, gap closures, stream announcements), indexed by a global cursor, plus the set of
-//! stored (vehicle, session, stream, seq) for deduplication.
+//! The embedded backend: redb in one file. An append-only log keyed by cursor plus the
+//! dedup, stream, vehicle and per-vehicle quota tables, all updated in one transaction.
 //!
 //! Why redb: pure Rust (no C toolchain on the ingest host), ACID transactions with
 //! copy-on-write B-trees and checksummed commits, so a crash or power cut leaves the last
@@ -14,10 +13,12 @@ use std::sync::Arc;
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use relay_proto::model::{
-    DataRecord, GapRecord, StreamInfo, SubscribeResponse, subscribe_response::Record,
-};
+use relay_proto::model::{DataRecord, StreamInfo, SubscribeResponse, subscribe_response::Record};
 
+use super::{
+    Declared, History, LogEntry, LogStore, RetentionOutcome, SeqRef, StoreBatch, StoreError,
+    StoredStream, record_scope,
+};
 use crate::reassembly::StreamKey;
 
 /// cursor -> encoded SubscribeResponse (with its cursor set).
@@ -45,101 +46,13 @@ const RECEIVED_PROBE: usize = 256;
 /// Page cache of [`Store::open`] (as `store.cache_bytes`' default).
 pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-/// Why the store could not be read or written.
-pub enum StoreError {
-    #[error("store: {0}")]
-    /// redb failed (I/O, full disk, corruption).
-    Redb(#[from] redb::Error),
-    #[error("store file {path}: {source}")]
-    /// The store file or its directory could not be created or restricted.
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        #[source]
-        /// The operating system's error.
-        source: std::io::Error,
-    },
-    #[error("store record {cursor} is corrupt: {source}")]
-    /// A log record does not decode.
-    Corrupt {
-        /// Its cursor.
-        cursor: u64,
-        #[source]
-        /// prost's error.
-        source: prost::DecodeError,
-    },
-}
-
-relay_ops::from_redb_errors!(StoreError, Redb);
-
-/// A record as appended to the log.
 #[derive(Debug, Clone)]
-pub struct LogEntry {
-    /// Its position in the log.
-    pub cursor: u64,
-    /// The vehicle it belongs to.
-    pub vehicle: Arc<str>,
-    /// Its stream kind.
-    pub kind: i32,
-    /// The message as subscribers receive it.
-    pub message: SubscribeResponse,
-}
-
-/// A time range of one stream, as [`Store::history`] returns it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct History {
-    /// Data records in sequence order.
-    pub records: Vec<DataRecord>,
-    /// Sequence numbers missing between them (never received, or deleted).
-    pub missing: Vec<GapRecord>,
-    /// More records lie in the range beyond the bound.
-    pub truncated: bool,
-}
-
-/// Identity of a stored frame.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqRef<'a> {
-    /// The vehicle.
-    pub vehicle: &'a str,
-    /// The session.
-    pub session: u64,
-    /// The stream.
-    pub stream_id: u32,
-    /// The sequence number.
-    pub seq: u64,
-}
-
-#[derive(Debug, Clone)]
-/// The store: cheap to clone, one writer, any number of readers.
-pub struct Store {
+/// The embedded store: cheap to clone, one writer, any number of readers.
+pub struct EmbeddedStore {
     db: Arc<Database>,
 }
 
-/// How a declared stream relates to its session as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Declared {
-    /// The session's first declaration of it.
-    New,
-    /// Declared before with the same descriptor (a bearer reconnecting, an agent restarting).
-    Same,
-    /// Declared before with another descriptor, or not in the session's first declaration.
-    Conflict,
-}
-
-/// Vehicle and kind a log record belongs to (for subscription filters).
-pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
-    let s = match msg.record.as_ref()? {
-        Record::Data(d) => d.stream.as_ref()?,
-        Record::Gap(g) => g.stream.as_ref()?,
-        Record::GapClosed(g) => g.stream.as_ref()?,
-        Record::Stream(s) => s.stream.as_ref()?,
-        Record::Sync(_) | Record::Lagged(_) => return None,
-    };
-    Some((s.vehicle_id.as_str(), s.kind))
-}
-
-impl Store {
+impl EmbeddedStore {
     /// Opens (or creates) the store and its tables, with the default page cache.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
@@ -201,9 +114,14 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
 
-    /// Starts a write transaction.
-    pub fn begin(&self) -> Result<WriteBatch, StoreError> {
+impl LogStore for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn begin(&self) -> Result<Box<dyn StoreBatch>, StoreError> {
         let txn = self.db.begin_write()?;
         let (next_cursor, log_bytes) = {
             let meta = txn.open_table(META)?;
@@ -211,23 +129,23 @@ impl Store {
             let bytes = meta.get("log_bytes")?.map_or(0, |v| v.value());
             (next, bytes)
         };
-        Ok(WriteBatch {
+        Ok(Box::new(EmbeddedBatch {
             txn,
             next_cursor,
             log_bytes,
             appended: Vec::new(),
-        })
+        }))
     }
 
     /// Cursor of the newest record (0 when empty).
-    pub fn head(&self) -> Result<u64, StoreError> {
+    fn head(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
         Ok(log.last()?.map_or(0, |(k, _)| k.value()))
     }
 
     /// Up to `limit` records with cursor in `(after, up_to]`, oldest first.
-    pub fn read_after(
+    fn read_after(
         &self,
         after: u64,
         up_to: u64,
@@ -253,7 +171,7 @@ impl Store {
     /// binary search over the received times data records carry, in one read transaction.
     /// Receipt order follows cursor order up to the writer's batching (milliseconds), so
     /// callers ask with a margin and filter what they get.
-    pub fn cursor_before_received(&self, at_ns: i64) -> Result<u64, StoreError> {
+    fn cursor_before_received(&self, at_ns: i64) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
         let (Some(first), Some(last)) = (log.first()?, log.last()?) else {
@@ -287,7 +205,7 @@ impl Store {
     }
 
     /// Every stream announcement stored.
-    pub fn streams(&self) -> Result<Vec<StreamInfo>, StoreError> {
+    fn streams(&self) -> Result<Vec<StreamInfo>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(STREAMS)?;
         let mut out = Vec::new();
@@ -301,7 +219,7 @@ impl Store {
     }
 
     /// Every vehicle seen, with the last time anything arrived from it (UTC ns).
-    pub fn vehicles(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    fn vehicles(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(VEHICLES)?;
         let mut out = Vec::new();
@@ -315,7 +233,7 @@ impl Store {
     /// What the reassembler needs of each stream after a restart, computed in one pass over
     /// the dedup index without holding every seq in memory: the high-water mark, the holes
     /// between stored seqs (the newest `max_holes` of them) and the cursor of the highest.
-    pub fn stored_streams(&self, max_holes: usize) -> Result<Vec<StoredStream>, StoreError> {
+    fn stored_streams(&self, max_holes: usize) -> Result<Vec<StoredStream>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(SEEN)?;
         let mut out: Vec<StoredStream> = Vec::new();
@@ -354,12 +272,9 @@ impl Store {
         Ok(out)
     }
 
-    /// One stream's data records captured in `[from_ns, to_ns)` (beginning with the frame in
-    /// progress at `from_ns` when later ones follow), in sequence order: at most `max_records` and about `max_bytes`
-    /// encoded, `truncated` when more lie in the range. Sequence numbers missing between the
-    /// records returned are listed. A binary search over the stream's sequence numbers finds
-    /// the start (capture times grow with them at the source).
-    pub fn history(
+    /// A binary search over the stream's sequence numbers finds the start (capture times
+    /// grow with them at the source).
+    fn history(
         &self,
         stream: &StreamKey,
         from_ns: i64,
@@ -382,7 +297,7 @@ impl Store {
                 _ => None,
             })
         };
-        let capture = |d: &DataRecord| d.frame.as_ref().map_or(i64::MIN, |f| f.capture_time_ns);
+        let capture = super::capture_ns;
         // The first stored seq at or after `seq`, with its record.
         let first_from = |seq: u64| -> Result<Option<(u64, DataRecord)>, StoreError> {
             for item in seen.range((v, s, id, seq)..=(v, s, id, u64::MAX))? {
@@ -403,50 +318,24 @@ impl Store {
                 _ => hi = mid,
             }
         }
-        // The frame in progress at `from_ns` (the last stored one before it), unless one
-        // starts exactly there or the stream has nothing after it (it ended before).
-        let in_progress = first_from(lo)?.is_some_and(|(_, d)| capture(&d) > from_ns);
+        // From the last stored frame before `lo`: it may be in progress at `from_ns`.
         let start = match seen.range((v, s, id, 0)..(v, s, id, lo))?.next_back() {
-            Some(item) if in_progress => item?.0.value().3,
-            _ => lo,
+            Some(item) => item?.0.value().3,
+            None => lo,
         };
-        let mut out = History::default();
-        let mut bytes = 0usize;
-        let mut previous: Option<(u64, i64)> = None;
-        for item in seen.range((v, s, id, start)..=(v, s, id, u64::MAX))? {
-            let (k, c) = item?;
-            let seq = k.value().3;
-            let Some(d) = data_at(c.value())? else {
-                continue;
-            };
-            let at = capture(&d);
-            if at >= to_ns {
-                break;
-            }
-            if out.records.len() >= max_records || (bytes >= max_bytes && !out.records.is_empty()) {
-                out.truncated = true;
-                break;
-            }
-            if let Some((p, p_at)) = previous
-                && seq > p + 1
-            {
-                out.missing.push(GapRecord {
-                    stream: d.stream.clone(),
-                    start_seq: p + 1,
-                    end_seq: seq,
-                    start_time_ns: p_at,
-                    end_time_ns: at,
-                });
-            }
-            previous = Some((seq, at));
-            bytes += d.encoded_len();
-            out.records.push(d);
-        }
-        Ok(out)
+        let frames = seen
+            .range((v, s, id, start)..=(v, s, id, u64::MAX))?
+            .filter_map(|item| {
+                let frame = item
+                    .map_err(StoreError::from)
+                    .and_then(|(k, c)| Ok(data_at(c.value())?.map(|d| (k.value().3, d))));
+                frame.transpose()
+            });
+        super::history_from(frames, from_ns, to_ns, max_records, max_bytes)
     }
 
     /// The announcement of one stream, if it is known.
-    pub fn stream_info(&self, stream: &StreamKey) -> Result<Option<StreamInfo>, StoreError> {
+    fn stream_info(&self, stream: &StreamKey) -> Result<Option<StreamInfo>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(STREAMS)?;
         let key = (&*stream.vehicle, stream.session, stream.stream_id);
@@ -457,7 +346,7 @@ impl Store {
     }
 
     /// The record at `cursor`, if it is still kept.
-    pub fn record(&self, cursor: u64) -> Result<Option<SubscribeResponse>, StoreError> {
+    fn record(&self, cursor: u64) -> Result<Option<SubscribeResponse>, StoreError> {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(LOG)?;
         match log.get(cursor)? {
@@ -475,7 +364,7 @@ impl Store {
     /// `max_deletes` in all. Then forgets streams that hold no data any more and were last
     /// declared before `min_received_ns` (so descriptors do not pile up over agent sessions).
     /// Descriptors of streams with data left stay, so what remains can be interpreted.
-    pub fn enforce_retention(
+    fn enforce_retention(
         &self,
         min_received_ns: i64,
         max_bytes: u64,
@@ -600,38 +489,10 @@ impl Store {
     }
 
     /// Records in the log.
-    pub fn log_len(&self) -> Result<u64, StoreError> {
+    fn log_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(LOG)?.len()?)
     }
-}
-
-/// What a retention sweep removed.
-#[derive(Debug, Default)]
-pub struct RetentionOutcome {
-    /// Records deleted.
-    pub deleted: u64,
-    /// Of those, records of vehicles over their quota.
-    pub deleted_over_quota: u64,
-    /// Vehicles that were over their quota.
-    pub vehicles_over_quota: Vec<String>,
-    /// Bytes of log left.
-    pub bytes_left: u64,
-    /// Streams that lost all their records.
-    pub pruned_streams: Vec<StreamKey>,
-}
-
-/// A stored stream as the reassembler must resume it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredStream {
-    /// The stream.
-    pub key: StreamKey,
-    /// One past the highest stored seq.
-    pub next_seq: u64,
-    /// Missing ranges [start, end) between stored seqs, oldest first.
-    pub holes: VecDeque<(u64, u64)>,
-    /// Cursor of the highest stored frame.
-    pub last_cursor: u64,
 }
 
 /// The tables a deleted record must leave, in one retention transaction.
@@ -686,14 +547,14 @@ impl Deleter<'_> {
 }
 
 /// One write transaction; nothing is visible or durable before `commit`.
-pub struct WriteBatch {
+struct EmbeddedBatch {
     txn: redb::WriteTransaction,
     next_cursor: u64,
     log_bytes: u64,
     appended: Vec<LogEntry>,
 }
 
-impl std::fmt::Debug for WriteBatch {
+impl std::fmt::Debug for EmbeddedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteBatch")
             .field("next_cursor", &self.next_cursor)
@@ -701,9 +562,9 @@ impl std::fmt::Debug for WriteBatch {
     }
 }
 
-impl WriteBatch {
+impl StoreBatch for EmbeddedBatch {
     /// Whether this frame is stored (in this transaction or before).
-    pub fn contains(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
+    fn contains(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
         let seen = self.txn.open_table(SEEN)?;
         Ok(seen
             .get((r.vehicle, r.session, r.stream_id, r.seq))?
@@ -711,7 +572,7 @@ impl WriteBatch {
     }
 
     /// Appends `message` to the log (assigning its cursor); `seq` marks a stored frame.
-    pub fn append(
+    fn append(
         &mut self,
         vehicle: &Arc<str>,
         kind: i32,
@@ -748,7 +609,7 @@ impl WriteBatch {
     }
 
     /// How a stream declaration relates to what the store holds of its session.
-    pub fn classify_stream(&self, info: &StreamInfo) -> Result<Declared, StoreError> {
+    fn classify_stream(&self, info: &StreamInfo) -> Result<Declared, StoreError> {
         let Some(s) = &info.stream else {
             return Ok(Declared::Same);
         };
@@ -772,7 +633,7 @@ impl WriteBatch {
     }
 
     /// Whether the session of this stream has no stream stored yet (its first Hello).
-    pub fn session_is_new(&self, info: &StreamInfo) -> Result<bool, StoreError> {
+    fn session_is_new(&self, info: &StreamInfo) -> Result<bool, StoreError> {
         let Some(s) = &info.stream else {
             return Ok(false);
         };
@@ -784,7 +645,7 @@ impl WriteBatch {
 
     /// Records a stream declaration the caller classified as new or the same; a stored
     /// descriptor is never rewritten. True when it was new.
-    pub fn put_stream(&mut self, info: &StreamInfo, now_ns: i64) -> Result<bool, StoreError> {
+    fn put_stream(&mut self, info: &StreamInfo, now_ns: i64) -> Result<bool, StoreError> {
         let Some(s) = &info.stream else {
             return Ok(false);
         };
@@ -799,13 +660,13 @@ impl WriteBatch {
     }
 
     /// Records that something arrived from `vehicle` at `now_ns`.
-    pub fn touch_vehicle(&mut self, vehicle: &str, now_ns: i64) -> Result<(), StoreError> {
+    fn touch_vehicle(&mut self, vehicle: &str, now_ns: i64) -> Result<(), StoreError> {
         self.txn.open_table(VEHICLES)?.insert(vehicle, now_ns)?;
         Ok(())
     }
 
     /// Commits durably and returns what was appended, in cursor order.
-    pub fn commit(self) -> Result<Vec<LogEntry>, StoreError> {
+    fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
         {
             let mut meta = self.txn.open_table(META)?;
             meta.insert("next_cursor", self.next_cursor)?;
@@ -819,6 +680,7 @@ impl WriteBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[cfg(unix)]
     #[test]
@@ -832,389 +694,18 @@ mod tests {
         assert_eq!(mode(&dir.path().join("data")), 0o700);
     }
 
-    #[test]
-    fn a_session_keeps_the_descriptors_of_its_first_declaration() {
-        use relay_proto::model::StreamRef;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let info = |stream_id: u32, name: &str| StreamInfo {
-            stream: Some(StreamRef {
-                vehicle_id: "amb-1".into(),
-                session_id: 1,
-                stream_id,
-                kind: 3,
-            }),
-            descriptor: Some(relay_proto::model::StreamDescriptor {
-                stream_id,
-                kind: 3,
-                name: name.into(),
-                waveform: None,
-            }),
-        };
-        let mut b = store.begin().unwrap();
-        assert_eq!(
-            b.classify_stream(&info(0, "vitals")).unwrap(),
-            Declared::New
-        );
-        assert!(b.put_stream(&info(0, "vitals"), 1).unwrap());
-        assert_eq!(
-            b.classify_stream(&info(0, "vitals")).unwrap(),
-            Declared::Same
-        );
-        assert_eq!(
-            b.classify_stream(&info(0, "other")).unwrap(),
-            Declared::Conflict
-        );
-        assert_eq!(
-            b.classify_stream(&info(1, "extra")).unwrap(),
-            Declared::Conflict
-        );
-        assert!(
-            !b.put_stream(&info(0, "other"), 2).unwrap(),
-            "never rewritten"
-        );
-        b.commit().unwrap();
-        let stored = store.streams().unwrap();
-        let name = stored[0].descriptor.as_ref().map(|d| d.name.clone());
-        assert_eq!(name.as_deref(), Some("vitals"));
-    }
-
-    /// Whether frame `seq` of amb-1's stream 0 (session 1) is stored, as `b` sees it.
-    fn stored(b: &WriteBatch, seq: u64) -> bool {
-        b.contains(SeqRef {
-            vehicle: "amb-1",
-            session: 1,
-            stream_id: 0,
-            seq,
-        })
-        .unwrap()
-    }
-    use relay_proto::model::{DataRecord, Frame, StreamRef};
-
-    fn data(vehicle: &str, seq: u64, received: i64) -> SubscribeResponse {
-        SubscribeResponse {
-            cursor: 0,
-            record: Some(Record::Data(DataRecord {
-                stream: Some(StreamRef {
-                    vehicle_id: vehicle.into(),
-                    session_id: 1,
-                    stream_id: 0,
-                    kind: 2,
-                }),
-                frame: Some(Frame {
-                    stream_id: 0,
-                    seq,
-                    capture_time_ns: 0,
-                    payload: None,
-                }),
-                late: false,
-                received_time_ns: received,
-                ..DataRecord::default()
-            })),
-        }
-    }
-
-    #[test]
-    fn appends_survive_reopen_and_dedup_index_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let v: Arc<str> = "amb-1".into();
-        {
-            let store = Store::open(&path).unwrap();
-            let mut b = store.begin().unwrap();
-            for seq in [0, 1, 3] {
-                let r = SeqRef {
-                    vehicle: &v,
-                    session: 1,
-                    stream_id: 0,
-                    seq,
-                };
-                b.append(&v, 2, data(&v, seq, 10), Some(r)).unwrap();
-            }
-            let appended = b.commit().unwrap();
-            assert_eq!(
-                appended.iter().map(|e| e.cursor).collect::<Vec<_>>(),
-                vec![1, 2, 3]
-            );
-            // An uncommitted batch leaves no trace.
-            let mut b = store.begin().unwrap();
-            b.append(&v, 2, data(&v, 4, 10), None).unwrap();
-            drop(b);
-        }
-        let store = Store::open(&path).unwrap();
-        assert_eq!(store.head().unwrap(), 3);
-        let b = store.begin().unwrap();
-        assert!(stored(&b, 3));
-        assert!(!stored(&b, 2));
-        drop(b);
-        let page = store.read_after(1, 3, 10).unwrap();
-        assert_eq!(
-            page.iter().map(|(c, m)| (*c, m.cursor)).collect::<Vec<_>>(),
-            vec![(2, 2), (3, 3)]
-        );
-        let streams = store.stored_streams(16).unwrap();
-        assert_eq!(streams.len(), 1);
-        assert_eq!(streams[0].next_seq, 4, "seqs 0, 1, 3 stored");
-        assert_eq!(Vec::from(streams[0].holes.clone()), vec![(2, 3)]);
-        assert_eq!(streams[0].last_cursor, 3);
-        assert!(
-            store.stored_streams(0).unwrap()[0].holes.is_empty(),
-            "holes bounded"
-        );
-    }
-
-    #[test]
-    fn the_cursor_before_a_receipt_time_is_found_by_binary_search() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        assert_eq!(store.cursor_before_received(5).unwrap(), 0, "empty");
-        // Cursors 1..=100 received at 10, 20, ..., 1000, with non-data records among them.
-        for i in 1..=100u64 {
-            fill(&store, "amb-1", i, 1, i as i64 * 10);
-            if i % 7 == 0 {
-                let mut b = store.begin().unwrap();
-                b.append(
-                    &Arc::from("amb-1"),
-                    2,
-                    SubscribeResponse {
-                        cursor: 0,
-                        record: Some(Record::Sync(Default::default())),
-                    },
-                    None,
-                )
-                .unwrap();
-                b.commit().unwrap();
-            }
-        }
-        let received = |c: u64| match store.record(c).unwrap().and_then(|m| m.record) {
-            Some(Record::Data(d)) => Some(d.received_time_ns),
-            _ => None,
-        };
-        for at in [0i64, 10, 11, 500, 505, 1000, 1001] {
-            let after = store.cursor_before_received(at).unwrap();
-            // Nothing after it was received earlier; the record at it (if data) was.
-            let head = store.head().unwrap();
-            for c in after + 1..=head {
-                assert!(received(c).is_none_or(|r| r >= at), "at {at}: cursor {c}");
-            }
-            if let Some(r) = received(after) {
-                assert!(r < at, "at {at}: starts too early at {after}");
-            }
-        }
-        assert_eq!(
-            store.cursor_before_received(i64::MAX).unwrap(),
-            store.head().unwrap()
-        );
-    }
-
-    #[test]
-    fn history_returns_a_time_range_of_one_stream_with_its_holes_and_bounds() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let key = StreamKey {
-            vehicle: "amb-1".into(),
-            session: 1,
-            stream_id: 0,
-        };
-        // Frames every 40 ms from seq 0 to 99, 50..=54 never stored; another stream between.
-        let mut b = store.begin().unwrap();
-        for seq in (0..100u64).filter(|s| !(50..55).contains(s)) {
-            for stream_id in [0u32, 1] {
-                let mut msg = data(&key.vehicle, seq, 0);
-                if let Some(Record::Data(d)) = msg.record.as_mut() {
-                    d.stream.as_mut().unwrap().stream_id = stream_id;
-                    let f = d.frame.as_mut().unwrap();
-                    f.stream_id = stream_id;
-                    f.capture_time_ns = seq as i64 * 40;
-                }
-                let r = SeqRef {
-                    vehicle: &key.vehicle,
-                    session: 1,
-                    stream_id,
-                    seq,
-                };
-                b.append(&key.vehicle, 2, msg, Some(r)).unwrap();
-            }
-        }
-        b.commit().unwrap();
-        let seqs = |h: &History| -> Vec<u64> {
-            h.records
-                .iter()
-                .map(|d| d.frame.as_ref().unwrap().seq)
-                .collect()
-        };
-        // 1,000..2,000: frames 25..=49 and the frame in progress at 1,000 (seq 25 starts
-        // exactly there, so none before it).
-        let h = store.history(&key, 1000, 2000, 1000, usize::MAX).unwrap();
-        assert_eq!(seqs(&h), (25..50).collect::<Vec<_>>());
-        assert!(!h.truncated && h.missing.is_empty());
-        assert!(
-            h.records
-                .iter()
-                .all(|d| d.stream.as_ref().unwrap().stream_id == 0)
-        );
-        // 1,010..: begins with seq 25, in progress at 1,010; across the hole.
-        let h = store.history(&key, 1010, 2400, 1000, usize::MAX).unwrap();
-        assert_eq!(seqs(&h).first(), Some(&25));
-        assert_eq!(seqs(&h).last(), Some(&59));
-        assert_eq!(h.missing.len(), 1);
-        let gap = &h.missing[0];
-        assert_eq!((gap.start_seq, gap.end_seq), (50, 55));
-        assert_eq!((gap.start_time_ns, gap.end_time_ns), (49 * 40, 55 * 40));
-        // Bounded by count and by bytes.
-        let h = store.history(&key, 0, i64::MAX, 10, usize::MAX).unwrap();
-        assert_eq!((seqs(&h), h.truncated), ((0..10).collect(), true));
-        let h = store.history(&key, 0, i64::MAX, 1000, 1).unwrap();
-        assert_eq!((h.records.len(), h.truncated), (1, true));
-        // Outside what is stored: nothing; an unknown stream: nothing.
-        assert!(
-            store
-                .history(&key, 10_000, 20_000, 10, usize::MAX)
-                .unwrap()
-                .records
-                .is_empty()
-        );
-        let other = StreamKey {
-            stream_id: 7,
-            ..key.clone()
-        };
-        assert!(
-            store
-                .history(&other, 0, i64::MAX, 10, usize::MAX)
-                .unwrap()
-                .records
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn retention_deletes_oldest_by_age_and_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let v: Arc<str> = "amb-1".into();
-        let mut b = store.begin().unwrap();
-        for seq in 0..10 {
-            let r = SeqRef {
-                vehicle: &v,
-                session: 1,
-                stream_id: 0,
-                seq,
-            };
-            b.append(&v, 2, data(&v, seq, seq as i64 * 100), Some(r))
-                .unwrap();
-        }
-        b.commit().unwrap();
-        let deleted = store
-            .enforce_retention(300, u64::MAX, u64::MAX, 1000)
-            .unwrap()
-            .deleted;
-        assert_eq!(deleted, 3);
-        assert_eq!(store.log_len().unwrap(), 7);
-        let b = store.begin().unwrap();
-        assert!(!stored(&b, 2));
-        drop(b);
-        let mut largest = data(&v, 9, 900);
-        largest.cursor = 10;
-        let one = largest.encode_to_vec().len() as u64;
-        let r = store.enforce_retention(0, 2 * one, u64::MAX, 1000).unwrap();
-        assert_eq!(r.deleted, 5);
-        assert!(r.bytes_left <= 2 * one);
-        assert_eq!(store.read_after(0, u64::MAX, 10).unwrap()[0].0, 9);
-    }
-
-    /// Appends `n` frames of `vehicle` (seqs from `first`) received at `received`.
-    fn fill(store: &Store, vehicle: &str, first: u64, n: u64, received: i64) {
-        let v: Arc<str> = vehicle.into();
-        let mut b = store.begin().unwrap();
-        for seq in first..first + n {
-            let r = SeqRef {
-                vehicle: &v,
-                session: 1,
-                stream_id: 0,
-                seq,
-            };
-            b.append(&v, 2, data(&v, seq, received), Some(r)).unwrap();
-        }
-        b.commit().unwrap();
-    }
-
-    fn seqs_of(store: &Store, vehicle: &str) -> Vec<u64> {
-        store
-            .read_after(0, u64::MAX, 1000)
-            .unwrap()
-            .into_iter()
-            .filter_map(|(_, m)| match m.record {
-                Some(Record::Data(d)) if d.stream.as_ref()?.vehicle_id == vehicle => {
-                    Some(d.frame?.seq)
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_vehicle_over_its_quota_loses_its_own_oldest_records_not_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let store = Store::open(&path).unwrap();
-        let one = {
-            let mut m = data("amb-1", 99, 1);
-            m.cursor = 99;
-            m.encode_to_vec().len() as u64
-        };
-        // amb-2 stored first (oldest), then amb-1 floods.
-        fill(&store, "amb-2", 0, 5, 1);
-        fill(&store, "amb-1", 0, 50, 2);
-        let out = store
-            .enforce_retention(0, u64::MAX, 10 * one, 10_000)
-            .unwrap();
-        assert_eq!(out.vehicles_over_quota, vec!["amb-1".to_owned()]);
-        assert_eq!(out.deleted, out.deleted_over_quota);
-        assert_eq!(seqs_of(&store, "amb-2"), (0..5).collect::<Vec<_>>());
-        let kept = seqs_of(&store, "amb-1");
-        assert!(kept.len() <= 10 && kept.len() >= 9, "{kept:?}");
-        assert_eq!(kept.last(), Some(&49), "the newest are kept");
-        // A deleted frame is forgotten by the dedup index, a kept one is not.
-        let b = store.begin().unwrap();
-        let amb1: Arc<str> = "amb-1".into();
-        let seen = |seq| {
-            b.contains(SeqRef {
-                vehicle: &amb1,
-                session: 1,
-                stream_id: 0,
-                seq,
-            })
-            .unwrap()
-        };
-        assert!(!seen(0) && seen(49));
-        drop(b);
-        // The global bound still deletes oldest first, and keeps the per-vehicle totals right.
-        let r = store
-            .enforce_retention(0, 8 * one, 10 * one, 10_000)
-            .unwrap();
-        assert!(r.bytes_left <= 8 * one);
-        assert!(seqs_of(&store, "amb-2").is_empty(), "oldest first globally");
-        assert!(r.vehicles_over_quota.is_empty());
-        // Reopened (the index is durable), a second flood is cut back to the quota again.
-        drop(store);
-        let store = Store::open(&path).unwrap();
-        fill(&store, "amb-1", 50, 20, 3);
-        let r = store
-            .enforce_retention(0, u64::MAX, 10 * one, 10_000)
-            .unwrap();
-        assert!(r.deleted_over_quota >= 15, "{r:?}");
-        assert!(seqs_of(&store, "amb-1").len() <= 10);
-    }
+    use crate::store::suite::{fill, seqs_of};
 
     #[test]
     fn a_store_from_before_quotas_is_indexed_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let store = Store::open(&path).unwrap();
+        let embedded = EmbeddedStore::open(&path).unwrap();
+        let store = Store::new(embedded.clone());
         fill(&store, "amb-1", 0, 20, 1);
         fill(&store, "amb-2", 0, 2, 2);
         // Forget the index, as a store written by an older ingest would lack it.
-        let txn = store.db.begin_write().unwrap();
+        let txn = embedded.db.begin_write().unwrap();
         txn.delete_table(VEHICLE_LOG).unwrap();
         txn.delete_table(VEHICLE_BYTES).unwrap();
         txn.open_table(META)
@@ -1222,7 +713,7 @@ mod tests {
             .remove("vehicle_index")
             .unwrap();
         txn.commit().unwrap();
-        drop(store);
+        drop((store, embedded));
         let store = Store::open(&path).unwrap();
         let one = store.read_after(0, 1, 1).unwrap()[0].1.encoded_len() as u64;
         let r = store
@@ -1233,64 +724,16 @@ mod tests {
         assert_eq!(seqs_of(&store, "amb-2"), vec![0, 1]);
     }
 
-    #[test]
-    fn streams_without_data_are_forgotten_after_retention() {
+    /// The shared store suite against this backend: each case with its own file, reopened by
+    /// opening the file again.
+    fn embedded() -> impl FnMut() -> Store {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let v: Arc<str> = "amb-1".into();
-        let info = |session| StreamInfo {
-            stream: Some(StreamRef {
-                vehicle_id: "amb-1".into(),
-                session_id: session,
-                stream_id: 0,
-                kind: 2,
-            }),
-            descriptor: None,
-        };
-        let mut b = store.begin().unwrap();
-        assert!(b.put_stream(&info(1), 100).unwrap());
-        assert!(
-            !b.put_stream(&info(1), 100).unwrap(),
-            "unchanged descriptor"
-        );
-        b.put_stream(&info(2), 100).unwrap();
-        b.put_stream(&info(3), 900).unwrap();
-        let r = SeqRef {
-            vehicle: &v,
-            session: 2,
-            stream_id: 0,
-            seq: 0,
-        };
-        b.append(&v, 2, data(&v, 0, 1_000), Some(r)).unwrap();
-        b.commit().unwrap();
-        let out = store
-            .enforce_retention(500, u64::MAX, u64::MAX, 1000)
-            .unwrap();
-        // Session 1: declared long ago, no data: forgotten. Session 2: has data. Session 3: recent.
-        let pruned: Vec<u64> = out.pruned_streams.iter().map(|k| k.session).collect();
-        assert_eq!(pruned, vec![1]);
-        let left: Vec<u64> = store
-            .streams()
-            .unwrap()
-            .iter()
-            .map(|s| s.stream.as_ref().unwrap().session_id)
-            .collect();
-        assert_eq!(left, vec![2, 3]);
-
-        // A vehicle silent for the window and without streams is forgotten too.
-        let mut b = store.begin().unwrap();
-        b.touch_vehicle("amb-1", 100).unwrap();
-        b.touch_vehicle("amb-old", 100).unwrap();
-        b.commit().unwrap();
-        store
-            .enforce_retention(500, u64::MAX, u64::MAX, 1000)
-            .unwrap();
-        let ids: Vec<String> = store
-            .vehicles()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(ids, vec!["amb-1"], "amb-1 still has streams");
+        let path = dir.path().join("s.redb");
+        move || {
+            let _keep = &dir;
+            Store::new(EmbeddedStore::open(&path).unwrap())
+        }
     }
+
+    crate::store_suite!(embedded());
 }
