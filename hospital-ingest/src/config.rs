@@ -985,6 +985,38 @@ mod tests {
     }
 
     #[test]
+    fn the_jetstream_backend_is_chosen_by_key_or_flag_and_never_plaintext() {
+        let cfg = IngestConfig::load_from([
+            "hospital-ingest",
+            "--store-backend",
+            "jetstream",
+            "--jetstream-servers",
+            "tls://nats-1:4222,tls://nats-2:4222",
+            "--jetstream-replicas",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Jetstream);
+        assert_eq!(cfg.jetstream.servers, ["tls://nats-1:4222", "tls://nats-2:4222"]);
+        let text = "[store]\nbackend = \"jetstream\"\n[jetstream]\nservers = [\"tls://n:4222\"]\n";
+        let cfg = IngestConfig::from_toml(text, Path::new("t")).unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Jetstream);
+        let options = cfg.jetstream.options(&cfg.store);
+        assert_eq!(options.max_age, cfg.store.retention, "the stream's limits are the store's");
+        let err = |f: &dyn Fn(&mut JetStreamConfig)| {
+            let mut cfg = IngestConfig::default();
+            f(&mut cfg.jetstream);
+            cfg.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|j| j.servers = vec!["nats://n:4222".into()]).contains("plaintext"));
+        assert!(err(&|j| j.servers.clear()).contains("jetstream.servers"));
+        assert!(err(&|j| j.replicas = 0).contains("jetstream.replicas"));
+        assert!(err(&|j| j.stream = "a.b".into()).contains("jetstream.stream"));
+        assert!(err(&|j| j.subject_prefix = "relay.>".into()).contains("subject_prefix"));
+        assert!(err(&|j| j.request_timeout = Duration::ZERO).contains("request_timeout"));
+    }
+
+    #[test]
     fn every_flag_is_documented() {
         relay_ops::config::check_flags::<IngestConfig>().unwrap();
     }
