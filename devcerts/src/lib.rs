@@ -340,8 +340,8 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
     make_leaf(
         dir,
         NATS_INGEST_CLIENT,
-        "hospital-ingest-nats",
-        vec![],
+        NATS_INGEST_IDENTITY,
+        vec![NATS_INGEST_IDENTITY.to_owned()],
         &[ExtendedKeyUsagePurpose::ClientAuth],
         &hospital,
         days,
@@ -387,6 +387,10 @@ pub fn generate(dir: &Path, pki: &DevPki) -> Result<(), DevCertError> {
 /// File stem of the ingest's client certificate for the NATS cluster (the JetStream store's
 /// credentials; each ingest node has its own in production).
 pub const NATS_INGEST_CLIENT: &str = "ingest-nats";
+
+/// The identity the NATS cluster maps that certificate to (its common name and DNS
+/// subjectAltName; `NATS_INGEST_USER` in deploy/nats/nats.conf).
+pub const NATS_INGEST_IDENTITY: &str = "hospital-ingest-nats";
 
 /// File stem of the NATS nodes' certificate in a development PKI: server and client
 /// authentication both, as cluster routes need (a node dials its peers).

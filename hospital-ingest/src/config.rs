@@ -997,12 +997,18 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cfg.store.backend, StoreBackend::Jetstream);
-        assert_eq!(cfg.jetstream.servers, ["tls://nats-1:4222", "tls://nats-2:4222"]);
+        assert_eq!(
+            cfg.jetstream.servers,
+            ["tls://nats-1:4222", "tls://nats-2:4222"]
+        );
         let text = "[store]\nbackend = \"jetstream\"\n[jetstream]\nservers = [\"tls://n:4222\"]\n";
         let cfg = IngestConfig::from_toml(text, Path::new("t")).unwrap();
         assert_eq!(cfg.store.backend, StoreBackend::Jetstream);
         let options = cfg.jetstream.options(&cfg.store);
-        assert_eq!(options.max_age, cfg.store.retention, "the stream's limits are the store's");
+        assert_eq!(
+            options.max_age, cfg.store.retention,
+            "the stream's limits are the store's"
+        );
         let err = |f: &dyn Fn(&mut JetStreamConfig)| {
             let mut cfg = IngestConfig::default();
             f(&mut cfg.jetstream);

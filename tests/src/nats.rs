@@ -118,6 +118,7 @@ impl Cluster {
             .env("NATS_CERT", p("nats-node.pem"))
             .env("NATS_KEY", p("nats-node.key"))
             .env("NATS_CA", p("hospital-ca.pem"))
+            .env("NATS_INGEST_USER", relay_devcerts::NATS_INGEST_IDENTITY)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

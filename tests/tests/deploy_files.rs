@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use hospital_ingest::config::ServiceConfig as _;
+
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
@@ -109,9 +111,11 @@ fn example_configs_are_the_defaults_with_every_key() {
 /// `%d` (the credentials directory) as `credentials`.
 fn exec_start(unit: &str, credentials: &str) -> Vec<String> {
     let text = std::fs::read_to_string(root().join("deploy/systemd").join(unit)).unwrap();
+    // The last non-empty one (a drop-in first resets the unit's with an empty ExecStart=).
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .rfind(|l| !l.is_empty())
         .unwrap();
     line.split_whitespace()
         .map(|arg| {
@@ -154,6 +158,123 @@ fn the_units_start_the_services_with_their_key_from_the_credentials_directory() 
             "{unit} does not load {key}"
         );
     }
+}
+
+/// The ingest on the JetStream cluster: the example's keys over the defaults make a valid
+/// configuration, and the systemd drop-in gives it its NATS key as a credential.
+#[test]
+fn the_jetstream_ingest_example_and_drop_in_configure_the_cluster_store() {
+    let example = root().join("deploy/config/hospital-ingest-jetstream.toml");
+    let cfg = hospital_ingest::IngestConfig::from_file(&example).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(
+        cfg.store.backend,
+        hospital_ingest::config::StoreBackend::Jetstream
+    );
+    assert_eq!(cfg.jetstream.servers.len(), 3);
+    assert_eq!(cfg.jetstream.replicas, 3);
+    let drop_in = "hospital-ingest.service.d/jetstream.conf";
+    let ingest: hospital_ingest::IngestConfig =
+        relay_ops::config::load_from(exec_start(drop_in, "/run/creds")).unwrap();
+    assert_eq!(ingest.tls.key, Path::new("/run/creds/ingest.key"));
+    assert_eq!(
+        ingest.jetstream.key,
+        Path::new("/run/creds/ingest-nats.key")
+    );
+    let text = std::fs::read_to_string(root().join("deploy/systemd").join(drop_in)).unwrap();
+    assert!(text.contains("LoadCredential=ingest-nats.key:"));
+}
+
+/// The YAML documents of a file, as JSON (through Python's PyYAML: tests/run.sh installs it).
+fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(path)
+        .output()
+        .expect("python3 (tests/run.sh installs python3-yaml)");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every variable of the shipped nats.conf is set wherever a node is started from it: the
+/// systemd unit with its environment file, the Kubernetes StatefulSet, the tests' cluster.
+#[test]
+fn every_nats_deployment_sets_every_variable_of_nats_conf() {
+    let conf = std::fs::read_to_string(root().join("deploy/nats/nats.conf")).unwrap();
+    let vars: BTreeSet<String> = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$')))
+        .filter_map(|w| w.strip_prefix('$'))
+        .map(str::to_owned)
+        .collect();
+    assert!(vars.len() >= 10, "{vars:?}");
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+    let systemd = read("deploy/systemd/nats-server.service") + &read("deploy/nats/nats-1.env");
+    let harness = read("tests/src/nats.rs");
+    let docs = yaml_documents(&root().join("deploy/kubernetes/nats.yaml"));
+    let set = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    assert_eq!(set["spec"]["replicas"], 3);
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    let k8s: BTreeSet<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for v in &vars {
+        assert!(
+            systemd.contains(&format!("{v}=")),
+            "{v} not set by the systemd unit or nats-1.env"
+        );
+        assert!(k8s.contains(v.as_str()), "{v} not set by the StatefulSet");
+        assert!(
+            harness.contains(&format!(".env(\"{v}\"")),
+            "{v} not set by the tests' cluster"
+        );
+    }
+    // The ingest Deployment's flags make a valid configuration with the cluster example,
+    // and its Service exposes the ports the container opens.
+    let docs = yaml_documents(&root().join("deploy/kubernetes/hospital-ingest.yaml"));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let example = root().join("deploy/config/hospital-ingest-jetstream.toml");
+    let mut args = vec!["hospital-ingest".to_owned()];
+    for a in container["args"].as_array().unwrap() {
+        let a = a.as_str().unwrap();
+        args.push(match a.strip_prefix("--config=") {
+            Some(_) => format!("--config={}", example.display()),
+            None => a.to_owned(),
+        });
+    }
+    let cfg: hospital_ingest::IngestConfig = relay_ops::config::load_from(args).unwrap();
+    assert_eq!(cfg.quic.listen.port(), 4433);
+    let ports: BTreeSet<&str> = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    for p in service["spec"]["ports"].as_array().unwrap() {
+        assert!(ports.contains(p["targetPort"].as_str().unwrap()), "{p}");
+    }
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["protocol"] == "UDP" && p["port"] == 4433),
+        "QUIC over UDP"
+    );
 }
 
 /// `relay_...` names in a Prometheus text exposition.

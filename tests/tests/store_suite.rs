@@ -115,6 +115,18 @@ fn the_store_suite_passes_on_jetstream_and_a_second_writer_is_fenced() {
         logged_seqs(&a),
         [(0..10).collect::<Vec<_>>(), vec![100]].concat()
     );
+
+    // Only the ingest nodes' certificates map to a user: an ED client's certificate from the
+    // same CA, and the NATS nodes' own, are refused.
+    for stem in ["ed-console", relay_devcerts::NATS_NODE] {
+        let mut intruder = store_options(&cluster, &pki, "intruder");
+        intruder.cert = pki.path().join(format!("{stem}.pem"));
+        intruder.key = pki.path().join(format!("{stem}.key"));
+        intruder.request_timeout = Duration::from_secs(3);
+        let err = JetStreamStore::open(&intruder).unwrap_err().to_string();
+        eprintln!("{stem} refused: {err}");
+        assert!(err.contains("authorization"), "{stem}: {err}");
+    }
     drop(cluster);
 }
 
