@@ -142,6 +142,8 @@ struct Writer {
     limits: Limits,
     meta: HashMap<StreamKey, StreamMeta>,
     bus: broadcast::Sender<Arc<LogEntry>>,
+    /// Whether the writer publishes what it commits (else the store does, in log order).
+    publishes: bool,
     sessions: SessionQuota,
 }
 
@@ -212,12 +214,14 @@ impl Writer {
             };
             reassembler.restore(s.key, s.next_seq, s.holes, end);
         }
+        let publishes = !store.publish_to(&bus);
         Ok(Self {
             store,
             reassembler,
             limits,
             meta,
             bus,
+            publishes,
             sessions,
         })
     }
@@ -445,9 +449,11 @@ impl Writer {
         for r in after.replies {
             let _ = r.send(Ok(()));
         }
-        for e in appended {
-            // No subscriber is fine: the log holds it.
-            let _ = self.bus.send(Arc::new(e));
+        if self.publishes {
+            for e in appended {
+                // No subscriber is fine: the log holds it.
+                let _ = self.bus.send(Arc::new(e));
+            }
         }
         Ok(())
     }

@@ -93,13 +93,24 @@ fn the_store_suite_passes_on_jetstream_and_a_second_writer_is_fenced() {
         eprintln!("{name}: passed in {:?}", started.elapsed());
     }
 
-    // Two ingest processes believing they own the same log: the one that did not see the
-    // other's writes is refused whole, then catches up and continues after them.
+    // Two ingest nodes writing one vehicle: a batch that began before the other's commit
+    // expects the vehicle's records to end where they ended then, and is refused whole; the
+    // next batch, after catching up, counts the other's frames as stored and follows them.
     let options = store_options(&cluster, &pki, "fence");
     let a = Store::new(JetStreamStore::open(&options).unwrap());
     let b = Store::new(JetStreamStore::open(&options).unwrap());
+    let v: Arc<str> = "amb-1".into();
+    let frame = |seq| SeqRef {
+        vehicle: "amb-1",
+        session: 1,
+        stream_id: 0,
+        seq,
+    };
+    let mut late = b.begin().unwrap();
+    late.append(&v, 2, suite::data(&v, 100, 1), Some(frame(100)))
+        .unwrap();
     assert_eq!(append(&a, 0..10).unwrap(), (1..=10).collect::<Vec<_>>());
-    let err = append(&b, [100]).unwrap_err();
+    let err = late.commit().unwrap_err();
     assert!(
         matches!(err, StoreError::Fenced { expected: 0, .. }),
         "{err}"
@@ -109,12 +120,27 @@ fn the_store_suite_passes_on_jetstream_and_a_second_writer_is_fenced() {
         10,
         "nothing of the refused batch is stored"
     );
-    // b re-reads the log: a's frames count as stored, b's next batch follows them.
     assert_eq!(append(&b, [5, 100]).unwrap(), vec![11]);
     assert_eq!(
         logged_seqs(&a),
         [(0..10).collect::<Vec<_>>(), vec![100]].concat()
     );
+    // Another vehicle is no conflict: both nodes write at once.
+    let mut other = b.begin().unwrap();
+    let w: Arc<str> = "amb-2".into();
+    let r = SeqRef {
+        vehicle: "amb-2",
+        session: 1,
+        stream_id: 0,
+        seq: 0,
+    };
+    other.append(&w, 2, suite::data(&w, 0, 1), Some(r)).unwrap();
+    append(&a, 10..12).unwrap();
+    assert_eq!(other.commit().unwrap().len(), 1);
+    // Each follows the other: a's index knows b's frames.
+    let b1 = a.begin().unwrap();
+    drop(b1);
+    assert_eq!(a.stored_streams(4).unwrap().len(), 2);
 
     // Only the ingest nodes' certificates map to a user: an ED client's certificate from the
     // same CA, and the NATS nodes' own, are refused.

@@ -3,16 +3,22 @@
 //! mutable state (stream descriptors with their declaration time, vehicles' last contact)
 //! lives in a KV bucket beside it.
 //!
-//! - **One writer, fenced.** A batch is published as JetStream atomic batches (all or
-//!   nothing, contiguous sequences, one fsync per batch), the first message carrying
-//!   `Nats-Expected-Last-Sequence`: a batch that does not continue the log exactly where this
-//!   store last saw it end is refused whole ([`StoreError::Fenced`]) and the store re-reads
-//!   the log before its next batch. Cursors are therefore known before the commit and stored
-//!   inside the records, as the embedded backend does.
+//! - **Writers fenced per vehicle.** Each vehicle's records of a batch are published as
+//!   JetStream atomic batches (all or nothing, contiguous sequences, one fsync per batch),
+//!   the first carrying `Nats-Expected-Last-Subject-Sequence` over the vehicle's subjects:
+//!   a batch that does not continue the vehicle's records exactly where this store last saw
+//!   them (another node wrote them meanwhile) is refused whole ([`StoreError::Fenced`]) and
+//!   the store catches up before its next batch. Different vehicles never conflict, so
+//!   several ingest nodes write one log. The cursor (the stream sequence) comes from the
+//!   commit and is not stored in the record.
+//! - **Every node follows the log.** An ordered consumer takes every record in, in log
+//!   order, whichever node wrote it: into the index and onto the node's live bus, so
+//!   subscribers of any node see the same records with the same cursors.
 //! - **Dedup beyond JetStream's window.** `Nats-Msg-Id` dedup only spans a time window (and
 //!   atomic batches refuse it): exactly-once comes from the store's own index of stored
 //!   (vehicle, session, stream, seq), kept in memory as ranges per stream (a few bytes per
-//!   stream while frames arrive in order) and rebuilt by reading the log on open.
+//!   stream while frames arrive in order), rebuilt by reading the log on open and kept by
+//!   the follower.
 //! - **Reads** use batched direct gets (`$JS.API.DIRECT.GET`, one request, many messages),
 //!   served by any replica.
 //! - **Retention**: the stream's own `max_age`/`max_bytes` (server-enforced) plus the same
@@ -37,6 +43,7 @@ use futures::StreamExt as _;
 use prost::Message as _;
 use relay_proto::model::{StreamInfo, SubscribeResponse, subscribe_response::Record};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 use super::{
     Declared, History, LogEntry, LogStore, RetentionOutcome, SeqRef, StoreBatch, StoreError,
@@ -117,6 +124,8 @@ struct Shared {
     timeout: Duration,
     granularity: u64,
     index: Mutex<Index>,
+    /// Where followed records go (the ingest's live bus), once attached.
+    live: Mutex<Option<broadcast::Sender<Arc<LogEntry>>>>,
 }
 
 impl Drop for Shared {
@@ -252,9 +261,13 @@ impl Runs {
 #[derive(Debug, Default)]
 struct Index {
     /// Cursor of the last record read or written.
-    head: u64,
-    /// Something failed mid-commit or another writer wrote: re-read before writing.
+    /// Every record up to this cursor is taken into account, in log order (by the follower).
+    followed: u64,
+    /// A commit failed or was fenced: catch up with the log before the next batch.
     stale: bool,
+    /// vehicle -> the last sequence on its subjects as far as this store knows (what its
+    /// next batch expects: per-vehicle fencing).
+    vehicle_last: HashMap<String, u64>,
     streams: BTreeMap<Key, StreamState>,
     /// vehicle -> (last contact, last contact written to the bucket).
     vehicles: BTreeMap<String, (i64, Option<i64>)>,
@@ -273,13 +286,31 @@ impl Index {
         self.streams.get(&(Arc::from(vehicle), session, stream_id))
     }
 
-    /// Takes a record of the log into account.
-    fn apply(&mut self, cursor: u64, len: u64, msg: &SubscribeResponse, granularity: u64) {
-        let owner = record_scope(msg).map_or("", |(v, _)| v);
+    /// Takes a record of the log into account, in log order; false when it was already.
+    fn apply(
+        &mut self,
+        cursor: u64,
+        vehicle: &str,
+        msg: &SubscribeResponse,
+        granularity: u64,
+    ) -> bool {
+        if cursor <= self.followed {
+            return false;
+        }
+        // Counted as the embedded store counts it: the record with its cursor.
+        let len = msg.encoded_len() as u64;
         self.bytes
-            .entry(owner.to_owned())
+            .entry(vehicle.to_owned())
             .or_default()
             .add(cursor, len, granularity);
+        self.apply_committed(cursor, vehicle, msg);
+        self.followed = cursor;
+        true
+    }
+
+    /// What a commit of ours tells before the follower sees it: stored seqs, descriptors,
+    /// the vehicle's last sequence (all idempotent).
+    fn apply_committed(&mut self, cursor: u64, vehicle: &str, msg: &SubscribeResponse) {
         if let Some((v, s, id, seq)) = data_seq(msg) {
             self.stream_mut(v, s, id).insert(seq, cursor);
         }
@@ -291,7 +322,8 @@ impl Index {
                 st.info = Some(info.clone());
             }
         }
-        self.head = self.head.max(cursor);
+        let last = self.vehicle_last.entry(vehicle.to_owned()).or_default();
+        *last = (*last).max(cursor);
     }
 
     fn session_has_streams(&self, vehicle: &str, session: u64) -> bool {
@@ -311,6 +343,9 @@ impl Index {
             runs.drop_below(first);
         }
         self.bytes.retain(|_, r| !r.runs.is_empty());
+        // A vehicle with nothing left has no last sequence (the server's expectation is 0).
+        let bytes = &self.bytes;
+        self.vehicle_last.retain(|v, _| bytes.contains_key(v));
     }
 }
 
@@ -463,13 +498,15 @@ impl JetStreamStore {
             kv,
             timeout: opts.request_timeout,
             granularity: opts.accounting_granularity_bytes.max(1),
-            index: Mutex::new(Index {
-                stale: true,
-                ..Index::default()
-            }),
+            index: Mutex::new(Index::default()),
+            live: Mutex::new(None),
         });
         let store = Self { shared };
-        store.resync()?;
+        store.load()?;
+        let weak = Arc::downgrade(&store.shared);
+        if let Some(rt) = store.shared.runtime.as_ref() {
+            rt.spawn(follow(weak));
+        }
         Ok(store)
     }
 
@@ -495,27 +532,11 @@ impl JetStreamStore {
         block(rt, f)?
     }
 
-    /// Reads what the log holds beyond the index (all of it on open), and the bucket.
-    fn resync(&self) -> Result<(), StoreError> {
+    /// Reads the whole log and the bucket into a fresh index (on open).
+    fn load(&self) -> Result<(), StoreError> {
         let (first, last) = self.bounds()?;
-        let from = {
-            let index = self.index();
-            if index.head == 0 || index.head + 1 < first {
-                first
-            } else {
-                index.head + 1
-            }
-        };
         let mut fresh = Index::default();
-        {
-            let index = self.index();
-            if from != first {
-                fresh.streams = index.streams.clone();
-                fresh.bytes = index.bytes.clone();
-                fresh.head = index.head;
-            }
-        }
-        let mut next = from.max(1);
+        let mut next = first.max(1);
         while next <= last {
             let page = self.read_page(next, None, None, READ_PAGE)?;
             let Some(end) = page.last().map(|m| m.seq) else {
@@ -523,11 +544,12 @@ impl JetStreamStore {
             };
             for m in &page {
                 let msg = decode(m)?;
-                fresh.apply(m.seq, m.payload.len() as u64, &msg, self.shared.granularity);
+                let vehicle = self.subject_vehicle(&m.subject).unwrap_or_default();
+                fresh.apply(m.seq, &vehicle, &msg, self.shared.granularity);
             }
             next = end + 1;
         }
-        fresh.head = fresh.head.max(last);
+        fresh.followed = fresh.followed.max(last);
         // The bucket: descriptors (with their declaration time) and vehicles.
         for m in self.read_all(&self.shared.kv_stream.clone())? {
             let deleted = m
@@ -582,9 +604,38 @@ impl JetStreamStore {
         fresh
             .streams
             .retain(|_, s| s.info.is_some() || !s.seen.is_empty());
-        fresh.stale = false;
         *self.index() = fresh;
         Ok(())
+    }
+
+    /// The vehicle a record's subject names.
+    fn subject_vehicle(&self, subject: &str) -> Option<String> {
+        let rest = subject
+            .strip_prefix(&*self.shared.prefix)?
+            .strip_prefix('.')?;
+        unhex(rest.split('.').next()?)
+    }
+
+    /// Waits until the follower has taken in everything the log holds now (bounded by the
+    /// request timeout): what this store answers then includes every other writer's records.
+    fn catch_up(&self) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        loop {
+            let (_, last) = self.bounds()?;
+            let followed = self.index().followed;
+            // Caught up, or what lies beyond was deleted (purges leave no record to follow).
+            if followed >= last || self.read_page(followed + 1, None, None, 1)?.is_empty() {
+                self.index().stale = false;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::js(
+                    "catching up with the log",
+                    format!("followed to {followed}, the log ends at {last}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// The log's first and last sequence.
@@ -831,6 +882,119 @@ impl JetStreamStore {
     }
 }
 
+/// Follows the log from where the index ends, for as long as the store lives: every record,
+/// whichever node wrote it, enters the index in log order and goes to the live bus. The
+/// ordered consumer re-creates itself after a gap or a lost server; a failure to create it
+/// is retried.
+async fn follow(weak: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let start = shared
+            .index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .followed
+            + 1;
+        let (js, client) = (shared.js.clone(), shared.client.clone());
+        let (name, filter) = (
+            shared.stream_name.to_string(),
+            format!("{}.>", shared.prefix),
+        );
+        drop(shared);
+        let consumer = async {
+            let stream = js
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::push::OrderedConfig {
+                    deliver_subject: client.new_inbox(),
+                    filter_subject: filter,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        };
+        let mut messages = match consumer.await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "following the JetStream log; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(next) = messages.next().await {
+            let Some(shared) = weak.upgrade() else { return };
+            match next {
+                Ok(m) => match m.info() {
+                    Ok(info) => shared.on_followed(info.stream_sequence, &m.subject, &m.payload),
+                    Err(e) => tracing::warn!(error = %e, "a followed record without metadata"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the JetStream log; resuming");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Shared {
+    /// A record the follower received.
+    fn on_followed(&self, seq: u64, subject: &str, payload: &[u8]) {
+        let msg = match SubscribeResponse::decode(payload) {
+            Ok(mut m) => {
+                m.cursor = seq;
+                m
+            }
+            Err(e) => {
+                // Counted past (a reader of it gets StoreError::Corrupt).
+                tracing::error!(cursor = seq, error = %e, "a log record does not decode");
+                let mut index = self
+                    .index
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                index.followed = index.followed.max(seq);
+                return;
+            }
+        };
+        let vehicle = subject
+            .strip_prefix(&*self.prefix)
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| unhex(r.split('.').next()?))
+            .unwrap_or_default();
+        let applied = self
+            .index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(seq, &vehicle, &msg, self.granularity);
+        if !applied {
+            return;
+        }
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(bus) = live {
+            let (owner, kind) = record_scope(&msg).unwrap_or((vehicle.as_str(), 0));
+            let entry = LogEntry {
+                cursor: seq,
+                vehicle: owner.into(),
+                kind,
+                message: msg,
+            };
+            // No subscriber is fine: the log holds it.
+            let _ = bus.send(Arc::new(entry));
+        }
+    }
+}
+
 /// Runs `f` to completion on `rt` from any thread (also from inside another runtime's
 /// task: the future runs on `rt`'s own worker while this thread waits).
 fn block<T: Send + 'static>(
@@ -857,14 +1021,13 @@ impl LogStore for JetStreamStore {
 
     fn begin(&self) -> Result<Box<dyn StoreBatch>, StoreError> {
         if self.index().stale {
-            self.resync()?;
+            self.catch_up()?;
         }
-        let head = self.index().head;
         Ok(Box::new(JetStreamBatch {
             store: JetStreamStore {
                 shared: self.shared.clone(),
             },
-            base: head,
+            expect: HashMap::new(),
             records: Vec::new(),
             seen: HashSet::new(),
             streams: BTreeMap::new(),
@@ -874,6 +1037,15 @@ impl LogStore for JetStreamStore {
 
     fn head(&self) -> Result<u64, StoreError> {
         Ok(self.bounds()?.1)
+    }
+
+    fn publish_to(&self, bus: &broadcast::Sender<Arc<LogEntry>>) -> bool {
+        *self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bus.clone());
+        true
     }
 
     fn read_after(
@@ -958,9 +1130,8 @@ impl LogStore for JetStreamStore {
     }
 
     fn stored_streams(&self, max_holes: usize) -> Result<Vec<StoredStream>, StoreError> {
-        if self.index().stale {
-            self.resync()?;
-        }
+        // Every writer's records in (another node may have written these streams).
+        self.catch_up()?;
         let index = self.index();
         let mut out = Vec::new();
         for ((v, s, id), st) in &index.streams {
@@ -1076,9 +1247,8 @@ impl LogStore for JetStreamStore {
         max_bytes_per_vehicle: u64,
         max_deletes: usize,
     ) -> Result<RetentionOutcome, StoreError> {
-        if self.index().stale {
-            self.resync()?;
-        }
+        // Byte totals count what the follower took in: all of the log, first.
+        self.catch_up()?;
         let mut out = RetentionOutcome::default();
         // What the server's own limits deleted since the last sweep.
         let (first, _) = self.bounds()?;
@@ -1189,11 +1359,14 @@ impl LogStore for JetStreamStore {
     }
 }
 
-/// A batch: records with their cursors assigned from where the log ended at `begin`.
+/// A batch: each vehicle's records, committed as atomic batches that expect the vehicle's
+/// subjects to end where this store last saw them (fencing per vehicle; cursors come from
+/// the commit).
 struct JetStreamBatch {
     store: JetStreamStore,
-    base: u64,
-    records: Vec<(String, Bytes, LogEntry)>,
+    /// vehicle (subject token) -> the last sequence its first record expects.
+    expect: HashMap<String, u64>,
+    records: Vec<Pending>,
     seen: HashSet<(Arc<str>, u64, u32, u64)>,
     streams: Declarations,
     vehicles: HashMap<String, i64>,
@@ -1202,7 +1375,7 @@ struct JetStreamBatch {
 impl std::fmt::Debug for JetStreamBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamBatch")
-            .field("base", &self.base)
+            .field("vehicles", &self.expect.len())
             .field("records", &self.records.len())
             .finish()
     }
@@ -1230,25 +1403,33 @@ impl StoreBatch for JetStreamBatch {
         mut message: SubscribeResponse,
         seq: Option<SeqRef<'_>>,
     ) -> Result<u64, StoreError> {
-        let cursor = self.base + self.records.len() as u64 + 1;
-        message.cursor = cursor;
+        // Stored without a cursor: the log's sequence is the cursor, known at commit.
+        message.cursor = 0;
         let subject = self.store.subject(vehicle, &message);
+        let owner = record_scope(&message)
+            .map_or(&**vehicle, |(v, _)| v)
+            .to_owned();
+        if !self.expect.contains_key(&owner) {
+            let last = self.store.index().vehicle_last.get(&owner).copied();
+            self.expect.insert(owner.clone(), last.unwrap_or(0));
+        }
         let payload = Bytes::from(message.encode_to_vec());
         if let Some(r) = seq {
             self.seen
                 .insert((r.vehicle.into(), r.session, r.stream_id, r.seq));
         }
-        self.records.push((
+        self.records.push(Pending {
             subject,
+            owner,
             payload,
-            LogEntry {
-                cursor,
+            entry: LogEntry {
+                cursor: 0,
                 vehicle: vehicle.clone(),
                 kind,
                 message,
             },
-        ));
-        Ok(cursor)
+        });
+        Ok(0)
     }
 
     fn classify_stream(&self, info: &StreamInfo) -> Result<Declared, StoreError> {
@@ -1313,33 +1494,32 @@ impl StoreBatch for JetStreamBatch {
     }
 
     fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
-        let store = self.store;
-        let result = commit(
-            &store,
-            self.base,
-            &self.records,
-            &self.streams,
-            &self.vehicles,
-        );
+        let JetStreamBatch {
+            store,
+            expect,
+            mut records,
+            streams,
+            vehicles,
+            ..
+        } = *self;
+        let result = commit(&store, &expect, &mut records, &streams, &vehicles);
         let mut index = store.index();
         if let Err(e) = result {
-            // Part of it may be stored: read the log again before the next batch.
+            // Part of it may be stored: catch up with the log before the next batch.
             index.stale = true;
             return Err(e);
         }
-        let granularity = store.shared.granularity;
-        for (_, payload, e) in &self.records {
-            index.apply(e.cursor, payload.len() as u64, &e.message, granularity);
+        for p in &records {
+            index.apply_committed(p.entry.cursor, &p.owner, &p.entry.message);
         }
-        index.head = index.head.max(self.base + self.records.len() as u64);
-        for ((v, s, id), (info, declared)) in &self.streams {
+        for ((v, s, id), (info, declared)) in &streams {
             let st = index.stream_mut(v, *s, *id);
             if st.info.is_none() {
                 st.info = Some(info.clone());
             }
             st.declared_ns = Some(*declared);
         }
-        for (v, at) in &self.vehicles {
+        for (v, at) in &vehicles {
             let entry = index.vehicles.entry(v.clone()).or_insert((*at, None));
             entry.0 = *at;
             if should_persist(entry.1, *at) {
@@ -1347,8 +1527,19 @@ impl StoreBatch for JetStreamBatch {
             }
         }
         drop(index);
-        Ok(self.records.into_iter().map(|(_, _, e)| e).collect())
+        let mut entries: Vec<LogEntry> = records.into_iter().map(|p| p.entry).collect();
+        entries.sort_by_key(|e| e.cursor);
+        Ok(entries)
     }
+}
+
+/// A record of a batch on its way to the log.
+struct Pending {
+    subject: String,
+    /// The vehicle whose subjects it goes to.
+    owner: String,
+    payload: Bytes,
+    entry: LogEntry,
 }
 
 impl JetStreamBatch {
@@ -1366,35 +1557,87 @@ fn should_persist(persisted: Option<i64>, at: i64) -> bool {
     persisted.is_none_or(|p| at.saturating_sub(p) >= VEHICLE_PERSIST_EVERY_NS || at < p)
 }
 
-/// Publishes the records as atomic batches continuing the log at `base`, then the bucket
-/// updates; returns once all of it is durable.
+/// Atomic batches in flight at once (JetStream bounds them per stream).
+const CONCURRENT_BATCHES: usize = 16;
+
+/// Where a vehicle's records are in the batch, and their cursors once committed.
+type VehicleOutcome = (Vec<usize>, Result<Vec<u64>, StoreError>);
+
+/// One vehicle's share of a batch.
+struct VehicleBatch {
+    /// Where its records are in the batch.
+    records_at: Vec<usize>,
+    /// The last sequence on its subjects its first record expects.
+    expected: u64,
+    /// Its subjects.
+    filter: String,
+    /// (subject, payload) of each record.
+    messages: Vec<(String, Bytes)>,
+}
+
+/// Publishes each vehicle's records as atomic batches that expect the vehicle's subjects to
+/// end where `expect` says (a vehicle written meanwhile by another node is refused whole:
+/// [`StoreError::Fenced`]), sets the records' cursors, then writes the bucket; returns once
+/// all of it is durable.
 fn commit(
     store: &JetStreamStore,
-    base: u64,
-    records: &[(String, Bytes, LogEntry)],
+    expect: &HashMap<String, u64>,
+    records: &mut [Pending],
     streams: &Declarations,
     vehicles: &HashMap<String, i64>,
 ) -> Result<(), StoreError> {
-    let mut expected = base;
-    for chunk in records.chunks(MAX_ATOMIC_BATCH) {
-        let messages: Vec<(String, Bytes)> = chunk
-            .iter()
-            .map(|(s, p, _)| (s.clone(), p.clone()))
-            .collect();
-        let client = store.shared.client.clone();
-        let timeout = store.shared.timeout;
-        let batch_id = batch_id()?;
-        let last = store.run(async move {
-            publish_atomic(client, batch_id, expected, messages, timeout).await
-        })?;
-        let want = expected + chunk.len() as u64;
-        if last != want {
-            return Err(StoreError::Fenced {
-                expected: want,
-                found: last,
-            });
+    // Each vehicle's records, in the order appended.
+    let mut by_vehicle: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, p) in records.iter().enumerate() {
+        by_vehicle.entry(p.owner.as_str()).or_default().push(i);
+    }
+    let jobs: Vec<VehicleBatch> = by_vehicle
+        .into_iter()
+        .map(|(v, records_at)| VehicleBatch {
+            messages: records_at
+                .iter()
+                .map(|&i| (records[i].subject.clone(), records[i].payload.clone()))
+                .collect(),
+            records_at,
+            expected: expect.get(v).copied().unwrap_or(0),
+            filter: format!("{}.{}.>", store.shared.prefix, hex(v)),
+        })
+        .collect();
+    let client = store.shared.client.clone();
+    let timeout = store.shared.timeout;
+    let outcomes = store.run(async move {
+        let results: Vec<VehicleOutcome> = futures::stream::iter(jobs.into_iter().map(|job| {
+            let client = client.clone();
+            async move {
+                let r =
+                    publish_vehicle(client, job.expected, job.filter, job.messages, timeout).await;
+                (job.records_at, r)
+            }
+        }))
+        .buffer_unordered(CONCURRENT_BATCHES)
+        .collect()
+        .await;
+        Ok(results)
+    })?;
+    let mut first_error = None;
+    for (idx, result) in outcomes {
+        match result {
+            Ok(cursors) => {
+                for (&i, cursor) in idx.iter().zip(cursors) {
+                    records[i].entry.cursor = cursor;
+                    records[i].entry.message.cursor = cursor;
+                }
+            }
+            Err(e) => {
+                // A fenced vehicle first: it tells the most.
+                if first_error.is_none() || matches!(e, StoreError::Fenced { .. }) {
+                    first_error = Some(e);
+                }
+            }
         }
-        expected = want;
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     let mut puts: Vec<(String, Bytes)> = Vec::new();
     for ((v, s, id), (info, declared)) in streams {
@@ -1446,13 +1689,44 @@ fn batch_id() -> Result<String, StoreError> {
     Ok(out)
 }
 
+/// One vehicle's records as atomic batches of at most [`MAX_ATOMIC_BATCH`], the first
+/// expecting the vehicle's subjects (`filter`) to end at `expected`, each next one where the
+/// one before ended; the cursor of every record.
+async fn publish_vehicle(
+    client: async_nats::Client,
+    mut expected: u64,
+    filter: String,
+    messages: Vec<(String, Bytes)>,
+    timeout: Duration,
+) -> Result<Vec<u64>, StoreError> {
+    let mut cursors = Vec::with_capacity(messages.len());
+    let mut messages = messages.into_iter().peekable();
+    while messages.peek().is_some() {
+        let chunk: Vec<(String, Bytes)> = messages.by_ref().take(MAX_ATOMIC_BATCH).collect();
+        let n = chunk.len() as u64;
+        let last = publish_atomic(
+            client.clone(),
+            batch_id()?,
+            expected,
+            &filter,
+            chunk,
+            timeout,
+        )
+        .await?;
+        cursors.extend(last + 1 - n..=last);
+        expected = last;
+    }
+    Ok(cursors)
+}
+
 /// One JetStream atomic batch: every message but the last published plainly, the last as a
-/// request carrying the commit; the first expects the log to end at `expected_last`.
-/// Returns the sequence of the last message stored.
+/// request carrying the commit; the first expects the last sequence on `filter` to be
+/// `expected_last`. Returns the sequence of the last message stored.
 async fn publish_atomic(
     client: async_nats::Client,
     batch_id: String,
     expected_last: u64,
+    filter: &str,
     messages: Vec<(String, Bytes)>,
     timeout: Duration,
 ) -> Result<u64, StoreError> {
@@ -1464,9 +1738,10 @@ async fn publish_atomic(
         headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
         if i == 0 {
             headers.insert(
-                "Nats-Expected-Last-Sequence",
+                "Nats-Expected-Last-Subject-Sequence",
                 expected_last.to_string().as_str(),
             );
+            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
         }
         if i + 1 == n {
             headers.insert("Nats-Batch-Commit", "1");

@@ -234,6 +234,13 @@ pub trait LogStore: Send + Sync + std::fmt::Debug {
     fn log_len(&self) -> Result<u64, StoreError>;
     /// Which backend this is, for logs ("embedded", "jetstream").
     fn backend(&self) -> &'static str;
+    /// Has the store send every record to `bus` as the log takes it, whoever wrote it
+    /// (several ingest nodes on one log); false when it cannot, and then the one writer
+    /// publishes what it commits.
+    fn publish_to(&self, bus: &tokio::sync::broadcast::Sender<Arc<LogEntry>>) -> bool {
+        let _ = bus;
+        false
+    }
 }
 
 /// One write batch of a [`LogStore`]; dropped without commit, it leaves no trace.
