@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ambulance/telemetry/v1/model.proto",
         "proto/ambulance/telemetry/v1/telemetry.proto",
         "proto/ambulance/wire/v1/wire.proto",
+        "proto/ambulance/cluster/v1/cluster.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod grpc;
@@ -186,6 +187,8 @@ pub struct Ingest {
     quic: JoinHandle<()>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: std::thread::JoinHandle<()>,
+    /// This node's part of a cluster of ingest nodes (JetStream store).
+    cluster: Option<cluster::Cluster>,
     /// For reloads: both listeners, the configuration they were built from, live connections.
     reloader: TlsReloader,
 }
@@ -294,6 +297,22 @@ impl Ingest {
         let online = Arc::new(quic::Online::default());
         // One detector for vehicles and ED clients.
         let watch = detect::Watch::new(cfg.detect.thresholds(), audit.clone());
+        // On a JetStream log, each vehicle's commands go to the node that owns it.
+        let (cluster, writer_tx) = match cfg.store.backend {
+            config::StoreBackend::Embedded => (None, writer_tx),
+            config::StoreBackend::Jetstream => {
+                let options = cfg.jetstream.options(&cfg.store);
+                let (node, router) = cluster::Cluster::start(
+                    &options,
+                    writer_tx,
+                    cfg.store.writer_queue,
+                    stop.clone(),
+                )
+                .await
+                .context("joining the ingest cluster")?;
+                (Some(node), router)
+            }
+        };
         let ctx = quic::QuicContext {
             reading: Arc::new(tokio::sync::Semaphore::new(cfg.quic.max_reading_bytes)),
             cfg: cfg.quic.clone(),
@@ -400,6 +419,7 @@ impl Ingest {
             quic,
             grpc,
             writer,
+            cluster,
             reloader,
         })
     }
@@ -416,6 +436,10 @@ impl Ingest {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         let _ = self.quic.await;
+        if let Some(cluster) = self.cluster {
+            // Other nodes take this node's vehicles at once; the router lets the writer go.
+            cluster.leave().await;
+        }
         match tokio::time::timeout(Duration::from_secs(5), self.grpc).await {
             Ok(Ok(r)) => r.context("gRPC server")?,
             Ok(Err(e)) => return Err(e).context("gRPC task"),

@@ -53,6 +53,18 @@ pub fn describe() {
     export_from_start();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
+        "relay_ingest_cluster_ownership_taken_total",
+        "Vehicles this ingest node took because no node owned them (JetStream store)"
+    );
+    describe_counter!(
+        "relay_ingest_cluster_takeovers_total",
+        "Vehicles this ingest node took over from an owner node that was gone"
+    );
+    describe_counter!(
+        "relay_ingest_cluster_forward_failures_total",
+        "Commands (Hellos, frames) this node could not hand to the vehicle's owner node; the agent re-sends"
+    );
+    describe_counter!(
         "relay_ingest_connections_total",
         "Vehicle connections accepted (certificate verified)"
     );

@@ -76,6 +76,14 @@ impl SessionQuota {
 /// What the QUIC side asks of the store writer.
 #[derive(Debug)]
 pub enum WriterCmd {
+    /// This node now owns the vehicle (several ingest nodes on one log): its streams'
+    /// reassembly is restored from the log as it stands, whoever wrote it last.
+    Adopt {
+        /// The vehicle.
+        vehicle: Arc<str>,
+        /// Answered once restored (with the store's error, if reading it failed).
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// Registers the streams of a vehicle session (from its Hello).
     Streams {
         /// The vehicle.
@@ -226,6 +234,42 @@ impl Writer {
         })
     }
 
+    /// Restores `vehicle`'s streams from the store (descriptors, high-water marks, holes):
+    /// what another node wrote while it owned the vehicle counts from here.
+    fn adopt(&mut self, vehicle: &Arc<str>) -> Result<(), StoreError> {
+        for info in self.store.streams()? {
+            if let (Some(s), Some(d)) = (info.stream, info.descriptor)
+                && *s.vehicle_id == **vehicle
+            {
+                let key = StreamKey {
+                    vehicle: vehicle.clone(),
+                    session: s.session_id,
+                    stream_id: s.stream_id,
+                };
+                let rate_hz = d.waveform.map_or(0.0, |w| w.sample_rate_hz);
+                self.meta.insert(
+                    key,
+                    StreamMeta {
+                        kind: d.kind,
+                        rate_hz,
+                    },
+                );
+            }
+        }
+        for s in self.store.stored_streams(self.limits.max_gaps)? {
+            if s.key.vehicle != *vehicle {
+                continue;
+            }
+            let rate = self.meta.get(&s.key).map_or(0.0, |m| m.rate_hz);
+            let end = match self.store.record(s.last_cursor)?.and_then(|m| m.record) {
+                Some(Record::Data(DataRecord { frame: Some(f), .. })) => frame_end_ns(&f, rate),
+                _ => 0,
+            };
+            self.reassembler.restore(s.key, s.next_seq, s.holes, end);
+        }
+        Ok(())
+    }
+
     fn kind_and_rate(&self, key: &StreamKey) -> (i32, f64) {
         self.meta
             .get(key)
@@ -313,6 +357,10 @@ impl Writer {
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         for cmd in cmds {
             match cmd {
+                WriterCmd::Adopt { vehicle, done } => {
+                    let restored = self.adopt(&vehicle).map_err(|e| e.to_string());
+                    let _ = done.send(restored);
+                }
                 WriterCmd::Streams {
                     vehicle,
                     session,

@@ -23,6 +23,14 @@ pub mod wire {
     }
 }
 
+/// Generated types between ingest nodes sharing one log (not a public interface).
+pub mod cluster {
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("ambulance.cluster.v1");
+    }
+}
+
 pub mod class;
 pub mod clock;
 pub mod codes;

@@ -254,3 +254,27 @@ pub fn store_options(
         client_name: format!("test-{tag}"),
     }
 }
+
+/// An ingest configuration (as [`crate::ingest_config`]) with its store on `cluster`: the
+/// log stream, bucket and subjects named after `tag`, so several nodes given the same tag
+/// share one log.
+pub fn ingest_on(
+    cluster: &Cluster,
+    pki: &Pki,
+    dir: &Path,
+    tag: &str,
+) -> hospital_ingest::IngestConfig {
+    let mut cfg = crate::ingest_config(pki, &dir.join("unused.redb"));
+    let o = store_options(cluster, pki, tag);
+    cfg.store.backend = hospital_ingest::config::StoreBackend::Jetstream;
+    cfg.jetstream.servers = o.servers;
+    cfg.jetstream.ca = o.ca;
+    cfg.jetstream.cert = o.cert;
+    cfg.jetstream.key = o.key;
+    cfg.jetstream.stream = o.stream;
+    cfg.jetstream.subject_prefix = o.subject_prefix;
+    cfg.jetstream.meta_bucket = o.meta_bucket;
+    cfg.jetstream.replicas = o.replicas;
+    cfg.audit.path = Some(dir.join("audit"));
+    cfg
+}

@@ -8,32 +8,17 @@
 use std::time::Duration;
 
 use hospital_ingest::Ingest;
-use hospital_ingest::config::{IngestConfig, ServiceConfig, StoreBackend};
-use relay_e2e::nats::{Cluster, store_options};
+use hospital_ingest::config::ServiceConfig;
+use relay_e2e::nats::{Cluster, ingest_on};
 use relay_e2e::*;
 use vehicle_agent::Agent;
-
-fn jetstream_ingest(pki: &Pki, cluster: &Cluster, dir: &std::path::Path) -> IngestConfig {
-    let mut cfg = ingest_config(pki, &dir.join("unused.redb"));
-    let o = store_options(cluster, pki, "ingest");
-    cfg.store.backend = StoreBackend::Jetstream;
-    cfg.jetstream.servers = o.servers;
-    cfg.jetstream.ca = o.ca;
-    cfg.jetstream.cert = o.cert;
-    cfg.jetstream.key = o.key;
-    cfg.jetstream.stream = o.stream;
-    cfg.jetstream.subject_prefix = o.subject_prefix;
-    cfg.jetstream.meta_bucket = o.meta_bucket;
-    cfg.jetstream.replicas = 3;
-    cfg
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_cross_an_ingest_on_jetstream_bit_exact_and_a_fresh_ingest_serves_the_log() {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(&pki, &work.path().join("nats"), 3).await;
-    let cfg = jetstream_ingest(&pki, &cluster, work.path());
+    let cfg = ingest_on(&cluster, &pki, work.path(), "ingest");
     cfg.validate().unwrap();
     let ingest = Ingest::start(cfg.clone()).await.unwrap();
 

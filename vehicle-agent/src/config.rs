@@ -118,6 +118,11 @@ pub struct BearerConfig {
     /// private APN, or a link emulator in tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<SocketAddr>,
+    /// With `remote`: other ingest nodes over this bearer, dialled in turn when `remote`
+    /// cannot be reached or drops the connection (without `remote` the bearer uses
+    /// `ingest.fallback_addresses`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_remotes: Vec<SocketAddr>,
     /// Bytes this bearer may send per `budget_period` (metered SIM); beyond it the bearer is
     /// used only when no other can carry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +163,18 @@ impl std::str::FromStr for BearerConfig {
 }
 
 impl BearerConfig {
+    /// The ingest addresses this bearer dials, preferred first.
+    pub fn remotes(&self, ingest: &IngestEndpoint) -> Vec<SocketAddr> {
+        match self.remote {
+            Some(r) => std::iter::once(r)
+                .chain(self.fallback_remotes.iter().copied())
+                .collect(),
+            None => std::iter::once(ingest.address)
+                .chain(ingest.fallback_addresses.iter().copied())
+                .collect(),
+        }
+    }
+
     /// A bearer bound to `bind`, without interface, remote override or budget.
     pub fn new(name: &str, bind: SocketAddr) -> Self {
         Self {
@@ -165,6 +182,7 @@ impl BearerConfig {
             bind,
             interface: None,
             remote: None,
+            fallback_remotes: Vec::new(),
             budget_bytes: None,
             budget_period: default_budget_period(),
         }
@@ -243,6 +261,15 @@ pub struct IngestEndpoint {
     /// UDP address of the ingest's QUIC endpoint.
     #[arg(long = "ingest")]
     pub address: SocketAddr,
+    /// Other ingest nodes (several nodes on one JetStream log): a bearer that cannot reach
+    /// its ingest, or loses it, dials the next of `address` and these in turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[arg(
+        id = "ingest.fallback_addresses",
+        long = "ingest-fallback",
+        value_delimiter = ','
+    )]
+    pub fallback_addresses: Vec<SocketAddr>,
     /// Name the ingest certificate must carry.
     #[arg(long)]
     pub server_name: String,
@@ -445,6 +472,7 @@ impl Default for IngestEndpoint {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            fallback_addresses: Vec::new(),
             server_name: "localhost".into(),
             idle_timeout: Duration::from_secs(10),
             max_in_flight_frames: 256,
@@ -712,6 +740,38 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bearer_dials_its_own_remotes_or_the_ingest_nodes_in_turn() {
+        let cfg = AgentConfig::load_from([
+            "vehicle-agent",
+            "--ingest",
+            "192.0.2.10:4433",
+            "--ingest-fallback",
+            "192.0.2.11:4433,192.0.2.12:4433",
+        ])
+        .unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let plain = BearerConfig::new("wan0", any_address());
+        assert_eq!(
+            plain.remotes(&cfg.ingest),
+            [
+                addr("192.0.2.10:4433"),
+                addr("192.0.2.11:4433"),
+                addr("192.0.2.12:4433")
+            ]
+        );
+        let apn = BearerConfig {
+            remote: Some(addr("10.64.0.1:4433")),
+            fallback_remotes: vec![addr("10.64.0.2:4433")],
+            ..BearerConfig::new("wan1", any_address())
+        };
+        assert_eq!(
+            apn.remotes(&cfg.ingest),
+            [addr("10.64.0.1:4433"), addr("10.64.0.2:4433")],
+            "a bearer with its own remote keeps to its own list"
+        );
+    }
 
     #[test]
     fn flags_override_only_what_they_name() {

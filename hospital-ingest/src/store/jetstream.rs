@@ -439,22 +439,7 @@ impl JetStreamStore {
             .map_err(|e| StoreError::js("starting the client runtime", e))?;
         let o = opts.clone();
         let (client, js, kv) = block(&runtime, async move {
-            let servers: Vec<async_nats::ServerAddr> = o
-                .servers
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<_, _>>()
-                .map_err(|e| StoreError::js("parsing server URLs", e))?;
-            let client = async_nats::ConnectOptions::new()
-                .name(&o.client_name)
-                .require_tls(true)
-                .add_root_certificates(o.ca.clone())
-                .add_client_certificate(o.cert.clone(), o.key.clone())
-                .connection_timeout(o.request_timeout)
-                .request_timeout(Some(o.request_timeout))
-                .connect(servers)
-                .await
-                .map_err(|e| StoreError::js("connecting", e))?;
+            let client = connect(&o).await?;
             let mut js = jetstream::new(client.clone());
             js.set_timeout(o.request_timeout);
             let config = stream::Config {
@@ -993,6 +978,26 @@ impl Shared {
             let _ = bus.send(Arc::new(entry));
         }
     }
+}
+
+/// A client connection to the cluster: TLS always, with this node's certificate.
+pub(crate) async fn connect(o: &JetStreamOptions) -> Result<async_nats::Client, StoreError> {
+    let servers: Vec<async_nats::ServerAddr> = o
+        .servers
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::js("parsing server URLs", e))?;
+    async_nats::ConnectOptions::new()
+        .name(&o.client_name)
+        .require_tls(true)
+        .add_root_certificates(o.ca.clone())
+        .add_client_certificate(o.cert.clone(), o.key.clone())
+        .connection_timeout(o.request_timeout)
+        .request_timeout(Some(o.request_timeout))
+        .connect(servers)
+        .await
+        .map_err(|e| StoreError::js("connecting", e))
 }
 
 /// Runs `f` to completion on `rt` from any thread (also from inside another runtime's

@@ -161,7 +161,9 @@ impl BearerTask {
         let label = [("bearer", self.bearer.name.clone())];
         let cfg = &self.cfg;
         let handshake = cfg.reconnect.handshake_timeout;
-        let remote = self.bearer.remote.unwrap_or(cfg.ingest.address);
+        // Ingest nodes in turn: the next after a failed dial or a lost connection.
+        let remotes = self.bearer.remotes(&cfg.ingest);
+        let mut current = 0usize;
         let mut redial = Redial::new(redial_config(cfg), Instant::now());
         let mut endpoint: Option<quinn::Endpoint> = None;
         let mut generation = 0u64;
@@ -199,7 +201,7 @@ impl BearerTask {
                 dials.spawn(dial(
                     ep,
                     self.client.current(),
-                    remote,
+                    remotes[current % remotes.len()],
                     cfg.ingest.server_name.clone(),
                     self.hello.clone(),
                     handshake,
@@ -224,15 +226,18 @@ impl BearerTask {
                             if let Err(e) = served {
                                 failed(&e);
                                 tracing::warn!(bearer = %self.bearer.name, error = %e, "bearer lost; dialling again");
+                                current += 1;
                             }
                             redial.handle_disconnected(Instant::now());
                         }
                         Ok(Err(e)) if e.is_silence() => {
                             failed(&e);
+                            current += 1;
                             redial.handle_outcome(now, DialOutcome::Silent, 1.0);
                         }
                         Ok(Err(e)) => {
                             failed(&e);
+                            current += 1;
                             dials = JoinSet::new();
                             let jitter = rand::rng().random_range(0.8..1.2);
                             tracing::warn!(bearer = %self.bearer.name, error = %e, backoff_ms = redial.backoff().as_millis() as u64, "bearer refused; will reconnect");
