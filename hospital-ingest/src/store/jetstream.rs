@@ -471,6 +471,11 @@ impl JetStreamStore {
                 })
                 .await
                 .map_err(|e| StoreError::js("creating the meta bucket", e))?;
+            // A stream just created (or after a restart) elects its leader a moment later;
+            // writes before that find no responder. Wait for both (bounded).
+            for name in [o.stream.clone(), format!("KV_{}", o.meta_bucket)] {
+                wait_for_leader(&js, &name, o.request_timeout).await?;
+            }
             Ok::<_, StoreError>((client, js, kv))
         })??;
         let shared = Arc::new(Shared {
@@ -673,6 +678,28 @@ impl JetStreamStore {
             start_time: start_time.map(rfc3339),
         };
         let body = serde_json::to_vec(&request).map_err(|e| StoreError::js("direct get", e))?;
+        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        loop {
+            match self.direct_get(stream, body.clone(), limit) {
+                // No replica answers direct gets yet (a stream just created, a leader just
+                // elected): ask again shortly, within the request timeout.
+                Err(StoreError::JetStream { reason, .. })
+                    if reason.starts_with("503") && tokio::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One batched direct get.
+    fn direct_get(
+        &self,
+        stream: &str,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
         let client = self.shared.client.clone();
         let api = format!("$JS.API.DIRECT.GET.{stream}");
         let timeout = self.shared.timeout;
@@ -977,6 +1004,36 @@ impl Shared {
             // No subscriber is fine: the log holds it.
             let _ = bus.send(Arc::new(entry));
         }
+    }
+}
+
+/// Waits until stream `name` has a leader (a clustered stream elects one after it is
+/// created or its servers restart), at most `timeout`.
+async fn wait_for_leader(
+    js: &jetstream::Context,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let ready = match js.get_stream_no_info(name).await {
+            Ok(s) => s
+                .get_info()
+                .await
+                .map(|i| i.cluster.is_none_or(|c| c.leader.is_some()))
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if ready {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::js(
+                "waiting for a stream leader",
+                name.to_owned(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
