@@ -310,6 +310,7 @@ mod tests {
 
     fn data(first: u64, samples: Vec<i32>) -> SubscribeResponse {
         SubscribeResponse {
+            provisional: false,
             cursor: 0,
             record: Some(Record::Data(DataRecord {
                 stream: Some(stream()),
@@ -355,6 +356,7 @@ mod tests {
         sink.handle(&SubscribeResponse {
             cursor: 0,
             record: Some(Record::Stream(info)),
+            ..Default::default()
         })
         .unwrap();
         sink.handle(&data(0, vec![1, 2])).unwrap();

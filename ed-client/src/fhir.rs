@@ -364,6 +364,7 @@ mod tests {
 
     fn data(s: StreamRef, capture: i64, payload: Payload) -> SubscribeResponse {
         SubscribeResponse {
+            provisional: false,
             cursor: 0,
             record: Some(Record::Data(DataRecord {
                 stream: Some(s),
@@ -382,6 +383,7 @@ mod tests {
         let mut x = FhirExport::new("amb-1");
         let ecg = stream(0, StreamKind::Waveform);
         x.handle(&SubscribeResponse {
+            provisional: false,
             cursor: 0,
             record: Some(Record::Stream(StreamInfo {
                 stream: Some(ecg.clone()),

@@ -8,5 +8,6 @@
 pub mod client;
 pub mod fhir;
 pub mod monitor;
+pub mod resume;
 pub mod view;
 pub mod web;

@@ -103,6 +103,7 @@ pub async fn run(opts: MonitorOptions) -> anyhow::Result<MonitorSummary> {
                     (None, Some(t)) => Start::FromCaptureTimeNs(t),
                     (None, None) => Start::Live(true),
                 }),
+                ..Default::default()
             };
             anyhow::Ok(client.subscribe(req).await?.into_inner())
         };

@@ -139,7 +139,8 @@ impl Dashboard {
             }
             Some(Record::Sync(_)) => self.synced = true,
             Some(Record::Lagged(_)) => self.lagged += 1,
-            None => {}
+            // The monitor never asks for early frames.
+            Some(Record::Confirmed(_)) | None => {}
         }
     }
 
@@ -218,6 +219,7 @@ mod tests {
             unit: String::new(),
         };
         let msg = SubscribeResponse {
+            provisional: false,
             cursor: 9,
             record: Some(Record::Data(DataRecord {
                 stream: Some(StreamRef {
@@ -268,6 +270,7 @@ mod tests {
         let mut d = Dashboard::default();
         d.apply(
             &SubscribeResponse {
+                provisional: false,
                 cursor: 1,
                 record: Some(Record::Stream(StreamInfo {
                     stream: Some(stream.clone()),
@@ -284,6 +287,7 @@ mod tests {
         );
         // Captured at 100 s + 5 s by a clock 5 s ahead, 40 ms of samples, shown at 100.1 s.
         let record = |check: TimestampCheck| SubscribeResponse {
+            provisional: false,
             cursor: 2,
             record: Some(Record::Data(DataRecord {
                 stream: Some(stream.clone()),

@@ -88,6 +88,7 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
         vehicle_ids: vec![],
         kinds: vec![],
         start: Some(Start::AfterCursor(0)),
+        ..Default::default()
     };
     let mut stream = client.subscribe(req).await.unwrap().into_inner();
     let mut frames = 0;

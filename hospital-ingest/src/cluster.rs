@@ -41,7 +41,8 @@ use crate::writer::{StreamsRefused, WriterCmd};
 
 /// Forwarded frames this node holds for other nodes' vehicles at once (their memory).
 const MAX_FORWARDING: usize = 8192;
-/// Forwarded frames an owner takes from other nodes at once; beyond, it answers Busy.
+/// Forwarded requests an owner serves at once; more wait in the subscription's bounded
+/// buffer (beyond it the NATS client drops them and the sender, timing out, asks again).
 const MAX_SERVING: usize = 8192;
 /// Attempts to hand one command to the vehicle's owner before it is dropped (the agent
 /// re-sends an unacknowledged frame; a Hello fails and the bearer redials).
@@ -111,11 +112,7 @@ fn vehicle_of_key(key: &str) -> Option<String> {
 }
 
 fn cmd_vehicle(cmd: &WriterCmd) -> Arc<str> {
-    match cmd {
-        WriterCmd::Adopt { vehicle, .. }
-        | WriterCmd::Streams { vehicle, .. }
-        | WriterCmd::Frame { vehicle, .. } => vehicle.clone(),
-    }
+    cmd.vehicle().clone()
 }
 
 impl Cluster {
@@ -561,9 +558,15 @@ async fn serve_forwards(
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
+        // The bound is taken before the task exists: a flood of requests waits here (in
+        // NATS's bounded subscription buffer), not in spawned tasks.
+        let Ok(permit) = inner.serving.clone().acquire_owned().await else {
+            return;
+        };
         let inner = inner.clone();
         tokio::spawn(async move {
             let outcome = serve_one(&inner, &msg.payload).await;
+            drop(permit);
             let reply = ForwardReply {
                 outcome: Some(outcome),
             };
@@ -618,9 +621,6 @@ async fn serve_one(inner: &Inner, payload: &[u8]) -> Outcome {
         Some(Body::Frame(f)) => {
             let Some(frame) = f.frame else {
                 return Outcome::NotOwner(NotOwner {});
-            };
-            let Ok(_permit) = inner.serving.clone().try_acquire_owned() else {
-                return Outcome::Busy(Busy {});
             };
             let (ack, mut durable) = mpsc::channel(1);
             let cmd = WriterCmd::Frame {

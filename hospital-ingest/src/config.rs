@@ -474,7 +474,9 @@ pub struct StoreConfig {
     #[serde(with = "humantime_serde")]
     #[arg(long = "store-retention-interval", value_parser = parse_duration)]
     pub retention_interval: Duration,
-    /// Frames waiting for the writer at most (back-pressure to the vehicles beyond).
+    /// Frames waiting for the writer at most (back-pressure to the vehicles beyond). While the
+    /// store cannot commit (a JetStream leader election) every vehicle's frames wait here;
+    /// their bytes count against `quic.max_reading_bytes`.
     #[arg(long = "store-writer-queue")]
     pub writer_queue: usize,
     /// Memory the database may use to cache pages, bytes (redb would take 1 GiB).
@@ -697,7 +699,7 @@ impl Default for StoreConfig {
             max_bytes: 10 * 1024 * 1024 * 1024,
             max_bytes_per_vehicle: 2 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(10),
-            writer_queue: 8192,
+            writer_queue: 65536,
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }

@@ -251,6 +251,9 @@ impl Ingest {
             }
         };
         let (bus, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
+        // Frames as they arrive, for `early` subscribers; as deep as the live buffer.
+        let (early, _) = tokio::sync::broadcast::channel(cfg.grpc.live_buffer);
+        let early = grpc::early::EarlySource::new(early, store.clone());
         let retention = writer::RetentionPolicy {
             max_age: cfg.store.retention,
             max_bytes: cfg.store.max_bytes,
@@ -262,13 +265,17 @@ impl Ingest {
             max_held: cfg.reassembly.max_held_frames,
             max_gaps: cfg.reassembly.max_open_gaps,
         };
+        let online = Arc::new(quic::Online::default());
         let (writer_tx, writer) = writer::spawn(
             store.clone(),
             bus.clone(),
-            cfg.store.writer_queue,
-            limits,
-            retention,
-            cfg.quic.max_new_sessions_per_hour,
+            writer::WriterSettings {
+                queue: cfg.store.writer_queue,
+                limits,
+                retention,
+                sessions_per_hour: cfg.quic.max_new_sessions_per_hour,
+            },
+            online.clone(),
             tokio::runtime::Handle::current(),
         )
         .context("starting store writer")?;
@@ -294,7 +301,6 @@ impl Ingest {
         let endpoint = quinn::Endpoint::server(server_config, cfg.quic.listen)
             .with_context(|| format!("binding QUIC {}", cfg.quic.listen))?;
         let quic_addr = endpoint.local_addr()?;
-        let online = Arc::new(quic::Online::default());
         // One detector for vehicles and ED clients.
         let watch = detect::Watch::new(cfg.detect.thresholds(), audit.clone());
         // On a JetStream log, each vehicle's commands go to the node that owns it.
@@ -320,6 +326,7 @@ impl Ingest {
             online: online.clone(),
             audit: audit.clone(),
             watch: watch.clone(),
+            early: early.clone(),
         };
         let quic = tokio::spawn(quic::serve(endpoint.clone(), ctx, stop.clone()));
 
@@ -342,6 +349,7 @@ impl Ingest {
         let svc = grpc::TelemetryService::new(
             store,
             bus,
+            early,
             online.clone(),
             settings,
             cfg.grpc.max_subscribers,

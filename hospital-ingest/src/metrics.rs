@@ -221,6 +221,10 @@ pub fn describe() {
         "Times a subscriber fell behind the live buffer and was served from the store"
     );
     describe_counter!(
+        "relay_ingest_subscriber_early_frames_total",
+        "Frames sent to early subscribers before they were durable (confirmed later)"
+    );
+    describe_counter!(
         "relay_ingest_subscribers_cut_off_total",
         "Subscribers cut off because their queue stayed full"
     );

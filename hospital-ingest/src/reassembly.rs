@@ -167,6 +167,14 @@ impl<T> Reassembler<T> {
         self.streams.values().map(|s| s.held.len()).sum()
     }
 
+    /// Streams holding frames for reordering.
+    pub fn holding(&self) -> impl Iterator<Item = &StreamKey> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| !s.held.is_empty())
+            .map(|(k, _)| k)
+    }
+
     /// Drops a stream's state (its data has expired and it was not declared since).
     pub fn forget(&mut self, key: &StreamKey) {
         self.streams.remove(key);

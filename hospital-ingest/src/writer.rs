@@ -116,6 +116,33 @@ pub enum WriterCmd {
     },
 }
 
+impl WriterCmd {
+    /// The vehicle it concerns.
+    pub fn vehicle(&self) -> &Arc<str> {
+        match self {
+            Self::Adopt { vehicle, .. }
+            | Self::Streams { vehicle, .. }
+            | Self::Frame { vehicle, .. } => vehicle,
+        }
+    }
+}
+
+/// How the writer thread runs.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    /// Commands queued at most.
+    pub queue: usize,
+    /// Reassembly bounds.
+    pub limits: Limits,
+    /// What the store keeps.
+    pub retention: RetentionPolicy,
+    /// New sessions per vehicle and hour.
+    pub sessions_per_hour: usize,
+}
+
+/// Reopening the writer after a failed commit: first and longest wait between attempts.
+const REOPEN_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
 #[derive(Debug, Clone)]
 /// What the store keeps.
 pub struct RetentionPolicy {
@@ -153,6 +180,8 @@ struct Writer {
     /// Whether the writer publishes what it commits (else the store does, in log order).
     publishes: bool,
     sessions: SessionQuota,
+    /// Vehicles with frames in the batch being committed (released from reordering or new).
+    unstored: HashSet<Arc<str>>,
 }
 
 fn stream_ref(key: &StreamKey, kind: i32) -> StreamRef {
@@ -178,6 +207,7 @@ fn message(record: Record) -> SubscribeResponse {
     SubscribeResponse {
         cursor: 0,
         record: Some(record),
+        ..Default::default()
     }
 }
 
@@ -231,6 +261,7 @@ impl Writer {
             bus,
             publishes,
             sessions,
+            unstored: HashSet::new(),
         })
     }
 
@@ -280,7 +311,7 @@ impl Writer {
 
     /// Appends reassembly outputs to the batch, in order.
     fn publish(
-        &self,
+        &mut self,
         batch: &mut crate::store::WriteBatch,
         outputs: Vec<Output<Pending>>,
         after: &mut AfterCommit,
@@ -293,6 +324,7 @@ impl Writer {
                     item,
                     late,
                 } => {
+                    self.unstored.insert(key.vehicle.clone());
                     let (kind, _) = self.kind_and_rate(&key);
                     let data = DataRecord {
                         stream: Some(stream_ref(&key, kind)),
@@ -351,6 +383,7 @@ impl Writer {
     }
 
     fn run_batch(&mut self, cmds: Vec<WriterCmd>, now: Instant) -> Result<(), StoreError> {
+        self.unstored.clear();
         let now_ns = crate::now_utc_ns();
         let mut batch = self.store.begin()?;
         let mut after = AfterCommit::default();
@@ -588,15 +621,24 @@ impl WriterTimer {
 /// Starts the writer thread. Returns the command sender; the thread ends when every sender is
 /// dropped, after finishing its last batch (frames still held for reordering are not
 /// acknowledged and will be re-sent by their agents).
+///
+/// A commit that fails leaves frames taken and not stored: the writer then rebuilds its
+/// reassembly from the store (waiting for the store as long as it takes) and closes the
+/// connections of the vehicles whose frames it held, so their agents send every
+/// unacknowledged frame again (an agent re-sends on another connection only).
 pub fn spawn(
     store: Store,
     bus: broadcast::Sender<Arc<LogEntry>>,
-    queue: usize,
-    limits: Limits,
-    retention: RetentionPolicy,
-    sessions_per_hour: usize,
+    settings: WriterSettings,
+    online: Arc<crate::quic::Online>,
     runtime: tokio::runtime::Handle,
 ) -> Result<(mpsc::Sender<WriterCmd>, std::thread::JoinHandle<()>), StoreError> {
+    let WriterSettings {
+        queue,
+        limits,
+        retention,
+        sessions_per_hour,
+    } = settings;
     let mut writer = Writer::open(store, bus, limits, SessionQuota::new(sessions_per_hour))?;
     let (tx, mut rx) = mpsc::channel::<WriterCmd>(queue);
     let handle = std::thread::Builder::new()
@@ -622,26 +664,43 @@ pub fn spawn(
                 metrics::gauge!("relay_ingest_store_queue_depth").set(rx.len() as f64);
                 let now = Instant::now();
                 let step = timer.poll(now, !cmds.is_empty(), writer.reassembler.next_deadline());
+                let in_batch: HashSet<Arc<str>> =
+                    cmds.iter().map(|c| c.vehicle().clone()).collect();
                 if step.batch
                     && let Err(e) = writer.run_batch(cmds, now)
                 {
-                    // Nothing was acknowledged; agents keep their frames and re-send. The
-                    // reassembler saw frames that were not stored: rebuild it from the store.
+                    // Nothing was acknowledged. The reassembler saw frames that were not
+                    // stored: rebuild it from the store, never go on with it (a frame sent
+                    // again would count as stored).
                     tracing::error!(error = %e, "store commit failed; batch not acknowledged");
                     metrics::counter!("relay_ingest_store_errors_total").increment(1);
-                    let sessions = std::mem::replace(
-                        &mut writer.sessions,
-                        SessionQuota::new(sessions_per_hour),
-                    );
-                    match Writer::open(
-                        writer.store.clone(),
-                        writer.bus.clone(),
-                        writer.limits,
-                        sessions,
-                    ) {
-                        Ok(w) => writer = w,
-                        Err(e) => tracing::error!(error = %e, "reloading reassembly state failed"),
+                    let mut lost = in_batch;
+                    lost.extend(writer.unstored.drain());
+                    lost.extend(writer.reassembler.holding().map(|k| k.vehicle.clone()));
+                    match reopen(&writer, &rx, &runtime) {
+                        Some(mut w) => {
+                            w.sessions = std::mem::replace(
+                                &mut writer.sessions,
+                                SessionQuota::new(sessions_per_hour),
+                            );
+                            writer = w;
+                        }
+                        None => break,
                     }
+                    // The store answers again: their agents send what is unacknowledged once
+                    // reconnected. Not before: until then the connections still carry live
+                    // frames to early subscribers, and a new connection's Hello would wait
+                    // for the store anyway.
+                    let closed = online.close_vehicles(
+                        &lost,
+                        relay_proto::CloseCode::Overloaded,
+                        "store commit failed: send unacknowledged frames again",
+                    );
+                    tracing::warn!(
+                        vehicles = lost.len(),
+                        connections = closed,
+                        "closed the connections of vehicles with frames not stored"
+                    );
                 }
                 if step.sweep {
                     writer.sweep(&retention);
@@ -651,6 +710,35 @@ pub fn spawn(
         })
         .map_err(|e| StoreError::Redb(redb::Error::Io(e)))?;
     Ok((tx, handle))
+}
+
+/// A writer rebuilt from the store after a failed commit, trying until the store answers;
+/// None when the ingest stops meanwhile.
+fn reopen(
+    old: &Writer,
+    rx: &mpsc::Receiver<WriterCmd>,
+    runtime: &tokio::runtime::Handle,
+) -> Option<Writer> {
+    let (mut wait, longest) = REOPEN_BACKOFF;
+    loop {
+        match Writer::open(
+            old.store.clone(),
+            old.bus.clone(),
+            old.limits,
+            SessionQuota::new(0),
+        ) {
+            Ok(w) => return Some(w),
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?wait, "reloading reassembly state failed");
+                metrics::counter!("relay_ingest_store_errors_total").increment(1);
+            }
+        }
+        if rx.is_closed() {
+            return None;
+        }
+        runtime.block_on(async move { tokio::time::sleep(wait).await });
+        wait = (wait * 2).min(longest);
+    }
 }
 
 #[cfg(test)]

@@ -517,6 +517,7 @@ async fn subscriber(
             vehicle_ids: vec![],
             kinds: vec![],
             start: Some(Start::Live(true)),
+            ..Default::default()
         })
         .await
         .context("subscribe")?

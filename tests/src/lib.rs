@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ed_client::client::{ClientTls, StreamId, WfdbSink, connect, stream_id};
+use ed_client::resume::Delivery;
 use hospital_ingest::config::IngestConfig;
 use relay_devcerts::{DevPki, generate};
-use relay_proto::model::{
-    StreamKind, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
-};
+use relay_proto::model::{StreamKind, subscribe_request::Start, subscribe_response::Record};
 use vehicle_agent::config::{AgentConfig, BearerConfig, SourceConfig};
 
 pub mod browser;
@@ -204,6 +203,14 @@ pub struct Collected {
     pub max_live_delay_ms: f64,
     /// Every waveform frame in arrival order.
     pub waveforms: Vec<Arrival>,
+    /// Frames received provisionally (early subscriptions), and confirmations of them.
+    pub provisional: u64,
+    /// Provisional frames confirmed (by a confirmation or the frame again in full).
+    pub confirmed: u64,
+    /// Confirmations of frames this subscriber never had provisionally.
+    pub unknown_confirmations: u64,
+    /// Resume state (cursor, held provisional frames).
+    pub resume: ed_client::resume::Resume,
     seen: HashSet<(StreamId, u64)>,
 }
 
@@ -236,6 +243,10 @@ impl Collected {
             cursor: 0,
             max_live_delay_ms: 0.0,
             waveforms: Vec::new(),
+            provisional: 0,
+            confirmed: 0,
+            unknown_confirmations: 0,
+            resume: ed_client::resume::Resume::default(),
             seen: HashSet::new(),
         }
     }
@@ -299,13 +310,52 @@ pub async fn collect_until(
     limit: Duration,
     done: impl Fn(&Collected) -> bool,
 ) -> Collected {
+    collect(url, tls, out_dir, limit, false, |_| false, done).await
+}
+
+/// As [`collect_until`], with early delivery (`SubscribeRequest.early`): provisional frames
+/// count as received, their confirmations do not; a resumed subscription declares the held
+/// ones. `hang_up` is asked after every message: true ends the subscription there (the
+/// client resumes at once), as a client whose connection broke.
+pub async fn collect_early_until(
+    url: impl Fn() -> String,
+    tls: &ClientTls,
+    out_dir: &Path,
+    limit: Duration,
+    hang_up: impl FnMut(&Collected) -> bool,
+    done: impl Fn(&Collected) -> bool,
+) -> Collected {
+    collect(url, tls, out_dir, limit, true, hang_up, done).await
+}
+
+async fn collect(
+    url: impl Fn() -> String,
+    tls: &ClientTls,
+    out_dir: &Path,
+    limit: Duration,
+    early: bool,
+    mut hang_up: impl FnMut(&Collected) -> bool,
+    done: impl Fn(&Collected) -> bool,
+) -> Collected {
     let mut c = Collected::new(out_dir);
     let deadline = tokio::time::Instant::now() + limit;
     'outer: loop {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "subscriber gave up: {} records, {} samples",
+            "subscriber gave up: {} records ({} duplicates, {} provisional held unconfirmed: {:?}), {} samples",
             c.data_records,
+            c.duplicates,
+            c.resume.held_frames(),
+            c.resume
+                .held_ranges()
+                .iter()
+                .take(8)
+                .map(|h| (
+                    h.stream.as_ref().map(|s| s.stream_id),
+                    h.start_seq,
+                    h.end_seq
+                ))
+                .collect::<Vec<_>>(),
             c.sink
                 .streams()
                 .map(|s| c.sink.received_samples(s))
@@ -315,11 +365,9 @@ pub async fn collect_until(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let req = SubscribeRequest {
-            vehicle_ids: vec![],
-            kinds: vec![],
-            start: Some(Start::AfterCursor(c.cursor)),
-        };
+        let req = c
+            .resume
+            .request(vec![], vec![], Start::AfterCursor(0), early);
         let Ok(resp) = client.subscribe(req).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -339,8 +387,19 @@ pub async fn collect_until(
                     continue 'outer;
                 }
             };
-            c.cursor = msg.cursor;
+            let delivery = c.resume.apply(&msg);
+            c.cursor = c.resume.cursor().unwrap_or(0);
+            if msg.provisional {
+                c.provisional += 1;
+            }
+            match delivery {
+                Delivery::Confirmed => c.confirmed += 1,
+                Delivery::UnknownConfirmation => c.unknown_confirmations += 1,
+                Delivery::NewFrame | Delivery::Other => {}
+            }
             match &msg.record {
+                // Held already: no new frame.
+                Some(Record::Data(_)) if delivery == Delivery::Confirmed => {}
                 Some(Record::Data(d)) => {
                     let s = d.stream.as_ref().unwrap();
                     c.vehicles.insert(s.vehicle_id.clone());
@@ -372,9 +431,15 @@ pub async fn collect_until(
                 Some(Record::Lagged(_)) => c.lagged += 1,
                 _ => {}
             }
-            c.sink.handle(&msg).unwrap();
+            if delivery != Delivery::Confirmed {
+                c.sink.handle(&msg).unwrap();
+            }
             if done(&c) {
                 return c;
+            }
+            if hang_up(&c) {
+                c.reconnects += 1;
+                continue 'outer;
             }
         }
     }

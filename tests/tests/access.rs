@@ -55,6 +55,7 @@ fn live(vehicles: &[&str], kinds: &[StreamKind]) -> SubscribeRequest {
         vehicle_ids: vehicles.iter().map(|v| (*v).to_owned()).collect(),
         kinds: kinds.iter().map(|k| *k as i32).collect(),
         start: Some(Start::Live(true)),
+        ..Default::default()
     }
 }
 
@@ -350,6 +351,7 @@ async fn history_returns_a_capture_time_range_of_one_stream_within_the_grant() {
             vehicle_ids: vec!["amb-1".into()],
             kinds: vec![StreamKind::Waveform as i32],
             start: Some(relay_proto::model::subscribe_request::Start::AfterCursor(0)),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -54,6 +54,7 @@ async fn read_some(url: &str, pki: &Pki, name: &str, vehicles: &[&str], n: usize
         vehicle_ids: vehicles.iter().map(|v| (*v).to_owned()).collect(),
         kinds: vec![],
         start: Some(Start::AfterCursor(0)),
+        ..Default::default()
     };
     let mut feed = c.subscribe(req).await.unwrap().into_inner();
     for _ in 0..n {
@@ -124,6 +125,7 @@ async fn every_call_is_audited_and_the_chain_survives_sigkill_and_shows_tamperin
             vehicle_ids: vec!["amb-2".into()],
             kinds: vec![],
             start: Some(Start::Live(true)),
+            ..Default::default()
         })
         .await
         .unwrap_err();

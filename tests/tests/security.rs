@@ -994,6 +994,7 @@ async fn a_revoked_ed_client_is_cut_off_on_reload_and_the_grpc_certificate_rotat
         vehicle_ids: vec![],
         kinds: vec![],
         start: Some(Start::Live(true)),
+        ..Default::default()
     };
     let mut stolen = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
         .await
@@ -1382,6 +1383,7 @@ async fn a_vehicle_clock_five_seconds_ahead_is_estimated_told_to_subscribers_and
             vehicle_ids: vec![],
             kinds: vec![],
             start: Some(Start::AfterCursor(0)),
+            ..Default::default()
         })
         .await
         .unwrap()

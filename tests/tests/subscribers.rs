@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use hospital_ingest::Ingest;
 use relay_e2e::*;
-use relay_proto::model::{SubscribeRequest, subscribe_request::Start, subscribe_response::Record};
+use relay_proto::model::{
+    HeldFrames, StreamRef, SubscribeRequest, subscribe_request::Start, subscribe_response::Record,
+};
 use vehicle_agent::Agent;
 use vehicle_agent::config::SourceConfig;
 
@@ -44,6 +46,7 @@ async fn stalled_subscriber_is_cut_off_while_another_keeps_up() {
         vehicle_ids: vec![],
         kinds: vec![],
         start: Some(Start::Live(true)),
+        ..Default::default()
     };
     let mut stalled = stalled_client.subscribe(req).await.unwrap().into_inner();
 
@@ -113,6 +116,7 @@ async fn backlog_of(
             vehicle_ids: vec!["amb-1".into()],
             kinds: vec![],
             start: Some(start),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -218,6 +222,7 @@ async fn a_stemi_alert_raised_by_the_crew_reaches_the_ed_and_its_acknowledgement
             vehicle_ids: vec!["amb-1".into()],
             kinds: vec![StreamKind::Events as i32],
             start: Some(Start::Live(true)),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -368,6 +373,7 @@ async fn an_acknowledgement_given_while_the_vehicle_is_offline_reaches_it_when_i
             vehicle_ids: vec!["amb-1".into()],
             kinds: vec![StreamKind::Events as i32],
             start: Some(Start::AfterCursor(0)),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -451,5 +457,69 @@ async fn an_acknowledgement_given_while_the_vehicle_is_offline_reaches_it_when_i
     for l in links {
         l.stop();
     }
+    ingest.shutdown().await.unwrap();
+}
+
+/// Early delivery on the embedded store: frames come provisionally and are confirmed once
+/// durable, every frame once, bit-exact; a `held` list is checked before anything flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_subscription_gets_every_frame_once_and_held_lists_are_bounded() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("e.redb")))
+        .await
+        .unwrap();
+    let url = format!("https://{}", ingest.grpc_addr);
+    let mut client = ed_client::client::connect(&url, &pki.subscriber("ed-console"))
+        .await
+        .unwrap();
+    let held = |n: u64| -> Vec<HeldFrames> {
+        (0..n)
+            .map(|i| HeldFrames {
+                stream: Some(StreamRef {
+                    vehicle_id: "amb-1".into(),
+                    session_id: 1,
+                    stream_id: 0,
+                    kind: 0,
+                }),
+                start_seq: 2 * i,
+                end_seq: 2 * i + 1,
+            })
+            .collect()
+    };
+    for (early, held, why) in [
+        (false, held(1), "held without early"),
+        (true, held(4097), "more than 4096 ranges"),
+    ] {
+        let req = SubscribeRequest {
+            start: Some(Start::AfterCursor(0)),
+            early,
+            held,
+            ..Default::default()
+        };
+        let status = client.subscribe(req).await.expect_err(why);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{why}");
+    }
+
+    let mut sources = vec![replay("s0010_re", 8.0)];
+    sources.extend(vitals_and_gps());
+    let agent = Agent::start(agent_config(pki.path(), "amb-1", ingest.quic_addr, sources))
+        .await
+        .unwrap();
+    let collected = collect_early_until(
+        || url.clone(),
+        &pki.subscriber("ed-console"),
+        &work.path().join("w"),
+        Duration::from_secs(120),
+        |_| false,
+        |c| c.waveform_samples("amb-1") >= 38_400 && c.resume.held_frames() == 0,
+    )
+    .await;
+    assert!(collected.provisional > 0, "frames came early");
+    assert_eq!(collected.confirmed, collected.provisional);
+    assert_eq!(collected.unknown_confirmations, 0);
+    assert_eq!(collected.duplicates, 0);
+    assert_bit_exact(collected, "amb-1", "s0010_re");
+    agent.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }

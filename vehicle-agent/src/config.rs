@@ -278,6 +278,8 @@ pub struct IngestEndpoint {
     #[arg(long = "ingest-idle-timeout", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Per bearer: frames sent and not yet acknowledged at most (each on its own QUIC stream).
+    /// Live frames keep flowing while acknowledgements stall (the ingest's store electing a
+    /// leader) until this many are outstanding.
     #[arg(long = "ingest-max-in-flight-frames")]
     pub max_in_flight_frames: usize,
 }
@@ -475,7 +477,7 @@ impl Default for IngestEndpoint {
             fallback_addresses: Vec::new(),
             server_name: "localhost".into(),
             idle_timeout: Duration::from_secs(10),
-            max_in_flight_frames: 256,
+            max_in_flight_frames: 1024,
         }
     }
 }

@@ -251,6 +251,7 @@ mod tests {
 
     fn vitals(vehicle: &str, t_ns: i64, hr: f64) -> SubscribeResponse {
         SubscribeResponse {
+            provisional: false,
             cursor: 1,
             record: Some(Record::Data(DataRecord {
                 stream: Some(StreamRef {

@@ -205,6 +205,8 @@ pub fn to_json(msg: &SubscribeResponse) -> Option<Value> {
         }
         Record::Sync(s) => json!({ "t": "sync", "backlog": s.backlog_records }),
         Record::Lagged(l) => json!({ "t": "lagged", "missed": l.missed_live_records }),
+        // The page never asks for early frames.
+        Record::Confirmed(_) => return None,
     };
     Some(v)
 }
@@ -218,6 +220,7 @@ mod tests {
     #[test]
     fn waveform_records_keep_exact_samples_and_ids_as_strings() {
         let msg = SubscribeResponse {
+            provisional: false,
             cursor: 7,
             record: Some(Record::Data(DataRecord {
                 stream: Some(StreamRef {

@@ -705,6 +705,7 @@ async fn vehicle_events(
         vehicle_ids: vec![id.clone()],
         kinds: vec![],
         start: Some(start),
+        ..Default::default()
     };
     let mut upstream = match state.client.clone().subscribe(req).await {
         Ok(r) => r.into_inner(),
@@ -895,6 +896,7 @@ async fn history(
     let wrap = |record| relay_proto::model::SubscribeResponse {
         cursor: 0,
         record: Some(record),
+        ..Default::default()
     };
     use relay_proto::model::subscribe_response::Record;
     axum::Json(json!({
@@ -927,6 +929,7 @@ async fn fhir_export(
         vehicle_ids: vec![id.clone()],
         kinds: vec![],
         start: Some(Start::FromCaptureTimeNs(from)),
+        ..Default::default()
     };
     let mut export = crate::fhir::FhirExport::new(&id)
         .with_incident(q.incident.clone())
@@ -1032,6 +1035,7 @@ async fn follow_board(
                     StreamKind::Events as i32,
                 ],
                 start: Some(start),
+                ..Default::default()
             };
             match client.subscribe(req).await {
                 Ok(r) => {

@@ -74,6 +74,7 @@ impl SubscriptionFlow {
         SubscribeResponse {
             cursor: self.cursor,
             record: Some(Record::Sync(SyncMarker { backlog_records })),
+            ..Default::default()
         }
     }
 
@@ -101,6 +102,7 @@ impl SubscriptionFlow {
             record: Some(Record::Lagged(LaggedNotice {
                 missed_live_records: missed,
             })),
+            ..Default::default()
         }
     }
 }

@@ -2,6 +2,7 @@
 //! live records from the bus; every message carries its resume cursor). Where a subscription
 //! stands is the sans-IO [`flow::SubscriptionFlow`]; this module moves records and time.
 
+pub mod early;
 pub mod flow;
 pub mod limits;
 pub mod listener;
@@ -27,6 +28,7 @@ use crate::access::{AccessControl, ClientIdentity, Grant};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::quic::Online;
 use crate::store::{LogEntry, Store, StoreError, record_scope};
+use early::{EarlyFrame, EarlyLedger};
 use flow::{LiveStep, SubscriptionFlow};
 use limits::ClientLimits;
 
@@ -84,6 +86,8 @@ fn audit_event(
 pub struct TelemetryService {
     store: Store,
     bus: broadcast::Sender<Arc<LogEntry>>,
+    /// Live frames as this node's bearers receive them, before they are durable.
+    early: early::EarlySource,
     online: Arc<Online>,
     settings: GrpcSettings,
     slots: Arc<Semaphore>,
@@ -91,10 +95,12 @@ pub struct TelemetryService {
 }
 
 impl TelemetryService {
-    /// The service over `store` and the live `bus`, admitting `max_subscribers` at once.
+    /// The service over `store`, the live `bus` and the `early` frames, admitting
+    /// `max_subscribers` at once.
     pub fn new(
         store: Store,
         bus: broadcast::Sender<Arc<LogEntry>>,
+        early: early::EarlySource,
         online: Arc<Online>,
         settings: GrpcSettings,
         max_subscribers: usize,
@@ -103,6 +109,7 @@ impl TelemetryService {
         Self {
             store,
             bus,
+            early,
             online,
             settings,
             slots: Arc::new(Semaphore::new(max_subscribers)),
@@ -231,6 +238,8 @@ struct Outlet {
     cursor: u64,
     /// Streams whose descriptor the client has (vehicle, session, stream).
     described: HashSet<(String, u64, u32)>,
+    /// Frames sent provisionally (`early` subscriptions only).
+    early: Option<EarlyLedger>,
 }
 
 /// Why a subscription ended early.
@@ -245,8 +254,49 @@ enum Stop {
 }
 
 impl Outlet {
+    /// Sends a durable record (a data record sent provisionally before is confirmed instead).
     async fn send(&mut self, msg: SubscribeResponse) -> Result<(), Stop> {
-        let cursor = msg.cursor;
+        if let (Some(ledger), Some(Record::Data(d))) = (self.early.as_mut(), &msg.record)
+            && let (Some(s), Some(f)) = (d.stream.as_ref(), d.frame.as_ref())
+            && ledger.on_durable(&(s.vehicle_id.clone(), s.session_id, s.stream_id), f.seq)
+        {
+            let confirmed = relay_proto::model::Confirmed {
+                stream: Some(s.clone()),
+                seq: f.seq,
+                late: d.late,
+            };
+            return self
+                .deliver(SubscribeResponse {
+                    cursor: msg.cursor,
+                    record: Some(Record::Confirmed(confirmed)),
+                    provisional: false,
+                })
+                .await;
+        }
+        self.deliver(msg).await
+    }
+
+    /// Sends a live frame before it is durable, when the subscriber wants it and has not had
+    /// it (see [`EarlyLedger::offer_early`]).
+    async fn send_early(&mut self, frame: &EarlyFrame) -> Result<(), Stop> {
+        let key = (frame.vehicle.to_string(), frame.session, frame.stream_id);
+        let Some(ledger) = self.early.as_mut() else {
+            return Ok(());
+        };
+        if !self.described.contains(&key) || !ledger.offer_early(&key, frame.seq) {
+            return Ok(());
+        }
+        metrics::counter!("relay_ingest_subscriber_early_frames_total").increment(1);
+        self.deliver(frame.message.clone()).await
+    }
+
+    async fn deliver(&mut self, msg: SubscribeResponse) -> Result<(), Stop> {
+        // A provisional message is no resume point: the audit's end cursor stays put.
+        let cursor = if msg.provisional {
+            self.cursor
+        } else {
+            msg.cursor
+        };
         let vehicle = match &msg.record {
             Some(Record::Data(d)) => d.stream.as_ref().map(|s| s.vehicle_id.clone()),
             _ => None,
@@ -303,6 +353,7 @@ impl TelemetryService {
                 out.send(SubscribeResponse {
                     cursor,
                     record: Some(Record::Stream(info)),
+                    provisional: false,
                 })
                 .await?;
             }
@@ -373,9 +424,17 @@ impl TelemetryService {
         let (reached, backlog) = self.send_backlog(&mut filter, after, up_to, out).await?;
         flow.handle_caught_up(reached);
         out.send(flow.sync_marker(backlog)).await?;
+        // Early frames are live by nature: from here on.
+        let mut early = out.early.is_some().then(|| self.early.subscribe());
         loop {
             let entry = tokio::select! {
                 r = live.recv() => r,
+                Some(f) = next_early(&mut early) => {
+                    if filter.matches(&f.vehicle, f.kind) && filter.in_time(&f.message) {
+                        out.send_early(&f).await?;
+                    }
+                    continue;
+                }
                 () = self.stop.cancelled() => return Ok(()),
                 () = out.tx.closed() => return Err(Stop::Gone),
             };
@@ -407,6 +466,26 @@ impl TelemetryService {
                     flow.handle_caught_up(reached);
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The next early frame; never, without early delivery. Frames the subscriber missed
+/// (it lagged) come durable.
+async fn next_early(
+    rx: &mut Option<broadcast::Receiver<Arc<EarlyFrame>>>,
+) -> Option<Arc<EarlyFrame>> {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match r.recv().await {
+            Ok(f) => return Some(f),
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => {
+                *rx = None;
+                return std::future::pending().await;
             }
         }
     }
@@ -727,6 +806,16 @@ impl Telemetry for TelemetryService {
         if req.vehicle_ids.len() > 1024 || req.kinds.len() > 16 {
             return Err(Status::invalid_argument("too many vehicle ids or kinds"));
         }
+        let early = if req.early {
+            match EarlyLedger::with_held(&req.held) {
+                Ok(ledger) => Some(ledger),
+                Err(e) => return Err(Status::invalid_argument(format!("held: {e}"))),
+            }
+        } else if !req.held.is_empty() {
+            return Err(Status::invalid_argument("held frames need early = true"));
+        } else {
+            None
+        };
         let (grant, generation) = self.settings.access.grant(&who);
         let refuse = |refusal| Err(self.refuse("subscribe", refusal, &who, remote));
         for v in &req.vehicle_ids {
@@ -788,6 +877,7 @@ impl Telemetry for TelemetryService {
         event.detail = serde_json::json!({
             "filter": { "vehicles": req.vehicle_ids, "kinds": kinds },
             "start": start,
+            "early": req.early,
             "rules": grant.rules(),
         });
         let in_reach = event.vehicles.clone();
@@ -819,6 +909,7 @@ impl Telemetry for TelemetryService {
             vehicles: std::collections::BTreeSet::new(),
             cursor: 0,
             described: HashSet::new(),
+            early,
         };
         let failure = StatusSlot::default();
         let svc = self.clone();
@@ -877,9 +968,11 @@ mod tests {
         let embedded = crate::store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
         embedded.damage_record_for_tests(1).unwrap();
         let (bus, _) = broadcast::channel(16);
+        let store = Store::new(embedded);
         let svc = TelemetryService::new(
-            Store::new(embedded),
+            store.clone(),
             bus,
+            early::EarlySource::new(broadcast::channel(16).0, store),
             Arc::new(Online::default()),
             GrpcSettings {
                 subscriber_queue: 16,

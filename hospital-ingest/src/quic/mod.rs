@@ -42,6 +42,9 @@ pub struct QuicContext {
     pub audit: crate::audit::AuditLog,
     /// Irregular behaviour of vehicles, detected and reported.
     pub watch: crate::detect::Watch,
+    /// Where frames go as they arrive, for subscribers that want them before they are
+    /// durable.
+    pub early: crate::grpc::early::EarlySource,
 }
 
 /// Why a connection was closed by us.

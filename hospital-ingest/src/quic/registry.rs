@@ -136,6 +136,24 @@ impl Online {
         closed
     }
 
+    /// Closes every live session of the vehicles in `vehicles` with `code`; returns how many.
+    pub fn close_vehicles(
+        &self,
+        vehicles: &std::collections::HashSet<Arc<str>>,
+        code: relay_proto::CloseCode,
+        reason: &str,
+    ) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for (conn, _, vehicle, _) in live.values() {
+            if vehicles.contains(vehicle.as_str()) {
+                conn.close(quinn::VarInt::from_u32(code.as_u32()), reason.as_bytes());
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Whether any bearer of vehicle `v` is connected.
     pub fn is_online(&self, v: &str) -> bool {
         self.lock().contains_key(v)

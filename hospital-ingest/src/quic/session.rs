@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use relay_proto::model::{Frame, StreamDescriptor, TimestampCheck};
+use relay_proto::model::{DataRecord, Frame, StreamDescriptor, StreamRef, TimestampCheck};
 use relay_proto::wire::v1::{ControlMessage, Pong, control_message::Body};
 use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -24,6 +24,7 @@ use super::handshake::ServerHandshake;
 use super::registry::{HelloSlot, OnlineGuard};
 use super::validate::validate_frame;
 use super::{QuicContext, Refusal, refuse};
+use crate::grpc::early::EarlySource;
 use crate::writer::{StreamsRefused, WriterCmd};
 
 /// Application code of a STOP_SENDING for a frame stream that missed its read deadline.
@@ -227,6 +228,7 @@ pub(super) async fn serve_vehicle(
         writer: ctx.writer.clone(),
         watch: ctx.watch.clone(),
         clock: online.clock.clone(),
+        early: ctx.early.clone(),
     };
     let (fail_tx, mut fail_rx) = mpsc::channel::<Refusal>(1);
     let mut readers = JoinSet::new();
@@ -323,6 +325,7 @@ struct FrameReader {
     watch: crate::detect::Watch,
     /// The vehicle's clock offset estimate.
     clock: super::registry::SharedClock,
+    early: EarlySource,
 }
 
 impl FrameReader {
@@ -343,7 +346,7 @@ impl FrameReader {
             let budget: Vec<_> = mine.into_iter().chain(all).collect();
             (recv.read_to_end(max).await, budget)
         };
-        let (bytes, budget) = match tokio::time::timeout(self.deadline, read).await {
+        let (bytes, mut budget) = match tokio::time::timeout(self.deadline, read).await {
             Err(_) => {
                 let _ = recv.stop(quinn::VarInt::from_u32(STOP_DEADLINE));
                 metrics::counter!("relay_ingest_streams_stopped_total", "reason" => "deadline")
@@ -360,6 +363,15 @@ impl FrameReader {
             Ok((Err(_), _)) => return Ok(()), // stream reset or connection lost: the agent re-sends
         };
         metrics::counter!("relay_ingest_frame_bytes_total").increment(bytes.len() as u64);
+        // Read: what the frame holds is its size, not the most a frame may have. The rest goes
+        // back, so frames waiting for a slow commit (a log electing its leader) do not stop
+        // this vehicle's reading long before the writer's queue is full.
+        let holds = bytes.len().max(1);
+        for permit in &mut budget {
+            if let Some(spare) = permit.num_permits().checked_sub(holds) {
+                drop(permit.split(spare));
+            }
+        }
         let frame = Frame::decode(bytes.as_slice())
             .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
         validate_frame(&frame, &self.streams)?;
@@ -385,6 +397,29 @@ impl FrameReader {
                 CloseCode::Overloaded,
                 "acknowledgements not drained",
             ));
+        }
+        if let Some(desc) = self.streams.get(&frame.stream_id) {
+            let record = || DataRecord {
+                stream: Some(StreamRef {
+                    vehicle_id: self.vehicle.to_string(),
+                    session_id: self.session,
+                    stream_id: frame.stream_id,
+                    kind: desc.kind,
+                }),
+                frame: Some(frame.clone()),
+                late: false,
+                received_time_ns: received_ns,
+                vehicle_clock,
+                capture_time_check: capture_time_check as i32,
+            };
+            self.early.offer(
+                &self.vehicle,
+                self.session,
+                desc.kind,
+                record,
+                frame.seq,
+                frame.stream_id,
+            );
         }
         let cmd = WriterCmd::Frame {
             vehicle: self.vehicle.clone(),

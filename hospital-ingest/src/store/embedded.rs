@@ -137,6 +137,14 @@ impl LogStore for EmbeddedStore {
         }))
     }
 
+    fn stored(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let seen = txn.open_table(SEEN)?;
+        Ok(seen
+            .get((r.vehicle, r.session, r.stream_id, r.seq))?
+            .is_some())
+    }
+
     /// Cursor of the newest record (0 when empty).
     fn head(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;

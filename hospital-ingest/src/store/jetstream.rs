@@ -1101,6 +1101,13 @@ impl LogStore for JetStreamStore {
         Ok(self.bounds()?.1)
     }
 
+    fn stored(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
+        Ok(self
+            .index()
+            .stream(r.vehicle, r.session, r.stream_id)
+            .is_some_and(|s| s.contains(r.seq)))
+    }
+
     fn publish_to(&self, bus: &broadcast::Sender<Arc<LogEntry>>) -> bool {
         *self
             .shared
@@ -1775,7 +1782,17 @@ async fn publish_vehicle(
             timeout,
         )
         .await?;
-        cursors.extend(last + 1 - n..=last);
+        // A broken server could answer a last sequence below the batch's size.
+        let first = (last + 1)
+            .checked_sub(n)
+            .filter(|&f| f > expected)
+            .ok_or_else(|| {
+                StoreError::js(
+                    "commit batch",
+                    format!("{n} messages acknowledged at sequence {last}, not after {expected}"),
+                )
+            })?;
+        cursors.extend(first..=last);
         expected = last;
     }
     Ok(cursors)

@@ -169,6 +169,7 @@ pub fn record_scope(msg: &SubscribeResponse) -> Option<(&str, i32)> {
         Record::Gap(g) => g.stream.as_ref()?,
         Record::GapClosed(g) => g.stream.as_ref()?,
         Record::Stream(s) => s.stream.as_ref()?,
+        Record::Confirmed(c) => c.stream.as_ref()?,
         Record::Sync(_) | Record::Lagged(_) => return None,
     };
     Some((s.vehicle_id.as_str(), s.kind))
@@ -182,6 +183,9 @@ pub trait LogStore: Send + Sync + std::fmt::Debug {
     fn begin(&self) -> Result<Box<dyn StoreBatch>, StoreError>;
     /// Cursor of the newest record (0 when empty).
     fn head(&self) -> Result<u64, StoreError>;
+    /// Whether frame `seq` is stored (committed; on a shared log, as far as this node has
+    /// followed it). Cheap: an index lookup.
+    fn stored(&self, seq: SeqRef<'_>) -> Result<bool, StoreError>;
     /// Up to `limit` records with cursor in `(after, up_to]`, oldest first.
     fn read_after(
         &self,

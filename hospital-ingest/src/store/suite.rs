@@ -74,6 +74,7 @@ use relay_proto::model::{DataRecord, Frame, StreamRef};
 pub fn data(vehicle: &str, seq: u64, received: i64) -> SubscribeResponse {
     SubscribeResponse {
         cursor: 0,
+        provisional: false,
         record: Some(Record::Data(DataRecord {
             stream: Some(StreamRef {
                 vehicle_id: vehicle.into(),
@@ -125,6 +126,14 @@ pub fn appends_survive_reopen_and_dedup_index_is_kept(open: &mut dyn FnMut() -> 
     assert!(stored(&b, 3));
     assert!(!stored(&b, 2));
     drop(b);
+    // The store itself (what early delivery asks) says the same.
+    let at = |seq| SeqRef {
+        vehicle: "amb-1",
+        session: 1,
+        stream_id: 0,
+        seq,
+    };
+    assert!(store.stored(at(3)).unwrap() && !store.stored(at(2)).unwrap());
     let page = store.read_after(1, 3, 10).unwrap();
     assert_eq!(
         page.iter().map(|(c, m)| (*c, m.cursor)).collect::<Vec<_>>(),
@@ -156,6 +165,7 @@ pub fn the_cursor_before_a_receipt_time_is_found_by_binary_search(open: &mut dyn
                 SubscribeResponse {
                     cursor: 0,
                     record: Some(Record::Sync(Default::default())),
+                    ..Default::default()
                 },
                 None,
             )
