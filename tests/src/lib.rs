@@ -301,6 +301,39 @@ impl Collected {
     }
 }
 
+/// Samples per channel of record s0010_re (38.4 s at 1000 Hz).
+pub const S0010_SAMPLES: u64 = 38_400;
+
+/// An agent for `vehicle` replaying s0010_re at 2x in 40 ms frames (about 19 s of
+/// streaming), with vitals and GPS, to the ingest at `ingest`.
+pub fn s0010_agent(pki: &Pki, vehicle: &str, ingest: SocketAddr) -> AgentConfig {
+    let mut sources = vec![replay("s0010_re", 2.0)];
+    sources.extend(vitals_and_gps());
+    let mut cfg = agent_config(pki.path(), vehicle, ingest, sources);
+    cfg.framing.frame = Duration::from_millis(40);
+    cfg
+}
+
+/// A subscriber (durable records only) in the background, collecting until `vehicle`'s
+/// s0010_re is complete (at most 300 s).
+pub fn collect_s0010(
+    url: String,
+    tls: ClientTls,
+    out: PathBuf,
+    vehicle: &'static str,
+) -> tokio::task::JoinHandle<Collected> {
+    tokio::spawn(async move {
+        collect_until(
+            || url.clone(),
+            &tls,
+            &out,
+            Duration::from_secs(300),
+            |c| c.waveform_samples(vehicle) >= S0010_SAMPLES,
+        )
+        .await
+    })
+}
+
 /// Subscribes from cursor 0 and collects until `done` holds, resuming from the last cursor
 /// whenever the stream breaks (ingest restarts). Panics after `limit`.
 pub async fn collect_until(

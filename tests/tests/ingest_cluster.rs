@@ -144,19 +144,12 @@ async fn killing_the_owning_ingest_node_loses_nothing_and_live_ecg_resumes_on_th
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let survivor = 1 - owner;
-    let url = format!("https://{}", nodes[survivor].grpc);
-    let tls = pki.subscriber("ed-console");
-    let out = work.path().join("wfdb");
-    let live = tokio::spawn(async move {
-        collect_until(
-            || url.clone(),
-            &tls,
-            &out,
-            Duration::from_secs(240),
-            |c| c.waveform_samples("amb-2") >= 38_400,
-        )
-        .await
-    });
+    let live = collect_s0010(
+        format!("https://{}", nodes[survivor].grpc),
+        pki.subscriber("ed-console"),
+        work.path().join("wfdb"),
+        "amb-2",
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut dead = nodes.remove(owner);
     let killed = Instant::now();

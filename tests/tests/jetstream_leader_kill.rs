@@ -25,19 +25,16 @@ async fn killing_the_stream_leader_loses_nothing_and_live_ecg_keeps_flowing() {
     let mut nats = Cluster::start(&pki, &work.path().join("nats"), 3).await;
     let cfg = ingest_on(&nats, &pki, work.path(), "leader");
     let ingest = Ingest::start(cfg).await.unwrap();
-    // s0010_re (38.4 s) at 2x: about 19 s of streaming.
-    let mut sources = vec![replay("s0010_re", 2.0)];
-    sources.extend(vitals_and_gps());
-    let mut agent_cfg = agent_config(pki.path(), "amb-2", ingest.quic_addr, sources);
-    agent_cfg.framing.frame = Duration::from_millis(40);
-    let agent = Agent::start(agent_cfg).await.unwrap();
+    let agent = Agent::start(s0010_agent(&pki, "amb-2", ingest.quic_addr))
+        .await
+        .unwrap();
 
     // Two early subscribers: one stays connected (the live gap is measured there); the
     // other's connection breaks once the leader is dead while it holds frames not yet
     // durable, and it resumes with its cursor and those frames.
     let url = format!("https://{}", ingest.grpc_addr);
     let complete =
-        |c: &Collected| c.waveform_samples("amb-2") >= 38_400 && c.resume.held_frames() == 0;
+        |c: &Collected| c.waveform_samples("amb-2") >= S0010_SAMPLES && c.resume.held_frames() == 0;
     let watching = {
         let (url, tls, out) = (
             url.clone(),
@@ -152,23 +149,15 @@ async fn killing_every_nats_server_mid_stream_loses_nothing_once_they_are_back()
     cfg.jetstream.request_timeout = Duration::from_secs(2);
     let ingest =
         spawn_ingest_child(env!("CARGO_BIN_EXE_e2e-hospital-ingest"), cfg, work.path()).await;
-    let mut sources = vec![replay("s0010_re", 2.0)];
-    sources.extend(vitals_and_gps());
-    let mut agent_cfg = agent_config(pki.path(), "amb-2", ingest.quic, sources);
-    agent_cfg.framing.frame = Duration::from_millis(40);
-    let agent = Agent::start(agent_cfg).await.unwrap();
-    let url = format!("https://{}", ingest.grpc);
-    let (tls, out) = (pki.subscriber("ed-console"), work.path().join("wfdb"));
-    let subscriber = tokio::spawn(async move {
-        collect_until(
-            || url.clone(),
-            &tls,
-            &out,
-            Duration::from_secs(300),
-            |c| c.waveform_samples("amb-2") >= 38_400,
-        )
+    let agent = Agent::start(s0010_agent(&pki, "amb-2", ingest.quic))
         .await
-    });
+        .unwrap();
+    let subscriber = collect_s0010(
+        format!("https://{}", ingest.grpc),
+        pki.subscriber("ed-console"),
+        work.path().join("wfdb"),
+        "amb-2",
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     for i in 0..3 {
         nats.kill(i).await;
