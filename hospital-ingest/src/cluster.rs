@@ -422,7 +422,7 @@ fn request(cmd: &WriterCmd) -> Option<Forward> {
 
 /// Hands `cmd` to the owner node `node` and relays its answer; follows the vehicle when it
 /// moves and takes it over when its owner is gone.
-async fn forward(inner: &Inner, cmd: WriterCmd, mut node: String) {
+async fn forward(inner: &Inner, mut cmd: WriterCmd, mut node: String) {
     let Some(req) = request(&cmd) else { return };
     let vehicle = req.vehicle_id.clone();
     let payload = Bytes::from(req.encode_to_vec());
@@ -441,15 +441,10 @@ async fn forward(inner: &Inner, cmd: WriterCmd, mut node: String) {
             Ok(Ok(reply)) => ForwardReply::decode(reply.payload).ok(),
             Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
                 // The owner's connection is gone: it is.
-                match inner.take_over(&vehicle, &node).await {
-                    Ok(o) if o.node == inner.node => {
-                        if let Err(e) = inner.local(cmd).await {
-                            tracing::warn!(%vehicle, error = %e, "a command was not stored");
-                        }
-                        return;
-                    }
-                    Ok(o) => node = o.node,
-                    Err(e) => tracing::warn!(%vehicle, error = %e, "taking over failed"),
+                let owner = inner.take_over(&vehicle, &node).await;
+                match hand_over(inner, owner, cmd, &mut node).await {
+                    Some(c) => cmd = c,
+                    None => return,
                 }
                 continue;
             }
@@ -488,15 +483,10 @@ async fn forward(inner: &Inner, cmd: WriterCmd, mut node: String) {
             }
             Some(Outcome::NotOwner(_)) => {
                 lock(&inner.owners).remove(&vehicle);
-                match inner.read(&vehicle).await {
-                    Ok(o) if o.node == inner.node => {
-                        if let Err(e) = inner.local(cmd).await {
-                            tracing::warn!(%vehicle, error = %e, "a command was not stored");
-                        }
-                        return;
-                    }
-                    Ok(o) => node = o.node,
-                    Err(e) => tracing::warn!(%vehicle, error = %e, "looking the owner up failed"),
+                let owner = inner.read(&vehicle).await;
+                match hand_over(inner, owner, cmd, &mut node).await {
+                    Some(c) => cmd = c,
+                    None => return,
                 }
             }
             Some(Outcome::Busy(_)) | None => {
@@ -507,6 +497,33 @@ async fn forward(inner: &Inner, cmd: WriterCmd, mut node: String) {
     }
     tracing::warn!(%vehicle, %node, "gave up handing a command to the vehicle's owner");
     metrics::counter!("relay_ingest_cluster_forward_failures_total").increment(1);
+}
+
+/// After looking `cmd`'s owner up again: this node's writer takes it (None), or `node` names
+/// the owner to ask next and the command comes back.
+async fn hand_over(
+    inner: &Inner,
+    owner: Result<Owner, StoreError>,
+    cmd: WriterCmd,
+    node: &mut String,
+) -> Option<WriterCmd> {
+    match owner {
+        Ok(o) if o.node == inner.node => {
+            let vehicle = cmd_vehicle(&cmd);
+            if let Err(e) = inner.local(cmd).await {
+                tracing::warn!(%vehicle, error = %e, "a command was not stored");
+            }
+            None
+        }
+        Ok(o) => {
+            *node = o.node;
+            Some(cmd)
+        }
+        Err(e) => {
+            tracing::warn!(vehicle = %cmd_vehicle(&cmd), error = %e, "looking the owner up failed");
+            Some(cmd)
+        }
+    }
 }
 
 /// Keeps the owner cache current; a vehicle taken by another node must be restored again

@@ -200,16 +200,7 @@ impl LogStore for EmbeddedStore {
             }
             Ok(None)
         };
-        // Invariant: data before `lo` was received before `at_ns`; from `hi` on, not.
-        let (mut lo, mut hi) = (first, last + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match received_from(mid)? {
-                Some((cursor, received)) if received < at_ns => lo = cursor + 1,
-                _ => hi = mid,
-            }
-        }
-        Ok(lo.saturating_sub(1))
+        super::search_received(first, last, at_ns, received_from)
     }
 
     /// Every stream announcement stored.

@@ -630,6 +630,12 @@ impl JetStreamStore {
 
     /// The log's first and last sequence.
     fn bounds(&self) -> Result<(u64, u64), StoreError> {
+        let state = self.state()?;
+        Ok((state.first_sequence, state.last_sequence))
+    }
+
+    /// The log stream's state (sequences, messages, bytes).
+    fn state(&self) -> Result<stream::State, StoreError> {
         let js = self.shared.js.clone();
         let name = self.shared.stream_name.to_string();
         self.run(async move {
@@ -641,7 +647,7 @@ impl JetStreamStore {
                 .get_info()
                 .await
                 .map_err(|e| StoreError::js("reading the log's state", e))?;
-            Ok((info.state.first_sequence, info.state.last_sequence))
+            Ok(info.state)
         })
     }
 
@@ -1169,15 +1175,7 @@ impl LogStore for JetStreamStore {
             }
             Ok(None)
         };
-        let (mut lo, mut hi) = (first, last + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match received_from(mid)? {
-                Some((cursor, received)) if received < at_ns => lo = cursor + 1,
-                _ => hi = mid,
-            }
-        }
-        Ok(lo.saturating_sub(1))
+        super::search_received(first, last, at_ns, received_from)
     }
 
     fn streams(&self) -> Result<Vec<StreamInfo>, StoreError> {
@@ -1412,19 +1410,7 @@ impl LogStore for JetStreamStore {
     }
 
     fn log_len(&self) -> Result<u64, StoreError> {
-        let js = self.shared.js.clone();
-        let name = self.shared.stream_name.to_string();
-        self.run(async move {
-            let s = js
-                .get_stream_no_info(&name)
-                .await
-                .map_err(|e| StoreError::js("looking up the log", e))?;
-            let info = s
-                .get_info()
-                .await
-                .map_err(|e| StoreError::js("reading the log's state", e))?;
-            Ok(info.state.messages)
-        })
+        Ok(self.state()?.messages)
     }
 }
 

@@ -310,6 +310,28 @@ pub(crate) fn data_seq(msg: &SubscribeResponse) -> Option<(&str, u64, u32, u64)>
     }
 }
 
+/// The binary search behind [`LogStore::cursor_before_received`] over the cursors
+/// `first..=last`, given the first data record at or after a cursor (looking a bounded way
+/// ahead; none found counts as received later, which only makes the start earlier), as
+/// (cursor, received time).
+pub(crate) fn search_received(
+    first: u64,
+    last: u64,
+    at_ns: i64,
+    mut received_from: impl FnMut(u64) -> Result<Option<(u64, i64)>, StoreError>,
+) -> Result<u64, StoreError> {
+    // Invariant: data before `lo` was received before `at_ns`; from `hi` on, not.
+    let (mut lo, mut hi) = (first, last + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match received_from(mid)? {
+            Some((cursor, received)) if received < at_ns => lo = cursor + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo.saturating_sub(1))
+}
+
 /// Capture time of a data record's frame (`i64::MIN` without one).
 pub(crate) fn capture_ns(d: &DataRecord) -> i64 {
     d.frame.as_ref().map_or(i64::MIN, |f| f.capture_time_ns)
