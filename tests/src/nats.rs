@@ -15,11 +15,22 @@ pub fn nats_server() -> String {
     std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+/// `n` distinct free TCP ports on loopback: every listener is held until all are chosen, so
+/// two nodes never get the same port (a node that cannot bind never joins the cluster).
+fn free_tcp_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap_or_else(|e| panic!("no free port: {e}"))
+        })
+        .collect();
+    held.iter()
+        .map(|l| {
+            l.local_addr()
+                .unwrap_or_else(|e| panic!("no free port: {e}"))
+                .port()
+        })
+        .collect()
 }
 
 /// One node of a [`Cluster`].
@@ -61,12 +72,13 @@ impl Cluster {
     /// Starts `n` (3 unless testing something else) nodes in `dir` with certificates of `pki`
     /// and waits until they agree on a JetStream meta leader.
     pub async fn start(pki: &Pki, dir: &Path, n: usize) -> Self {
+        let ports = free_tcp_ports(3 * n);
         let nodes = (0..n)
             .map(|i| Node {
                 name: format!("nats-{}", i + 1),
-                client: free_tcp_port(),
-                cluster: free_tcp_port(),
-                monitor: free_tcp_port(),
+                client: ports[3 * i],
+                cluster: ports[3 * i + 1],
+                monitor: ports[3 * i + 2],
                 child: None,
             })
             .collect();
@@ -129,6 +141,22 @@ impl Cluster {
         self.nodes[i].child = Some(child);
     }
 
+    /// The last `lines` lines of every node's log, for a failure message.
+    fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(self.dir.join(format!("{}.log", node.name)))
+                .unwrap_or_default();
+            let all: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- {}\n", node.name));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// SIGKILLs node `i` and waits for it to be gone.
     pub async fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
@@ -155,7 +183,8 @@ impl Cluster {
         serde_json::from_str(&body).ok()
     }
 
-    /// Waits until the running nodes agree on a meta leader among them; returns its index.
+    /// Waits until the running nodes agree on a meta leader among them and each knows the
+    /// whole cluster; returns the leader's index.
     pub async fn meta_leader(&self, timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -163,8 +192,11 @@ impl Cluster {
             let running: Vec<usize> = (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].is_running())
                 .collect();
+            let mut whole = true;
             for &i in &running {
                 if let Some(j) = self.jsz(i, "").await {
+                    // Every node knows every peer (offline ones count), not only a leader.
+                    whole &= j["meta_cluster"]["cluster_size"] == self.nodes.len();
                     leaders.push(
                         j["meta_cluster"]["leader"]
                             .as_str()
@@ -173,7 +205,8 @@ impl Cluster {
                     );
                 }
             }
-            if leaders.len() == running.len()
+            if whole
+                && leaders.len() == running.len()
                 && !leaders.is_empty()
                 && leaders.iter().all(|l| *l == leaders[0])
                 && let Some(i) = running
@@ -185,7 +218,8 @@ impl Cluster {
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no agreed meta leader within {timeout:?}: {leaders:?}"
+                "no agreed meta leader within {timeout:?}: {leaders:?}\n{}",
+                self.log_tails(8)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
