@@ -430,6 +430,10 @@ impl TelemetryService {
             let entry = tokio::select! {
                 r = live.recv() => r,
                 Some(f) = next_early(&mut early) => {
+                    // A reloaded policy applies at once, also while no durable record flows.
+                    if filter.refresh() {
+                        self.describe(&filter, flow.cursor(), out).await?;
+                    }
                     if filter.matches(&f.vehicle, f.kind) && filter.in_time(&f.message) {
                         out.send_early(&f).await?;
                     }
