@@ -315,7 +315,7 @@ pub fn s0010_agent(pki: &Pki, vehicle: &str, ingest: SocketAddr) -> AgentConfig 
 }
 
 /// A subscriber (durable records only) in the background, collecting until `vehicle`'s
-/// s0010_re is complete (at most 300 s).
+/// s0010_re is complete and every gap announced is closed (at most 300 s).
 pub fn collect_s0010(
     url: String,
     tls: ClientTls,
@@ -328,7 +328,7 @@ pub fn collect_s0010(
             &tls,
             &out,
             Duration::from_secs(300),
-            |c| c.waveform_samples(vehicle) >= S0010_SAMPLES,
+            |c| c.waveform_samples(vehicle) >= S0010_SAMPLES && c.gaps == c.gaps_closed,
         )
         .await
     })
