@@ -457,20 +457,37 @@ impl JetStreamStore {
                     .unwrap_or(i32::MAX),
                 ..Default::default()
             };
-            js.create_or_update_stream(config)
-                .await
-                .map_err(|e| StoreError::js("creating the log stream", e))?;
-            let kv = js
-                .create_or_update_key_value(kv::Config {
-                    bucket: o.meta_bucket.clone(),
-                    history: 1,
-                    num_replicas: o.replicas,
-                    storage: stream::StorageType::File,
-                    max_value_size: 64 * 1024,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| StoreError::js("creating the meta bucket", e))?;
+            // A cluster that has just formed can take longer than one request to place a
+            // replicated stream; creating is idempotent, so ask again a few times.
+            let mut attempt = 1;
+            while let Err(e) = js.create_or_update_stream(config.clone()).await {
+                if attempt >= CREATE_ATTEMPTS {
+                    return Err(StoreError::js("creating the log stream", e));
+                }
+                tracing::warn!(error = %e, attempt, "creating the log stream; asking again");
+                attempt += 1;
+            }
+            let bucket = kv::Config {
+                bucket: o.meta_bucket.clone(),
+                history: 1,
+                num_replicas: o.replicas,
+                storage: stream::StorageType::File,
+                max_value_size: 64 * 1024,
+                ..Default::default()
+            };
+            let mut attempt = 1;
+            let kv = loop {
+                match js.create_or_update_key_value(bucket.clone()).await {
+                    Ok(kv) => break kv,
+                    Err(e) if attempt >= CREATE_ATTEMPTS => {
+                        return Err(StoreError::js("creating the meta bucket", e));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "creating the meta bucket; asking again");
+                        attempt += 1;
+                    }
+                }
+            };
             // A stream just created (or after a restart) elects its leader a moment later;
             // writes before that find no responder. Wait for both (bounded).
             for name in [o.stream.clone(), format!("KV_{}", o.meta_bucket)] {
@@ -1783,6 +1800,9 @@ async fn publish_vehicle(
     }
     Ok(cursors)
 }
+
+/// Attempts at creating the log stream or the meta bucket on open.
+const CREATE_ATTEMPTS: u32 = 3;
 
 /// One JetStream atomic batch: every message but the last published plainly, the last as a
 /// request carrying the commit; the first expects the last sequence on `filter` to be
