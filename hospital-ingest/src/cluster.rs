@@ -44,6 +44,9 @@ const MAX_FORWARDING: usize = 8192;
 /// Forwarded requests an owner serves at once; more wait in the subscription's bounded
 /// buffer (beyond it the NATS client drops them and the sender, timing out, asks again).
 const MAX_SERVING: usize = 8192;
+/// Nodes whose departure this node tracks at once (node ids are per process: one per node
+/// start seen). Beyond it the record is cleared: a request then waits its timeout, as before.
+const MAX_TRACKED_NODES: usize = 1024;
 /// Attempts to hand one command to the vehicle's owner before it is dropped (the agent
 /// re-sends an unacknowledged frame; a Hello fails and the bearer redials).
 const MAX_ATTEMPTS: usize = 20;
@@ -71,6 +74,9 @@ struct Inner {
     owners: Mutex<HashMap<String, Owner>>,
     /// Vehicles whose reassembly this node's writer has restored since it took them.
     adopted: tokio::sync::Mutex<HashSet<String>>,
+    /// Per owner node asked: cancelled once it is found gone, so the requests already waiting
+    /// on it ask again at once instead of after their timeout (a dead node never answers).
+    departures: Mutex<HashMap<String, CancellationToken>>,
     forwarding: Arc<Semaphore>,
     serving: Arc<Semaphore>,
     stop: CancellationToken,
@@ -141,6 +147,7 @@ impl Cluster {
             writer,
             owners: Mutex::new(HashMap::new()),
             adopted: tokio::sync::Mutex::new(HashSet::new()),
+            departures: Mutex::new(HashMap::new()),
             forwarding: Arc::new(Semaphore::new(MAX_FORWARDING)),
             serving: Arc::new(Semaphore::new(MAX_SERVING)),
             stop: stop.clone(),
@@ -281,6 +288,18 @@ impl Inner {
             }
             _ => None,
         })
+    }
+
+    /// Fires when `node` is found gone.
+    fn departure(&self, node: &str) -> CancellationToken {
+        let mut departures = lock(&self.departures);
+        if departures.len() >= MAX_TRACKED_NODES && !departures.contains_key(node) {
+            departures.retain(|_, t| !t.is_cancelled());
+            if departures.len() >= MAX_TRACKED_NODES {
+                departures.clear();
+            }
+        }
+        departures.entry(node.to_owned()).or_default().clone()
     }
 
     /// Replaces `dead` as the owner of `vehicle`, unless someone else did first; who owns
@@ -430,17 +449,23 @@ async fn forward(inner: &Inner, mut cmd: WriterCmd, mut node: String) {
         if inner.stop.is_cancelled() {
             return; // not acknowledged: the agent re-sends to whichever node it reaches
         }
-        let sent = tokio::time::timeout(
-            inner.timeout,
-            inner
-                .client
-                .request(inner.forward_subject(&node), payload.clone()),
-        )
-        .await;
+        let departure = inner.departure(&node);
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(
+                inner.timeout,
+                inner
+                    .client
+                    .request(inner.forward_subject(&node), payload.clone()),
+            ) => Some(sent),
+            // The owner was found gone while this request waited for an answer that will
+            // never come (its frames were in flight when it died): ask again now.
+            () = departure.cancelled(), if !departure.is_cancelled() => None,
+        };
         let reply = match sent {
-            Ok(Ok(reply)) => ForwardReply::decode(reply.payload).ok(),
-            Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            Some(Ok(Ok(reply))) => ForwardReply::decode(reply.payload).ok(),
+            Some(Ok(Err(e))) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
                 // The owner's connection is gone: it is.
+                departure.cancel();
                 let owner = inner.take_over(&vehicle, &node).await;
                 match hand_over(inner, owner, cmd, &mut node).await {
                     Some(c) => cmd = c,
@@ -448,8 +473,8 @@ async fn forward(inner: &Inner, mut cmd: WriterCmd, mut node: String) {
                 }
                 continue;
             }
-            // Slow or unreachable: ask again.
-            Ok(Err(_)) | Err(_) => None,
+            // Slow, unreachable or found gone meanwhile: ask again.
+            Some(Ok(Err(_)) | Err(_)) | None => None,
         };
         match reply.and_then(|r| r.outcome) {
             Some(Outcome::Durable(Durable { stream_id, seq })) => {

@@ -4,14 +4,16 @@
 //!   at a subscriber of either node, with the same cursors;
 //! - the node that owns a vehicle is SIGKILLed mid-stream: the bearer it carried moves to
 //!   the other node, which takes the vehicle over; nothing is lost or duplicated and live
-//!   ECG at a subscriber of the surviving node resumes quickly (measured).
+//!   ECG at a subscriber of the surviving node resumes quickly (measured);
+//! - a frame forwarded to an owner that then goes away is asked again as soon as the owner is
+//!   found gone, not after the request timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hospital_ingest::Ingest;
-use relay_e2e::nats::{Cluster, ingest_on};
+use relay_e2e::nats::{Cluster, ingest_on, store_options};
 use relay_e2e::*;
 use tokio::time::Instant;
 use vehicle_agent::Agent;
@@ -109,6 +111,25 @@ async fn metrics_of(child: &IngestChild) -> String {
     http_get(child.metrics.unwrap(), "/metrics").await.1
 }
 
+/// The node that took the vehicle (the only one) owns it.
+async fn owning_node(nodes: &[IngestChild]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut taken = Vec::new();
+        for n in nodes {
+            taken.push(metric_value(
+                &metrics_of(n).await,
+                "relay_ingest_cluster_ownership_taken_total",
+            ));
+        }
+        if let Some(i) = taken.iter().position(|&t| t >= 1.0) {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "nobody took the vehicle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_owning_ingest_node_loses_nothing_and_live_ecg_resumes_on_the_other() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -127,22 +148,7 @@ async fn killing_the_owning_ingest_node_loses_nothing_and_live_ecg_resumes_on_th
     let agent = Agent::start(split_agent(&pki, "amb-2", "s0010_re", 2.0, 40, a, b))
         .await
         .unwrap();
-    // The node that took the vehicle owns it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let owner = loop {
-        let mut taken = Vec::new();
-        for n in &nodes {
-            taken.push(metric_value(
-                &metrics_of(n).await,
-                "relay_ingest_cluster_ownership_taken_total",
-            ));
-        }
-        if let Some(i) = taken.iter().position(|&t| t >= 1.0) {
-            break i;
-        }
-        assert!(Instant::now() < deadline, "nobody took the vehicle");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let owner = owning_node(&nodes).await;
     let survivor = 1 - owner;
     let live = collect_s0010(
         format!("https://{}", nodes[survivor].grpc),
@@ -194,4 +200,121 @@ async fn killing_the_owning_ingest_node_loses_nothing_and_live_ecg_resumes_on_th
         "live ECG stalled {longest:?}"
     );
     agent.shutdown().await.unwrap();
+}
+
+/// A frame for vehicle `vehicle` (stream 0) as the QUIC side hands it on, and where its
+/// acknowledgement arrives.
+fn frame_cmd(
+    vehicle: &str,
+    seq: u64,
+) -> (
+    hospital_ingest::writer::WriterCmd,
+    tokio::sync::mpsc::Receiver<(u32, u64)>,
+) {
+    let (ack, acks) = tokio::sync::mpsc::channel(1);
+    let cmd = hospital_ingest::writer::WriterCmd::Frame {
+        vehicle: vehicle.into(),
+        session: 1,
+        frame: relay_proto::model::Frame {
+            stream_id: 0,
+            seq,
+            ..Default::default()
+        },
+        received_ns: 0,
+        vehicle_clock: None,
+        capture_time_check: relay_proto::model::TimestampCheck::Unspecified,
+        ack,
+        budget: Vec::new(),
+    };
+    (cmd, acks)
+}
+
+/// The next command a writer the test plays gets (bounded).
+async fn next(
+    writes: &mut tokio::sync::mpsc::Receiver<hospital_ingest::writer::WriterCmd>,
+) -> hospital_ingest::writer::WriterCmd {
+    tokio::time::timeout(Duration::from_secs(20), writes.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no command for 20 s"))
+        .unwrap()
+}
+
+/// A forward already waiting on the owner when the owner goes away (a dead node never
+/// answers) is asked again as soon as the owner is found gone, not after the request timeout
+/// (60 s here). Two cluster nodes whose writers the test plays: X owns the vehicle and holds
+/// the frame Y forwarded to it, then stops serving; Y's next forward finds no responder and
+/// takes the vehicle over, and the held frame reaches Y's writer at once. Before this was
+/// fixed it waited the full request timeout (seen in a 50-vehicle `--kill-node` load run:
+/// ECG frames 10.1 s late at the default 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_waiting_on_an_owner_that_went_away_is_asked_again_at_once() {
+    use hospital_ingest::writer::WriterCmd;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let nats = Cluster::start(&pki, &work.path().join("nats"), 3).await;
+    let mut options = store_options(&nats, &pki, "frozen");
+    options.request_timeout = Duration::from_secs(60);
+    // Opening the store creates the log stream and the meta bucket.
+    let o = options.clone();
+    tokio::task::spawn_blocking(move || hospital_ingest::store::JetStreamStore::open(&o).map(drop))
+        .await
+        .unwrap()
+        .unwrap();
+    let node = |name: &str| {
+        let mut o = options.clone();
+        o.client_name = name.into();
+        let (writer, writes) = tokio::sync::mpsc::channel::<WriterCmd>(16);
+        let stop = tokio_util::sync::CancellationToken::new();
+        async move {
+            let (node, route) =
+                hospital_ingest::cluster::Cluster::start(&o, writer, 16, stop.clone())
+                    .await
+                    .unwrap();
+            (node, route, writes, stop)
+        }
+    };
+    let (_x, route_x, mut writes_x, stop_x) = node("x").await;
+    let (_y, route_y, mut writes_y, _stop_y) = node("y").await;
+    // X hears of the vehicle first and takes it; its writer restores it and takes frame 0.
+    route_x.send(frame_cmd("amb-9", 0).0).await.unwrap();
+    match next(&mut writes_x).await {
+        WriterCmd::Adopt { done, .. } => done.send(Ok(())).unwrap(),
+        other => panic!("expected the adoption, got {:?}", other.vehicle()),
+    }
+    assert!(matches!(next(&mut writes_x).await, WriterCmd::Frame { frame, .. } if frame.seq == 0));
+    // Frame 1 reaches Y, which forwards it to X; X's writer holds it: nothing is durable, the
+    // forward waits.
+    let (cmd, mut ack_1) = frame_cmd("amb-9", 1);
+    route_y.send(cmd).await.unwrap();
+    let held = next(&mut writes_x).await;
+    assert!(matches!(&held, WriterCmd::Frame { frame, .. } if frame.seq == 1));
+    // X goes away: it stops serving forwards (its frame 1 is never answered).
+    stop_x.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone = Instant::now();
+    // Frame 2 reaches Y: no responder at X, Y takes the vehicle over; frame 1 is asked again.
+    route_y.send(frame_cmd("amb-9", 2).0).await.unwrap();
+    let mut seqs = std::collections::BTreeSet::new();
+    while seqs.len() < 2 {
+        match next(&mut writes_y).await {
+            WriterCmd::Adopt { done, .. } => done.send(Ok(())).unwrap(),
+            WriterCmd::Frame { frame, ack, .. } => {
+                seqs.insert(frame.seq);
+                // Durable (frame 2's bearer is not watched).
+                let _ = ack.try_send((frame.stream_id, frame.seq));
+            }
+            WriterCmd::Streams { .. } => panic!("no Hello was sent"),
+        }
+    }
+    let waited = gone.elapsed();
+    eprintln!(
+        "frame 1, waiting on the owner that went away, reached the new owner {waited:?} later"
+    );
+    assert_eq!(seqs, [1, 2].into());
+    // Its acknowledgement goes back to the bearer that brought it.
+    assert_eq!(ack_1.recv().await, Some((0, 1)));
+    // Well inside the 60 s request timeout (it takes milliseconds; 20 s bounds each step).
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    drop((held, route_x, writes_x));
 }
