@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod demo;
 pub mod loadgen;
+pub mod nats;
 pub mod report;
 pub mod seqset;

@@ -205,7 +205,8 @@ fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Every variable of the shipped nats.conf is set wherever a node is started from it: the
-/// systemd unit with its environment file, the Kubernetes StatefulSet, the tests' cluster.
+/// systemd unit with its environment file, the Kubernetes StatefulSet, the cluster of the
+/// tests and of `loadtest run --store jetstream`.
 #[test]
 fn every_nats_deployment_sets_every_variable_of_nats_conf() {
     let conf = std::fs::read_to_string(root().join("deploy/nats/nats.conf")).unwrap();
@@ -219,7 +220,7 @@ fn every_nats_deployment_sets_every_variable_of_nats_conf() {
     assert!(vars.len() >= 10, "{vars:?}");
     let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
     let systemd = read("deploy/systemd/nats-server.service") + &read("deploy/nats/nats-1.env");
-    let harness = read("tests/src/nats.rs");
+    let harness = read("loadtest/src/nats.rs");
     let docs = yaml_documents(&root().join("deploy/kubernetes/nats.yaml"));
     let set = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
     assert_eq!(set["spec"]["replicas"], 3);
@@ -238,7 +239,7 @@ fn every_nats_deployment_sets_every_variable_of_nats_conf() {
         assert!(k8s.contains(v.as_str()), "{v} not set by the StatefulSet");
         assert!(
             harness.contains(&format!(".env(\"{v}\"")),
-            "{v} not set by the tests' cluster"
+            "{v} not set by loadtest's cluster"
         );
     }
     // The ingest Deployment's flags make a valid configuration with the cluster example,
