@@ -29,7 +29,7 @@ pub struct Cli {
 /// The subcommands.
 pub enum Command {
     /// Run vehicles, emulated bearers and subscribers against an ingest and report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run emulated links in front of a UDP service (e.g. an ingest's QUIC port).
     Emulate(EmulateArgs),
     /// Run a hospital ingest (used by `run` to measure it as a separate process); takes the
@@ -78,7 +78,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             // only errors reach the terminal unless RUST_LOG asks for more.
             relay_ops::init_logging("error");
             let exe = std::env::current_exe().context("locating this executable")?;
-            let report = loadgen::run(a, &exe).await?;
+            let report = loadgen::run(*a, &exe).await?;
             println!("{}", report.human());
             Ok(())
         }

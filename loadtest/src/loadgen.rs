@@ -26,8 +26,9 @@ use vehicle_agent::config::SourceConfig;
 use vehicle_agent::config::{BearerConfig, Policy};
 use vehicle_agent::{Agent, AgentConfig};
 
+use crate::nats::{Cluster, ClusterOptions, SyncInterval};
 use crate::report::{
-    ClassAccumulator, IngestUsage, Machine, PhaseReport, Report, SecurityCounters,
+    ClassAccumulator, Machine, PhaseReport, ProcessUsage, Report, SecurityCounters,
 };
 use crate::seqset::SeqSet;
 use relay_emulator::model::Direction;
@@ -102,16 +103,82 @@ pub struct RunArgs {
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Use a running ingest's QUIC address instead of starting one (needs --ingest-grpc, --pki).
-    #[arg(long, requires_all = ["ingest_grpc", "pki"])]
-    pub ingest_quic: Option<SocketAddr>,
-    /// gRPC URL of the running ingest, e.g. https://127.0.0.1:50051.
+    /// A running ingest node instead of starting ingests: `QUIC_ADDRESS,GRPC_URL`, e.g.
+    /// `127.0.0.1:4433,https://127.0.0.1:50051`; repeat for every node of a cluster (bearers
+    /// and subscribers are spread over them, each fails over to the others). Needs --pki.
+    #[arg(long = "ingest", requires = "pki", value_name = "QUIC,GRPC_URL")]
+    pub ingest: Vec<ExternalIngest>,
+    /// The log of the ingests the run starts: `embedded` (one ingest, its own redb file) or
+    /// `jetstream` (a NATS JetStream cluster the run starts from deploy/nats/nats.conf, 3
+    /// nodes, R3, shared by every ingest node).
+    #[arg(long, value_enum, default_value_t = StoreChoice::Embedded)]
+    pub store: StoreChoice,
+    /// Ingest nodes to start (embedded: 1; jetstream: default 2). Each vehicle's bearers
+    /// start on different nodes and fail over to the others.
     #[arg(long)]
-    pub ingest_grpc: Option<String>,
-    /// PKI directory for an external ingest: hospital-ca.pem, lt-0001.pem/.key ... and
-    /// loadtest.pem/.key (create with relay-devcerts).
+    pub ingest_nodes: Option<usize>,
+    /// The nats-server binary for `--store jetstream` (default: $NATS_SERVER, else
+    /// nats-server on the PATH; 2.10 or later).
+    #[arg(long)]
+    pub nats_server: Option<String>,
+    /// JetStream `sync_interval` of the NATS nodes: `always` (fsync before every
+    /// acknowledgement, as shipped) or a period such as `2m` (NATS's default), to measure what
+    /// `always` costs.
+    #[arg(long, default_value = "always")]
+    pub nats_sync_interval: SyncInterval,
+    /// Node failure scenario: this far into the measured time, SIGKILL the first ingest node
+    /// (of those the run starts; two or more); its vehicles and subscribers move to the
+    /// others, and the report shows the longest gap across the kill.
+    #[arg(long, value_name = "AFTER", value_parser = parse_duration)]
+    #[serde(serialize_with = "opt_secs")]
+    pub kill_node: Option<Duration>,
+    /// PKI directory for external ingests: hospital-ca.pem, lt-0001.pem/.key ... and
+    /// loadtest.pem/.key (create with relay-devcerts). With --store jetstream also the NATS
+    /// certificates relay-devcerts writes.
     #[arg(long)]
     pub pki: Option<PathBuf>,
+}
+
+/// Where a load run keeps its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreChoice {
+    /// Each ingest its own redb file.
+    Embedded,
+    /// A NATS JetStream cluster the run starts.
+    Jetstream,
+}
+
+/// A running ingest node given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExternalIngest {
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Its gRPC URL.
+    pub grpc: String,
+}
+
+impl std::str::FromStr for ExternalIngest {
+    type Err = String;
+
+    /// `QUIC_ADDRESS,GRPC_URL`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (quic, grpc) = s
+            .split_once(',')
+            .ok_or_else(|| format!("ingest {s:?}: expected QUIC_ADDRESS,GRPC_URL"))?;
+        let quic = quic
+            .trim()
+            .parse()
+            .map_err(|e| format!("ingest {s:?}: QUIC address: {e}"))?;
+        let grpc = grpc.trim();
+        if !grpc.starts_with("https://") {
+            return Err(format!("ingest {s:?}: the gRPC URL must be https://..."));
+        }
+        Ok(Self {
+            quic,
+            grpc: grpc.to_owned(),
+        })
+    }
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -150,15 +217,6 @@ struct VehiclePlan {
     bearers: Vec<BearerSpec>,
 }
 
-/// Where the ingest of a phase is.
-struct IngestTarget {
-    quic: SocketAddr,
-    grpc_url: String,
-    child: Option<tokio::process::Child>,
-    /// Its metrics endpoint (ours only).
-    metrics: Option<SocketAddr>,
-}
-
 /// A phase of the run.
 struct Phase {
     name: &'static str,
@@ -181,6 +239,7 @@ pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
         args.frame_ms >= 1 && args.frame_ms <= 10_000,
         "--frame-ms must be 1..=10000"
     );
+    ingest_node_count(&args)?;
     relay_ops::install_crypto_provider();
     let started_utc_ns = hospital_ingest::now_utc_ns();
     let bearer_texts = if args.bearers.is_empty() {
@@ -283,70 +342,131 @@ fn free_port_pair() -> anyhow::Result<(u16, u16)> {
     Ok((u.local_addr()?.port(), t.local_addr()?.port()))
 }
 
-async fn start_ingest(
+/// How many ingest nodes a run uses, after checking the flags agree.
+fn ingest_node_count(args: &RunArgs) -> anyhow::Result<usize> {
+    if !args.ingest.is_empty() {
+        anyhow::ensure!(
+            args.ingest_nodes.is_none() && args.store == StoreChoice::Embedded,
+            "--ingest names running nodes: --ingest-nodes and --store do not apply"
+        );
+        anyhow::ensure!(
+            args.kill_node.is_none(),
+            "--kill-node kills a node the run started; it cannot kill one given by --ingest"
+        );
+        return Ok(args.ingest.len());
+    }
+    let nodes = match (args.store, args.ingest_nodes) {
+        (StoreChoice::Embedded, None | Some(1)) => 1,
+        (StoreChoice::Embedded, Some(_)) => bail!(
+            "--store embedded runs one ingest (each node would have a log of its own); several \
+             nodes need --store jetstream"
+        ),
+        (StoreChoice::Jetstream, n) => n.unwrap_or(2),
+    };
+    anyhow::ensure!((1..=16).contains(&nodes), "--ingest-nodes must be 1..=16");
+    anyhow::ensure!(
+        args.kill_node.is_none() || nodes >= 2,
+        "--kill-node needs two or more ingest nodes (--store jetstream --ingest-nodes 2)"
+    );
+    Ok(nodes)
+}
+
+/// One ingest node of a phase.
+struct IngestNode {
+    quic: SocketAddr,
+    grpc_url: String,
+    child: Option<tokio::process::Child>,
+    /// Its metrics endpoint (ours only).
+    metrics: Option<SocketAddr>,
+    /// Its log file (ours only).
+    log: Option<PathBuf>,
+}
+
+/// The NATS cluster a jetstream phase runs on.
+fn nats_options(args: &RunArgs) -> ClusterOptions {
+    let mut o = ClusterOptions::new();
+    if let Some(server) = &args.nats_server {
+        o.server = server.clone();
+    }
+    o.sync = args.nats_sync_interval;
+    o
+}
+
+async fn start_ingests(
     args: &RunArgs,
     pki: &Path,
     dir: &Path,
     ingest_exe: &Path,
-) -> anyhow::Result<IngestTarget> {
-    if let (Some(quic), Some(grpc)) = (args.ingest_quic, &args.ingest_grpc) {
-        return Ok(IngestTarget {
-            quic,
-            grpc_url: grpc.clone(),
-            child: None,
-            metrics: None,
+    nats: Option<&Cluster>,
+) -> anyhow::Result<Vec<IngestNode>> {
+    if !args.ingest.is_empty() {
+        return Ok(args
+            .ingest
+            .iter()
+            .map(|e| IngestNode {
+                quic: e.quic,
+                grpc_url: e.grpc.clone(),
+                child: None,
+                metrics: None,
+                log: None,
+            })
+            .collect());
+    }
+    let mut nodes = Vec::new();
+    for n in 0..ingest_node_count(args)? {
+        let (quic_port, grpc_port) = free_port_pair()?;
+        let (_, metrics_port) = free_port_pair()?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+        let node_dir = dir.join(format!("ingest-{}", n + 1));
+        std::fs::create_dir_all(&node_dir).context("creating the ingest's directory")?;
+        let log_path = node_dir.join("ingest.log");
+        let log = std::fs::File::create(&log_path).context("creating ingest.log")?;
+        let mut cfg = hospital_ingest::IngestConfig::default();
+        cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
+        cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+        cfg.store.path = node_dir.join("store.redb");
+        cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
+        cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
+        cfg.metrics.listen = Some(metrics);
+        if let Some(cluster) = nats {
+            cfg.store.backend = hospital_ingest::config::StoreBackend::Jetstream;
+            cfg.jetstream.servers = cluster.urls();
+            cfg.jetstream.ca = pki.join("hospital-ca.pem");
+            cfg.jetstream.cert = pki.join(format!("{}.pem", relay_devcerts::NATS_INGEST_CLIENT));
+            cfg.jetstream.key = pki.join(format!("{}.key", relay_devcerts::NATS_INGEST_CLIENT));
+            cfg.jetstream.replicas = cluster.nodes.len().min(3);
+            cfg.jetstream.client_name = format!("loadtest-ingest-{}", n + 1);
+        }
+        let config = node_dir.join("ingest.toml");
+        std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
+        let child = tokio::process::Command::new(ingest_exe)
+            .arg("ingest")
+            .arg("--config")
+            .arg(&config)
+            .arg("--allow-dev-pki")
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().context("ingest log")?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} ingest", ingest_exe.display()))?;
+        nodes.push(IngestNode {
+            quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
+            grpc_url: format!("https://127.0.0.1:{grpc_port}"),
+            child: Some(child),
+            metrics: Some(metrics),
+            log: Some(log_path),
         });
     }
-    let (quic_port, grpc_port) = free_port_pair()?;
-    let (_, metrics_port) = free_port_pair()?;
-    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let log = std::fs::File::create(dir.join("ingest.log")).context("creating ingest.log")?;
-    let mut cfg = hospital_ingest::IngestConfig::default();
-    cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
-    cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
-    cfg.store.path = dir.join("store.redb");
-    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
-    cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
-    cfg.metrics.listen = Some(metrics);
-    let config = dir.join("ingest.toml");
-    std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
-    let child = tokio::process::Command::new(ingest_exe)
-        .arg("ingest")
-        .arg("--config")
-        .arg(&config)
-        .arg("--allow-dev-pki")
-        .env("RUST_LOG", "warn")
-        .stdout(log.try_clone().context("ingest log")?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} ingest", ingest_exe.display()))?;
-    Ok(IngestTarget {
-        quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
-        grpc_url: format!("https://127.0.0.1:{grpc_port}"),
-        child: Some(child),
-        metrics: Some(metrics),
-    })
+    Ok(nodes)
 }
 
 /// Counters the ingest's detector and TLS stack keep, read from its metrics endpoint: by
 /// `reason`, the non-zero ones.
 async fn security_counters(metrics: SocketAddr) -> anyhow::Result<SecurityCounters> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let read = async {
-        let mut s = tokio::net::TcpStream::connect(metrics).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        // The exposition of one ingest is a few hundred KiB at most.
-        s.take(16 * 1024 * 1024).read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), read)
+    let text = crate::nats::http_get(metrics, "/metrics")
         .await
-        .context("reading the ingest's metrics timed out")?
-        .context("reading the ingest's metrics")?;
-    let text = String::from_utf8_lossy(&buf);
+        .with_context(|| format!("reading the ingest's metrics at {metrics}"))?;
     let by_reason = |name: &str| {
         let prefix = format!("{name}{{reason=\"");
         text.lines()
@@ -450,6 +570,8 @@ struct Measurements {
     duplicates: HashMap<&'static str, u64>,
     /// Total deliveries over all subscribers, for the progress line.
     deliveries: u64,
+    /// Times a subscriber moved to another node.
+    subscriber_reconnects: u64,
 }
 
 fn class_of(kind: i32) -> &'static str {
@@ -482,6 +604,7 @@ struct Pending {
     classes: HashMap<&'static str, ClassAccumulator>,
     duplicates: HashMap<&'static str, u64>,
     deliveries: u64,
+    reconnects: u64,
 }
 
 /// How often subscribers publish their figures (the drain check reads them).
@@ -499,10 +622,36 @@ fn oracle_bound(bearers: &[OracleBearer], end_ns: i64) -> Option<Duration> {
         .min()
 }
 
+/// Bound on one subscriber's moves to another node (each after its node went away).
+const MAX_SUBSCRIBER_RECONNECTS: u64 = 64;
+
+/// Opens a subscription on `url`.
+async fn subscribe(
+    url: &str,
+    tls: &ClientTls,
+    start: Start,
+) -> anyhow::Result<tonic::Streaming<relay_proto::model::SubscribeResponse>> {
+    let mut client = connect(url, tls)
+        .await
+        .with_context(|| format!("subscriber connect to {url}"))?;
+    Ok(client
+        .subscribe(SubscribeRequest {
+            vehicle_ids: vec![],
+            kinds: vec![],
+            start: Some(start),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("subscribe at {url}"))?
+        .into_inner())
+}
+
+/// Where a subscriber connects: `urls[0]` first, then, when its node goes away, the next one
+/// (resuming after the last cursor it got).
 #[allow(clippy::too_many_arguments)]
 async fn subscriber(
     index: usize,
-    url: String,
+    urls: Vec<String>,
     tls: ClientTls,
     oracle: Arc<HashMap<String, Vec<OracleBearer>>>,
     deadline: Duration,
@@ -511,17 +660,13 @@ async fn subscriber(
     ready: tokio::sync::mpsc::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut client = connect(&url, &tls).await.context("subscriber connect")?;
-    let mut stream = client
-        .subscribe(SubscribeRequest {
-            vehicle_ids: vec![],
-            kinds: vec![],
-            start: Some(Start::Live(true)),
-            ..Default::default()
-        })
-        .await
-        .context("subscribe")?
-        .into_inner();
+    let first = urls.first().context("a subscriber without an ingest")?;
+    let mut stream = subscribe(first, &tls, Start::Live(true)).await?;
+    let mut node = 0usize;
+    let mut cursor = 0u64;
+    let mut reconnects = 0u64;
+    // Only the first sync marker says the subscriber is ready.
+    let mut ready = Some(ready);
     let mut streams: HashMap<StreamKey, StreamState> = HashMap::new();
     let mut pending = Pending::default();
     let flush = |pending: &mut Pending, streams: &HashMap<StreamKey, StreamState>| {
@@ -538,6 +683,7 @@ async fn subscriber(
             *m.duplicates.entry(k).or_default() += n;
         }
         m.deliveries += std::mem::take(&mut pending.deliveries);
+        m.subscriber_reconnects += std::mem::take(&mut pending.reconnects);
         if index == 0 {
             for (key, st) in streams {
                 m.received.insert(key.clone(), st.received.clone());
@@ -545,7 +691,7 @@ async fn subscriber(
         }
     };
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-    loop {
+    'messages: loop {
         let msg = tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
@@ -554,12 +700,43 @@ async fn subscriber(
             }
             m = stream.message() => m,
         };
-        let Some(msg) = msg.context("subscription")? else {
-            break;
+        let msg = match msg {
+            Ok(Some(msg)) => msg,
+            // Its node went away (killed, restarting): with other nodes, resume there after
+            // the last cursor; nothing stored in between is missed, nothing repeated.
+            ended if urls.len() > 1 => {
+                if reconnects >= MAX_SUBSCRIBER_RECONNECTS {
+                    ended.context("subscription")?;
+                    bail!("subscription ended {reconnects} times");
+                }
+                reconnects += 1;
+                pending.reconnects += 1;
+                loop {
+                    node = (node + 1) % urls.len();
+                    match subscribe(&urls[node], &tls, Start::AfterCursor(cursor)).await {
+                        Ok(s) => {
+                            stream = s;
+                            continue 'messages;
+                        }
+                        Err(e) => tracing::warn!("subscriber {index}: {e:#}"),
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => break 'messages,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Err(e).context("subscription"),
         };
+        if msg.cursor > 0 {
+            cursor = msg.cursor;
+        }
         match msg.record {
             Some(Record::Sync(_)) => {
-                let _ = ready.send(()).await;
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(()).await;
+                }
             }
             Some(Record::Stream(info)) => {
                 if let (Some(r), Some(d)) = (info.stream, info.descriptor)
@@ -680,6 +857,24 @@ async fn subscriber(
     Ok(())
 }
 
+/// CPU seconds and peak RSS of the processes in `pids`, each from its own baseline.
+fn usage_since(pids: &[Option<u32>], before: &[Option<f64>]) -> Vec<Option<ProcessUsage>> {
+    pids.iter()
+        .zip(before)
+        .map(|(pid, before)| {
+            let (cpu, rss) = pid.and_then(process_usage)?;
+            Some(ProcessUsage {
+                cpu_seconds: cpu - before.unwrap_or(0.0),
+                peak_rss_bytes: rss,
+            })
+        })
+        .collect()
+}
+
+/// The emulated links of one bearer of a vehicle: one per ingest node (the same trace, offset
+/// and seed), so the bearer keeps its character whichever node it dials.
+type BearerLinks = Vec<Link>;
+
 #[allow(clippy::too_many_arguments)]
 async fn run_phase(
     args: &RunArgs,
@@ -689,31 +884,54 @@ async fn run_phase(
     dir: &Path,
     ingest_exe: &Path,
 ) -> anyhow::Result<PhaseReport> {
-    let mut ingest = start_ingest(args, pki, dir, ingest_exe).await?;
+    let mut nats = match args.store {
+        StoreChoice::Jetstream if args.ingest.is_empty() => Some(
+            Cluster::start(
+                pki,
+                &dir.join("nats"),
+                &nats_options(args),
+                INGEST_START_TIMEOUT,
+            )
+            .await
+            .context("starting the NATS cluster")?,
+        ),
+        _ => None,
+    };
+    let mut ingests = start_ingests(args, pki, dir, ingest_exe, nats.as_ref()).await?;
     let tls = ClientTls::from_dev_dir(pki, SUBSCRIBER);
 
-    // Wait until the ingest answers on gRPC.
+    // Wait until every ingest answers on gRPC.
     let t0 = Instant::now();
-    loop {
-        if connect(&ingest.grpc_url, &tls).await.is_ok() {
-            break;
+    for node in &mut ingests {
+        loop {
+            if connect(&node.grpc_url, &tls).await.is_ok() {
+                break;
+            }
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let log = node.log.as_ref().map(std::fs::read_to_string);
+                bail!(
+                    "the ingest exited ({status}); see its log:\n{}",
+                    log.and_then(Result::ok).unwrap_or_default()
+                );
+            }
+            if t0.elapsed() > INGEST_START_TIMEOUT {
+                bail!(
+                    "the ingest at {} did not accept gRPC connections within \
+                     {INGEST_START_TIMEOUT:?}",
+                    node.grpc_url
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if let Some(child) = ingest.child.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            bail!(
-                "the ingest exited ({status}); see its log:\n{}",
-                std::fs::read_to_string(dir.join("ingest.log")).unwrap_or_default()
-            );
-        }
-        if t0.elapsed() > INGEST_START_TIMEOUT {
-            bail!("the ingest did not accept gRPC connections within {INGEST_START_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Links first (their time zero anchors the oracle), then subscribers, then vehicles.
-    let mut links: Vec<Vec<Link>> = Vec::new();
+    // Bearer b of vehicle v starts at node (v + b) mod nodes: a vehicle's bearers land on
+    // different nodes, and the vehicles spread evenly.
+    let node_count = ingests.len();
+    let mut links: Vec<Vec<BearerLinks>> = Vec::new();
     let mut oracle: HashMap<String, Vec<OracleBearer>> = HashMap::new();
     for (v, plan) in plans.iter().enumerate() {
         let mut mine = Vec::new();
@@ -725,19 +943,25 @@ async fn run_phase(
         {
             // The same seed per vehicle and bearer in every phase.
             let seed = args.seed ^ ((v as u64) << 16) ^ (b as u64);
-            let link = Link::start(
-                "127.0.0.1:0".parse().context("loopback")?,
-                ingest.quic,
-                spec.clone(),
-                seed,
-            )
-            .await
-            .context("starting an emulated link")?;
-            mine.push(link);
+            let mut per_node = Vec::new();
+            for k in 0..node_count {
+                let node = &ingests[(v + b + k) % node_count];
+                let link = Link::start(
+                    "127.0.0.1:0".parse().context("loopback")?,
+                    node.quic,
+                    spec.clone(),
+                    seed,
+                )
+                .await
+                .context("starting an emulated link")?;
+                per_node.push(link);
+            }
+            mine.push(per_node);
         }
         oracle.insert(
             plan.id.clone(),
             mine.iter()
+                .filter_map(|per_node| per_node.first())
                 .map(|l| OracleBearer {
                     up: l.spec.up.clone(),
                     started_utc_ns: l.started_utc_ns,
@@ -754,9 +978,13 @@ async fn run_phase(
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(args.subscribers);
     let mut subscriber_tasks = Vec::new();
     for i in 0..args.subscribers {
+        // Subscribers spread over the nodes too; each falls back to the others in turn.
+        let urls = (0..node_count)
+            .map(|k| ingests[(i + k) % node_count].grpc_url.clone())
+            .collect();
         subscriber_tasks.push(tokio::spawn(subscriber(
             i,
-            ingest.grpc_url.clone(),
+            urls,
             tls.clone(),
             oracle.clone(),
             args.deadline,
@@ -773,12 +1001,23 @@ async fn run_phase(
             .context("subscribers did not get their sync marker")?;
     }
 
-    let cpu_before = ingest
-        .child
+    let ingest_pids: Vec<Option<u32>> = ingests
+        .iter()
+        .map(|n| n.child.as_ref().and_then(|c| c.id()))
+        .collect();
+    let nats_pids: Vec<Option<u32>> = nats
         .as_ref()
-        .and_then(|c| c.id())
-        .and_then(process_usage)
-        .map(|u| u.0);
+        .map(|c| c.nodes.iter().map(|n| n.pid()).collect())
+        .unwrap_or_default();
+    let cpu = |pids: &[Option<u32>]| -> Vec<Option<f64>> {
+        pids.iter()
+            .map(|p| p.and_then(process_usage).map(|u| u.0))
+            .collect()
+    };
+    let ingest_cpu_before = cpu(&ingest_pids);
+    let nats_cpu_before = cpu(&nats_pids);
+    // A killed node's figures are taken just before the kill.
+    let mut killed_usage: Option<(usize, Option<ProcessUsage>)> = None;
     let _ = timeline.run_start.set(Instant::now());
     let mut agents = Vec::new();
     for (plan, mine) in plans.iter().zip(&links) {
@@ -788,16 +1027,21 @@ async fn run_phase(
             allow_dev_pki: true,
             ..AgentConfig::default()
         };
-        let first = mine.first().context("a vehicle without bearers")?;
+        let first = mine
+            .first()
+            .and_then(|per_node| per_node.first())
+            .context("a vehicle without bearers")?;
         cfg.ingest.address = first.addr;
-        // Each emulated link is its own path to the ingest: one bearer per link.
+        // Each emulated link is its own path to one node: one bearer per emulated bearer,
+        // dialling its first node's link and failing over to the others'.
         cfg.bearers = mine
             .iter()
             .enumerate()
-            .map(|(i, l)| {
+            .map(|(i, per_node)| {
                 let mut b =
                     BearerConfig::new(&format!("wan{i}"), SocketAddr::from(([127, 0, 0, 1], 0)));
-                b.remote = Some(l.addr);
+                b.remote = per_node.first().map(|l| l.addr);
+                b.fallback_remotes = per_node.iter().skip(1).map(|l| l.addr).collect();
                 b
             })
             .collect();
@@ -825,27 +1069,33 @@ async fn run_phase(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(phase.name);
-    // Failover scenario: what each link carried in the second before the cut.
+    // Failover scenario: what each bearer carried in the second before the cut.
     let cut_at = args
         .cut_carrier_at
         .filter(|_| phase.bearers_per_vehicle > 1 && timeline.cut.get().is_none());
     let mut carried_before: Option<Vec<Vec<u64>>> = None;
-    let delivered = |links: &Vec<Vec<Link>>| -> Vec<Vec<u64>> {
+    let delivered = |links: &Vec<Vec<BearerLinks>>| -> Vec<Vec<u64>> {
         links
             .iter()
             .map(|mine| {
                 mine.iter()
-                    .map(|l| l.counters().up.delivered_bytes)
+                    .map(|per_node| {
+                        per_node
+                            .iter()
+                            .map(|l| l.counters().up.delivered_bytes)
+                            .sum()
+                    })
                     .collect()
             })
             .collect()
     };
+    let mut disruption = None;
     while run_start.elapsed() < args.duration {
         let mut step =
             Duration::from_millis(500).min(args.duration.saturating_sub(run_start.elapsed()));
+        let elapsed = run_start.elapsed();
         if let Some(at) = cut_at {
             let sample_at = at.saturating_sub(Duration::from_secs(1));
-            let elapsed = run_start.elapsed();
             if carried_before.is_none() && elapsed >= sample_at {
                 carried_before = Some(delivered(&links));
             } else if let Some(before) = carried_before
@@ -855,16 +1105,38 @@ async fn run_phase(
                 let now = delivered(&links);
                 for ((mine, b), n) in links.iter().zip(before).zip(&now) {
                     let carrier = (0..mine.len()).max_by_key(|&i| n[i].saturating_sub(b[i]));
-                    if let Some(l) = carrier.and_then(|i| mine.get(i)) {
+                    for l in carrier.and_then(|i| mine.get(i)).into_iter().flatten() {
                         l.cut();
                     }
                 }
                 let _ = timeline.cut.set(Instant::now());
+                disruption = Some(format!(
+                    "cut of the carrying bearer at {:.0} s",
+                    at.as_secs_f64()
+                ));
             }
             for t in [sample_at, at] {
                 if t > elapsed {
                     step = step.min(t - elapsed);
                 }
+            }
+        }
+        if let Some(at) = args.kill_node {
+            if elapsed >= at && killed_usage.is_none() {
+                let before = ingest_cpu_before.first().copied().flatten();
+                let usage = usage_since(&ingest_pids[..1], &[before]).pop().flatten();
+                if let Some(mut child) = ingests.first_mut().and_then(|n| n.child.take()) {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+                killed_usage = Some((0, usage));
+                let _ = timeline.cut.set(Instant::now());
+                disruption = Some(format!(
+                    "SIGKILL of ingest node 1 at {:.0} s",
+                    at.as_secs_f64()
+                ));
+            } else if at > elapsed {
+                step = step.min(at - elapsed);
             }
         }
         tokio::time::sleep(step).await;
@@ -887,7 +1159,7 @@ async fn run_phase(
     );
     spinner.enable_steady_tick(Duration::from_millis(200));
     spinner.set_message("links lifted; vehicles stopping and delivering their backlog");
-    for l in links.iter().flatten() {
+    for l in links.iter().flatten().flatten() {
         l.lift();
     }
     let summaries = join_all(agents.into_iter().map(|a| a.shutdown())).await;
@@ -918,15 +1190,23 @@ async fn run_phase(
     }
     spinner.finish_and_clear();
     let drained = drain_start.elapsed();
-    let usage = ingest
-        .child
-        .as_ref()
-        .and_then(|c| c.id())
-        .and_then(process_usage);
-    let security = match ingest.metrics {
-        Some(addr) => Some(security_counters(addr).await?),
-        None => None,
-    };
+    let mut ingest_nodes = usage_since(&ingest_pids, &ingest_cpu_before);
+    if let Some((i, usage)) = killed_usage
+        && let Some(slot) = ingest_nodes.get_mut(i)
+    {
+        *slot = usage;
+    }
+    let nats_nodes = usage_since(&nats_pids, &nats_cpu_before);
+    // Security counters of every node still running, summed.
+    let mut security: Option<SecurityCounters> = None;
+    for node in &ingests {
+        if let (Some(addr), Some(_)) = (node.metrics, &node.child) {
+            let s = security_counters(addr).await?;
+            security
+                .get_or_insert_with(SecurityCounters::default)
+                .add(&s);
+        }
+    }
     stop_subscribers.cancel();
     // A subscriber that ended early (cut off as slow, connection lost) makes its figures
     // partial: the report says so instead of blaming the relay for frames it never asked for.
@@ -938,18 +1218,27 @@ async fn run_phase(
             Err(e) => subscriber_errors.push(format!("subscriber {i}: task failed: {e}")),
         }
     }
-    if let Some(mut child) = ingest.child.take() {
-        let _ = child.kill().await;
+    for node in &mut ingests {
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+    if let Some(cluster) = nats.as_mut() {
+        for i in 0..cluster.nodes.len() {
+            cluster.kill(i).await;
+        }
     }
     let mut counters = LinkCounters::default();
     let mut bearer_names = Vec::new();
-    for (i, l) in links.into_iter().flatten().enumerate() {
-        if i < phase.bearers_per_vehicle {
-            bearer_names.push(l.spec.name.clone());
+    for (i, per_node) in links.into_iter().flatten().enumerate() {
+        for (k, l) in per_node.into_iter().enumerate() {
+            if i < phase.bearers_per_vehicle && k == 0 {
+                bearer_names.push(l.spec.name.clone());
+            }
+            let c = l.stop();
+            counters.up.add(&c.up);
+            counters.down.add(&c.down);
         }
-        let c = l.stop();
-        counters.up.add(&c.up);
-        counters.down.add(&c.down);
     }
 
     let m = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
@@ -969,12 +1258,16 @@ async fn run_phase(
             acc.finish(frames, lost, samples_lost, dup),
         );
     }
-    let ingest_usage = match (usage, cpu_before) {
-        (Some((cpu, rss)), Some(before)) => Some(IngestUsage {
-            cpu_seconds: cpu - before,
-            peak_rss_bytes: rss,
-        }),
-        _ => None,
+    let ingest_total = ProcessUsage::total(&ingest_nodes);
+    let store = match (&nats, args.ingest.is_empty()) {
+        (Some(c), _) => format!(
+            "jetstream: {} NATS nodes, R{}, sync_interval {}",
+            c.nodes.len(),
+            c.nodes.len().min(3),
+            args.nats_sync_interval
+        ),
+        (None, true) => "embedded (redb)".into(),
+        (None, false) => "external".into(),
     };
     Ok(PhaseReport {
         name: phase.name.into(),
@@ -983,9 +1276,11 @@ async fn run_phase(
         bearers_used_by_agent: phase.bearers_per_vehicle,
         vehicles: plans.len(),
         subscribers: args.subscribers,
+        store,
         measured_seconds: measured.as_secs_f64(),
         drain_seconds: drained.as_secs_f64(),
         classes,
+        disruption,
         frames_unacked_at_agent_exit: unacked,
         wire_bytes_up: counters.up.offered_bytes,
         wire_bytes_down: counters.down.offered_bytes,
@@ -995,8 +1290,11 @@ async fn run_phase(
             counters.up.offered_bytes as f64 / payload_total as f64
         },
         links: counters,
-        ingest: ingest_usage,
+        ingest: ingest_total,
+        ingest_nodes,
+        nats: nats_nodes,
         security,
+        subscriber_reconnects: m.subscriber_reconnects,
         subscriber_errors,
     })
 }
@@ -1043,6 +1341,22 @@ fn stream_classes(sources: &[SourceConfig]) -> HashMap<u32, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_external_ingest_is_a_quic_address_and_a_grpc_url() {
+        let e: ExternalIngest = "127.0.0.1:4433,https://127.0.0.1:50051"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.quic, SocketAddr::from(([127, 0, 0, 1], 4433)));
+        assert_eq!(e.grpc, "https://127.0.0.1:50051");
+        for bad in [
+            "127.0.0.1:4433",
+            "localhost,https://x",
+            "127.0.0.1:4433,http://127.0.0.1:50051",
+        ] {
+            assert!(bad.parse::<ExternalIngest>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn losses_count_every_missing_frame_and_its_samples() {

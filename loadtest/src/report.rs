@@ -37,7 +37,8 @@ pub struct ClassAccumulator {
     pub samples_received: u64,
     /// Longest time one stream delivered nothing.
     pub longest_gap: Duration,
-    /// Longest gap of a stream that spans the bearer cut (`--cut-carrier-at`).
+    /// Longest gap of a stream that spans the bearer cut (`--cut-carrier-at`) or the node kill
+    /// (`--kill-node`).
     pub gap_around_cut: Option<Duration>,
 }
 
@@ -192,19 +193,31 @@ pub struct ClassReport {
     pub oracle_on_time_fraction: f64,
     /// Longest time one stream delivered nothing to a subscriber.
     pub longest_gap_ms: f64,
-    /// Longest such time spanning the cut of the bearer carrying the vehicle's ECG (failover).
+    /// Longest such time spanning the phase's disruption: the cut of the bearer carrying the
+    /// vehicle's ECG (`--cut-carrier-at`) or the kill of an ingest node (`--kill-node`).
     pub gap_around_cut_ms: Option<f64>,
     /// Payload bytes received.
     pub payload_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
-/// What the ingest process used.
-pub struct IngestUsage {
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+/// What a process (an ingest node, a NATS node) used over the measured and drain time.
+pub struct ProcessUsage {
     /// User and system CPU time.
     pub cpu_seconds: f64,
     /// Peak resident memory.
     pub peak_rss_bytes: u64,
+}
+
+impl ProcessUsage {
+    /// Several processes together: CPU time and peak memory summed (the peaks may fall at
+    /// different times, so the memory is an upper bound). None when none was measured.
+    pub fn total(each: &[Option<Self>]) -> Option<Self> {
+        each.iter().flatten().copied().reduce(|a, b| Self {
+            cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+            peak_rss_bytes: a.peak_rss_bytes + b.peak_rss_bytes,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -222,12 +235,17 @@ pub struct PhaseReport {
     pub vehicles: usize,
     /// Subscribers.
     pub subscribers: usize,
+    /// Where the log was: `embedded (redb)`, `jetstream: ...` with the cluster's settings, or
+    /// `external`.
+    pub store: String,
     /// Seconds measured.
     pub measured_seconds: f64,
     /// Seconds spent draining after the measured time.
     pub drain_seconds: f64,
     /// Figures per stream class.
     pub classes: BTreeMap<String, ClassReport>,
+    /// The failure the run caused, when it caused one (`gap_around_cut_ms` spans it).
+    pub disruption: Option<String>,
     /// Frames agents still held when they stopped.
     pub frames_unacked_at_agent_exit: u64,
     /// UDP bytes offered to the uplinks.
@@ -238,8 +256,15 @@ pub struct PhaseReport {
     pub wire_bytes_per_payload_byte: f64,
     /// Counters of every emulated link, summed.
     pub links: LinkCounters,
-    /// Ingest process CPU time and peak resident memory (None for an external ingest).
-    pub ingest: Option<IngestUsage>,
+    /// Ingest CPU time and peak resident memory, every node the run started together (None
+    /// for external ingests).
+    pub ingest: Option<ProcessUsage>,
+    /// The same per ingest node (a killed node: until it was killed).
+    pub ingest_nodes: Vec<Option<ProcessUsage>>,
+    /// The same per NATS node (`--store jetstream`; empty otherwise).
+    pub nats: Vec<Option<ProcessUsage>>,
+    /// Times a subscriber moved to another ingest node (its node went away).
+    pub subscriber_reconnects: u64,
     /// What the ingest's detector and TLS stack reported (None for an external ingest).
     pub security: Option<SecurityCounters>,
     /// Subscribers that ended before the phase did; their figures are partial.
@@ -254,6 +279,18 @@ pub struct SecurityCounters {
     pub security_events: BTreeMap<String, u64>,
     /// `relay_ingest_handshake_failures_total` (`abandoned`: the agents' own losing dials).
     pub handshake_failures: BTreeMap<String, u64>,
+}
+
+impl SecurityCounters {
+    /// Adds another node's counters.
+    pub fn add(&mut self, o: &Self) {
+        for (r, n) in &o.security_events {
+            *self.security_events.entry(r.clone()).or_default() += n;
+        }
+        for (r, n) in &o.handshake_failures {
+            *self.handshake_failures.entry(r.clone()).or_default() += n;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -338,6 +375,12 @@ impl Report {
             );
             let _ = writeln!(
                 s,
+                "   store: {}; {} ingest node(s)",
+                p.store,
+                p.ingest_nodes.len().max(1)
+            );
+            let _ = writeln!(
+                s,
                 "   {:<9} {:>8} {:>5} {:>4} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>10} {:>9}",
                 "class",
                 "frames",
@@ -372,13 +415,21 @@ impl Report {
                     c.longest_gap_ms
                 );
             }
+            let disruption = p.disruption.as_deref().unwrap_or("disruption");
             for (class, c) in &p.classes {
                 if let Some(g) = c.gap_around_cut_ms {
                     let _ = writeln!(
                         s,
-                        "   {class}: longest gap across the cut of the carrying bearer {g:.0} ms"
+                        "   {class}: longest gap across the {disruption}: {g:.0} ms"
                     );
                 }
+            }
+            if p.subscriber_reconnects > 0 {
+                let _ = writeln!(
+                    s,
+                    "   subscribers moved to another node {} time(s)",
+                    p.subscriber_reconnects
+                );
             }
             let lost: u64 = p.classes.values().map(|c| c.samples_lost).sum();
             let _ = writeln!(
@@ -393,19 +444,38 @@ impl Report {
             for e in &p.subscriber_errors {
                 let _ = writeln!(s, "   ended early (figures partial): {e}");
             }
+            let wall = (p.measured_seconds + p.drain_seconds).max(1e-9);
+            let mb = |u: &Option<ProcessUsage>| {
+                u.map_or("-".to_owned(), |u| {
+                    format!("{:.0}", u.peak_rss_bytes as f64 / 1e6)
+                })
+            };
             match &p.ingest {
                 Some(i) => {
                     let _ = writeln!(
                         s,
-                        "   ingest: {:.1} s CPU ({:.1}% of one core), peak RSS {:.0} MB",
+                        "   ingest: {:.1} s CPU ({:.1}% of one core), peak RSS {} MB",
                         i.cpu_seconds,
-                        100.0 * i.cpu_seconds / (p.measured_seconds + p.drain_seconds).max(1e-9),
-                        i.peak_rss_bytes as f64 / 1e6
+                        100.0 * i.cpu_seconds / wall,
+                        p.ingest_nodes
+                            .iter()
+                            .map(mb)
+                            .collect::<Vec<_>>()
+                            .join(" + ")
                     );
                 }
                 None => {
                     let _ = writeln!(s, "   ingest: external (CPU and memory not measured)");
                 }
+            }
+            if let Some(n) = ProcessUsage::total(&p.nats) {
+                let _ = writeln!(
+                    s,
+                    "   NATS: {:.1} s CPU ({:.1}% of one core), peak RSS {} MB",
+                    n.cpu_seconds,
+                    100.0 * n.cpu_seconds / wall,
+                    p.nats.iter().map(mb).collect::<Vec<_>>().join(" + ")
+                );
             }
             if let Some(sec) = &p.security {
                 let list = |m: &BTreeMap<String, u64>| {

@@ -198,10 +198,8 @@ async fn a_load_run_can_target_a_running_ingest() {
             "--no-baseline",
         ])
         .args(["--bearer", "rate=2mbit,delay=10ms"])
-        .arg("--ingest-quic")
-        .arg(ingest.quic_addr.to_string())
-        .arg("--ingest-grpc")
-        .arg(format!("https://{}", ingest.grpc_addr))
+        .arg("--ingest")
+        .arg(format!("{},https://{}", ingest.quic_addr, ingest.grpc_addr))
         .arg("--pki")
         .arg(&pki)
         .arg("--report")
@@ -226,4 +224,139 @@ async fn a_load_run_can_target_a_running_ingest() {
     // Nobody measured the external ingest's process.
     assert!(phases[0]["ingest"].is_null());
     ingest.shutdown().await.unwrap();
+}
+
+/// `--store jetstream`: a 3-node NATS cluster and two ingest nodes started by the run; 4 s in,
+/// the first ingest node is SIGKILLed. Its bearers fail over to the other node, its
+/// subscriber resumes there from its cursor: nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_load_run_survives_the_kill_of_an_ingest_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = tokio::process::Command::new(EXE)
+        .args([
+            "run",
+            "--vehicles",
+            "3",
+            "--subscribers",
+            "2",
+            "--duration",
+            "10s",
+            "--no-baseline",
+            "--store",
+            "jetstream",
+            "--kill-node",
+            "4s",
+            "--bearer",
+            "rate=4mbit,delay=30ms",
+            "--bearer",
+            "rate=4mbit,delay=60ms",
+            "--report",
+        ])
+        .arg(&report)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("load run finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("SIGKILL of ingest node 1 at 4 s"),
+        "{stdout}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["config"]["store"], "jetstream");
+    assert_eq!(r["config"]["nats_sync_interval"], "always");
+    let p = &r["phases"][0];
+    assert!(
+        p["store"]
+            .as_str()
+            .unwrap()
+            .starts_with("jetstream: 3 NATS nodes, R3"),
+        "{}",
+        p["store"]
+    );
+    for class in ["waveform", "vitals", "location"] {
+        let c = &p["classes"][class];
+        assert_eq!(c["frames_lost"], 0, "{class}: {c}");
+        assert_eq!(c["duplicates"], 0, "{class}: {c}");
+        assert_eq!(c["frames_produced"], c["frames_received"], "{class}");
+        assert_eq!(
+            c["deliveries"].as_u64().unwrap(),
+            2 * c["frames_received"].as_u64().unwrap(),
+            "{class}: both subscribers saw every frame once"
+        );
+    }
+    let ecg = &p["classes"]["waveform"];
+    assert!(ecg["frames_produced"].as_u64().unwrap() >= 500, "{ecg}");
+    // Live ECG kept flowing across the kill: a generous bound (the figure goes to the README).
+    let gap = ecg["gap_around_cut_ms"].as_f64().unwrap();
+    assert!(gap < 5_000.0, "{ecg}");
+    // The subscriber of the killed node moved to the other one.
+    assert!(p["subscriber_reconnects"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(p["subscriber_errors"], serde_json::json!([]));
+    // Every process was measured: two ingest nodes (the killed one until its kill), three NATS
+    // nodes.
+    let nodes = p["ingest_nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{p}");
+    let nats = p["nats"].as_array().unwrap();
+    assert_eq!(nats.len(), 3, "{p}");
+    for u in nodes.iter().chain(nats) {
+        assert!(u["cpu_seconds"].as_f64().unwrap() > 0.0, "{u}");
+        assert!(u["peak_rss_bytes"].as_u64().unwrap() > 1_000_000, "{u}");
+    }
+    assert_eq!(
+        p["security"]["security_events"],
+        serde_json::json!({}),
+        "{}",
+        p["security"]
+    );
+}
+
+#[tokio::test]
+async fn contradictory_cluster_flags_are_refused_with_a_reason() {
+    for (args, reason) in [
+        (
+            &["--ingest-nodes", "2"][..],
+            "several nodes need --store jetstream",
+        ),
+        (&["--kill-node", "5s"][..], "--kill-node needs two or more"),
+        (
+            &[
+                "--store",
+                "jetstream",
+                "--ingest-nodes",
+                "1",
+                "--kill-node",
+                "5s",
+            ][..],
+            "--kill-node needs two or more",
+        ),
+    ] {
+        let out = tokio::process::Command::new(EXE)
+            .args(["run", "--vehicles", "1", "--duration", "1s"])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+    let out = tokio::process::Command::new(EXE)
+        .args(["run", "--ingest", "127.0.0.1:4433", "--pki", "/nonexistent"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected QUIC_ADDRESS,GRPC_URL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
