@@ -203,7 +203,7 @@ pub struct Collected {
     pub max_live_delay_ms: f64,
     /// Every waveform frame in arrival order.
     pub waveforms: Vec<Arrival>,
-    /// Frames received provisionally (early subscriptions), and confirmations of them.
+    /// Frames received provisionally (early subscriptions).
     pub provisional: u64,
     /// Provisional frames confirmed (by a confirmation or the frame again in full).
     pub confirmed: u64,

@@ -173,18 +173,14 @@ async fn killing_the_owning_ingest_node_loses_nothing_and_live_ecg_resumes_on_th
         "the dead node's bearer moved to the survivor"
     );
     // Live ECG at the survivor's subscriber: the longest silence from the kill on.
-    let arrivals: Vec<Instant> = collected
+    let first_after = collected
         .waveforms
         .iter()
         .map(|w| w.at)
-        .filter(|&t| t >= killed - Duration::from_millis(500))
-        .collect();
-    let first_after = arrivals.iter().find(|&&t| t > killed).copied().unwrap();
-    let longest = arrivals
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default();
+        .find(|&t| t > killed)
+        .expect("live ECG after the kill");
+    let last = collected.waveforms.last().map(|w| w.at).unwrap();
+    let longest = collected.longest_live_gap(killed - Duration::from_millis(500), last);
     eprintln!(
         "owner node SIGKILLed: first ECG at the survivor's subscriber {:?} later, longest \
          silence {longest:?}; {} gaps, all closed: {}",
