@@ -567,7 +567,8 @@ impl IngestChild {
 
 /// Starts `exe` (the test package's `e2e-hospital-ingest`, from `CARGO_BIN_EXE_...`, which
 /// only integration tests see) with `cfg` on free loopback ports (where it says port 0), its configuration written
-/// into `dir`, and waits until its gRPC port accepts (QUIC is bound before it).
+/// into `dir`, and waits until its gRPC port and its metrics port (when asked for) accept
+/// (QUIC is bound before them).
 pub async fn spawn_ingest_child(exe: &str, mut cfg: IngestConfig, dir: &Path) -> IngestChild {
     // Port 0 becomes a free port; a given one is kept (a restart on the same addresses).
     let (quic, grpc) = free_ports();
@@ -597,13 +598,17 @@ pub async fn spawn_ingest_child(exe: &str, mut cfg: IngestConfig, dir: &Path) ->
         .unwrap();
     let grpc = cfg.grpc.listen;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(grpc).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "ingest did not start:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The metrics endpoint opens on its own task: a test reading it at once must find it up
+    // (seen refused right after the gRPC port accepted).
+    for port in std::iter::once(grpc).chain(metrics) {
+        while tokio::net::TcpStream::connect(port).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ingest did not start ({port} refused):\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     IngestChild {
         child,
