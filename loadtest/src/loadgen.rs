@@ -342,6 +342,9 @@ fn free_port_pair() -> anyhow::Result<(u16, u16)> {
     Ok((u.local_addr()?.port(), t.local_addr()?.port()))
 }
 
+/// Ingest nodes a run may use (started or given).
+const MAX_INGEST_NODES: usize = 16;
+
 /// How many ingest nodes a run uses, after checking the flags agree.
 fn ingest_node_count(args: &RunArgs) -> anyhow::Result<usize> {
     if !args.ingest.is_empty() {
@@ -353,6 +356,11 @@ fn ingest_node_count(args: &RunArgs) -> anyhow::Result<usize> {
             args.kill_node.is_none(),
             "--kill-node kills a node the run started; it cannot kill one given by --ingest"
         );
+        // Each node gets an emulated link per bearer of every vehicle.
+        anyhow::ensure!(
+            args.ingest.len() <= MAX_INGEST_NODES,
+            "--ingest names at most {MAX_INGEST_NODES} nodes"
+        );
         return Ok(args.ingest.len());
     }
     let nodes = match (args.store, args.ingest_nodes) {
@@ -363,7 +371,10 @@ fn ingest_node_count(args: &RunArgs) -> anyhow::Result<usize> {
         ),
         (StoreChoice::Jetstream, n) => n.unwrap_or(2),
     };
-    anyhow::ensure!((1..=16).contains(&nodes), "--ingest-nodes must be 1..=16");
+    anyhow::ensure!(
+        (1..=MAX_INGEST_NODES).contains(&nodes),
+        "--ingest-nodes must be 1..={MAX_INGEST_NODES}"
+    );
     anyhow::ensure!(
         args.kill_node.is_none() || nodes >= 2,
         "--kill-node needs two or more ingest nodes (--store jetstream --ingest-nodes 2)"

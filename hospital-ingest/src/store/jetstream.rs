@@ -457,16 +457,10 @@ impl JetStreamStore {
                     .unwrap_or(i32::MAX),
                 ..Default::default()
             };
-            // A cluster that has just formed can take longer than one request to place a
-            // replicated stream; creating is idempotent, so ask again a few times.
-            let mut attempt = 1;
-            while let Err(e) = js.create_or_update_stream(config.clone()).await {
-                if attempt >= CREATE_ATTEMPTS {
-                    return Err(StoreError::js("creating the log stream", e));
-                }
-                tracing::warn!(error = %e, attempt, "creating the log stream; asking again");
-                attempt += 1;
-            }
+            create_with_retries("creating the log stream", || {
+                js.create_or_update_stream(config.clone())
+            })
+            .await?;
             let bucket = kv::Config {
                 bucket: o.meta_bucket.clone(),
                 history: 1,
@@ -475,19 +469,10 @@ impl JetStreamStore {
                 max_value_size: 64 * 1024,
                 ..Default::default()
             };
-            let mut attempt = 1;
-            let kv = loop {
-                match js.create_or_update_key_value(bucket.clone()).await {
-                    Ok(kv) => break kv,
-                    Err(e) if attempt >= CREATE_ATTEMPTS => {
-                        return Err(StoreError::js("creating the meta bucket", e));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "creating the meta bucket; asking again");
-                        attempt += 1;
-                    }
-                }
-            };
+            let kv = create_with_retries("creating the meta bucket", || {
+                js.create_or_update_key_value(bucket.clone())
+            })
+            .await?;
             // A stream just created (or after a restart) elects its leader a moment later;
             // writes before that find no responder. Wait for both (bounded).
             for name in [o.stream.clone(), format!("KV_{}", o.meta_bucket)] {
@@ -1803,6 +1788,29 @@ async fn publish_vehicle(
 
 /// Attempts at creating the log stream or the meta bucket on open.
 const CREATE_ATTEMPTS: u32 = 3;
+
+/// Runs `create` until it succeeds, at most [`CREATE_ATTEMPTS`] times: a cluster that has
+/// just formed can take longer than one request to place a replicated stream, and creating
+/// is idempotent.
+async fn create_with_retries<T, E: std::fmt::Display, F>(
+    op: &'static str,
+    mut create: impl FnMut() -> F,
+) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match create().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt >= CREATE_ATTEMPTS => return Err(StoreError::js(op, e)),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "{op}; asking again");
+                attempt += 1;
+            }
+        }
+    }
+}
 
 /// One JetStream atomic batch: every message but the last published plainly, the last as a
 /// request carrying the commit; the first expects the last sequence on `filter` to be
