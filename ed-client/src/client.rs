@@ -112,24 +112,67 @@ pub const DEFAULT_MAX_GAP_FILL: Duration = Duration::from_secs(600);
 /// Records (segments) per stream at most; further ones are refused.
 pub const MAX_SEGMENTS: usize = 64;
 
-/// One waveform stream being written: its announcement and its records, by first sample.
+/// Which record a waveform stream is written into.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RecordKey {
+    /// A single-rate stream: a record of its own.
+    Stream(StreamId),
+    /// A rate group of a multi-rate source: one record for all its groups, found by vehicle,
+    /// session, source name, frame rate (bits) and layout.
+    Source(String, u64, String, u64, Vec<u32>),
+}
+
+/// Where a stream's channels go: its record and the record channels, in the stream's order.
+#[derive(Debug)]
+struct Place {
+    record: RecordKey,
+    channels: Vec<usize>,
+    samples_per_frame: u64,
+}
+
+/// One record being written (a stream, or all rate groups of a multi-rate source): its
+/// announcements and its segments, by first frame.
 #[derive(Debug)]
 struct Segments {
-    info: StreamInfo,
+    infos: Vec<StreamInfo>,
     name: String,
-    rate_hz: f64,
+    frame_rate_hz: f64,
+    counter_frequency_hz: Option<f64>,
     channels: Vec<ChannelSpec>,
     records: Vec<Format16Writer>,
 }
 
 /// Writes every waveform stream as `<dir>/<vehicle>_<stream>_<session>` in WFDB format 16.
-/// A stream whose samples leave a hole longer than the gap bound continues in another record
-/// named `..._s<N>` whose header names its first sample index.
+/// The rate groups of a multi-rate source (streams naming the same source and layout) are
+/// written together as one multi-rate record named after the stream holding its first signal,
+/// each signal back at its place and samples per frame. A record whose samples leave a hole
+/// longer than the gap bound continues in another record named `..._s<N>` whose header names
+/// its first frame.
 #[derive(Debug)]
 pub struct WfdbSink {
     dir: PathBuf,
     max_gap_fill: Duration,
-    writers: HashMap<StreamId, Segments>,
+    records: HashMap<RecordKey, Segments>,
+    streams: HashMap<StreamId, Place>,
+}
+
+/// Channels of a multi-rate record at most (the ingest's bound on a source's signals).
+const MAX_RECORD_CHANNELS: usize = 256;
+
+fn channel_spec(c: &relay_proto::model::ChannelInfo, samples_per_frame: u32) -> ChannelSpec {
+    ChannelSpec {
+        name: c.name.clone(),
+        gain: c.gain,
+        baseline: c.baseline,
+        units: if c.unit.is_empty() {
+            "mV".into()
+        } else {
+            c.unit.clone()
+        },
+        adc_resolution: c.adc_resolution,
+        adc_zero: c.adc_zero,
+        samples_per_frame,
+    }
 }
 
 impl WfdbSink {
@@ -144,23 +187,27 @@ impl WfdbSink {
         Self {
             dir: dir.to_owned(),
             max_gap_fill,
-            writers: HashMap::new(),
+            records: HashMap::new(),
+            streams: HashMap::new(),
         }
     }
 
     /// Samples per channel received so far for a stream (all its records).
     pub fn received_samples(&self, id: &StreamId) -> u64 {
-        self.writers.get(id).map_or(0, |seg| {
-            seg.records
-                .iter()
-                .map(Format16Writer::received_samples)
-                .sum()
+        let Some(place) = self.streams.get(id) else {
+            return 0;
+        };
+        let Some(&c) = place.channels.first() else {
+            return 0;
+        };
+        self.records.get(&place.record).map_or(0, |seg| {
+            seg.records.iter().map(|r| r.received_samples_of(c)).sum()
         })
     }
 
     /// The streams it has seen so far.
     pub fn streams(&self) -> impl Iterator<Item = &StreamId> {
-        self.writers.keys()
+        self.streams.keys()
     }
 
     /// Takes one subscription message: descriptors open a record, data records add samples.
@@ -174,9 +221,12 @@ impl WfdbSink {
                 let Some(Payload::Waveform(w)) = &f.payload else {
                     return Ok(());
                 };
-                match self.writers.get_mut(&stream_id(s)) {
-                    Some(seg) => seg.write(&self.dir, self.max_gap_fill, w),
-                    None => Ok(()), // a stream never announced cannot be interpreted; skip
+                let Some(place) = self.streams.get(&stream_id(s)) else {
+                    return Ok(()); // a stream never announced cannot be interpreted; skip
+                };
+                match self.records.get_mut(&place.record) {
+                    Some(seg) => seg.write(&self.dir, self.max_gap_fill, place, w),
+                    None => Ok(()),
                 }
             }
             _ => Ok(()),
@@ -187,59 +237,134 @@ impl WfdbSink {
         let (Some(s), Some(d)) = (&info.stream, &info.descriptor) else {
             return Ok(());
         };
-        if s.kind != StreamKind::Waveform as i32 || self.writers.contains_key(&stream_id(s)) {
+        if s.kind != StreamKind::Waveform as i32 || self.streams.contains_key(&stream_id(s)) {
             return Ok(());
         }
         let Some(w) = &d.waveform else { return Ok(()) };
-        let name = format!(
-            "{}_{}_{:08x}",
-            sanitize(&s.vehicle_id),
-            sanitize(&d.name),
-            s.session_id as u32
-        );
-        let channels = w
-            .channels
-            .iter()
-            .map(|c| ChannelSpec {
-                name: c.name.clone(),
-                gain: c.gain,
-                baseline: c.baseline,
-                units: if c.unit.is_empty() {
-                    "mV".into()
-                } else {
-                    c.unit.clone()
-                },
-                adc_resolution: c.adc_resolution,
-                adc_zero: c.adc_zero,
-            })
-            .collect();
-        self.writers.insert(
-            stream_id(s),
-            Segments {
-                info: info.clone(),
-                name,
-                rate_hz: w.sample_rate_hz,
-                channels,
+        let layout = &w.source_samples_per_frame;
+        let multi_rate = !layout.is_empty()
+            && !w.channels.is_empty()
+            && layout.len() <= MAX_RECORD_CHANNELS
+            && w.frame_rate_hz > 0.0
+            && w.channels
+                .iter()
+                .all(|c| (c.source_signal as usize) < layout.len());
+        let record_name = |stream: &str| {
+            format!(
+                "{}_{}_{:08x}",
+                sanitize(&s.vehicle_id),
+                sanitize(stream),
+                s.session_id as u32
+            )
+        };
+        let counter = Some(w.counter_frequency_hz).filter(|c| *c > 0.0);
+        let (key, place, seg) = if multi_rate {
+            let key = RecordKey::Source(
+                s.vehicle_id.clone(),
+                s.session_id,
+                w.source.clone(),
+                w.frame_rate_hz.to_bits(),
+                layout.clone(),
+            );
+            let channels: Vec<usize> = w
+                .channels
+                .iter()
+                .map(|c| c.source_signal as usize)
+                .collect();
+            let spf = u64::from(layout[channels[0]]);
+            // Until every group has announced itself its channels are placeholders.
+            let seg = Segments {
+                infos: Vec::new(),
+                name: record_name(&d.name),
+                frame_rate_hz: w.frame_rate_hz,
+                counter_frequency_hz: counter,
+                channels: layout
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| ChannelSpec {
+                        name: format!("sig{i}"),
+                        gain: 200.0,
+                        baseline: 0,
+                        units: "mV".into(),
+                        adc_resolution: 16,
+                        adc_zero: 0,
+                        samples_per_frame: k,
+                    })
+                    .collect(),
                 records: Vec::new(),
-            },
-        );
+            };
+            let place = Place {
+                record: key.clone(),
+                channels,
+                samples_per_frame: spf,
+            };
+            (key, place, seg)
+        } else {
+            let key = RecordKey::Stream(stream_id(s));
+            let seg = Segments {
+                infos: Vec::new(),
+                name: record_name(&d.name),
+                frame_rate_hz: w.sample_rate_hz,
+                counter_frequency_hz: counter,
+                channels: w.channels.iter().map(|c| channel_spec(c, 1)).collect(),
+                records: Vec::new(),
+            };
+            let place = Place {
+                record: key.clone(),
+                channels: (0..w.channels.len()).collect(),
+                samples_per_frame: 1,
+            };
+            (key, place, seg)
+        };
+        let seg = self.records.entry(key).or_insert(seg);
+        if multi_rate {
+            for (c, &at) in w.channels.iter().zip(&place.channels) {
+                let spec = channel_spec(c, layout[at]);
+                seg.channels[at] = spec.clone();
+                for r in &mut seg.records {
+                    r.describe_channel(at, spec.clone());
+                }
+            }
+            // The record is named after the stream holding the source's first signal.
+            if place.channels.contains(&0) && seg.records.is_empty() {
+                seg.name = record_name(&d.name);
+            }
+        }
+        seg.infos.push(info.clone());
+        self.streams.insert(stream_id(s), place);
         Ok(())
     }
 
     /// Fills holes with the invalid value, writes the headers; returns (stream, header path),
-    /// one per record (a stream with segments has several).
+    /// one per record (a stream with segments has several; a multi-rate record is listed
+    /// under the first of its streams).
     pub fn finish(self) -> Result<Vec<(StreamId, PathBuf)>, WfdbError> {
         let mut out = Vec::new();
-        for (id, seg) in self.writers {
+        for seg in self.records.into_values() {
+            let mut ids: Vec<StreamId> = seg
+                .infos
+                .iter()
+                .filter_map(|i| i.stream.as_ref().map(stream_id))
+                .collect();
+            ids.sort();
+            let Some(id) = ids.first().cloned() else {
+                continue;
+            };
             let source = seg
-                .info
-                .descriptor
-                .as_ref()
+                .infos
+                .first()
+                .and_then(|i| i.descriptor.as_ref())
                 .and_then(|d| d.waveform.as_ref())
                 .map(|w| w.source.clone())
                 .unwrap_or_default();
+            let streams: Vec<String> = ids.iter().map(|i| i.2.to_string()).collect();
             let comments = vec![
-                format!("vehicle {} session {:016x} stream {}", id.0, id.1, id.2),
+                format!(
+                    "vehicle {} session {:016x} stream {}",
+                    id.0,
+                    id.1,
+                    streams.join(",")
+                ),
                 format!(
                     "source {source}; written by ed-monitor from the ambulance telemetry relay"
                 ),
@@ -254,18 +379,25 @@ impl WfdbSink {
 }
 
 impl Segments {
-    /// Writes a chunk into the record that reaches it, or starts a new one at its index.
-    fn write(&mut self, dir: &Path, max_gap: Duration, w: &WaveformChunk) -> Result<(), WfdbError> {
+    /// Writes a chunk into the record that reaches it, or starts a new one at its frame.
+    fn write(
+        &mut self,
+        dir: &Path,
+        max_gap: Duration,
+        place: &Place,
+        w: &WaveformChunk,
+    ) -> Result<(), WfdbError> {
         let first = w.first_sample_index;
-        let reach = (max_gap.as_secs_f64() * self.rate_hz).min(u64::MAX as f64) as u64;
-        // The latest-starting record that reaches this index takes it.
+        let frame = first / place.samples_per_frame;
+        let reach = (max_gap.as_secs_f64() * self.frame_rate_hz).min(u64::MAX as f64) as u64;
+        // The latest-starting record that reaches this frame takes it.
         if let Some(r) = self
             .records
             .iter_mut()
-            .filter(|r| r.reaches(first))
+            .filter(|r| r.reaches(frame))
             .max_by_key(|r| r.base())
         {
-            return r.write(first, &w.samples);
+            return r.write_channels(&place.channels, first, &w.samples);
         }
         if self.records.len() >= MAX_SEGMENTS {
             return Err(WfdbError::Record(
@@ -273,20 +405,27 @@ impl Segments {
                 format!("more than {MAX_SEGMENTS} segments"),
             ));
         }
-        // The first record starts at sample 0 unless the stream starts far into it (a
+        // The first record starts at frame 0 unless the stream starts far into it (a
         // subscriber that joined late); later ones start where the data resumes.
-        let base = if self.records.is_empty() && first <= reach {
+        let base = if self.records.is_empty() && frame <= reach {
             0
         } else {
-            first
+            frame
         };
         let name = match self.records.len() {
             0 => self.name.clone(),
             n => format!("{}_s{}", self.name, n + 1),
         };
-        let mut record =
-            Format16Writer::create(dir, &name, self.rate_hz, self.channels.clone(), base, reach)?;
-        record.write(first, &w.samples)?;
+        let mut record = Format16Writer::create(
+            dir,
+            &name,
+            self.frame_rate_hz,
+            self.channels.clone(),
+            base,
+            reach,
+        )?
+        .with_counter_frequency(self.counter_frequency_hz);
+        record.write_channels(&place.channels, first, &w.samples)?;
         self.records.push(record);
         Ok(())
     }
@@ -349,7 +488,7 @@ mod tests {
                         gain: 200.0,
                         ..ChannelInfo::default()
                     }],
-                    source: String::new(),
+                    ..WaveformInfo::default()
                 }),
             }),
         };
@@ -367,7 +506,7 @@ mod tests {
         let written = sink.finish().unwrap();
         assert_eq!(written.len(), 2);
         let first = relay_wfdb::read_record(&written[0].1.with_extension("")).unwrap();
-        assert_eq!(first.samples_per_signal, 901);
+        assert_eq!(first.frames, 901);
         assert_eq!(first.samples[5], 6);
         let second = relay_wfdb::read_record(&written[1].1.with_extension("")).unwrap();
         assert_eq!(second.samples, vec![4, 5]);

@@ -399,6 +399,7 @@ mod tests {
                             ..ChannelInfo::default()
                         }],
                         source: String::new(),
+                        ..WaveformInfo::default()
                     }),
                     ..StreamDescriptor::default()
                 }),

@@ -143,7 +143,7 @@ async fn devcerts_and_ed_monitor_export_a_recording_bit_exact() {
         .unwrap();
     let got = relay_wfdb::read_record(&hea.with_extension("")).unwrap();
     let orig = relay_wfdb::read_record(&data("s0010_re")).unwrap();
-    assert_eq!(got.samples_per_signal, orig.samples_per_signal);
+    assert_eq!(got.frames, orig.frames);
     assert!(got.samples == orig.samples);
     for (g, o) in got.header.signals.iter().zip(&orig.header.signals) {
         assert_eq!(g.checksum, o.checksum);
@@ -264,5 +264,5 @@ fn check_fhir_bundle(bundle: &Path, orig: &relay_wfdb::Record) {
             }
         }
     }
-    assert_eq!(seen, orig.samples_per_signal, "every sample exported once");
+    assert_eq!(seen, orig.frames, "every sample exported once");
 }

@@ -62,6 +62,7 @@ pub fn declared_streams() -> HashMap<u32, StreamDescriptor> {
                 })
                 .collect(),
             source: String::new(),
+            ..WaveformInfo::default()
         }),
     };
     let simple = |stream_id, kind: StreamKind, name: &str| StreamDescriptor {
@@ -267,9 +268,11 @@ pub fn wfdb_record(data: &[u8]) {
     let Ok(record) = record_from_parts(&text, Path::new("fuzz.hea"), read) else {
         return;
     };
-    let nsig = record.header.signals.len();
-    assert!(nsig > 0);
-    assert_eq!(record.samples.len(), record.samples_per_signal * nsig);
+    assert!(record.num_signals() > 0);
+    assert_eq!(record.samples.len(), record.frames * record.frame_width());
+    for s in 0..record.num_signals() {
+        assert_eq!(record.signal(s).count(), record.signal_len(s));
+    }
 }
 
 /// The ingest's configuration file.

@@ -169,6 +169,7 @@ proptest! {
                 sample_rate_hz: rate,
                 channels: vec![ChannelInfo { gain, ..ChannelInfo::default() }],
                 source: String::new(),
+                ..WaveformInfo::default()
             }),
         }).collect();
         let hello = Hello {

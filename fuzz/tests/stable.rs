@@ -59,7 +59,7 @@ fn the_seeds_are_accepted_by_their_decoders() {
         let text = std::str::from_utf8(&seed[..split]).unwrap();
         let body = seed[split + 1..].to_vec();
         let record = relay_wfdb::record_from_parts(text, Path::new("s.hea"), |_| Ok(body.clone()));
-        assert!(record.unwrap().samples_per_signal > 0);
+        assert!(record.unwrap().frames > 0);
     }
     let text = String::from_utf8(seeds("ingest_config")[0].clone()).unwrap();
     let cfg = hospital_ingest::IngestConfig::from_toml(&text, Path::new("i.toml")).unwrap();

@@ -656,6 +656,7 @@ mod tests {
                 sample_rate_hz: 500.0,
                 channels: vec![ChannelInfo::default()],
                 source: String::new(),
+                ..WaveformInfo::default()
             }),
         }
     }

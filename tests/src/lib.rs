@@ -504,7 +504,7 @@ fn assert_same_record(hea: &Path, original: &str) {
         got.header.sampling_frequency,
         orig.header.sampling_frequency
     );
-    assert_eq!(got.samples_per_signal, orig.samples_per_signal);
+    assert_eq!(got.frames, orig.frames);
     assert!(
         got.samples == orig.samples,
         "samples differ from the original"

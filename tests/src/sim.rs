@@ -335,6 +335,7 @@ fn descriptor(record: &Record) -> StreamDescriptor {
                 })
                 .collect(),
             source: "sim".into(),
+            ..WaveformInfo::default()
         }),
     }
 }
@@ -867,7 +868,7 @@ impl Sim {
 
     fn schedule_produce(&mut self) {
         let spf = self.framer.samples_per_frame();
-        let total = self.record.samples_per_signal as u64;
+        let total = self.record.frames as u64;
         if self.framer.next_sample_index() + spf as u64 > total {
             return;
         }

@@ -499,7 +499,7 @@ async fn clinicians_see_the_board_and_every_sample_of_a_live_ecg_in_the_browser(
     // samples of both leads, in order, as the page's own hash shows.
     b.navigate(&format!("{base}/vehicle?id=amb-2&from={start_ms}"))
         .await;
-    let whole = rec.samples_per_signal;
+    let whole = rec.frames;
     b.wait_for(
         &format!(
             "(() => {{ const s = Object.values(edState.streams)[0]; return s && s.contig >= {whole}; }})()"

@@ -207,7 +207,7 @@ async fn each_detector_reason_is_raised_by_a_vehicle_that_misbehaves_and_not_by_
                 gain: 200.0,
                 ..ChannelInfo::default()
             }],
-            source: String::new(),
+            ..WaveformInfo::default()
         }),
     };
     let conn = connect([127, 0, 0, 1]).await.unwrap();

@@ -176,8 +176,8 @@ impl Agent {
         );
         let mut prepared = Vec::new();
         for (i, s) in cfg.sources.iter().enumerate() {
-            let id = u32::try_from(i).context("too many sources")?;
-            prepared.push(
+            let id = u32::try_from(prepared.len()).context("too many sources")?;
+            prepared.extend(
                 sources::PreparedSource::prepare(s, id)
                     .with_context(|| format!("preparing source {i}"))?,
             );

@@ -42,8 +42,10 @@ pub struct PreparedSource {
 
 #[derive(Debug)]
 enum Kind {
+    /// One rate group of a record: `signals` share their samples per frame.
     Replay {
         record: Arc<Record>,
+        signals: Vec<usize>,
         speed: f64,
         looping: bool,
     },
@@ -72,8 +74,10 @@ const TWELVE_LEADS: [&str; 12] = [
 ];
 
 impl PreparedSource {
-    /// Reads what the source needs (a record) and describes its stream.
-    pub fn prepare(cfg: &SourceConfig, stream_id: u32) -> Result<Self, SourceError> {
+    /// Reads what the source needs (a record) and describes its streams, numbered from
+    /// `first_stream_id`: one stream per source, except a multi-rate record, which becomes
+    /// one stream per rate group (see [`PreparedSource::wfdb_groups`]).
+    pub fn prepare(cfg: &SourceConfig, first_stream_id: u32) -> Result<Vec<Self>, SourceError> {
         Ok(match cfg {
             SourceConfig::Wfdb {
                 record,
@@ -82,7 +86,7 @@ impl PreparedSource {
                 name,
             } => {
                 let rec = wfdb::read_record(record)?;
-                if rec.samples_per_signal == 0 {
+                if rec.frames == 0 {
                     return Err(SourceError::Empty(record.display().to_string()));
                 }
                 for (i, s) in rec.header.signals.iter().enumerate() {
@@ -90,47 +94,101 @@ impl PreparedSource {
                         tracing::warn!(record = %record.display(), signal = i, "checksum differs from header");
                     }
                 }
-                let channels = rec
-                    .header
-                    .signals
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        let name = if s.description.is_empty() {
-                            format!("sig{i}")
-                        } else {
-                            s.description.clone()
-                        };
-                        ChannelInfo {
-                            mdc_code: mdc::ecg_lead(&name),
-                            name,
-                            unit: s.units.clone(),
-                            gain: s.gain,
-                            baseline: s.baseline,
-                            adc_resolution: s.adc_resolution,
-                            adc_zero: s.adc_zero,
-                            initial_value: s.initial_value.unwrap_or(rec.samples[i]),
-                        }
-                    })
-                    .collect();
-                Self {
-                    descriptor: StreamDescriptor {
-                        stream_id,
-                        kind: StreamKind::Waveform as i32,
-                        name: name.clone(),
-                        waveform: Some(WaveformInfo {
-                            sample_rate_hz: rec.header.sampling_frequency,
-                            channels,
-                            source: format!("wfdb:{}", rec.header.record_name),
-                        }),
-                    },
-                    kind: Kind::Replay {
-                        record: Arc::new(rec),
-                        speed: *speed,
-                        looping: *r#loop,
-                    },
-                }
+                Self::wfdb_groups(Arc::new(rec), first_stream_id, name, *speed, *r#loop)
             }
+            other => Self::synthetic(other, first_stream_id)
+                .into_iter()
+                .collect(),
+        })
+    }
+
+    /// A record's streams. Signals at different rates (WFDB samples per frame) cannot share a
+    /// stream, whose chunks interleave one sample of every channel; each rate group becomes a
+    /// stream of its own, replayed in step with the others (same start, pacing by signal time),
+    /// and every one of them carries the record's layout so the ED side can put the record
+    /// back together. The group holding the first signal keeps `name`; the others are named
+    /// `<name>-<rate>hz`.
+    fn wfdb_groups(
+        rec: Arc<Record>,
+        first_stream_id: u32,
+        name: &str,
+        speed: f64,
+        looping: bool,
+    ) -> Vec<Self> {
+        let multi_rate = rec.is_multi_rate();
+        let frame_rate = rec.header.sampling_frequency;
+        let layout: Vec<u32> = if multi_rate {
+            rec.header
+                .signals
+                .iter()
+                .map(|s| s.samples_per_frame)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::new();
+        for (k, group) in rec.rate_groups().into_iter().enumerate() {
+            let rate = frame_rate * f64::from(group.samples_per_frame);
+            let channels = group
+                .signals
+                .iter()
+                .map(|&i| {
+                    let s = &rec.header.signals[i];
+                    let name = if s.description.is_empty() {
+                        format!("sig{i}")
+                    } else {
+                        s.description.clone()
+                    };
+                    ChannelInfo {
+                        mdc_code: mdc::ecg_lead(&name),
+                        name,
+                        unit: s.units.clone(),
+                        gain: s.gain,
+                        baseline: s.baseline,
+                        adc_resolution: s.adc_resolution,
+                        adc_zero: s.adc_zero,
+                        initial_value: s
+                            .initial_value
+                            .or_else(|| rec.sample(i, 0))
+                            .unwrap_or_default(),
+                        source_signal: u32::try_from(i).unwrap_or(u32::MAX),
+                    }
+                })
+                .collect();
+            let stream_name = if k == 0 {
+                name.to_owned()
+            } else {
+                format!("{name}-{}hz", (rate * 10_000.0).round() / 10_000.0)
+            };
+            out.push(Self {
+                descriptor: StreamDescriptor {
+                    stream_id: first_stream_id.saturating_add(k as u32),
+                    kind: StreamKind::Waveform as i32,
+                    name: stream_name,
+                    waveform: Some(WaveformInfo {
+                        sample_rate_hz: rate,
+                        channels,
+                        source: format!("wfdb:{}", rec.header.record_name),
+                        frame_rate_hz: if multi_rate { frame_rate } else { 0.0 },
+                        source_samples_per_frame: layout.clone(),
+                        counter_frequency_hz: rec.header.counter_frequency.unwrap_or(0.0),
+                    }),
+                },
+                kind: Kind::Replay {
+                    record: rec.clone(),
+                    signals: group.signals,
+                    speed,
+                    looping,
+                },
+            });
+        }
+        out
+    }
+
+    /// A generator's stream (`None` for a record: see [`PreparedSource::wfdb_groups`]).
+    fn synthetic(cfg: &SourceConfig, stream_id: u32) -> Option<Self> {
+        Some(match cfg {
+            SourceConfig::Wfdb { .. } => return None,
             SourceConfig::SyntheticEcg {
                 rate_hz,
                 heart_rate_bpm,
@@ -153,9 +211,11 @@ impl PreparedSource {
                                 adc_resolution: 16,
                                 adc_zero: 0,
                                 initial_value: 0,
+                                source_signal: 0,
                             })
                             .collect(),
                         source: "synthetic".into(),
+                        ..WaveformInfo::default()
                     }),
                 },
                 kind: Kind::Ecg {
@@ -233,25 +293,31 @@ impl PreparedSource {
         let produced = match self.kind {
             Kind::Replay {
                 record,
+                signals,
                 speed,
                 looping,
             } => {
-                let channels = record.num_signals();
-                let rate = record.header.sampling_frequency;
-                let total = record.samples_per_signal as u64;
+                let channels = signals.len();
+                let spf = signals.first().map_or(1, |&s| record.samples_per_frame(s));
+                let rate = record.header.sampling_frequency * spf as f64;
+                let total = signals.first().map_or(0, |&s| record.signal_len(s)) as u64;
                 let framer = WaveformFramer::new(stream_id, channels, rate, frame, epoch_ns);
                 let next = move |first: u64, count: usize| -> Option<Vec<i32>> {
-                    if !looping && first >= total {
+                    if total == 0 || (!looping && first >= total) {
                         return None;
                     }
                     let mut out = Vec::with_capacity(count * channels);
-                    for k in 0..count as u64 {
-                        let idx = first + k;
-                        if !looping && idx >= total {
+                    let mut at = first;
+                    // A looping replay wraps inside a chunk; sample indices keep counting.
+                    while out.len() < count * channels {
+                        if !looping && at >= total {
                             break;
                         }
-                        let t = (idx % total) as usize;
-                        out.extend_from_slice(&record.samples[t * channels..(t + 1) * channels]);
+                        let t = (at % total) as usize;
+                        let want = count - out.len() / channels;
+                        let take = want.min(total as usize - t);
+                        record.interleaved(&signals, t, take, &mut out);
+                        at += take as u64;
                     }
                     Some(out)
                 };
@@ -599,7 +665,7 @@ mod tests {
             r#loop: false,
             name: "ecg".into(),
         };
-        let src = PreparedSource::prepare(&cfg, 0).unwrap();
+        let src = PreparedSource::prepare(&cfg, 0).unwrap().remove(0);
         let original = wfdb::read_record(&record).unwrap();
         let (tx, mut rx) = mpsc::channel(64);
         let started = Instant::now();
@@ -620,5 +686,71 @@ mod tests {
         // 1805.6 s of signal at 100x: about 18 s of (virtual) time.
         let took = started.elapsed().as_secs_f64();
         assert!((18.0..18.2).contains(&took), "{took}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_multi_rate_record_becomes_one_stream_per_rate_replayed_in_step() {
+        let record =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ecg-multirate/mixedsignals");
+        let cfg = SourceConfig::Wfdb {
+            record: record.clone(),
+            speed: 50.0,
+            r#loop: false,
+            name: "monitor".into(),
+        };
+        let sources = PreparedSource::prepare(&cfg, 3).unwrap();
+        let original = wfdb::read_record(&record).unwrap();
+        let names: Vec<&str> = sources.iter().map(|s| s.descriptor.name.as_str()).collect();
+        assert_eq!(names, ["monitor", "monitor-124.945hz", "monitor-62.4725hz"]);
+        let mut tasks = Vec::new();
+        for (k, src) in sources.into_iter().enumerate() {
+            let d = src.descriptor.clone();
+            assert_eq!(d.stream_id, 3 + k as u32);
+            let w = d.waveform.clone().unwrap();
+            assert_eq!(w.frame_rate_hz, 62.4725);
+            assert_eq!(w.source_samples_per_frame, vec![4, 4, 4, 2, 2, 1]);
+            assert_eq!(w.counter_frequency_hz, 999.56);
+            let (tx, mut rx) = mpsc::channel(64);
+            let run =
+                tokio::spawn(src.run(Duration::from_millis(40), 7, tx, CancellationToken::new()));
+            tasks.push(tokio::spawn(async move {
+                let mut samples = Vec::new();
+                let mut last_time = 0;
+                while let Some(f) = rx.recv().await {
+                    if let Some(Payload::Waveform(c)) = f.payload {
+                        let n = w.channels.len();
+                        assert_eq!(c.first_sample_index as usize * n, samples.len());
+                        samples.extend(c.samples);
+                        last_time = f.capture_time_ns;
+                    }
+                }
+                run.await.unwrap();
+                (w, samples, last_time)
+            }));
+        }
+        let mut last_times = Vec::new();
+        for t in tasks {
+            let (w, samples, last_time) = t.await.unwrap();
+            let signals: Vec<usize> = w
+                .channels
+                .iter()
+                .map(|c| c.source_signal as usize)
+                .collect();
+            let mut want = Vec::new();
+            original.interleaved(&signals, 0, usize::MAX, &mut want);
+            assert_eq!(samples.len(), want.len(), "{}", w.sample_rate_hz);
+            assert!(samples == want, "group at {} Hz differs", w.sample_rate_hz);
+            for (c, &s) in w.channels.iter().zip(&signals) {
+                let spec = &original.header.signals[s];
+                assert_eq!(
+                    (c.gain, c.baseline, c.unit.as_str()),
+                    (spec.gain, spec.baseline, spec.units.as_str())
+                );
+            }
+            last_times.push(last_time);
+        }
+        // In step: every group's last chunk was captured within one chunk of the others.
+        let spread = last_times.iter().max().unwrap() - last_times.iter().min().unwrap();
+        assert!(spread <= 40_000_000, "{last_times:?}");
     }
 }

@@ -13,6 +13,8 @@ use super::{Refusal, refuse};
 const MAX_STREAMS_PER_SESSION: usize = 64;
 const MAX_CHANNELS: usize = 256;
 const MAX_SAMPLES_PER_FRAME: u32 = 100_000;
+/// Samples per frame of a multi-rate source's signal (WFDB's bound in the relay's reader).
+const MAX_SOURCE_SAMPLES_PER_FRAME: u32 = 4096;
 /// Highest sequence number accepted: 2^40 frames is over 1,000 years of 40 ms frames, and
 /// keeps every seq and sample-index computation far from overflow.
 pub const MAX_SEQ: u64 = 1 << 40;
@@ -86,9 +88,23 @@ fn validate_descriptor(s: &StreamDescriptor) -> Result<(), Refusal> {
                     format!("stream {}: bad waveform rate or channels", s.stream_id),
                 ));
             }
+            let layout = &w.source_samples_per_frame;
+            let layout_ok = layout.len() <= MAX_CHANNELS
+                && layout
+                    .iter()
+                    .all(|&k| (1..=MAX_SOURCE_SAMPLES_PER_FRAME).contains(&k))
+                && w.frame_rate_hz.is_finite()
+                && (0.0..=100_000.0).contains(&w.frame_rate_hz)
+                && w.counter_frequency_hz.is_finite()
+                && w.counter_frequency_hz >= 0.0
+                && (layout.is_empty() || w.frame_rate_hz > 0.0);
             if w.channels.iter().any(|c| {
-                !(c.gain.is_finite() && c.gain > 0.0) || c.name.len() > 64 || c.unit.len() > 32
-            }) {
+                !(c.gain.is_finite() && c.gain > 0.0)
+                    || c.name.len() > 64
+                    || c.unit.len() > 32
+                    || (!layout.is_empty() && c.source_signal as usize >= layout.len())
+            }) || !layout_ok
+            {
                 return Err(refuse(
                     CloseCode::Malformed,
                     format!("stream {}: bad channel description", s.stream_id),
@@ -192,6 +208,7 @@ mod tests {
                 sample_rate_hz: 360.0,
                 channels: vec![ch("MLII"), ch("V5")],
                 source: String::new(),
+                ..WaveformInfo::default()
             }),
         }
     }
@@ -231,6 +248,28 @@ mod tests {
             w.sample_rate_hz = f64::NAN;
         }
         assert!(validate_hello(&hello(vec![bad_rate]), "amb-1").is_err());
+        // A rate group of a multi-rate source: its channels must name signals of the layout.
+        let group = |layout: Vec<u32>, frame_rate: f64, signal: u32| {
+            let mut d = ecg(0);
+            if let Some(w) = d.waveform.as_mut() {
+                w.source_samples_per_frame = layout;
+                w.frame_rate_hz = frame_rate;
+                for c in &mut w.channels {
+                    c.source_signal = signal;
+                }
+            }
+            hello(vec![d])
+        };
+        assert!(validate_hello(&group(vec![4, 1], 90.0, 1), "amb-1").is_ok());
+        for bad in [
+            group(vec![4, 1], 90.0, 2),
+            group(vec![4, 0], 90.0, 0),
+            group(vec![4, 5000], 90.0, 0),
+            group(vec![4, 1], 0.0, 0),
+            group(vec![4, 1], f64::INFINITY, 0),
+        ] {
+            assert!(validate_hello(&bad, "amb-1").is_err(), "{bad:?}");
+        }
         let mut old = hello(vec![ecg(0)]);
         old.protocol_version = 99;
         assert_eq!(
