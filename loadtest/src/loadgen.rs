@@ -1342,7 +1342,9 @@ fn stream_classes(sources: &[SourceConfig]) -> HashMap<u32, &'static str> {
                     StreamKind::Waveform
                 }
                 SourceConfig::SyntheticVitals { .. } => StreamKind::Vitals,
-                SourceConfig::SyntheticGps { .. } => StreamKind::Location,
+                SourceConfig::SyntheticGps { .. }
+                | SourceConfig::Gpsd { .. }
+                | SourceConfig::Nmea { .. } => StreamKind::Location,
             };
             (i as u32, class_of(kind as i32))
         })

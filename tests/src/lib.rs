@@ -203,6 +203,8 @@ pub struct Collected {
     pub max_live_delay_ms: f64,
     /// Every waveform frame in arrival order.
     pub waveforms: Vec<Arrival>,
+    /// Every location frame in arrival order.
+    pub locations: Vec<Arrival>,
     /// Frames received provisionally (early subscriptions).
     pub provisional: u64,
     /// Provisional frames confirmed (by a confirmation or the frame again in full).
@@ -243,6 +245,7 @@ impl Collected {
             cursor: 0,
             max_live_delay_ms: 0.0,
             waveforms: Vec::new(),
+            locations: Vec::new(),
             provisional: 0,
             confirmed: 0,
             unknown_confirmations: 0,
@@ -444,13 +447,16 @@ async fn collect(
                     if d.late {
                         c.late += 1;
                     }
+                    let arrival = || Arrival {
+                        stream: stream_id(s),
+                        frame: d.frame.clone().unwrap(),
+                        late: d.late,
+                        at: tokio::time::Instant::now(),
+                    };
                     if is_waveform(s.kind) {
-                        c.waveforms.push(Arrival {
-                            stream: stream_id(s),
-                            frame: d.frame.clone().unwrap(),
-                            late: d.late,
-                            at: tokio::time::Instant::now(),
-                        });
+                        c.waveforms.push(arrival());
+                    } else if s.kind == relay_proto::model::StreamKind::Location as i32 {
+                        c.locations.push(arrival());
                     }
                     if c.syncs > 0 {
                         let delay =

@@ -398,6 +398,28 @@ pub enum SourceConfig {
         #[serde(default = "default_interval", with = "humantime_serde")]
         interval: Duration,
     },
+    /// Positions from a gpsd daemon (its JSON protocol over TCP, `?WATCH`; TPV and SKY reports).
+    Gpsd {
+        /// gpsd's address (it listens on 127.0.0.1:2947 unless told otherwise).
+        #[serde(default = "default_gpsd")]
+        address: SocketAddr,
+    },
+    /// Positions from NMEA 0183 sentences (GGA, RMC, VTG, GSA, GST): a receiver's serial
+    /// device, set to its baud rate beforehand (e.g. `stty -F /dev/ttyUSB0 9600 raw`), or a log.
+    Nmea {
+        /// The device or log file.
+        path: PathBuf,
+        /// Replay a log at the pace of its fix times (demos, tests) instead of reading lines
+        /// as they come (a device).
+        #[serde(default)]
+        replay: bool,
+        /// Replay speed factor (1 = real time).
+        #[serde(default = "one")]
+        speed: f64,
+        /// Start a replayed log again at its end.
+        #[serde(default)]
+        r#loop: bool,
+    },
     /// A GPS track.
     SyntheticGps {
         /// One position per interval.
@@ -426,6 +448,9 @@ fn default_heart_rate() -> f64 {
 }
 fn default_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_gpsd() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 2947))
 }
 fn default_lat() -> f64 {
     52.5200
@@ -675,7 +700,7 @@ impl ServiceConfig for AgentConfig {
         }
         for s in &self.sources {
             match s {
-                SourceConfig::Wfdb { speed, .. }
+                SourceConfig::Wfdb { speed, .. } | SourceConfig::Nmea { speed, .. }
                     if !(speed.is_finite() && *speed > 0.0 && *speed <= 10_000.0) =>
                 {
                     return invalid("sources[].speed", speed, "must be in (0, 10000]");

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod events;
 pub mod framer;
+pub mod gps;
 pub mod handshake;
 pub mod health;
 pub mod metrics;

@@ -31,6 +31,10 @@ pub fn describe() {
         metrics::counter!("relay_agent_refusals_total", "code" => code.label()).increment(0);
     }
     describe_counter!(
+        "relay_agent_gps_lines_total",
+        "Lines read from a GPS input (input nmea or gpsd), by result: fix (completed a fix), ignored (other sentence or report), invalid (bad checksum, not JSON, too long)"
+    );
+    describe_counter!(
         "relay_agent_refusals_total",
         "Connections the ingest closed with a close code (quota_exceeded, revoked, identity_mismatch, ...), by code"
     );

@@ -67,6 +67,13 @@ enum Kind {
         lat: f64,
         lon: f64,
     },
+    Gpsd {
+        address: std::net::SocketAddr,
+    },
+    Nmea {
+        path: std::path::PathBuf,
+        replay: crate::gps::NmeaReplay,
+    },
 }
 
 const TWELVE_LEADS: [&str; 12] = [
@@ -234,17 +241,32 @@ impl PreparedSource {
                     interval: *interval,
                 },
             },
+            SourceConfig::Gpsd { address } => Self {
+                descriptor: location_descriptor(stream_id),
+                kind: Kind::Gpsd { address: *address },
+            },
+            SourceConfig::Nmea {
+                path,
+                replay,
+                speed,
+                r#loop,
+            } => Self {
+                descriptor: location_descriptor(stream_id),
+                kind: Kind::Nmea {
+                    path: path.clone(),
+                    replay: crate::gps::NmeaReplay {
+                        paced: *replay,
+                        speed: *speed,
+                        looping: *r#loop,
+                    },
+                },
+            },
             SourceConfig::SyntheticGps {
                 interval,
                 start_latitude_deg,
                 start_longitude_deg,
             } => Self {
-                descriptor: StreamDescriptor {
-                    stream_id,
-                    kind: StreamKind::Location as i32,
-                    name: "gps".into(),
-                    waveform: None,
-                },
+                descriptor: location_descriptor(stream_id),
                 kind: Kind::Gps {
                     interval: *interval,
                     lat: *start_latitude_deg,
@@ -385,9 +407,28 @@ impl PreparedSource {
                 })
                 .await
             }
+            Kind::Gpsd { address } => {
+                let mut sink = crate::gps::FixSink::new(stream_id, &tx, epoch_ns);
+                crate::gps::run_gpsd(address, &mut sink, &stop).await;
+                sink.produced
+            }
+            Kind::Nmea { path, replay } => {
+                let mut sink = crate::gps::FixSink::new(stream_id, &tx, epoch_ns);
+                crate::gps::run_nmea(&path, replay, &mut sink, &stop).await;
+                sink.produced
+            }
         };
         tracing::info!(stream_id, produced, "source finished");
         produced
+    }
+}
+
+fn location_descriptor(stream_id: u32) -> StreamDescriptor {
+    StreamDescriptor {
+        stream_id,
+        kind: StreamKind::Location as i32,
+        name: "gps".into(),
+        waveform: None,
     }
 }
 
@@ -611,6 +652,8 @@ impl GpsTrack {
             fix_quality: FixQuality::Fix3d as i32,
             horizontal_accuracy_m: 4.0,
             satellites: 9,
+            hdop: 0.9,
+            ..Location::default()
         }
     }
 }

@@ -183,8 +183,14 @@ fn plausible_location(l: &relay_proto::model::Location) -> bool {
         && (0.0..=360.0).contains(&l.heading_deg)
         && l.speed_mps.is_finite()
         && l.speed_mps >= 0.0
-        && l.horizontal_accuracy_m.is_finite()
-        && l.horizontal_accuracy_m >= 0.0
+        && [
+            l.horizontal_accuracy_m,
+            l.vertical_accuracy_m,
+            l.speed_accuracy_mps,
+            l.hdop,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0)
 }
 
 #[cfg(test)]
