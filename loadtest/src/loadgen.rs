@@ -1332,23 +1332,36 @@ fn losses(
 }
 
 /// Class of each source's stream id (stream ids are the source positions).
+/// The class of every stream the agents' sources declare, numbered as the agent numbers them
+/// (a multi-rate record or a monitor input declares several streams).
 fn stream_classes(sources: &[SourceConfig]) -> HashMap<u32, &'static str> {
-    sources
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let kind = match s {
-                SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. } => {
-                    StreamKind::Waveform
+    let mut out = HashMap::new();
+    for s in sources {
+        let first = out.len() as u32;
+        match vehicle_agent::sources::PreparedSource::prepare(s, first) {
+            Ok(prepared) => {
+                for p in prepared {
+                    out.insert(p.descriptor.stream_id, class_of(p.descriptor.kind));
                 }
-                SourceConfig::SyntheticVitals { .. } => StreamKind::Vitals,
-                SourceConfig::SyntheticGps { .. }
-                | SourceConfig::Gpsd { .. }
-                | SourceConfig::Nmea { .. } => StreamKind::Location,
-            };
-            (i as u32, class_of(kind as i32))
-        })
-        .collect()
+            }
+            // Unreadable (the agent will say why): one stream, classed by its type.
+            Err(_) => {
+                let kind = match s {
+                    SourceConfig::SyntheticVitals { .. } | SourceConfig::Hl7Mllp(_) => {
+                        StreamKind::Vitals
+                    }
+                    SourceConfig::SyntheticGps { .. }
+                    | SourceConfig::Gpsd { .. }
+                    | SourceConfig::Nmea { .. } => StreamKind::Location,
+                    SourceConfig::Wfdb { .. } | SourceConfig::SyntheticEcg { .. } => {
+                        StreamKind::Waveform
+                    }
+                };
+                out.insert(first, class_of(kind as i32));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

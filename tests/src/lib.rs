@@ -205,6 +205,8 @@ pub struct Collected {
     pub waveforms: Vec<Arrival>,
     /// Every location frame in arrival order.
     pub locations: Vec<Arrival>,
+    /// Every vitals frame in arrival order.
+    pub vitals: Vec<Arrival>,
     /// Frames received provisionally (early subscriptions).
     pub provisional: u64,
     /// Provisional frames confirmed (by a confirmation or the frame again in full).
@@ -246,6 +248,7 @@ impl Collected {
             max_live_delay_ms: 0.0,
             waveforms: Vec::new(),
             locations: Vec::new(),
+            vitals: Vec::new(),
             provisional: 0,
             confirmed: 0,
             unknown_confirmations: 0,
@@ -457,6 +460,8 @@ async fn collect(
                         c.waveforms.push(arrival());
                     } else if s.kind == relay_proto::model::StreamKind::Location as i32 {
                         c.locations.push(arrival());
+                    } else if s.kind == relay_proto::model::StreamKind::Vitals as i32 {
+                        c.vitals.push(arrival());
                     }
                     if c.syncs > 0 {
                         let delay =

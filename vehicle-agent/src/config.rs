@@ -420,6 +420,9 @@ pub enum SourceConfig {
         #[serde(default)]
         r#loop: bool,
     },
+    /// A patient monitor or monitor gateway sending IHE PCD-01 `ORU^R01` over MLLP: numerics
+    /// become a vitals stream, the waveform channels the waveform streams declared here.
+    Hl7Mllp(Hl7Listener),
     /// A GPS track.
     SyntheticGps {
         /// One position per interval.
@@ -432,6 +435,122 @@ pub enum SourceConfig {
         #[serde(default = "default_lon")]
         start_longitude_deg: f64,
     },
+}
+
+/// The MLLP listener of a monitor input (`type = "hl7_mllp"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hl7Listener {
+    /// Address on the vehicle LAN to listen on (2575 is HL7's registered port).
+    #[serde(default = "default_mllp_listen")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM) for MLLP over TLS; plain MLLP when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of `tls_cert` (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Longest message taken; a longer one is refused and skipped.
+    #[serde(default = "default_mllp_max")]
+    pub max_message_bytes: usize,
+    /// The waveform streams the monitor sends (channels by MDC code); numerics need none.
+    #[serde(default)]
+    pub waveforms: Vec<Hl7Waveform>,
+}
+
+/// A waveform stream fed by a monitor's `NA` observations: all its channels come in each
+/// message, with the same sample count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hl7Waveform {
+    /// Stream name shown to subscribers.
+    pub name: String,
+    /// Samples per second (a message saying otherwise is refused).
+    pub sample_rate_hz: f64,
+    /// UCUM unit of the samples, e.g. "mV".
+    #[serde(default = "default_mv")]
+    pub unit: String,
+    /// Stored integers per unit: a sample is stored as round(value x gain), so 1/gain must
+    /// not be coarser than the monitor's resolution (1000: microvolts for mV).
+    #[serde(default = "default_hl7_gain")]
+    pub gain: f64,
+    /// The channels, in stream order.
+    pub channels: Vec<Hl7Channel>,
+}
+
+/// One channel of an [`Hl7Waveform`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hl7Channel {
+    /// IEEE 11073 MDC code the monitor sends in OBX-3 (e.g. 131330 for lead II).
+    pub mdc_code: u32,
+    /// Channel name shown to subscribers (e.g. "II").
+    pub name: String,
+}
+
+impl Hl7Listener {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1024..=64 << 20).contains(&self.max_message_bytes) {
+            return invalid(
+                "sources[].max_message_bytes",
+                &self.max_message_bytes,
+                "must be 1 KiB..=64 MiB",
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid(
+                "sources[].tls_cert",
+                &self.tls_cert.is_some(),
+                "tls_cert and tls_key go together",
+            );
+        }
+        let mut codes = std::collections::HashSet::new();
+        for w in &self.waveforms {
+            if !(w.sample_rate_hz.is_finite()
+                && w.sample_rate_hz > 0.0
+                && w.sample_rate_hz <= 100_000.0)
+            {
+                return invalid(
+                    "sources[].waveforms[].sample_rate_hz",
+                    &w.sample_rate_hz,
+                    "must be in (0, 100000]",
+                );
+            }
+            if !(w.gain.is_finite() && w.gain > 0.0) {
+                return invalid("sources[].waveforms[].gain", &w.gain, "must be positive");
+            }
+            if w.channels.is_empty() || w.channels.len() > 256 {
+                return invalid(
+                    "sources[].waveforms[].channels",
+                    &w.channels.len(),
+                    "must be 1..=256 channels",
+                );
+            }
+            for c in &w.channels {
+                if !codes.insert(c.mdc_code) {
+                    return invalid(
+                        "sources[].waveforms[].channels[].mdc_code",
+                        &c.mdc_code,
+                        "names one channel only",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_mllp_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 2575))
+}
+fn default_mllp_max() -> usize {
+    1 << 20
+}
+fn default_mv() -> String {
+    "mV".into()
+}
+fn default_hl7_gain() -> f64 {
+    1000.0
 }
 
 fn one() -> f64 {
@@ -705,6 +824,7 @@ impl ServiceConfig for AgentConfig {
                 {
                     return invalid("sources[].speed", speed, "must be in (0, 10000]");
                 }
+                SourceConfig::Hl7Mllp(h) => h.validate()?,
                 SourceConfig::SyntheticEcg { rate_hz, .. } if !(50..=2000).contains(rate_hz) => {
                     return invalid("sources[].rate_hz", rate_hz, "must be 50..=2000");
                 }

@@ -17,6 +17,7 @@ pub mod framer;
 pub mod gps;
 pub mod handshake;
 pub mod health;
+pub mod hl7_input;
 pub mod metrics;
 pub mod redial;
 pub mod scheduler;

@@ -30,6 +30,13 @@ pub fn describe() {
     for code in (0..=u64::from(u8::MAX)).filter_map(relay_proto::CloseCode::from_u64) {
         metrics::counter!("relay_agent_refusals_total", "code" => code.label()).increment(0);
     }
+    for result in ["accepted", "error", "rejected"] {
+        metrics::counter!("relay_agent_hl7_messages_total", "result" => result).increment(0);
+    }
+    describe_counter!(
+        "relay_agent_hl7_messages_total",
+        "HL7 messages from a patient monitor (MLLP), by result: accepted (AA), error (AE: content refused, e.g. a value that is not a number), rejected (AR: not ORU^R01, not HL7, framing)"
+    );
     describe_counter!(
         "relay_agent_gps_lines_total",
         "Lines read from a GPS input (input nmea or gpsd), by result: fix (completed a fix), ignored (other sentence or report), invalid (bad checksum, not JSON, too long)"

@@ -74,6 +74,13 @@ enum Kind {
         path: std::path::PathBuf,
         replay: crate::gps::NmeaReplay,
     },
+    /// A monitor's MLLP listener, feeding this stream and the ones after it.
+    Hl7 {
+        listener: Box<crate::config::Hl7Listener>,
+        streams: Box<crate::hl7_input::Hl7Streams>,
+    },
+    /// A stream whose frames another source of the same input produces.
+    FedBySibling,
 }
 
 const TWELVE_LEADS: [&str; 12] = [
@@ -102,6 +109,28 @@ impl PreparedSource {
                     }
                 }
                 Self::wfdb_groups(Arc::new(rec), first_stream_id, name, *speed, *r#loop)
+            }
+            SourceConfig::Hl7Mllp(listener) => {
+                // One listener feeds several streams: the vitals stream's source runs it, the
+                // waveform streams' sources only declare their streams.
+                let descriptors =
+                    crate::hl7_input::Hl7Streams::descriptors(listener, first_stream_id);
+                let mut out = Vec::with_capacity(descriptors.len());
+                for (k, descriptor) in descriptors.into_iter().enumerate() {
+                    let kind = if k == 0 {
+                        Kind::Hl7 {
+                            listener: Box::new(listener.clone()),
+                            streams: Box::new(crate::hl7_input::Hl7Streams::new(
+                                listener,
+                                first_stream_id,
+                            )),
+                        }
+                    } else {
+                        Kind::FedBySibling
+                    };
+                    out.push(Self { descriptor, kind });
+                }
+                out
             }
             other => Self::synthetic(other, first_stream_id)
                 .into_iter()
@@ -195,7 +224,7 @@ impl PreparedSource {
     /// A generator's stream (`None` for a record: see [`PreparedSource::wfdb_groups`]).
     fn synthetic(cfg: &SourceConfig, stream_id: u32) -> Option<Self> {
         Some(match cfg {
-            SourceConfig::Wfdb { .. } => return None,
+            SourceConfig::Wfdb { .. } | SourceConfig::Hl7Mllp(_) => return None,
             SourceConfig::SyntheticEcg {
                 rate_hz,
                 heart_rate_bpm,
@@ -412,6 +441,10 @@ impl PreparedSource {
                 crate::gps::run_gpsd(address, &mut sink, &stop).await;
                 sink.produced
             }
+            Kind::Hl7 { listener, streams } => {
+                crate::hl7_input::run(*listener, *streams, tx.clone(), epoch_ns, stop.clone()).await
+            }
+            Kind::FedBySibling => 0,
             Kind::Nmea { path, replay } => {
                 let mut sink = crate::gps::FixSink::new(stream_id, &tx, epoch_ns);
                 crate::gps::run_nmea(&path, replay, &mut sink, &stop).await;
