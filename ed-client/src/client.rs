@@ -58,6 +58,39 @@ impl ClientTls {
     }
 }
 
+/// Command-line flags naming the ingest and this client's certificate (shared by the ED
+/// binaries).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// gRPC address of the ingest.
+    #[arg(long, default_value = "https://127.0.0.1:50051")]
+    pub server: String,
+    /// Name the ingest certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// CA of the ingest certificate.
+    #[arg(long, default_value = "certs/hospital-ca.pem")]
+    pub ca: PathBuf,
+    /// This client's certificate and key (its access policy decides what it may read).
+    #[arg(long, default_value = "certs/ed-console.pem")]
+    pub cert: PathBuf,
+    /// This client's private key.
+    #[arg(long, default_value = "certs/ed-console.key")]
+    pub key: PathBuf,
+}
+
+impl IngestArgs {
+    /// The TLS files the flags name.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            domain: self.server_name.clone(),
+        }
+    }
+}
+
 fn endpoint(url: &str, tls: &ClientTls) -> Result<tonic::transport::Endpoint, ClientError> {
     relay_ops::install_crypto_provider();
     let read = |p: &Path| {

@@ -1,19 +1,22 @@
 """A small integration engine for the HL7 feed test, built on the Python `hl7` package (an HL7
 v2 parser and MLLP implementation nobody here wrote).
 
-Usage: receiver.py PORT LOG [--die-after N]
+Usage: receiver.py PORT LOG [--die-after N] [--tls CERT KEY]
 
 Accepts MLLP connections on 127.0.0.1:PORT. Each message is parsed with `hl7.parse`, checked
 (ORU^R01, the PCD-01 profile in MSH-21, segment order MSH PID OBR OBX...), summarised as one JSON
 line appended to LOG (flushed and fsynced) and only then acknowledged with the package's
 `create_ack` (AA). A message that fails the checks gets AE and is not logged. With --die-after N
 the process exits at once, without logging or acknowledging, when message N+1 arrives: a
-receiver killed mid-stream holding an unacknowledged message.
+receiver killed mid-stream holding an unacknowledged message. With --tls it speaks MLLP over
+TLS with that certificate and key (PEM).
 """
 
+import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 
 import hl7
@@ -52,7 +55,7 @@ def summarise(msg):
             "numerics": numerics, "waves": waves}
 
 
-async def main(port, log, die_after):
+async def main(port, log, die_after, tls):
     received = 0
 
     async def handle(reader, writer):
@@ -81,12 +84,22 @@ async def main(port, log, die_after):
         finally:
             writer.close()
 
-    server = await hl7.mllp.start_hl7_server(handle, "127.0.0.1", port)
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(tls[0], tls[1])
+    server = await hl7.mllp.start_hl7_server(handle, "127.0.0.1", port, ssl=context)
     print("listening", flush=True)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    die = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--die-after" else None
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2], die))
+    args = argparse.ArgumentParser()
+    args.add_argument("port", type=int)
+    args.add_argument("log")
+    args.add_argument("--die-after", type=int)
+    args.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    a = args.parse_args()
+    asyncio.run(main(a.port, a.log, a.die_after, a.tls))

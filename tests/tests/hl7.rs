@@ -71,7 +71,10 @@ fn pcd01(m: usize) -> String {
     segs.join("\r")
 }
 
-async fn exchange(sock: &mut TcpStream, msg: &str) -> String {
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    sock: &mut S,
+    msg: &str,
+) -> String {
     let mut out = vec![0x0b];
     out.extend_from_slice(msg.as_bytes());
     out.extend_from_slice(&[0x1c, 0x0d]);
@@ -99,6 +102,85 @@ fn msa(ack: &str) -> (String, String, String) {
     let f: Vec<&str> = seg.split('|').collect();
     let get = |i: usize| f.get(i).copied().unwrap_or("").to_owned();
     (get(1), get(2), get(3))
+}
+
+async fn connect_when_listening(listen: SocketAddr) -> TcpStream {
+    for _ in 0..100 {
+        if let Ok(s) = TcpStream::connect(listen).await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the agent's MLLP port {listen} never accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_over_tls_takes_messages_and_refuses_plain_text() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let ingest = Ingest::start(ingest_config(&pki, &work.path().join("store.redb")))
+        .await
+        .unwrap();
+    let (_, port) = free_ports();
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    // Any certificate the monitor gateway trusts; here the development "localhost" one.
+    let monitor = Hl7Listener {
+        listen,
+        tls_cert: Some(pki.path().join("ingest.pem")),
+        tls_key: Some(pki.path().join("ingest.key")),
+        max_message_bytes: 64 * 1024,
+        waveforms: Vec::new(),
+    };
+    let agent = Agent::start(agent_config(
+        pki.path(),
+        "amb-2",
+        ingest.quic_addr,
+        vec![SourceConfig::Hl7Mllp(monitor)],
+    ))
+    .await
+    .unwrap();
+    // Plain MLLP to a TLS port: no acknowledgement (at most a TLS alert), then closed.
+    let mut plain = connect_when_listening(listen).await;
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(pcd01(0).as_bytes());
+    frame.extend_from_slice(&[0x1c, 0x0d]);
+    plain.write_all(&frame).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut answer))
+        .await
+        .expect("the agent closes a connection that is not TLS");
+    assert!(!answer.windows(3).any(|w| w == b"MSA"), "{answer:?}");
+
+    relay_ops::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in relay_ops::pem::load_certs(&pki.path().join("hospital-ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = connect_when_listening(listen).await;
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    for m in 0..3 {
+        let (code, control, _) = msa(&exchange(&mut tls, &pcd01(m)).await);
+        assert_eq!((code.as_str(), control), ("AA", format!("MSG{m:04}")));
+    }
+    let url = format!("https://{}", ingest.grpc_addr);
+    let collected = collect_until(
+        || url.clone(),
+        &pki.subscriber("ed-console"),
+        &work.path().join("wfdb"),
+        Duration::from_secs(60),
+        |c| c.vitals.len() >= 3,
+    )
+    .await;
+    assert_eq!(collected.vitals.len(), 3);
+    agent.shutdown().await.unwrap();
+    ingest.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,15 +220,7 @@ async fn pcd01_messages_from_a_monitor_arrive_with_values_codes_and_units() {
     ))
     .await
     .unwrap();
-    let mut sock = None;
-    for _ in 0..100 {
-        if let Ok(s) = TcpStream::connect(listen).await {
-            sock = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut sock = sock.expect("the agent's MLLP port");
+    let mut sock = connect_when_listening(listen).await;
 
     for m in 0..MESSAGES {
         let (code, control, _) = msa(&exchange(&mut sock, &pcd01(m)).await);

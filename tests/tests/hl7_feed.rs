@@ -1,7 +1,7 @@
 //! The hospital HL7 feed (issue 14): PCD-01 ORU^R01 over MLLP to an integration engine, parsed
 //! back by the Python `hl7` package (tests/hl7/receiver.py); a receiver that dies mid-stream
-//! holding an unacknowledged message, and a feed stopped and started again on its state file,
-//! lose no message and duplicate no MSH-10.
+//! holding an unacknowledged message, and a feed stopped and started again on its state file
+//! (then over TLS), lose no message and duplicate no MSH-10.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -18,13 +18,21 @@ use vehicle_agent::Agent;
 
 const SECONDS: usize = 16;
 
-async fn receiver(port: u16, log: &Path, die_after: Option<usize>) -> tokio::process::Child {
+async fn receiver(
+    port: u16,
+    log: &Path,
+    die_after: Option<usize>,
+    tls: Option<(&Path, &Path)>,
+) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new("python3");
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/hl7/receiver.py"))
         .arg(port.to_string())
         .arg(log);
     if let Some(n) = die_after {
         cmd.arg("--die-after").arg(n.to_string());
+    }
+    if let Some((cert, key)) = tls {
+        cmd.arg("--tls").arg(cert).arg(key);
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -79,7 +87,7 @@ async fn the_hl7_feed_survives_a_dying_receiver_and_a_restart_without_loss_or_du
     let (_, port) = free_ports();
     let log = work.path().join("received.jsonl");
     // The first receiver dies holding message 6.
-    let mut first = receiver(port, &log, Some(5)).await;
+    let mut first = receiver(port, &log, Some(5), None).await;
     let opts = FeedOptions {
         server: format!("https://{}", ingest.grpc_addr),
         tls: pki.subscriber("ed-console"),
@@ -98,13 +106,21 @@ async fn the_hl7_feed_survives_a_dying_receiver_and_a_restart_without_loss_or_du
     assert_eq!(status.code(), Some(3));
     assert_eq!(logged(&log).len(), 5);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _second = receiver(port, &log, None).await;
+    let mut second = receiver(port, &log, None, None).await;
     wait_for(&log, 9).await;
-    // The feed itself stops and starts again on its state file.
+    // The feed itself stops and starts again on its state file, now towards an engine that
+    // speaks MLLP over TLS (the development ingest certificate: "localhost", hospital CA).
     stop.cancel();
     feed.await.unwrap().unwrap();
+    second.kill().await.unwrap();
+    let (cert, key) = (pki.path().join("ingest.pem"), pki.path().join("ingest.key"));
+    let _third = receiver(port, &log, None, Some((&cert, &key))).await;
+    let tls_opts = FeedOptions {
+        target_tls: Some((pki.path().join("hospital-ca.pem"), "localhost".into())),
+        ..opts.clone()
+    };
     let stop = CancellationToken::new();
-    let feed = tokio::spawn(run(opts.clone(), stop.clone()));
+    let feed = tokio::spawn(run(tls_opts, stop.clone()));
     wait_for(&log, SECONDS).await;
     stop.cancel();
     feed.await.unwrap().unwrap();

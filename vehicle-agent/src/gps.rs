@@ -75,6 +75,15 @@ pub struct NmeaAssembler {
     date: Option<NaiveDate>,
 }
 
+/// A line without surrounding whitespace; `None` when blank, an error past [`MAX_LINE_BYTES`].
+fn content(line: &str) -> Result<Option<&str>, String> {
+    let line = line.trim();
+    if line.len() > MAX_LINE_BYTES {
+        return Err("line too long".into());
+    }
+    Ok((!line.is_empty()).then_some(line))
+}
+
 fn f(v: Option<f32>) -> Option<f64> {
     v.map(f64::from).filter(|v| v.is_finite())
 }
@@ -87,13 +96,9 @@ impl NmeaAssembler {
 
     /// Takes one line. Blank lines and sentences of other types are ignored (`Ok(None)`).
     pub fn push_line(&mut self, line: &str) -> Result<Option<Fix>, GpsLineError> {
-        let line = line.trim();
-        if line.is_empty() {
+        let Some(line) = content(line).map_err(GpsLineError::Nmea)? else {
             return Ok(None);
-        }
-        if line.len() > MAX_LINE_BYTES {
-            return Err(GpsLineError::Nmea("line too long".into()));
-        }
+        };
         use nmea::ParseResult as P;
         let parsed = match nmea::parse_str(line) {
             Ok(p) => p,
@@ -289,13 +294,9 @@ impl GpsdReports {
 
     /// Takes one line of gpsd output.
     pub fn push_line(&mut self, line: &str) -> Result<Option<Fix>, GpsLineError> {
-        let line = line.trim();
-        if line.is_empty() {
+        let Some(line) = content(line).map_err(GpsLineError::Gpsd)? else {
             return Ok(None);
-        }
-        if line.len() > MAX_LINE_BYTES {
-            return Err(GpsLineError::Gpsd("line too long".into()));
-        }
+        };
         let bad = |e: serde_json::Error| GpsLineError::Gpsd(e.to_string());
         let report: Report = serde_json::from_str(line).map_err(bad)?;
         match report.class.as_str() {

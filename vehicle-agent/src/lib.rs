@@ -1,4 +1,6 @@
-//! Ambulance-side agent: reads sources (WFDB replay, synthetic ECG, vitals, GPS), frames them
+//! Ambulance-side agent: reads sources (WFDB replay, a patient monitor over HL7 v2 / MLLP
+//! ([`hl7_input`]), a GPS receiver through gpsd or NMEA ([`gps`]), synthetic ECG, vitals and
+//! GPS), frames them
 //! with sequence numbers and capture timestamps, and delivers them to the hospital ingest over
 //! QUIC with mutual TLS over every configured bearer, holding every frame in a crash-safe spool
 //! until the ingest acknowledges it.

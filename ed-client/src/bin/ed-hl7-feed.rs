@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ed_client::client::ClientTls;
+use ed_client::client::IngestArgs;
 use ed_client::hl7_feed::{FeedOptions, run};
 use tokio_util::sync::CancellationToken;
 
@@ -16,20 +16,8 @@ use tokio_util::sync::CancellationToken;
     about = "Feed an HL7 v2 integration engine (IHE PCD-01 over MLLP) from the relay"
 )]
 struct Args {
-    /// gRPC address of the ingest.
-    #[arg(long, default_value = "https://127.0.0.1:50051")]
-    server: String,
-    /// Name the ingest certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// CA of the ingest certificate.
-    #[arg(long, default_value = "certs/hospital-ca.pem")]
-    ca: PathBuf,
-    /// This client's certificate and key (its access policy decides what it may read).
-    #[arg(long, default_value = "certs/ed-console.pem")]
-    cert: PathBuf,
-    #[arg(long, default_value = "certs/ed-console.key")]
-    key: PathBuf,
+    #[command(flatten)]
+    ingest: IngestArgs,
     /// The integration engine's MLLP listener, host:port.
     #[arg(long)]
     target: String,
@@ -59,13 +47,8 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let metrics_listen = a.metrics_listen;
     let opts = FeedOptions {
-        server: a.server,
-        tls: ClientTls {
-            ca: a.ca,
-            cert: a.cert,
-            key: a.key,
-            domain: a.server_name,
-        },
+        server: a.ingest.server.clone(),
+        tls: a.ingest.tls(),
         target: a.target,
         target_tls: a.target_ca.zip(a.target_name),
         state: a.state,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ed_client::client::ClientTls;
+use ed_client::client::IngestArgs;
 use ed_client::monitor::{MonitorOptions, run};
 use relay_proto::model::StreamKind;
 
@@ -15,20 +15,8 @@ use relay_proto::model::StreamKind;
     about = "Watch ambulances live and export their waveforms as WFDB records"
 )]
 struct Args {
-    /// gRPC address of the ingest.
-    #[arg(long, default_value = "https://127.0.0.1:50051")]
-    server: String,
-    /// Name the ingest certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// CA of the ingest certificate.
-    #[arg(long, default_value = "certs/hospital-ca.pem")]
-    ca: PathBuf,
-    /// This client's certificate and key.
-    #[arg(long, default_value = "certs/ed-console.pem")]
-    cert: PathBuf,
-    #[arg(long, default_value = "certs/ed-console.key")]
-    key: PathBuf,
+    #[command(flatten)]
+    ingest: IngestArgs,
     /// Vehicles to follow (repeat); all when absent.
     #[arg(long = "vehicle")]
     vehicles: Vec<String>,
@@ -103,13 +91,8 @@ async fn main() -> anyhow::Result<()> {
     relay_ops::init_logging("warn");
     let a = Args::parse();
     let opts = MonitorOptions {
-        server: a.server,
-        tls: ClientTls {
-            ca: a.ca,
-            cert: a.cert,
-            key: a.key,
-            domain: a.server_name,
-        },
+        server: a.ingest.server.clone(),
+        tls: a.ingest.tls(),
         vehicles: a.vehicles,
         kinds: a.kinds,
         after_cursor: a.after_cursor,
