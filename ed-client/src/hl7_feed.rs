@@ -28,8 +28,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-/// A second of signal waits at most this long (in later signal) for a missing chunk; then it
-/// is sent with the missing samples empty.
+/// A second of signal waits at most this long (in later signal of any stream of its session)
+/// for a missing chunk; then it is sent with the missing samples empty. Bounds what a session
+/// holds.
 pub const MAX_WAIT_SECONDS: u64 = 30;
 /// Messages built but not yet acknowledged, at most (the subscription waits beyond it).
 pub const MAX_QUEUED: usize = 256;
@@ -318,16 +319,24 @@ impl FeedBuilder {
         while let Some(session) = self.sessions.get_mut(key) {
             let k = session.next_window;
             let Some(start) = session.start_ns else { break };
-            let ready = if session.waves.is_empty() {
+            // Complete: every waveform holds the second whole (a vitals-only session: a later
+            // report came). Overdue: the session has gone MAX_WAIT_SECONDS past it in any
+            // stream, so a stream that stalls or never sends holds nothing up for longer.
+            let complete = if session.waves.is_empty() {
                 session.latest_vitals_ns >= start + (k as i64 + 1) * 1_000_000_000
             } else {
-                session.waves.values().all(|w| {
-                    let end = w.index_at(k + 1);
-                    w.contiguous_end(w.index_at(k)) >= end
-                        || w.highest() >= w.index_at(k + 1 + MAX_WAIT_SECONDS)
-                })
+                session
+                    .waves
+                    .values()
+                    .all(|w| w.contiguous_end(w.index_at(k)) >= w.index_at(k + 1))
             };
-            if !ready {
+            let overdue_at = k + 1 + MAX_WAIT_SECONDS;
+            let overdue = session
+                .waves
+                .values()
+                .any(|w| w.highest() >= w.index_at(overdue_at))
+                || session.latest_vitals_ns >= start + overdue_at as i64 * 1_000_000_000;
+            if !(complete || overdue) {
                 break;
             }
             let text = Self::message(&self.facility, key, k, start, session);
@@ -701,6 +710,92 @@ async fn send_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_proto::model::{
+        DataRecord, Frame, StreamDescriptor, StreamInfo, StreamRef, VitalsReport, WaveformChunk,
+        WaveformInfo,
+    };
+
+    fn stream(id: u32, kind: StreamKind) -> StreamRef {
+        StreamRef {
+            vehicle_id: "amb-1".into(),
+            session_id: 7,
+            stream_id: id,
+            kind: kind as i32,
+        }
+    }
+
+    fn ecg_info(id: u32) -> SubscribeResponse {
+        SubscribeResponse {
+            record: Some(Record::Stream(StreamInfo {
+                stream: Some(stream(id, StreamKind::Waveform)),
+                descriptor: Some(StreamDescriptor {
+                    stream_id: id,
+                    kind: StreamKind::Waveform as i32,
+                    name: "ecg".into(),
+                    waveform: Some(WaveformInfo {
+                        sample_rate_hz: 10.0,
+                        channels: vec![ChannelInfo {
+                            name: "II".into(),
+                            gain: 1.0,
+                            ..ChannelInfo::default()
+                        }],
+                        ..WaveformInfo::default()
+                    }),
+                }),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn data(cursor: u64, s: StreamRef, t: i64, payload: Payload) -> SubscribeResponse {
+        SubscribeResponse {
+            cursor,
+            record: Some(Record::Data(DataRecord {
+                stream: Some(s),
+                frame: Some(Frame {
+                    stream_id: 0,
+                    seq: cursor,
+                    capture_time_ns: t,
+                    payload: Some(payload),
+                }),
+                ..DataRecord::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stream_that_never_sends_holds_its_session_back_only_so_long() {
+        let mut b = FeedBuilder::new("ED", HashMap::new());
+        b.push(&ecg_info(0));
+        b.push(&ecg_info(1)); // declared, never sends
+        let mut sent = Vec::new();
+        for k in 0..(MAX_WAIT_SECONDS + 5) {
+            let chunk = Payload::Waveform(WaveformChunk {
+                first_sample_index: k * 10,
+                sample_count: 10,
+                samples: vec![1; 10],
+            });
+            let t = k as i64 * 1_000_000_000;
+            sent.extend(b.push(&data(k + 1, stream(0, StreamKind::Waveform), t, chunk)));
+            let vitals = Payload::Vitals(VitalsReport::default());
+            sent.extend(b.push(&data(1000 + k, stream(2, StreamKind::Vitals), t, vitals)));
+        }
+        // Seconds go once the session is MAX_WAIT_SECONDS past them; stream 1's samples empty.
+        assert_eq!(sent.len(), 5);
+        assert_eq!(sent[0].control_id, "amb-1.7.0");
+        assert!(
+            sent[0].text.contains("|1^1^1^1^1^1^1^1^1^1|"),
+            "{}",
+            sent[0].text
+        );
+        assert!(sent[0].text.contains("|^^^^^^^^^|"), "{}", sent[0].text);
+        let held: usize = b.sessions.values().map(|s| s.vitals.len()).sum();
+        assert!(
+            held <= MAX_WAIT_SECONDS as usize + 1,
+            "{held} vitals reports held"
+        );
+    }
 
     #[test]
     fn timestamps_are_hl7_dtm_in_utc() {

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 use crate::framer::SequenceCounter;
@@ -438,9 +438,40 @@ impl<'a> FixSink<'a> {
     }
 }
 
-fn lines<R: tokio::io::AsyncRead>(reader: R) -> FramedRead<R, LinesCodec> {
-    // A longer line is skipped up to its end, then reading goes on.
-    FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES))
+/// Bounded lines of an input. A line over [`MAX_LINE_BYTES`] is reported and skipped up to
+/// its end, and reading goes on (a receiver at the wrong baud rate sends noise without line
+/// breaks); a read error ends the input like its end does.
+struct Lines<R> {
+    inner: FramedRead<R, LinesCodec>,
+    /// The codec's error was just returned: the reader's next `None` is not the end.
+    after_error: bool,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> Lines<R> {
+    fn new(reader: R) -> Self {
+        Self {
+            inner: FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES)),
+            after_error: false,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<String, String>> {
+        loop {
+            match self.inner.next().await {
+                Some(Ok(line)) => return Some(Ok(line)),
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    self.after_error = true;
+                    return Some(Err("line too long".into()));
+                }
+                Some(Err(LinesCodecError::Io(e))) => {
+                    tracing::warn!(error = %e, "GPS input read failed");
+                    return None;
+                }
+                None if std::mem::take(&mut self.after_error) => {}
+                None => return None,
+            }
+        }
+    }
 }
 
 /// How an NMEA file is read.
@@ -454,8 +485,9 @@ pub struct NmeaReplay {
     pub looping: bool,
 }
 
-/// Reads NMEA sentences from `path` (a serial device or a log file) until it ends (a log not
-/// looped) or `stop` fires. A device or file that cannot be opened is retried with back-off.
+/// Reads NMEA sentences from `path` (a serial device or a log file) until `stop` fires or a
+/// log not looped ends. A device or file that cannot be opened, and a device that ends
+/// (unplugged), is opened again with back-off.
 pub async fn run_nmea(
     path: &Path,
     replay: NmeaReplay,
@@ -478,8 +510,14 @@ pub async fn run_nmea(
                 continue;
             }
         };
+        let device = {
+            use std::os::unix::fs::FileTypeExt;
+            file.metadata()
+                .await
+                .is_ok_and(|m| m.file_type().is_char_device())
+        };
         backoff = RETRY_MIN;
-        let mut input = lines(file);
+        let mut input = Lines::new(file);
         let mut nmea = NmeaAssembler::new();
         // Log time of the first fix and when it was sent, for pacing.
         let mut origin: Option<(f64, Instant)> = None;
@@ -534,7 +572,12 @@ pub async fn run_nmea(
                 return;
             }
         }
-        if !replay.looping {
+        if device {
+            tracing::warn!(path = %path.display(), "NMEA device ended; opening it again");
+            if !pause(&mut backoff, stop).await {
+                return;
+            }
+        } else if !replay.looping {
             return;
         }
     }
@@ -576,7 +619,7 @@ pub async fn run_gpsd(address: SocketAddr, sink: &mut FixSink<'_>, stop: &Cancel
         }
         tracing::info!(%address, "reading gpsd");
         let mut reports = GpsdReports::new();
-        let mut input = lines(stream);
+        let mut input = Lines::new(stream);
         loop {
             // gpsd reports at least once a second while a receiver is attached; silence
             // this long means a dead connection.
@@ -694,6 +737,16 @@ mod tests {
         assert!(a.push_line("garbage").is_err());
         assert!(a.push_line(&"$".repeat(MAX_LINE_BYTES + 1)).is_err());
         assert_eq!(a.finish(), None, "nothing gathered");
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_bound_is_skipped_and_reading_goes_on() {
+        let mut text = "x".repeat(MAX_LINE_BYTES + 10);
+        text.push_str("\nnext\n");
+        let mut lines = Lines::new(text.as_bytes());
+        assert_eq!(lines.next().await, Some(Err("line too long".into())));
+        assert_eq!(lines.next().await, Some(Ok("next".into())));
+        assert_eq!(lines.next().await, None);
     }
 
     #[test]
