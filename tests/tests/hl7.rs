@@ -242,12 +242,6 @@ async fn pcd01_messages_from_a_monitor_arrive_with_values_codes_and_units() {
             // Garbage inside a block: AR, and the connection goes on.
             let (code, _, _) = msa(&exchange(&mut sock, "not hl7 at all").await);
             assert_eq!(code, "AR");
-            // Over max_message_bytes: skipped without an answer (it has no control id to
-            // answer), and the connection goes on with the next message.
-            let mut long = vec![0x0b];
-            long.extend(vec![b'x'; 70 * 1024]);
-            long.extend([0x1c, 0x0d]);
-            sock.write_all(&long).await.unwrap();
         }
     }
 

@@ -440,7 +440,8 @@ impl<'a> FixSink<'a> {
 
 /// Bounded lines of an input. A line over [`MAX_LINE_BYTES`] is reported and skipped up to
 /// its end, and reading goes on (a receiver at the wrong baud rate sends noise without line
-/// breaks); a read error ends the input like its end does.
+/// breaks); a read error ends the input like its end does. After such a line the reader
+/// decodes what it already holds only once more bytes arrive: a GPS input sends every second.
 struct Lines<R> {
     inner: FramedRead<R, LinesCodec>,
     /// The codec's error was just returned: the reader's next `None` is not the end.

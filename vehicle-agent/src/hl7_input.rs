@@ -331,24 +331,23 @@ impl Connection {
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, io: S) {
         let mut framed = Framed::new(io, MllpCodec::new(self.max_bytes));
         let mut acks: u64 = 0;
-        // After a codec error the reader yields one `None` that is not the end of input.
-        let mut after_error = false;
         loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(IDLE_TIMEOUT, framed.next()) => n,
                 () = self.stop.cancelled() => return,
             };
             let msg = match next {
-                Ok(None) if std::mem::take(&mut after_error) => continue,
                 Err(_) | Ok(None) => return,
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(relay_hl7::MllpError::Io(_)))) => return,
                 Ok(Some(Err(e))) => {
                     // Framing errors (too long, bytes outside a block) have no control id to
-                    // answer: counted, logged, and the codec goes on at the next block.
+                    // answer. The reader then ends this connection (its next item is None);
+                    // the monitor reconnects. Going on would need the codec to yield
+                    // refusals as items: after an error the reader does not decode what it
+                    // already holds until new bytes arrive, and the sender waits for an ACK.
                     count("rejected");
                     tracing::warn!(error = %e, "HL7 framing");
-                    after_error = true;
                     continue;
                 }
             };
