@@ -494,6 +494,7 @@ mod tests {
                         first_sample_index: first,
                         sample_count: samples.len() as u32,
                         samples,
+                        ..Default::default()
                     })),
                 }),
                 late: false,

@@ -411,6 +411,7 @@ mod tests {
                 first_sample_index: first,
                 sample_count: samples.len() as u32,
                 samples,
+                ..Default::default()
             })
         };
         x.handle(&data(

@@ -775,6 +775,7 @@ mod tests {
                 first_sample_index: k * 10,
                 sample_count: 10,
                 samples: vec![1; 10],
+                ..Default::default()
             });
             let t = k as i64 * 1_000_000_000;
             sent.extend(b.push(&data(k + 1, stream(0, StreamKind::Waveform), t, chunk)));

@@ -315,6 +315,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                     first_sample_index: 70,
                     sample_count: 10,
                     samples: (0..10 * ECG_LEADS as i32).collect(),
+                    ..Default::default()
                 }),
             ),
             frame(
@@ -351,6 +352,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 protocol_version: relay_proto::PROTOCOL_VERSION,
                 ingest_time_ns: 1_700_000_000_000_000_000,
                 hello_received_ns: 1_699_999_999_999_000_000,
+                ..Default::default()
             })),
             control(Body::Pong(Pong {
                 id: 1,

@@ -38,6 +38,7 @@ fn payload() -> impl Strategy<Value = Option<Payload>> {
                     first_sample_index,
                     sample_count,
                     samples,
+                    ..Default::default()
                 })
             )),
         prop::collection::vec((any::<u32>(), any::<f64>()), 0..8).prop_map(|v| Some(
@@ -81,6 +82,7 @@ fn honest_frame() -> impl Strategy<Value = Frame> {
                 first_sample_index: seq * u64::from(count),
                 sample_count: count,
                 samples: vec![v; count as usize * 3],
+                ..Default::default()
             }),
             1 => Payload::Vitals(VitalsReport {
                 values: vec![VitalSign {

@@ -278,6 +278,11 @@ pub struct Quic {
     /// Largest frame accepted; a larger one closes that connection.
     #[arg(long)]
     pub max_frame_bytes: usize,
+    /// Decode waveform frames packed with the lossless codec (lpc1) and say so in the
+    /// HelloAck. Off, agents send plain samples (about three times the bytes) and a packed
+    /// frame closes its connection.
+    #[arg(long = "quic-decode-waveform-codec", action = clap::ArgAction::Set)]
+    pub decode_waveform_codec: bool,
     /// Frames in flight per connection (concurrent unidirectional streams).
     #[arg(long = "quic-max-concurrent-frames")]
     pub max_concurrent_frames: u32,
@@ -639,6 +644,7 @@ impl Default for Quic {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             max_connections: 1024,
             max_frame_bytes: relay_proto::DEFAULT_MAX_FRAME_BYTES,
+            decode_waveform_codec: true,
             max_concurrent_frames: 512,
             idle_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),

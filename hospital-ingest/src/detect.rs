@@ -681,6 +681,7 @@ mod tests {
                 first_sample_index: index,
                 sample_count: 20,
                 samples: vec![0; 20],
+                ..Default::default()
             })),
         }
     }

@@ -160,6 +160,10 @@ pub fn describe() {
         "Vehicles with at least one connected bearer"
     );
     describe_counter!(
+        "relay_ingest_waveform_frames_total",
+        "Valid waveform frames received, by how their samples travelled (samples, lpc1)"
+    );
+    describe_counter!(
         "relay_ingest_frames_received_total",
         "Valid frames received (before deduplication)"
     );

@@ -32,6 +32,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run emulated links in front of a UDP service (e.g. an ingest's QUIC port).
     Emulate(EmulateArgs),
+    /// Measure the waveform codec on records: size against 16-bit and varints, time per
+    /// sample, every frame checked.
+    Codec(crate::codec::CodecArgs),
     /// Run a hospital ingest (used by `run` to measure it as a separate process); takes the
     /// ingest's own flags.
     #[command(hide = true)]
@@ -72,6 +75,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Emulate(a) => {
             relay_ops::init_logging("warn");
             emulate(a).await
+        }
+        Command::Codec(a) => {
+            let report = crate::codec::run(&a)?;
+            println!("{}", report.human());
+            Ok(())
         }
         Command::Run(a) => {
             // Fifty agents reconnecting through coverage holes is the point of a run, not news:

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod codec;
 pub mod demo;
 pub mod loadgen;
 pub mod nats;

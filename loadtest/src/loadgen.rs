@@ -94,6 +94,9 @@ pub struct RunArgs {
     /// Agent policy for waveforms (default: the agent's, redundant).
     #[arg(long, value_enum)]
     pub waveform_policy: Option<Policy>,
+    /// How agents send waveform samples (the agent's `framing.waveform_encoding`).
+    #[arg(long, value_enum, default_value = "lpc1")]
+    pub waveform_encoding: vehicle_agent::config::WaveformEncodingChoice,
     /// Failover scenario: this far into the measured time, cut (blackhole, both ways) the bearer
     /// of each vehicle that carried the most in the second before; the report then shows the
     /// longest gap across the cut. Multi-bearer phases only.
@@ -296,12 +299,13 @@ pub async fn run(args: RunArgs, ingest_exe: &Path) -> anyhow::Result<Report> {
         name: "relay",
         description: format!(
             "the relay as built: {} emulated bearer(s) per vehicle, the agent schedules over all \
-             of them ({}); the oracle may use all",
+             of them ({}, waveform encoding {:?}); the oracle may use all",
             bearers.len(),
             args.waveform_policy
                 .map_or("default policies".to_owned(), |p| format!(
                     "waveforms {p:?}"
-                ))
+                )),
+            args.waveform_encoding
         ),
         bearers_per_vehicle: bearers.len(),
     }];
@@ -1061,6 +1065,7 @@ async fn run_phase(
         cfg.tls.cert = pki.join(format!("{}.pem", plan.id));
         cfg.tls.key = pki.join(format!("{}.key", plan.id));
         cfg.framing.frame = Duration::from_millis(u64::from(args.frame_ms));
+        cfg.framing.waveform_encoding = args.waveform_encoding;
         cfg.buffer.stop_drain = args.drain_timeout;
         cfg.sources = sources(args);
         if let Some(p) = args.waveform_policy {

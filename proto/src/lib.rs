@@ -2,8 +2,8 @@
 //!
 //! Generated from `proto/` with protox + tonic-prost-build; this crate adds the constants both
 //! sides must agree on and the small pure helpers and tables around them: sequence ranges
-//! ([`seq`]), the clock offset estimate ([`clock`]), close codes, the delivery [`Class`] of a stream kind, and the MDC/UCUM code
-//! table ([`codes`]). Nothing else lives here, so every crate can depend on it cheaply.
+//! ([`seq`]), the clock offset estimate ([`clock`]), close codes, the delivery [`Class`] of a stream kind, the MDC/UCUM code
+//! table ([`codes`]) and waveform chunk packing ([`waveform`]). Nothing else lives here, so every crate can depend on it cheaply.
 #![warn(missing_docs)]
 #![allow(clippy::doc_lazy_continuation)]
 
@@ -35,6 +35,7 @@ pub mod class;
 pub mod clock;
 pub mod codes;
 pub mod seq;
+pub mod waveform;
 
 pub use class::Class;
 
@@ -193,6 +194,7 @@ mod tests {
                 first_sample_index: 14_400,
                 sample_count: 2,
                 samples: vec![995, 1011, -3, 32767],
+                ..Default::default()
             })),
         };
         let bytes = frame.encode_to_vec();

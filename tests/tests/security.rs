@@ -236,6 +236,7 @@ async fn each_detector_reason_is_raised_by_a_vehicle_that_misbehaves_and_not_by_
             first_sample_index: index,
             sample_count: count,
             samples: vec![0; count as usize],
+            ..Default::default()
         })
     };
     for bytes in [

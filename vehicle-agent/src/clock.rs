@@ -149,6 +149,7 @@ mod tests {
             protocol_version: relay_proto::PROTOCOL_VERSION,
             hello_received_ns: T0 - 5000 * MS + 20 * MS,
             ingest_time_ns: T0 - 5000 * MS + 21 * MS,
+            ..Default::default()
         };
         // A vehicle clock 5 s ahead, 20 ms each way.
         let (mut sync, hello) = ClockSync::after_hello(now, PING_INTERVAL, T0, &ack, T0 + 41 * MS);

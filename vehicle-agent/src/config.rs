@@ -310,6 +310,32 @@ pub struct Framing {
     /// Largest encoded frame; must not exceed the ingest's bound.
     #[arg(long)]
     pub max_frame_bytes: usize,
+    /// How waveform samples travel: `lpc1`, the lossless per-frame codec (about a third of
+    /// the bytes of `samples` on ECG), or `samples`, one varint per sample. A bearer whose
+    /// ingest does not decode lpc1 gets samples whatever this says.
+    #[arg(long, value_enum)]
+    pub waveform_encoding: WaveformEncodingChoice,
+}
+
+/// Waveform encodings an agent can be told to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveformEncodingChoice {
+    /// The lossless per-frame codec (relay-codec).
+    #[default]
+    Lpc1,
+    /// One zig-zag varint per sample.
+    Samples,
+}
+
+impl WaveformEncodingChoice {
+    /// The wire value.
+    pub fn wire(self) -> relay_proto::model::WaveformEncoding {
+        match self {
+            Self::Lpc1 => relay_proto::model::WaveformEncoding::Lpc1,
+            Self::Samples => relay_proto::model::WaveformEncoding::Samples,
+        }
+    }
 }
 
 /// What is held until acknowledged.
@@ -641,6 +667,7 @@ impl Default for Framing {
         Self {
             frame: Duration::from_millis(40),
             max_frame_bytes: relay_proto::DEFAULT_MAX_FRAME_BYTES,
+            waveform_encoding: WaveformEncodingChoice::default(),
         }
     }
 }

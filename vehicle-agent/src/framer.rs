@@ -71,6 +71,7 @@ impl WaveformFramer {
                 first_sample_index: self.next_sample,
                 sample_count: count as u32,
                 samples: interleaved,
+                ..WaveformChunk::default()
             })),
         };
         self.next_seq += 1;

@@ -136,6 +136,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 ingest_time_ns: 42,
                 hello_received_ns: 41,
+                ..Default::default()
             })))
             .unwrap();
         assert_eq!(ack.ingest_time_ns, 42);

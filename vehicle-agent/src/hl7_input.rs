@@ -186,6 +186,7 @@ impl Hl7Streams {
                     first_sample_index: ws.next_sample,
                     sample_count: n as u32,
                     samples,
+                    ..WaveformChunk::default()
                 }),
             ));
             ws.next_sample += n as u64;

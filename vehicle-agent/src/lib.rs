@@ -195,6 +195,12 @@ impl Agent {
             // Its sequence base is known once the spool is open (set below).
             prepared.push(sources::PreparedSource::events(id, rx, 0));
         }
+        let encoding = cfg.framing.waveform_encoding.wire();
+        for p in &mut prepared {
+            if let Some(w) = p.descriptor.waveform.as_mut() {
+                w.set_encoding(encoding);
+            }
+        }
         let descriptors: Vec<_> = prepared.iter().map(|p| p.descriptor.clone()).collect();
         let spool_path = cfg.spool.path.clone();
         let (spool, opened) = {

@@ -208,6 +208,7 @@ impl PreparedSource {
                         frame_rate_hz: if multi_rate { frame_rate } else { 0.0 },
                         source_samples_per_frame: layout.clone(),
                         counter_frequency_hz: rec.header.counter_frequency.unwrap_or(0.0),
+                        ..WaveformInfo::default()
                     }),
                 },
                 kind: Kind::Replay {

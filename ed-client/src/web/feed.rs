@@ -237,6 +237,7 @@ mod tests {
                         first_sample_index: 360,
                         sample_count: 2,
                         samples: vec![-5, 7, 1024, -1024],
+                        ..Default::default()
                     })),
                 }),
                 late: true,

@@ -73,12 +73,18 @@ impl ServerHandshake {
 
     /// The answer to an accepted Hello that arrived at `hello_received_ns`, sent at
     /// `ingest_time_ns` (our clock: the middle of the first clock exchange).
-    pub fn hello_ack(hello_received_ns: i64, ingest_time_ns: i64) -> Bytes {
+    /// `waveform_codec`: whether packed waveform frames are decoded here.
+    pub fn hello_ack(hello_received_ns: i64, ingest_time_ns: i64, waveform_codec: bool) -> Bytes {
         let msg = ControlMessage {
             body: Some(Body::HelloAck(HelloAck {
                 protocol_version: PROTOCOL_VERSION,
                 ingest_time_ns,
                 hello_received_ns,
+                waveform_encodings: if waveform_codec {
+                    vec![relay_proto::model::WaveformEncoding::Lpc1 as i32]
+                } else {
+                    Vec::new()
+                },
             })),
         };
         Bytes::from(msg.encode_to_vec())
@@ -111,17 +117,27 @@ mod tests {
     }
 
     #[test]
+    fn the_hello_ack_lists_the_codec_only_when_it_is_decoded() {
+        let ack = ControlMessage::decode(ServerHandshake::hello_ack(8, 9, false)).unwrap();
+        let Some(Body::HelloAck(ack)) = ack.body else {
+            panic!("not a HelloAck");
+        };
+        assert!(ack.waveform_encodings.is_empty());
+    }
+
+    #[test]
     fn accepts_a_valid_hello_and_answers_with_our_version() {
         let hs = ServerHandshake::new(Instant::now(), Duration::from_secs(5));
         let h = hs.handle_message(&hello("amb-1"), "amb-1").unwrap();
         assert_eq!(h.session_id, 1);
-        let ack = ControlMessage::decode(ServerHandshake::hello_ack(8, 9)).unwrap();
+        let ack = ControlMessage::decode(ServerHandshake::hello_ack(8, 9, true)).unwrap();
         assert_eq!(
             ack.body,
             Some(Body::HelloAck(HelloAck {
                 protocol_version: PROTOCOL_VERSION,
                 ingest_time_ns: 9,
                 hello_received_ns: 8,
+                waveform_encodings: vec![relay_proto::model::WaveformEncoding::Lpc1 as i32],
             }))
         );
     }

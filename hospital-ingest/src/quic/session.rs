@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message;
-use relay_proto::model::{DataRecord, Frame, StreamDescriptor, StreamRef, TimestampCheck};
+use relay_proto::model::{
+    DataRecord, Frame, StreamDescriptor, StreamRef, TimestampCheck, frame::Payload,
+};
 use relay_proto::wire::v1::{ControlMessage, Pong, control_message::Body};
 use relay_proto::{CloseCode, MAX_CONTROL_MESSAGE_BYTES};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -175,12 +177,18 @@ pub(super) async fn serve_vehicle(
         .iter()
         .map(|s| (s.stream_id, s.clone()))
         .collect();
+    // Subscribers always get plain samples (frames are unpacked on arrival), so what is
+    // stored and published says so; the vehicle's choice stays in `streams` for reading.
+    let mut published = hello.streams;
+    for w in published.iter_mut().filter_map(|s| s.waveform.as_mut()) {
+        w.set_encoding(relay_proto::model::WaveformEncoding::Samples);
+    }
     let (done_tx, done_rx) = oneshot::channel();
     ctx.writer
         .send(WriterCmd::Streams {
             vehicle: vehicle.clone(),
             session,
-            streams: hello.streams,
+            streams: published,
             done: done_tx,
         })
         .await
@@ -199,7 +207,11 @@ pub(super) async fn serve_vehicle(
         Err(_) => return Err(refuse(CloseCode::Overloaded, "could not register streams")),
     }
     let ack_sent_ns = crate::now_utc_ns();
-    let ack = ServerHandshake::hello_ack(hello_received_ns, ack_sent_ns);
+    let ack = ServerHandshake::hello_ack(
+        hello_received_ns,
+        ack_sent_ns,
+        ctx.cfg.decode_waveform_codec,
+    );
     if control_out.send(ack).await.is_err() {
         return Ok(()); // the peer went away during the handshake
     }
@@ -221,6 +233,7 @@ pub(super) async fn serve_vehicle(
         budget: online.budget.clone(),
         reading: ctx.reading.clone(),
         max: ctx.cfg.max_frame_bytes,
+        decode_waveform_codec: ctx.cfg.decode_waveform_codec,
         deadline: ctx.cfg.frame_read_timeout,
         streams: Arc::new(streams),
         vehicle: vehicle.clone(),
@@ -317,6 +330,8 @@ struct FrameReader {
     budget: Arc<Semaphore>,
     reading: Arc<Semaphore>,
     max: usize,
+    /// Packed waveform frames are decoded (the HelloAck said so).
+    decode_waveform_codec: bool,
     deadline: Duration,
     streams: Arc<HashMap<u32, StreamDescriptor>>,
     vehicle: Arc<str>,
@@ -329,6 +344,42 @@ struct FrameReader {
 }
 
 impl FrameReader {
+    /// Turns a packed waveform chunk into samples, so everything after this (detector,
+    /// store, subscribers) sees one form. A packed chunk may not expand to more samples than
+    /// a plain frame of the size bound could hold (a sample takes at least a byte there).
+    fn unpack(&self, frame: &mut Frame) -> Result<(), Refusal> {
+        let (Some(Payload::Waveform(chunk)), Some(info)) = (
+            frame.payload.as_mut(),
+            self.streams
+                .get(&frame.stream_id)
+                .and_then(|d| d.waveform.as_ref()),
+        ) else {
+            return Ok(());
+        };
+        if chunk.packed.is_empty() {
+            metrics::counter!("relay_ingest_waveform_frames_total", "encoding" => "samples")
+                .increment(1);
+            return Ok(());
+        }
+        if !self.decode_waveform_codec {
+            return Err(refuse(
+                CloseCode::Malformed,
+                format!(
+                    "stream {} seq {}: packed waveform, and this ingest said it takes samples",
+                    frame.stream_id, frame.seq
+                ),
+            ));
+        }
+        relay_proto::waveform::unpack(chunk, info, self.max).map_err(|e| {
+            refuse(
+                CloseCode::Malformed,
+                format!("stream {} seq {}: {e}", frame.stream_id, frame.seq),
+            )
+        })?;
+        metrics::counter!("relay_ingest_waveform_frames_total", "encoding" => "lpc1").increment(1);
+        Ok(())
+    }
+
     /// Reads one frame stream within its size bound and deadline, validates the frame and
     /// hands it to the store writer; `ack` learns when it is durable.
     async fn read_frame(
@@ -372,9 +423,10 @@ impl FrameReader {
                 drop(permit.split(spare));
             }
         }
-        let frame = Frame::decode(bytes.as_slice())
+        let mut frame = Frame::decode(bytes.as_slice())
             .map_err(|e| refuse(CloseCode::Malformed, format!("undecodable frame: {e}")))?;
         validate_frame(&frame, &self.streams)?;
+        self.unpack(&mut frame)?;
         metrics::counter!("relay_ingest_frames_received_total").increment(1);
         let received_ns = crate::now_utc_ns();
         let vehicle_clock = self

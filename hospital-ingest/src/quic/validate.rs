@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use relay_proto::model::{Frame, StreamDescriptor, StreamKind, frame::Payload};
+use relay_proto::model::{Frame, StreamDescriptor, StreamKind, WaveformEncoding, frame::Payload};
 use relay_proto::wire::v1::Hello;
 use relay_proto::{CloseCode, PROTOCOL_VERSION};
 
@@ -88,6 +88,15 @@ fn validate_descriptor(s: &StreamDescriptor) -> Result<(), Refusal> {
                     format!("stream {}: bad waveform rate or channels", s.stream_id),
                 ));
             }
+            if WaveformEncoding::try_from(w.encoding).is_err() {
+                return Err(refuse(
+                    CloseCode::Malformed,
+                    format!(
+                        "stream {}: unknown waveform encoding {}",
+                        s.stream_id, w.encoding
+                    ),
+                ));
+            }
             let layout = &w.source_samples_per_frame;
             let layout_ok = layout.len() <= MAX_CHANNELS
                 && layout
@@ -146,9 +155,20 @@ pub fn validate_frame(
     let ok = match (&frame.payload, kind) {
         (Some(Payload::Waveform(w)), StreamKind::Waveform) => {
             let channels = desc.waveform.as_ref().map_or(0, |w| w.channels.len());
+            // Plain samples are always understood; packed ones only on a stream that said
+            // how they are packed (unpacking checks the rest).
+            let form_ok = if w.packed.is_empty() {
+                w.samples.len() == w.sample_count as usize * channels
+            } else {
+                w.samples.is_empty()
+                    && desc
+                        .waveform
+                        .as_ref()
+                        .is_some_and(|i| i.encoding() != WaveformEncoding::Samples)
+            };
             w.sample_count > 0
                 && w.sample_count <= MAX_SAMPLES_PER_FRAME
-                && w.samples.len() == w.sample_count as usize * channels
+                && form_ok
                 // Sample index consistent with the frame number: frames before this one
                 // hold at most MAX_SAMPLES_PER_FRAME each.
                 && w.first_sample_index <= frame.seq * u64::from(MAX_SAMPLES_PER_FRAME)
@@ -295,6 +315,7 @@ mod tests {
                 first_sample_index: 0,
                 sample_count: count,
                 samples: vec![0; n],
+                ..Default::default()
             })),
         };
         assert!(validate_frame(&wave(3, 6), &streams).is_ok());
@@ -336,6 +357,49 @@ mod tests {
             ..wave(1, 2)
         };
         assert!(validate_frame(&no_payload, &streams).is_err());
+    }
+
+    #[test]
+    fn packed_frames_only_on_streams_that_declared_their_encoding() {
+        let mut packed_ecg = ecg(1);
+        if let Some(w) = packed_ecg.waveform.as_mut() {
+            w.set_encoding(WaveformEncoding::Lpc1);
+        }
+        let streams: HashMap<u32, StreamDescriptor> =
+            [(0, ecg(0)), (1, packed_ecg.clone())].into_iter().collect();
+        let wave = |stream_id: u32, samples: Vec<i32>, packed: Vec<u8>| Frame {
+            stream_id,
+            payload: Some(Payload::Waveform(WaveformChunk {
+                sample_count: 3,
+                samples,
+                packed,
+                ..Default::default()
+            })),
+            ..Frame::default()
+        };
+        assert!(validate_frame(&wave(1, Vec::new(), vec![1, 2]), &streams).is_ok());
+        assert!(
+            validate_frame(&wave(1, vec![0; 6], Vec::new()), &streams).is_ok(),
+            "plain samples are understood on any stream"
+        );
+        assert!(
+            validate_frame(&wave(0, Vec::new(), vec![1, 2]), &streams).is_err(),
+            "packed on a plain stream"
+        );
+        assert!(
+            validate_frame(&wave(1, vec![0; 6], vec![1, 2]), &streams).is_err(),
+            "both forms at once"
+        );
+        // A descriptor with an encoding this ingest does not know is refused at the Hello.
+        if let Some(w) = packed_ecg.waveform.as_mut() {
+            w.encoding = 7;
+        }
+        assert_eq!(
+            validate_hello(&hello(vec![packed_ecg]), "amb-1")
+                .unwrap_err()
+                .code,
+            CloseCode::Malformed
+        );
     }
 
     #[test]

@@ -100,6 +100,8 @@ struct Dialed {
     /// Clock exchanges of this connection, the Hello's done.
     clock: ClockSync,
     hello_exchange: Exchange,
+    /// What the HelloAck listed.
+    waveform_encodings: Vec<i32>,
 }
 
 /// One connection attempt: QUIC handshake, Hello, HelloAck, all within `timeout`.
@@ -149,6 +151,7 @@ async fn dial(
                 writer,
                 clock,
                 hello_exchange,
+                waveform_encodings: ack.waveform_encodings,
             })
         }
         Some(Err(e)) => Err(UplinkError::ControlStream(e)),
@@ -270,11 +273,24 @@ impl BearerTask {
             mut writer,
             mut clock,
             hello_exchange,
+            waveform_encodings,
         } = dialed;
         shared.clock_exchange(&hello_exchange);
         tracing::info!(bearer = %self.bearer.name, remote = %conn.remote_address(), "bearer connected to ingest");
         metrics::counter!("relay_agent_connects_total").increment(1);
-        *lock(&shared.conns[index]) = Some((generation, conn.clone()));
+        // Waveform encodings this ingest does not decode travel as plain samples to it.
+        let plain_waveforms = shared
+            .packed_streams
+            .values()
+            .any(|w| !waveform_encodings.contains(&w.encoding));
+        if plain_waveforms {
+            tracing::warn!(bearer = %self.bearer.name, "the ingest does not decode the configured waveform encoding; sending plain samples to it");
+        }
+        *lock(&shared.conns[index]) = Some(super::Live {
+            generation,
+            conn: conn.clone(),
+            plain_waveforms,
+        });
         shared
             .sched()
             .on_connected(index, generation, Instant::now());
@@ -327,7 +343,7 @@ impl BearerTask {
         stats.abort();
         {
             let mut c = lock(&shared.conns[index]);
-            if c.as_ref().is_some_and(|(g, _)| *g == generation) {
+            if c.as_ref().is_some_and(|l| l.generation == generation) {
                 *c = None;
             }
         }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
+use prost::Message;
 use relay_proto::Class;
+use relay_proto::model::{Frame, WaveformInfo, frame::Payload};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -93,8 +96,10 @@ fn publish_metrics(shared: &Shared, now: Instant) {
 }
 
 fn start_copy(shared: &Arc<Shared>, send: Transmit) {
-    let conn = match &*lock(&shared.conns[send.bearer]) {
-        Some((g, c)) if *g == send.generation => c.clone(),
+    let (conn, plain_waveforms) = match &*lock(&shared.conns[send.bearer]) {
+        Some(live) if live.generation == send.generation => {
+            (live.conn.clone(), live.plain_waveforms)
+        }
         _ => {
             shared
                 .sched()
@@ -119,6 +124,10 @@ fn start_copy(shared: &Arc<Shared>, send: Transmit) {
     }
     let shared = shared.clone();
     tokio::spawn(async move {
+        let mut send = send;
+        if plain_waveforms && let Some(info) = shared.packed_streams.get(&send.id.stream_id) {
+            send.bytes = plain_copy(&send.bytes, info);
+        }
         let result = write_copy(&conn, &send, &token).await;
         if let Err(e) = result
             && !token.is_cancelled()
@@ -144,6 +153,21 @@ pub(super) fn cancel_copy(shared: &Shared, bearer: usize, id: FrameId) {
     if let Some(c) = lock(&shared.copies).remove(&(bearer, id)) {
         c.token.cancel();
     }
+}
+
+/// The frame with its waveform chunk unpacked, for an ingest that does not decode the
+/// stream's encoding (our own frames: they only fail to unpack if the spool was damaged, and
+/// then go as they are, for the ingest to refuse).
+fn plain_copy(bytes: &Bytes, info: &WaveformInfo) -> Bytes {
+    let Ok(mut frame) = Frame::decode(bytes.as_ref()) else {
+        return bytes.clone();
+    };
+    if let Some(Payload::Waveform(chunk)) = frame.payload.as_mut()
+        && relay_proto::waveform::unpack(chunk, info, usize::MAX).is_ok()
+    {
+        return Bytes::from(frame.encode_to_vec());
+    }
+    bytes.clone()
 }
 
 /// Writes one copy on its own unidirectional stream, then holds the stream until the peer

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use prost::Message;
-use relay_proto::model::Frame;
+use relay_proto::model::{Frame, frame::Payload};
+use relay_proto::waveform::{Encoder, pack};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -22,6 +23,7 @@ pub(super) async fn intake(
     shared: Arc<Shared>,
     kinds: HashMap<u32, i32>,
     seq_base: HashMap<u32, u64>,
+    mut encoders: HashMap<u32, Encoder>,
     max_frame_bytes: usize,
 ) {
     let mut spool = shared.spool.clone();
@@ -32,6 +34,13 @@ pub(super) async fn intake(
             stream_id: frame.stream_id,
             seq: frame.seq,
         };
+        if let (Some(encoder), Some(Payload::Waveform(chunk))) =
+            (encoders.get_mut(&frame.stream_id), frame.payload.as_mut())
+            && let Err(e) = pack(chunk, encoder)
+        {
+            // Only a source breaking its own layout gets here; plain samples still go.
+            tracing::warn!(stream_id = id.stream_id, error = %e, "waveform frame not packed");
+        }
         let bytes = Bytes::from(frame.encode_to_vec());
         if bytes.len() > max_frame_bytes {
             tracing::error!(

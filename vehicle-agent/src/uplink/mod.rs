@@ -103,8 +103,8 @@ struct Shared {
     /// The scheduler became empty (for a draining agent).
     drained: Notify,
     intake_done: AtomicBool,
-    /// Current connection of each bearer with its generation.
-    conns: Vec<Mutex<Option<(u64, quinn::Connection)>>>,
+    /// Current connection of each bearer.
+    conns: Vec<Mutex<Option<Live>>>,
     copies: Mutex<HashMap<(usize, FrameId), CopyHandle>>,
     next_copy: AtomicU64,
     names: Vec<String>,
@@ -115,6 +115,19 @@ struct Shared {
     clock: Arc<Mutex<relay_proto::clock::ClockFilter>>,
     /// The events stream's id and the ED's acknowledgements of its events.
     event_acks: Option<(u32, crate::events::Acks)>,
+    /// Waveform streams whose chunks are packed, by id (to unpack them for an ingest that
+    /// does not decode their encoding).
+    packed_streams: HashMap<u32, relay_proto::model::WaveformInfo>,
+}
+
+/// A bearer's established connection.
+#[derive(Debug, Clone)]
+struct Live {
+    generation: u64,
+    conn: quinn::Connection,
+    /// Its ingest does not decode every packed stream's encoding: waveform frames go to it
+    /// as plain samples.
+    plain_waveforms: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +156,7 @@ impl Shared {
             failed,
             clock: Arc::default(),
             event_acks: None,
+            packed_streams: HashMap::new(),
         }
     }
 
@@ -288,6 +302,23 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
     let mut shared = Shared::new(sched, names, spool, failed);
     shared.clock = clock;
     shared.event_acks = event_acks;
+    shared.packed_streams = hello
+        .streams
+        .iter()
+        .filter_map(|s| Some((s.stream_id, s.waveform.clone()?)))
+        .filter(|(_, w)| w.encoding() != relay_proto::model::WaveformEncoding::Samples)
+        .collect();
+    let mut encoders = HashMap::new();
+    for (&id, info) in &shared.packed_streams {
+        match relay_proto::waveform::encoder_for(info) {
+            Ok(Some(encoder)) => {
+                encoders.insert(id, encoder);
+            }
+            Ok(None) => {}
+            // The ingest refuses such a Hello anyway; plain samples are the safe side.
+            Err(e) => tracing::warn!(stream_id = id, error = %e, "waveform stream not packed"),
+        }
+    }
     let shared = Arc::new(shared);
     if let Err(e) = dropped {
         shared.spool_lost(e);
@@ -299,6 +330,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
         shared.clone(),
         kinds,
         seq_base,
+        encoders,
         cfg.framing.max_frame_bytes,
     ));
     tasks.spawn(dispatch::dispatch(shared.clone(), shutdown.clone()));
@@ -337,7 +369,7 @@ pub async fn run(up: Uplink) -> Result<usize, std::io::Error> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     for c in &shared.conns {
-        if let Some((_, conn)) = lock(c).take() {
+        if let Some(Live { conn, .. }) = lock(c).take() {
             conn.close(
                 quinn::VarInt::from_u32(CloseCode::Normal.as_u32()),
                 b"agent stopping",
@@ -406,7 +438,15 @@ mod tests {
         .unwrap();
         drop(tx);
         let kinds = HashMap::from([(0, StreamKind::Vitals as i32)]);
-        intake::intake(rx, shared.clone(), kinds, HashMap::new(), 1 << 16).await;
+        intake::intake(
+            rx,
+            shared.clone(),
+            kinds,
+            HashMap::new(),
+            HashMap::new(),
+            1 << 16,
+        )
+        .await;
         assert!(failed.is_cancelled(), "the agent is told to stop");
         assert!(
             shared.sched().is_empty(),
