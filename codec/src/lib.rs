@@ -43,6 +43,10 @@ const WEIGHTS: [i64; 4] = [-2, -1, 1, 2];
 /// as references (the first ones: 12-lead sources put I and II first).
 const RECENT_REFERENCES: usize = 4;
 const LEADING_REFERENCES: usize = 3;
+/// Frames between full searches for a channel's references (staggered over the channels);
+/// in between, the encoder tries what the last search found. How leads relate does not
+/// change from one frame to the next, and the search is most of the encoding time.
+const SEARCH_EVERY: u64 = 25;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +121,10 @@ pub struct Encoder {
     /// Residuals of every channel at every order: `e[(c * (MAX_ORDER + 1) + p) * n + t]`.
     e: Vec<i64>,
     last: Vec<Choice>,
+    /// Per channel, the best references the last full search found.
+    found: Vec<Option<Choice>>,
+    /// Frames encoded so far.
+    frames: u64,
     residual: Vec<i64>,
 }
 
@@ -130,6 +138,8 @@ impl Encoder {
             x: Vec::new(),
             e: Vec::new(),
             last: vec![Choice::default(); centers.len()],
+            found: vec![None; centers.len()],
+            frames: 0,
             residual: Vec::new(),
         })
     }
@@ -177,6 +187,7 @@ impl Encoder {
             write_channel(&mut w, c, &choice, k, &self.residual);
         }
         w.finish();
+        self.frames += 1;
         Ok(())
     }
 
@@ -252,12 +263,16 @@ impl Encoder {
                 best_inter = Some(choice);
             }
         };
-        if last.refs[0].is_some() && last.refs.iter().flatten().all(|&(a, _)| a < c) {
-            consider(self, last, &mut best_l1);
+        for hint in [Some(last), self.found[c]].into_iter().flatten() {
+            if hint.refs[0].is_some() && hint.refs.iter().flatten().all(|&(a, _)| a < c) {
+                consider(self, hint, &mut best_l1);
+            }
         }
-        // Nothing left to gain on a residual of about a unit a sample.
-        if own_l1 <= n as u64 {
-            return (own_choice, own_k);
+        // A search is due (the first frame, then staggered), unless nothing is left to gain
+        // on a residual of about a unit a sample.
+        let search_due = self.frames == 0 || self.frames % SEARCH_EVERY == c as u64 % SEARCH_EVERY;
+        if own_l1 <= n as u64 || !search_due {
+            return self.pick(c, n, best_inter, own_bits, own_choice, own_k);
         }
         let orders: &[usize] = if own_choice.order == 0 {
             &[0]
@@ -284,7 +299,21 @@ impl Encoder {
                 }
             }
         }
-        let Some(inter) = best_inter else {
+        self.found[c] = best_inter;
+        self.pick(c, n, best_inter, own_bits, own_choice, own_k)
+    }
+
+    /// The inter-channel choice if it costs fewer bits than the channel's own prediction.
+    fn pick(
+        &mut self,
+        c: usize,
+        n: usize,
+        inter: Option<Choice>,
+        own_bits: u64,
+        own_choice: Choice,
+        own_k: u32,
+    ) -> (Choice, u32) {
+        let Some(inter) = inter else {
             return (own_choice, own_k);
         };
         self.residual_into(c, n, &inter);
