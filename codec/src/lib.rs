@@ -319,7 +319,7 @@ impl Encoder {
         self.residual_into(c, n, &inter);
         let (bits, k) = cost(&self.residual);
         let header = header_bits(c, &inter) - header_bits(c, &own_choice);
-        if bits + header < own_bits {
+        if bits.saturating_add(header) < own_bits {
             (inter, k)
         } else {
             (own_choice, own_k)
@@ -356,7 +356,9 @@ fn cost(r: &[i64]) -> (u64, u32) {
     }
     let sum: u64 = rest.iter().map(|&v| zigzag(v)).fold(0, u64::saturating_add);
     let mean = sum / rest.len() as u64;
-    let guess = 64 - mean.leading_zeros();
+    // Residuals of i32 samples stay below 2^38, so k never needs to exceed 29; the clamp
+    // keeps the range below non-empty whatever the mean.
+    let guess = (64 - mean.leading_zeros()).min(K_ALL_ZERO - 2);
     let mut best = (u64::MAX, 0);
     for k in guess.saturating_sub(2)..=(guess + 1).min(K_ALL_ZERO - 1) {
         let bits = exp_golomb_bits(zigzag(first), k)
