@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("agent_control", agent_control),
     ("wfdb_header", wfdb_header),
     ("wfdb_record", wfdb_record),
+    ("waveform_codec", waveform_codec),
     ("ingest_config", ingest_config),
     ("agent_config", agent_config),
 ];
@@ -275,6 +276,36 @@ pub fn wfdb_record(data: &[u8]) {
     }
 }
 
+/// A packed waveform chunk as the ingest unpacks it: the first byte picks the channel count
+/// (1..=16), the next two the samples per channel (0..=1023), the rest is the codec's data. A
+/// chunk that decodes holds exactly the samples asked for, and encoding them again decodes to
+/// the same samples.
+pub fn waveform_codec(data: &[u8]) {
+    let [c, n0, n1, packed @ ..] = data else {
+        return;
+    };
+    let channels = usize::from(c % 16) + 1;
+    let count = usize::from(u16::from_le_bytes([*n0, *n1]) % 1024);
+    let centers: Vec<i32> = (0..channels as i32).map(|i| i * 100 - 300).collect();
+    let mut samples = Vec::new();
+    if relay_codec::decode(packed, &centers, count, &mut samples).is_err() {
+        return;
+    }
+    assert_eq!(samples.len(), channels * count);
+    let Ok(mut encoder) = relay_codec::Encoder::new(&centers) else {
+        panic!("{channels} channels refused by the encoder");
+    };
+    let mut again = Vec::new();
+    if let Err(e) = encoder.encode(&samples, &mut again) {
+        panic!("decoded samples do not encode: {e}");
+    }
+    let mut back = Vec::new();
+    if let Err(e) = relay_codec::decode(&again, &centers, count, &mut back) {
+        panic!("re-encoded samples do not decode: {e}");
+    }
+    assert_eq!(back, samples);
+}
+
 /// The ingest's configuration file.
 pub fn ingest_config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
@@ -390,6 +421,30 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
               s.dat 16 2000 16 0 0 0 0 iii\n\0\x01\x00\x02\x00\x03\x00\xff\xff\xfe\xff\xfd\xff"
                 .to_vec(),
         ],
+        "waveform_codec" => {
+            // Three channels of 20 samples (a ramp, a sine-like wave, their difference), and
+            // a flat channel of 40.
+            let wave: Vec<i32> = (0..20)
+                .flat_map(|t: i32| {
+                    let a = t * 13 - 100;
+                    let b = [0, 3, 5, 6, 5, 3, 0, -3, -5, -6][(t % 10) as usize] * 40;
+                    [a, b, b - a]
+                })
+                .collect();
+            let mut out = Vec::new();
+            for (channels, samples) in [(3usize, wave), (1, vec![-300; 40])] {
+                let centers: Vec<i32> = (0..channels as i32).map(|i| i * 100 - 300).collect();
+                let count = (samples.len() / channels) as u16;
+                let mut seed = vec![(channels - 1) as u8];
+                seed.extend(count.to_le_bytes());
+                if let Ok(mut e) = relay_codec::Encoder::new(&centers)
+                    && e.encode(&samples, &mut seed).is_ok()
+                {
+                    out.push(seed);
+                }
+            }
+            out
+        }
         "ingest_config" => {
             vec![include_bytes!("../../deploy/config/hospital-ingest.toml").to_vec()]
         }

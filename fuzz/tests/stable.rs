@@ -61,6 +61,16 @@ fn the_seeds_are_accepted_by_their_decoders() {
         let record = relay_wfdb::record_from_parts(text, Path::new("s.hea"), |_| Ok(body.clone()));
         assert!(record.unwrap().frames > 0);
     }
+    let codec_seeds = seeds("waveform_codec");
+    assert_eq!(codec_seeds.len(), 2);
+    for seed in codec_seeds {
+        let channels = usize::from(seed[0] % 16) + 1;
+        let count = usize::from(u16::from_le_bytes([seed[1], seed[2]]));
+        let centers: Vec<i32> = (0..channels as i32).map(|i| i * 100 - 300).collect();
+        let mut out = Vec::new();
+        relay_codec::decode(&seed[3..], &centers, count, &mut out).unwrap();
+        assert_eq!(out.len(), channels * count);
+    }
     let text = String::from_utf8(seeds("ingest_config")[0].clone()).unwrap();
     let cfg = hospital_ingest::IngestConfig::from_toml(&text, Path::new("i.toml")).unwrap();
     cfg.validate().unwrap();
@@ -159,6 +169,7 @@ stable_fuzz!(
     agent_control,
     wfdb_header,
     wfdb_record,
+    waveform_codec,
     ingest_config,
     agent_config,
 );
