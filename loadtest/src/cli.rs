@@ -35,6 +35,9 @@ pub enum Command {
     /// Measure the waveform codec on records: size against 16-bit and varints, time per
     /// sample, every frame checked.
     Codec(crate::codec::CodecArgs),
+    /// Many vehicles' worth of traffic from pre-encoded frames against an ingest of its own:
+    /// every frame checked at a subscriber, added latency, ingest CPU and memory.
+    Blast(Box<crate::blast::BlastArgs>),
     /// Run a hospital ingest (used by `run` to measure it as a separate process); takes the
     /// ingest's own flags.
     #[command(hide = true)]
@@ -75,6 +78,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Emulate(a) => {
             relay_ops::init_logging("warn");
             emulate(a).await
+        }
+        Command::Blast(a) => {
+            relay_ops::init_logging("error");
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let report = crate::blast::run(*a, &exe).await?;
+            println!("{}", report.human());
+            Ok(())
         }
         Command::Codec(a) => {
             let report = crate::codec::run(&a)?;

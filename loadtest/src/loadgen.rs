@@ -387,14 +387,14 @@ fn ingest_node_count(args: &RunArgs) -> anyhow::Result<usize> {
 }
 
 /// One ingest node of a phase.
-struct IngestNode {
-    quic: SocketAddr,
-    grpc_url: String,
-    child: Option<tokio::process::Child>,
+pub(crate) struct IngestNode {
+    pub(crate) quic: SocketAddr,
+    pub(crate) grpc_url: String,
+    pub(crate) child: Option<tokio::process::Child>,
     /// Its metrics endpoint (ours only).
-    metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// Its log file (ours only).
-    log: Option<PathBuf>,
+    pub(crate) log: Option<PathBuf>,
 }
 
 /// The NATS cluster a jetstream phase runs on.
@@ -429,51 +429,97 @@ async fn start_ingests(
     }
     let mut nodes = Vec::new();
     for n in 0..ingest_node_count(args)? {
-        let (quic_port, grpc_port) = free_port_pair()?;
-        let (_, metrics_port) = free_port_pair()?;
-        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-        let node_dir = dir.join(format!("ingest-{}", n + 1));
-        std::fs::create_dir_all(&node_dir).context("creating the ingest's directory")?;
-        let log_path = node_dir.join("ingest.log");
-        let log = std::fs::File::create(&log_path).context("creating ingest.log")?;
-        let mut cfg = hospital_ingest::IngestConfig::default();
-        cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
-        cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
-        cfg.store.path = node_dir.join("store.redb");
-        cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
-        cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
-        cfg.metrics.listen = Some(metrics);
-        if let Some(cluster) = nats {
-            cfg.store.backend = hospital_ingest::config::StoreBackend::Jetstream;
-            cfg.jetstream.servers = cluster.urls();
-            cfg.jetstream.ca = pki.join("hospital-ca.pem");
-            cfg.jetstream.cert = pki.join(format!("{}.pem", relay_devcerts::NATS_INGEST_CLIENT));
-            cfg.jetstream.key = pki.join(format!("{}.key", relay_devcerts::NATS_INGEST_CLIENT));
-            cfg.jetstream.replicas = cluster.nodes.len().min(3);
-            cfg.jetstream.client_name = format!("loadtest-ingest-{}", n + 1);
-        }
-        let config = node_dir.join("ingest.toml");
-        std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
-        let child = tokio::process::Command::new(ingest_exe)
-            .arg("ingest")
-            .arg("--config")
-            .arg(&config)
-            .arg("--allow-dev-pki")
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().context("ingest log")?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} ingest", ingest_exe.display()))?;
-        nodes.push(IngestNode {
-            quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
-            grpc_url: format!("https://127.0.0.1:{grpc_port}"),
-            child: Some(child),
-            metrics: Some(metrics),
-            log: Some(log_path),
-        });
+        nodes.push(spawn_ingest(
+            pki,
+            &dir.join(format!("ingest-{}", n + 1)),
+            ingest_exe,
+            |cfg| {
+                if let Some(cluster) = nats {
+                    cfg.store.backend = hospital_ingest::config::StoreBackend::Jetstream;
+                    cfg.jetstream.servers = cluster.urls();
+                    cfg.jetstream.ca = pki.join("hospital-ca.pem");
+                    cfg.jetstream.cert =
+                        pki.join(format!("{}.pem", relay_devcerts::NATS_INGEST_CLIENT));
+                    cfg.jetstream.key =
+                        pki.join(format!("{}.key", relay_devcerts::NATS_INGEST_CLIENT));
+                    cfg.jetstream.replicas = cluster.nodes.len().min(3);
+                    cfg.jetstream.client_name = format!("loadtest-ingest-{}", n + 1);
+                }
+            },
+        )?);
     }
     Ok(nodes)
+}
+
+/// Waits until `node` accepts gRPC connections; fails when it exits or takes too long.
+pub(crate) async fn wait_for_grpc(node: &mut IngestNode, tls: &ClientTls) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if connect(&node.grpc_url, tls).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(child) = node.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let log = node.log.as_ref().map(std::fs::read_to_string);
+            bail!(
+                "the ingest exited ({status}); see its log:\n{}",
+                log.and_then(Result::ok).unwrap_or_default()
+            );
+        }
+        if t0.elapsed() > INGEST_START_TIMEOUT {
+            bail!(
+                "the ingest at {} did not accept gRPC connections within \
+                 {INGEST_START_TIMEOUT:?}",
+                node.grpc_url
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts one ingest node as a child process (`loadtest ingest`) on free loopback ports, with
+/// its store, configuration and log in `node_dir`; `tweak` adjusts the configuration.
+pub(crate) fn spawn_ingest(
+    pki: &Path,
+    node_dir: &Path,
+    ingest_exe: &Path,
+    tweak: impl FnOnce(&mut hospital_ingest::IngestConfig),
+) -> anyhow::Result<IngestNode> {
+    let (quic_port, grpc_port) = free_port_pair()?;
+    let (_, metrics_port) = free_port_pair()?;
+    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    std::fs::create_dir_all(node_dir).context("creating the ingest's directory")?;
+    let log_path = node_dir.join("ingest.log");
+    let log = std::fs::File::create(&log_path).context("creating ingest.log")?;
+    let mut cfg = hospital_ingest::IngestConfig::default();
+    cfg.quic.listen = SocketAddr::from(([127, 0, 0, 1], quic_port));
+    cfg.grpc.listen = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+    cfg.store.path = node_dir.join("store.redb");
+    cfg.tls = hospital_ingest::config::Tls::from_dev_dir(pki);
+    cfg.grpc.access_policy = Some(pki.join(relay_devcerts::ACCESS_POLICY));
+    cfg.metrics.listen = Some(metrics);
+    tweak(&mut cfg);
+    let config = node_dir.join("ingest.toml");
+    std::fs::write(&config, cfg.to_toml()?).context("writing ingest.toml")?;
+    let child = tokio::process::Command::new(ingest_exe)
+        .arg("ingest")
+        .arg("--config")
+        .arg(&config)
+        .arg("--allow-dev-pki")
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().context("ingest log")?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} ingest", ingest_exe.display()))?;
+    Ok(IngestNode {
+        quic: cfg.quic.listen,
+        grpc_url: format!("https://127.0.0.1:{grpc_port}"),
+        child: Some(child),
+        metrics: Some(metrics),
+        log: Some(log_path),
+    })
 }
 
 /// Counters the ingest's detector and TLS stack keep, read from its metrics endpoint: by
@@ -500,7 +546,7 @@ async fn security_counters(metrics: SocketAddr) -> anyhow::Result<SecurityCounte
 }
 
 /// CPU seconds (user + system) and peak RSS of a process, from /proc.
-fn process_usage(pid: u32) -> Option<(f64, u64)> {
+pub(crate) fn process_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')')?.1;
@@ -641,7 +687,7 @@ fn oracle_bound(bearers: &[OracleBearer], end_ns: i64) -> Option<Duration> {
 const MAX_SUBSCRIBER_RECONNECTS: u64 = 64;
 
 /// Opens a subscription on `url`.
-async fn subscribe(
+pub(crate) async fn subscribe(
     url: &str,
     tls: &ClientTls,
     start: Start,
@@ -916,30 +962,8 @@ async fn run_phase(
     let tls = ClientTls::from_dev_dir(pki, SUBSCRIBER);
 
     // Wait until every ingest answers on gRPC.
-    let t0 = Instant::now();
     for node in &mut ingests {
-        loop {
-            if connect(&node.grpc_url, &tls).await.is_ok() {
-                break;
-            }
-            if let Some(child) = node.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                let log = node.log.as_ref().map(std::fs::read_to_string);
-                bail!(
-                    "the ingest exited ({status}); see its log:\n{}",
-                    log.and_then(Result::ok).unwrap_or_default()
-                );
-            }
-            if t0.elapsed() > INGEST_START_TIMEOUT {
-                bail!(
-                    "the ingest at {} did not accept gRPC connections within \
-                     {INGEST_START_TIMEOUT:?}",
-                    node.grpc_url
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_grpc(node, &tls).await?;
     }
 
     // Links first (their time zero anchors the oracle), then subscribers, then vehicles.

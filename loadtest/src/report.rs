@@ -42,7 +42,7 @@ pub struct ClassAccumulator {
     pub gap_around_cut: Option<Duration>,
 }
 
-fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+pub(crate) fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     // 3 significant digits over 1 us..1 h: fixed size, some tens of KB.
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
 }
@@ -115,19 +115,7 @@ impl ClassAccumulator {
         samples_lost: u64,
         duplicates: u64,
     ) -> ClassReport {
-        let pct = |h: &Histogram<u64>| {
-            if h.is_empty() {
-                return Percentiles::default();
-            }
-            let ms = |v: u64| v as f64 / 1000.0;
-            Percentiles {
-                p50_ms: ms(h.value_at_quantile(0.50)),
-                p90_ms: ms(h.value_at_quantile(0.90)),
-                p99_ms: ms(h.value_at_quantile(0.99)),
-                p999_ms: ms(h.value_at_quantile(0.999)),
-                max_ms: ms(h.max()),
-            }
-        };
+        let pct = percentiles;
         let frac = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         ClassReport {
             frames_produced,
@@ -146,6 +134,21 @@ impl ClassAccumulator {
             gap_around_cut_ms: self.gap_around_cut.map(|g| g.as_secs_f64() * 1000.0),
             payload_bytes: self.payload_bytes,
         }
+    }
+}
+
+/// Percentiles of a histogram of microseconds, in milliseconds.
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    let ms = |v: u64| v as f64 / 1000.0;
+    Percentiles {
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p90_ms: ms(h.value_at_quantile(0.90)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        p999_ms: ms(h.value_at_quantile(0.999)),
+        max_ms: ms(h.max()),
     }
 }
 
