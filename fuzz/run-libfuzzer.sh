@@ -24,7 +24,7 @@ failed=()
 for target in "${targets[@]}"; do
   echo "== libFuzzer: $target for ${seconds}s"
   status=0
-  mkdir -p "fuzz/regressions/$target"
+  mkdir -p "fuzz/regressions/$target" "fuzz/libfuzzer/corpus/$target"
   # New inputs go to the first directory; the seeds and regressions are read as well.
   cargo +nightly fuzz run --fuzz-dir fuzz/libfuzzer "$target" \
     "fuzz/libfuzzer/corpus/$target" "$seeds/$target" "fuzz/regressions/$target" -- \
