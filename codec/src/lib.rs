@@ -247,11 +247,6 @@ impl Encoder {
         }
         // Other channels: search by L1 (cheap), starting from last frame's choice so the
         // bound is tight early; then compare exact costs.
-        let mut candidates: Vec<usize> = (0..c.min(LEADING_REFERENCES))
-            .chain(c.saturating_sub(RECENT_REFERENCES)..c)
-            .collect();
-        candidates.sort_unstable();
-        candidates.dedup();
         let own_l1 = self.l1(c, n, &own_choice, u64::MAX);
         let mut best_l1 = own_l1;
         let mut best_inter: Option<Choice> = None;
@@ -274,6 +269,11 @@ impl Encoder {
         if own_l1 <= n as u64 || !search_due {
             return self.pick(c, n, best_inter, own_bits, own_choice, own_k);
         }
+        let mut candidates: Vec<usize> = (0..c.min(LEADING_REFERENCES))
+            .chain(c.saturating_sub(RECENT_REFERENCES)..c)
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
         let orders: &[usize] = if own_choice.order == 0 {
             &[0]
         } else {
