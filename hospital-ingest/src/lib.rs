@@ -274,6 +274,7 @@ impl Ingest {
                 limits,
                 retention,
                 sessions_per_hour: cfg.quic.max_new_sessions_per_hour,
+                commit_interval: cfg.store.commit_interval,
             },
             online.clone(),
             tokio::runtime::Handle::current(),

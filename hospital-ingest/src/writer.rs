@@ -138,6 +138,8 @@ pub struct WriterSettings {
     pub retention: RetentionPolicy,
     /// New sessions per vehicle and hour.
     pub sessions_per_hour: usize,
+    /// Least time from one commit's start to the next.
+    pub commit_interval: Duration,
 }
 
 /// Reopening the writer after a failed commit: first and longest wait between attempts.
@@ -638,6 +640,7 @@ pub fn spawn(
         limits,
         retention,
         sessions_per_hour,
+        commit_interval,
     } = settings;
     let mut writer = Writer::open(store, bus, limits, SessionQuota::new(sessions_per_hour))?;
     let (tx, mut rx) = mpsc::channel::<WriterCmd>(queue);
@@ -645,6 +648,7 @@ pub fn spawn(
         .name("store-writer".into())
         .spawn(move || {
             let mut timer = WriterTimer::new(retention.interval, Instant::now());
+            let mut last_commit: Option<Instant> = None;
             loop {
                 let wake = timer.wake_at(writer.reassembler.next_deadline());
                 let first =
@@ -654,6 +658,14 @@ pub fn spawn(
                     Ok(Some(cmd)) => cmds.push(cmd),
                     Ok(None) => break,
                     Err(_) => {}
+                }
+                // Group commit: what arrives until the interval is over joins this batch.
+                if !cmds.is_empty()
+                    && let Some(ready) = last_commit.map(|t| t + commit_interval)
+                    && ready > Instant::now()
+                {
+                    // Created inside the runtime: a Sleep needs its timer.
+                    runtime.block_on(async { tokio::time::sleep_until(ready).await });
                 }
                 while cmds.len() < MAX_BATCH {
                     match rx.try_recv() {
@@ -666,6 +678,9 @@ pub fn spawn(
                 let step = timer.poll(now, !cmds.is_empty(), writer.reassembler.next_deadline());
                 let in_batch: HashSet<Arc<str>> =
                     cmds.iter().map(|c| c.vehicle().clone()).collect();
+                if step.batch {
+                    last_commit = Some(now);
+                }
                 if step.batch
                     && let Err(e) = writer.run_batch(cmds, now)
                 {
