@@ -39,7 +39,7 @@ use crate::seqset::SeqSet;
 
 const SUBSCRIBER: &str = "loadtest";
 /// Stream ids of every simulated vehicle.
-const ECG: u32 = 0;
+pub(crate) const ECG: u32 = 0;
 const VITALS: u32 = 1;
 const GPS: u32 = 2;
 /// The standard mix: 12-lead ECG at 500 Hz.
@@ -109,12 +109,18 @@ pub struct BlastReport {
     /// Of them, never acknowledged: refused or stopped by an overloaded ingest. An agent
     /// sends those again; the blaster does not, so under overload they show here.
     pub missing_unacknowledged: u64,
+    /// Frames the ingest acknowledged (durably stored) of those sent.
+    pub frames_acknowledged: u64,
     /// Received more than once (must be 0).
     pub duplicates: u64,
     /// Frames whose write failed (the connection broke); they are not counted as sent.
     pub send_errors: u64,
     /// Added latency (subscriber arrival minus send), by class: ecg, vitals, location.
     pub latency: HashMap<String, (u64, Percentiles)>,
+    /// Seconds from the first frame sent to the last.
+    pub measured_seconds: f64,
+    /// The ingest's CPU time (user + system) over the measured time.
+    pub ingest_cpu_seconds: f64,
     /// The ingest's CPU time over the measured time as a share of one core, and its peak RSS.
     pub ingest_cpu_share: f64,
     /// Peak resident set of the ingest process.
@@ -160,8 +166,8 @@ impl BlastReport {
 }
 
 /// Everything every simulated vehicle sends, prepared once.
-struct Prepared {
-    streams: Vec<StreamDescriptor>,
+pub(crate) struct Prepared {
+    pub(crate) streams: Vec<StreamDescriptor>,
     /// ECG chunks, each for `samples_per_frame` samples, packed or plain; replayed in a loop.
     ecg: Vec<WaveformChunk>,
     samples_per_frame: u64,
@@ -169,7 +175,7 @@ struct Prepared {
     location: Payload,
 }
 
-fn prepare(a: &BlastArgs) -> anyhow::Result<Prepared> {
+pub(crate) fn prepare(a: &BlastArgs) -> anyhow::Result<Prepared> {
     let record =
         relay_wfdb::read_record(&a.ecg).with_context(|| format!("reading {}", a.ecg.display()))?;
     if record.num_signals() < ECG_LEADS {
@@ -271,6 +277,25 @@ fn prepare(a: &BlastArgs) -> anyhow::Result<Prepared> {
         vitals,
         location,
     })
+}
+
+impl Prepared {
+    /// What a vehicle sends at its `n`th frame period (`per_second` periods a second): the
+    /// next ECG chunk, and vitals and position once a second; by stream index.
+    pub(crate) fn tick(&self, n: u64, per_second: u64) -> Vec<(usize, Payload)> {
+        let mut todo = Vec::with_capacity(3);
+        let chunk_index = (n % self.ecg.len() as u64) as usize;
+        if let Some(chunk) = self.ecg.get(chunk_index) {
+            let mut chunk = chunk.clone();
+            chunk.first_sample_index = n * self.samples_per_frame;
+            todo.push((ECG as usize, Payload::Waveform(chunk)));
+        }
+        if n.is_multiple_of(per_second) {
+            todo.push((VITALS as usize, self.vitals.clone()));
+            todo.push((GPS as usize, self.location.clone()));
+        }
+        todo
+    }
 }
 
 /// Counters every vehicle task adds to.
@@ -411,17 +436,7 @@ async fn send_loop(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let mut todo: Vec<(usize, Payload)> = Vec::with_capacity(3);
-        let chunk_index = (n % prepared.ecg.len() as u64) as usize;
-        if let Some(chunk) = prepared.ecg.get(chunk_index) {
-            let mut chunk = chunk.clone();
-            chunk.first_sample_index = n * prepared.samples_per_frame;
-            todo.push((ECG as usize, Payload::Waveform(chunk)));
-        }
-        if n.is_multiple_of(per_second) {
-            todo.push((VITALS as usize, prepared.vitals.clone()));
-            todo.push((GPS as usize, prepared.location.clone()));
-        }
+        let todo = prepared.tick(n, per_second);
         n += 1;
         for (stream, payload) in todo {
             let frame = Frame {
@@ -539,6 +554,18 @@ fn missing_by_ack(
         }
     }
     (acked, unacked)
+}
+
+/// How many of the frames sent the ingest acknowledged.
+fn acknowledged(fleet: &[Arc<Vehicle>], sent: &[(String, SentPerStream)]) -> u64 {
+    let mut n = 0;
+    for (v, (_, counts)) in fleet.iter().zip(sent) {
+        let sets = v.acked.lock().unwrap_or_else(|p| p.into_inner());
+        for (set, &count) in sets.iter().zip(counts) {
+            n += count - set.missing_below(count);
+        }
+    }
+    n
 }
 
 /// Runs `loadtest blast` against an ingest started as a child process (`ingest_exe ingest`).
@@ -666,6 +693,7 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         _ => 0.0,
     };
     let ingest_cpu_share = share(usage_before.0, usage_after.0);
+    let ingest_cpu_seconds = ingest_cpu_share * measured;
     let blaster_cpu_share = share(usage_before.1, usage_after.1);
     let ingest_peak_rss_bytes = usage_after.0.map_or(0, |(_, rss)| rss);
 
@@ -687,12 +715,21 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         Ok(Err(e)) => return Err(e.context("the subscriber failed")),
         Err(e) => bail!("the subscriber task failed: {e}"),
     }
+    // Acknowledgements travel beside the subscriber's copies: give the last ones a moment.
+    let frames_sent = sent.frames.load(Ordering::Relaxed);
+    let ack_wait = Instant::now();
+    while acknowledged(&fleet, &per_vehicle) < frames_sent
+        && ack_wait.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for v in &fleet {
         v.conn.close(quinn::VarInt::from_u32(0), b"blast over");
     }
     for d in drains {
         d.abort();
     }
+    let frames_acknowledged = acknowledged(&fleet, &per_vehicle);
     let (frames_missing, frames_received, duplicates, latency, by_ack) = {
         let s = seen.lock().unwrap_or_else(|p| p.into_inner());
         let (missing, received) = missing(&s, &per_vehicle);
@@ -709,7 +746,6 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         VITALS => "vitals",
         _ => "location",
     };
-    let frames_sent = sent.frames.load(Ordering::Relaxed);
     let report = BlastReport {
         waveform_encoding: format!("{:?}", a.waveform_encoding).to_lowercase(),
         connect_seconds,
@@ -720,12 +756,15 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         frames_missing,
         missing_acknowledged: by_ack.0,
         missing_unacknowledged: by_ack.1,
+        frames_acknowledged,
         duplicates,
         send_errors: sent.errors.load(Ordering::Relaxed),
         latency: latency
             .into_iter()
             .map(|(k, v)| (class(k).to_owned(), v))
             .collect(),
+        measured_seconds: measured,
+        ingest_cpu_seconds,
         ingest_cpu_share,
         ingest_peak_rss_bytes,
         blaster_cpu_share,

@@ -38,6 +38,9 @@ pub enum Command {
     /// Many vehicles' worth of traffic from pre-encoded frames against an ingest of its own:
     /// every frame checked at a subscriber, added latency, ingest CPU and memory.
     Blast(Box<crate::blast::BlastArgs>),
+    /// The same fleet through the ingest and through NATS JetStream (fsync per
+    /// acknowledgement, and lazy), one after the other: CPU per stored frame and RSS of each.
+    Versus(Box<crate::versus::VersusArgs>),
     /// Run a hospital ingest (used by `run` to measure it as a separate process); takes the
     /// ingest's own flags.
     #[command(hide = true)]
@@ -83,6 +86,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             relay_ops::init_logging("error");
             let exe = std::env::current_exe().context("locating this executable")?;
             let report = crate::blast::run(*a, &exe).await?;
+            println!("{}", report.human());
+            Ok(())
+        }
+        Command::Versus(a) => {
+            relay_ops::init_logging("error");
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let report = crate::versus::run(*a, &exe).await?;
             println!("{}", report.human());
             Ok(())
         }

@@ -9,3 +9,4 @@ pub mod loadgen;
 pub mod nats;
 pub mod report;
 pub mod seqset;
+pub mod versus;

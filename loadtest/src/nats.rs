@@ -46,6 +46,17 @@ pub enum NatsError {
     /// The shipped configuration no longer says `sync_interval: always`.
     #[error("deploy/nats/nats.conf has no `{SYNC_ALWAYS_LINE}` line to replace")]
     SyncLine,
+    /// The shipped configuration no longer has a `cluster { ... }` block to drop.
+    #[error("deploy/nats/nats.conf has no `cluster {{ ... }}` block to drop")]
+    ClusterBlock,
+    /// A single server did not report JetStream ready.
+    #[error("nats-server did not report JetStream ready within {timeout:?}\n{log}")]
+    NotReady {
+        /// How long it was given.
+        timeout: Duration,
+        /// The end of its log.
+        log: String,
+    },
     /// The nodes did not agree on a JetStream meta leader.
     #[error(
         "no agreed JetStream meta leader within {timeout:?} (leaders seen: {leaders:?})\n{logs}"
@@ -113,6 +124,18 @@ pub fn node_config(sync: SyncInterval) -> Result<String, NatsError> {
             NATS_CONF.replace(SYNC_ALWAYS_LINE, &format!("sync_interval: \"{sync}\""))
         }
     })
+}
+
+/// The shipped configuration with `sync` and without its `cluster` block: one server on its
+/// own (TLS and client identities as shipped), for comparing a single node with one ingest.
+pub fn standalone_config(sync: SyncInterval) -> Result<String, NatsError> {
+    let conf = node_config(sync)?;
+    let start = conf.find("\ncluster {").ok_or(NatsError::ClusterBlock)?;
+    let end = conf[start..]
+        .find("\n}\n")
+        .map(|e| start + e + 3)
+        .ok_or(NatsError::ClusterBlock)?;
+    Ok(format!("{}{}", &conf[..start + 1], &conf[end..]))
 }
 
 /// `n` distinct free TCP ports on loopback: every listener is held until all are chosen, so
@@ -403,6 +426,94 @@ impl Cluster {
     }
 }
 
+/// One `nats-server` on its own (no cluster), started from [`standalone_config`] on loopback
+/// with the development certificates; killed when dropped.
+#[derive(Debug)]
+pub struct Standalone {
+    /// Client port (TLS).
+    pub client: u16,
+    /// Monitoring port.
+    pub monitor: u16,
+    child: tokio::process::Child,
+}
+
+impl Standalone {
+    /// Starts a server storing in `dir` with the certificates in `certs` and waits up to
+    /// `timeout` until JetStream is ready.
+    pub async fn start(
+        server: &str,
+        certs: &Path,
+        dir: &Path,
+        sync: SyncInterval,
+        timeout: Duration,
+    ) -> Result<Self, NatsError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| NatsError::Io { path, source }
+        };
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).map_err(io(&store))?;
+        let config = dir.join("nats.conf");
+        std::fs::write(&config, standalone_config(sync)?).map_err(io(&config))?;
+        let log_path = dir.join("nats.log");
+        let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+        let ports = free_tcp_ports(2)?;
+        let p = |f: &str| certs.join(f);
+        let child = tokio::process::Command::new(server)
+            .arg("-c")
+            .arg(&config)
+            .env("NATS_NAME", "nats-standalone")
+            .env("NATS_HOST", "127.0.0.1")
+            .env("NATS_CLIENT_PORT", ports[0].to_string())
+            .env("NATS_MONITOR_PORT", ports[1].to_string())
+            .env("NATS_STORE_DIR", &store)
+            .env("NATS_CERT", p("nats-node.pem"))
+            .env("NATS_KEY", p("nats-node.key"))
+            .env("NATS_CA", p("hospital-ca.pem"))
+            .env("NATS_INGEST_USER", relay_devcerts::NATS_INGEST_IDENTITY)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| NatsError::Spawn {
+                server: server.to_owned(),
+                source,
+            })?;
+        let s = Self {
+            client: ports[0],
+            monitor: ports[1],
+            child,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let health = SocketAddr::from(([127, 0, 0, 1], s.monitor));
+        while http_get(health, "/healthz?js-enabled-only=true")
+            .await
+            .is_err()
+        {
+            if tokio::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                return Err(NatsError::NotReady {
+                    timeout,
+                    log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(s)
+    }
+
+    /// Its client URL.
+    pub fn url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.client)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
 /// The body of a plain-HTTP GET (monitoring and metrics endpoints). HTTP/1.0, so the answer is
 /// never chunked; bounded in size and time.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
@@ -438,6 +549,33 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_standalone_config_drops_only_the_cluster_block() {
+        let conf = standalone_config(SyncInterval::Always).unwrap();
+        let settings: Vec<&str> = conf
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(
+            !settings
+                .iter()
+                .any(|l| l.contains("cluster {") || l.contains("NATS_ROUTE")),
+            "{conf}"
+        );
+        for kept in [
+            "tls {",
+            "verify_and_map: true",
+            "sync_interval: always",
+            "jetstream {",
+        ] {
+            assert!(conf.contains(kept), "{kept} missing from\n{conf}");
+        }
+        assert!(
+            conf.trim_end().ends_with("write_deadline: \"10s\""),
+            "{conf}"
+        );
+    }
 
     #[test]
     fn sync_interval_parses_and_rewrites_the_shipped_config() {

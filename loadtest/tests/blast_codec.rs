@@ -1,4 +1,4 @@
-//! `loadtest blast` and `loadtest codec` end to end, through the binary.
+//! `loadtest blast`, `loadtest codec` and `loadtest versus` end to end, through the binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -98,4 +98,71 @@ async fn the_codec_report_checks_every_frame_and_meets_the_size_bounds() {
             "{s}"
         );
     }
+}
+
+/// `loadtest versus`: the ingest and a real nats-server (TLS, JetStream file storage, fsync
+/// per acknowledgement and lazy) take the same short fleet one after the other; every system
+/// stores and delivers every frame once, and the report prices each per stored frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versus_runs_the_same_fleet_through_the_ingest_and_jetstream() {
+    let ecg = data("ecg/s0010_re");
+    let r = report_of(&[
+        "versus",
+        "--vehicles",
+        "4",
+        "--duration",
+        "3s",
+        "--drain",
+        "60s",
+        "--ecg",
+        &ecg,
+    ])
+    .await;
+    let results = r["results"].as_array().unwrap();
+    let systems: Vec<&str> = results
+        .iter()
+        .map(|s| s["system"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        systems,
+        ["ingest", "jetstream-fsync", "jetstream-lazy"],
+        "{r}"
+    );
+    for s in results {
+        let sent = s["frames_sent"].as_u64().unwrap();
+        // 4 vehicles x 3 s: 75 ECG frames each plus vitals and position once a second; a
+        // busy machine may send a few less, never none.
+        assert!(sent >= 4 * 50, "{s}");
+        assert_eq!(s["frames_stored"].as_u64(), Some(sent), "{s}");
+        assert_eq!(s["frames_delivered"].as_u64(), Some(sent), "{s}");
+        assert_eq!(s["missing_acknowledged"], 0, "{s}");
+        assert_eq!(s["duplicates"], 0, "{s}");
+        let cpu = s["server_cpu_seconds"].as_f64().unwrap();
+        let per_frame = s["server_cpu_per_stored_frame_us"].as_f64().unwrap();
+        assert!(cpu > 0.0, "{s}");
+        assert!(
+            (per_frame - cpu * 1e6 / sent as f64).abs() < 1e-6 * per_frame.max(1.0),
+            "{s}"
+        );
+        assert!(
+            s["server_peak_rss_bytes"].as_u64().unwrap() > 1_000_000,
+            "{s}"
+        );
+        // The same frames for every system: the same mean size (within the few frames a
+        // busy machine may send less).
+        let mean = |s: &serde_json::Value| {
+            s["frame_bytes_sent"].as_f64().unwrap() / s["frames_sent"].as_f64().unwrap()
+        };
+        assert!((mean(s) / mean(&results[0]) - 1.0).abs() < 0.05, "{s}");
+    }
+    for other in ["jetstream-fsync", "jetstream-lazy"] {
+        assert!(r["ingest_cpu_ratio"][other].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        r["nats_server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("nats-server: v2."),
+        "{r}"
+    );
 }
