@@ -35,7 +35,7 @@ use vehicle_agent::config::WaveformEncodingChoice;
 use crate::blast::{BlastArgs, ECG, Prepared, prepare};
 use crate::loadgen::{process_usage, vehicle_id};
 use crate::nats::{Standalone, SyncInterval};
-use crate::report::{Percentiles, histogram, percentiles};
+use crate::report::{Machine, Percentiles, histogram, percentiles};
 use crate::seqset::SeqSet;
 
 /// JetStream's stream and subject prefix for the benchmark.
@@ -45,6 +45,8 @@ const SUBJECT_PREFIX: &str = "bench";
 const CONCURRENT_CONNECTS: usize = 32;
 /// Publishes a vehicle may have unacknowledged before it waits (about 8 s of its traffic).
 const MAX_UNACKED_PER_VEHICLE: usize = 256;
+/// The consumer gives up after this many errors without a message between them.
+const MAX_CONSECUTIVE_CONSUMER_ERRORS: u32 = 20;
 /// Bound on the benchmark stream's disk use.
 const STREAM_MAX_BYTES: i64 = 8 * 1024 * 1024 * 1024;
 /// How long the server may take to start.
@@ -158,6 +160,9 @@ pub struct SystemResult {
     /// Publish to acknowledgement, every frame (JetStream only; the blaster does not time
     /// individual acks).
     pub ack_latency: Option<Percentiles>,
+    /// Errors the JetStream consumer reported and recovered from (missed heartbeats under
+    /// overload); 0 for the ingest.
+    pub consumer_errors: u64,
 }
 
 /// What `loadtest versus` measured.
@@ -165,6 +170,8 @@ pub struct SystemResult {
 pub struct VersusReport {
     /// The flags.
     pub args: VersusArgs,
+    /// Where it ran.
+    pub machine: Machine,
     /// The nats-server version, when a JetStream system ran.
     pub nats_server_version: Option<String>,
     /// One entry per system, in the order run.
@@ -277,6 +284,7 @@ pub async fn run(a: VersusArgs, ingest_exe: &Path) -> anyhow::Result<VersusRepor
                     duplicates: b.duplicates,
                     ecg_latency,
                     ack_latency: None,
+                    consumer_errors: 0,
                 }
             }
             System::JetstreamFsync | System::JetstreamLazy => {
@@ -313,6 +321,7 @@ pub async fn run(a: VersusArgs, ingest_exe: &Path) -> anyhow::Result<VersusRepor
     }
     let report = VersusReport {
         args: a,
+        machine: Machine::probe(),
         nats_server_version,
         results,
         ingest_cpu_ratio,
@@ -360,6 +369,7 @@ struct Totals {
 struct Consumed {
     streams: HashMap<(String, u32), SeqSet>,
     duplicates: u64,
+    consumer_errors: u64,
     ecg_latency: Histogram<u64>,
 }
 
@@ -484,13 +494,33 @@ async fn consume(
     consumed: Arc<std::sync::Mutex<Consumed>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut consecutive_errors = 0;
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => return Ok(()),
             m = messages.next() => m,
         };
         let Some(m) = next else { return Ok(()) };
-        let m = m.context("the ordered consumer")?;
+        let m = match m {
+            Ok(m) => {
+                consecutive_errors = 0;
+                m
+            }
+            // An overloaded server misses heartbeats; the ordered consumer re-creates itself
+            // from the last sequence it delivered, so it goes on (counted in the report).
+            Err(e) => {
+                consecutive_errors += 1;
+                consumed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .consumer_errors += 1;
+                if consecutive_errors >= MAX_CONSECUTIVE_CONSUMER_ERRORS {
+                    bail!("the ordered consumer failed {consecutive_errors} times in a row: {e}");
+                }
+                tracing::warn!(error = %e, "ordered consumer");
+                continue;
+            }
+        };
         let now_ns = hospital_ingest::now_utc_ns();
         // bench.<vehicle>.<stream>
         let mut parts = m.subject.as_str().rsplitn(2, '.');
@@ -591,6 +621,7 @@ async fn jetstream_run(
     let consumed = Arc::new(std::sync::Mutex::new(Consumed {
         streams: HashMap::new(),
         duplicates: 0,
+        consumer_errors: 0,
         ecg_latency: histogram()?,
     }));
     let consumer_stop = CancellationToken::new();
@@ -707,6 +738,7 @@ async fn jetstream_run(
         duplicates: c.duplicates,
         ecg_latency: percentiles(&c.ecg_latency),
         ack_latency: Some(percentiles(&ack)),
+        consumer_errors: c.consumer_errors,
     })
 }
 
