@@ -616,6 +616,9 @@ async fn send_loop(
     let mut conn: Option<Conn> = None;
     let mut backoff = Duration::from_millis(200);
     loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         if pending.is_empty() {
             let next =
                 tokio::select! { m = rx.recv() => m, () = stop.cancelled() => return Ok(()) };
@@ -665,10 +668,10 @@ async fn send_loop(
                 return Ok(f.get(1).map(|s| s.to_string()).unwrap_or_default());
             }
         };
-        let result = tokio::select! {
-            r = tokio::time::timeout(opts.ack_timeout, outcome) => r,
-            () = stop.cancelled() => return Ok(()),
-        };
+        // A stop does not cut an exchange short: a message the engine may already hold gets
+        // its answer awaited (at most ack_timeout) and recorded, so a feed stopped and started
+        // again does not send an acknowledged message twice.
+        let result = tokio::time::timeout(opts.ack_timeout, outcome).await;
         match result {
             Ok(Ok(code)) if code == "AA" || code == "CA" => {
                 count("accepted");

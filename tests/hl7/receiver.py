@@ -1,14 +1,16 @@
 """A small integration engine for the HL7 feed test, built on the Python `hl7` package (an HL7
 v2 parser and MLLP implementation nobody here wrote).
 
-Usage: receiver.py PORT LOG [--die-after N] [--tls CERT KEY]
+Usage: receiver.py PORT LOG [--die-after N] [--ack-delay SECONDS] [--tls CERT KEY]
 
 Accepts MLLP connections on 127.0.0.1:PORT. Each message is parsed with `hl7.parse`, checked
 (ORU^R01, the PCD-01 profile in MSH-21, segment order MSH PID OBR OBX...), summarised as one JSON
 line appended to LOG (flushed and fsynced) and only then acknowledged with the package's
 `create_ack` (AA). A message that fails the checks gets AE and is not logged. With --die-after N
 the process exits at once, without logging or acknowledging, when message N+1 arrives: a
-receiver killed mid-stream holding an unacknowledged message. With --tls it speaks MLLP over
+receiver killed mid-stream holding an unacknowledged message. With --ack-delay it waits that
+long between logging a message and acknowledging it (a slow engine: a feed stopped meanwhile
+must still take the answer). With --tls it speaks MLLP over
 TLS with that certificate and key (PEM).
 """
 
@@ -55,7 +57,7 @@ def summarise(msg):
             "numerics": numerics, "waves": waves}
 
 
-async def main(port, log, die_after, tls):
+async def main(port, log, die_after, ack_delay, tls):
     received = 0
 
     async def handle(reader, writer):
@@ -77,6 +79,8 @@ async def main(port, log, die_after, tls):
                     f.write(line + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+                if ack_delay:
+                    await asyncio.sleep(ack_delay)
                 writer.writemessage(msg.create_ack(ack_code="AA"))
                 await writer.drain()
         except asyncio.IncompleteReadError:
@@ -100,6 +104,7 @@ if __name__ == "__main__":
     args.add_argument("port", type=int)
     args.add_argument("log")
     args.add_argument("--die-after", type=int)
+    args.add_argument("--ack-delay", type=float, default=0.0)
     args.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     a = args.parse_args()
-    asyncio.run(main(a.port, a.log, a.die_after, a.tls))
+    asyncio.run(main(a.port, a.log, a.die_after, a.ack_delay, a.tls))

@@ -22,6 +22,7 @@ async fn receiver(
     port: u16,
     log: &Path,
     die_after: Option<usize>,
+    ack_delay: Option<Duration>,
     tls: Option<(&Path, &Path)>,
 ) -> tokio::process::Child {
     let mut cmd = tokio::process::Command::new("python3");
@@ -30,6 +31,9 @@ async fn receiver(
         .arg(log);
     if let Some(n) = die_after {
         cmd.arg("--die-after").arg(n.to_string());
+    }
+    if let Some(d) = ack_delay {
+        cmd.arg("--ack-delay").arg(d.as_secs_f64().to_string());
     }
     if let Some((cert, key)) = tls {
         cmd.arg("--tls").arg(cert).arg(key);
@@ -87,7 +91,7 @@ async fn the_hl7_feed_survives_a_dying_receiver_and_a_restart_without_loss_or_du
     let (_, port) = free_ports();
     let log = work.path().join("received.jsonl");
     // The first receiver dies holding message 6.
-    let mut first = receiver(port, &log, Some(5), None).await;
+    let mut first = receiver(port, &log, Some(5), None, None).await;
     let opts = FeedOptions {
         server: format!("https://{}", ingest.grpc_addr),
         tls: pki.subscriber("ed-console"),
@@ -106,15 +110,18 @@ async fn the_hl7_feed_survives_a_dying_receiver_and_a_restart_without_loss_or_du
     assert_eq!(status.code(), Some(3));
     assert_eq!(logged(&log).len(), 5);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut second = receiver(port, &log, None, None).await;
+    // A slow engine: it acknowledges each message 500 ms after logging it.
+    let mut second = receiver(port, &log, None, Some(Duration::from_millis(500)), None).await;
     wait_for(&log, 9).await;
     // The feed itself stops and starts again on its state file, now towards an engine that
     // speaks MLLP over TLS (the development ingest certificate: "localhost", hospital CA).
+    // The stop comes while the ninth message waits for its answer: the feed takes it first,
+    // so the restarted feed does not send that message again.
     stop.cancel();
     feed.await.unwrap().unwrap();
     second.kill().await.unwrap();
     let (cert, key) = (pki.path().join("ingest.pem"), pki.path().join("ingest.key"));
-    let _third = receiver(port, &log, None, Some((&cert, &key))).await;
+    let _third = receiver(port, &log, None, None, Some((&cert, &key))).await;
     let tls_opts = FeedOptions {
         target_tls: Some((pki.path().join("hospital-ca.pem"), "localhost".into())),
         ..opts.clone()
