@@ -151,6 +151,33 @@ pub fn free_tcp_ports(n: usize) -> Result<Vec<u16>, NatsError> {
         .map_err(NatsError::Port)
 }
 
+/// `server -c config` with what every node reads from the environment besides its name, ports
+/// and routes: loopback, its `store`, the development certificates in `certs` and the ingest's
+/// client identity; its log goes to `log`; killed when dropped.
+fn server_command(
+    server: &str,
+    config: &Path,
+    certs: &Path,
+    store: &Path,
+    log: std::fs::File,
+) -> tokio::process::Command {
+    let p = |f: &str| certs.join(f);
+    let mut command = tokio::process::Command::new(server);
+    command
+        .arg("-c")
+        .arg(config)
+        .env("NATS_HOST", "127.0.0.1")
+        .env("NATS_STORE_DIR", store)
+        .env("NATS_CERT", p("nats-node.pem"))
+        .env("NATS_KEY", p("nats-node.key"))
+        .env("NATS_CA", p("hospital-ca.pem"))
+        .env("NATS_INGEST_USER", relay_devcerts::NATS_INGEST_IDENTITY)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+}
+
 /// How to run a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -292,7 +319,6 @@ impl Cluster {
                 path: log_path.clone(),
                 source,
             })?;
-        let p = |f: &str| self.certs.join(f);
         // A cluster of one or two still fills both route variables.
         let route = |k: usize| {
             routes
@@ -301,24 +327,13 @@ impl Cluster {
                 .cloned()
                 .unwrap_or_else(|| format!("tls://127.0.0.1:{}", node.cluster))
         };
-        let child = tokio::process::Command::new(&self.server)
-            .arg("-c")
-            .arg(&self.config)
+        let child = server_command(&self.server, &self.config, &self.certs, &store, log)
             .env("NATS_NAME", &node.name)
-            .env("NATS_HOST", "127.0.0.1")
             .env("NATS_CLIENT_PORT", node.client.to_string())
             .env("NATS_CLUSTER_PORT", node.cluster.to_string())
             .env("NATS_MONITOR_PORT", node.monitor.to_string())
             .env("NATS_ROUTE_A", route(0))
             .env("NATS_ROUTE_B", route(1))
-            .env("NATS_STORE_DIR", &store)
-            .env("NATS_CERT", p("nats-node.pem"))
-            .env("NATS_KEY", p("nats-node.key"))
-            .env("NATS_CA", p("hospital-ca.pem"))
-            .env("NATS_INGEST_USER", relay_devcerts::NATS_INGEST_IDENTITY)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|source| NatsError::Spawn {
                 server: self.server.clone(),
@@ -458,22 +473,10 @@ impl Standalone {
         let log_path = dir.join("nats.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
         let ports = free_tcp_ports(2)?;
-        let p = |f: &str| certs.join(f);
-        let child = tokio::process::Command::new(server)
-            .arg("-c")
-            .arg(&config)
+        let child = server_command(server, &config, certs, &store, log)
             .env("NATS_NAME", "nats-standalone")
-            .env("NATS_HOST", "127.0.0.1")
             .env("NATS_CLIENT_PORT", ports[0].to_string())
             .env("NATS_MONITOR_PORT", ports[1].to_string())
-            .env("NATS_STORE_DIR", &store)
-            .env("NATS_CERT", p("nats-node.pem"))
-            .env("NATS_KEY", p("nats-node.key"))
-            .env("NATS_CA", p("hospital-ca.pem"))
-            .env("NATS_INGEST_USER", relay_devcerts::NATS_INGEST_IDENTITY)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|source| NatsError::Spawn {
                 server: server.to_owned(),

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vehicle_agent::config::WaveformEncodingChoice;
 
-use crate::blast::{BlastArgs, ECG, Prepared, prepare};
+use crate::blast::{BlastArgs, ECG, Prepared, prepare, secs};
 use crate::loadgen::{process_usage, vehicle_id};
 use crate::nats::{Standalone, SyncInterval};
 use crate::report::{Machine, Percentiles, histogram, percentiles};
@@ -116,10 +116,6 @@ pub struct VersusArgs {
     /// Where the JSON report goes.
     #[arg(long)]
     pub report: Option<PathBuf>,
-}
-
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 /// One system's figures.
