@@ -54,6 +54,11 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Live updates are small writes: with Nagle's algorithm one would wait for
+                // the browser's delayed ACK (40 ms on Linux) behind an unacknowledged one.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -96,5 +101,53 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+
+    #[tokio::test]
+    async fn accepted_connections_send_small_writes_without_waiting_for_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        relay_devcerts::generate(dir.path(), &relay_devcerts::DevPki::default()).unwrap();
+        let file = |ext: &str| {
+            dir.path()
+                .join(format!("{}.{ext}", relay_devcerts::ED_WEB_SERVER))
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                relay_ops::pem::load_certs(&file("pem")).unwrap(),
+                relay_ops::pem::load_key(&file("key")).unwrap(),
+            )
+            .unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut listener =
+            TlsListener::new(tcp, Arc::new(server), 4, Duration::from_secs(30)).unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in relay_ops::pem::load_certs(&dir.path().join("hospital-ca.pem")).unwrap() {
+            roots.add(ca).unwrap();
+        }
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, (conn, _)) = tokio::join!(connector.connect(name, tcp), listener.accept());
+        let _client = client.unwrap();
+        // Nagle's algorithm off: a live update goes out at once, not after the browser's
+        // delayed ACK of the one before.
+        assert!(conn.get_ref().0.nodelay().unwrap());
     }
 }

@@ -163,6 +163,11 @@ pub fn incoming(
                 refused("busy");
                 continue;
             };
+            // Live records are small writes: with Nagle's algorithm one would wait for the
+            // subscriber's delayed ACK (40 ms on Linux) whenever an earlier one is unacked.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%remote, error = %e, "TCP_NODELAY not set");
+            }
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let (tls, tx, stop, audit) = (tls.clone(), tx.clone(), stop.clone(), audit.clone());
             tokio::spawn(async move {
@@ -316,5 +321,66 @@ impl Connected for GrpcConnection {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn client_config(pki: &std::path::Path) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in relay_ops::pem::load_certs(&pki.join("hospital-ca.pem")).unwrap() {
+            roots.add(ca).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            relay_ops::pem::load_certs(&pki.join("ed-console.pem")).unwrap(),
+            relay_ops::pem::load_key(&pki.join("ed-console.key")).unwrap(),
+        )
+        .unwrap();
+        Arc::new(config)
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_send_small_writes_without_waiting_for_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        relay_devcerts::generate(&pki, &relay_devcerts::DevPki::default()).unwrap();
+        let server =
+            crate::tls::grpc_server_config(&crate::config::Tls::from_dev_dir(&pki)).unwrap();
+        let (audit, _audit_writer) = crate::audit::AuditLog::open(crate::audit::AuditSettings {
+            dir: dir.path().join("audit"),
+            max_file_bytes: 1 << 20,
+            max_files: 2,
+            queue: 16,
+            forward: None,
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limits = AcceptLimits {
+            handshake_timeout: Duration::from_secs(30),
+            max_pending: 4,
+        };
+        let mut accepted = incoming(listener, GrpcTls::new(server), audit, limits, stop.clone());
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(client_config(&pki));
+        let (client, conn) = tokio::join!(connector.connect(name, tcp), accepted.next());
+        let _client = client.unwrap();
+        let conn = conn.unwrap().unwrap();
+        // Nagle's algorithm off: a live record is written at once, not after the
+        // subscriber's delayed ACK of the one before.
+        assert!(conn.inner.get_ref().0.nodelay().unwrap());
+        stop.cancel();
     }
 }
