@@ -76,6 +76,14 @@ pub struct BlastArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "secs")]
     pub drain: Duration,
+    /// The ingest's `store.commit_interval` (its default when not given).
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "opt_secs")]
+    pub commit_interval: Option<Duration>,
+    /// The ingest's `reassembly.reorder_window` (its default when not given).
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(serialize_with = "opt_secs")]
+    pub reorder_window: Option<Duration>,
     /// Where the JSON report goes.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -84,6 +92,14 @@ pub struct BlastArgs {
 /// A duration as seconds in a report.
 pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+/// An optional duration as seconds (or null) in a report.
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => secs(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// What a blast measured.
@@ -597,9 +613,16 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         },
     )
     .context("creating certificates")?;
-    let vehicles = a.vehicles;
+    let (vehicles, commit_interval, reorder_window) =
+        (a.vehicles, a.commit_interval, a.reorder_window);
     let mut node = spawn_ingest(&pki, &work.path().join("ingest"), ingest_exe, |cfg| {
         cfg.quic.max_connections = vehicles + 64;
+        if let Some(interval) = commit_interval {
+            cfg.store.commit_interval = interval;
+        }
+        if let Some(window) = reorder_window {
+            cfg.reassembly.reorder_window = window;
+        }
     })?;
     let tls = ClientTls::from_dev_dir(&pki, SUBSCRIBER);
     wait_for_grpc(&mut node, &tls).await?;

@@ -240,6 +240,8 @@ pub async fn run(a: VersusArgs, ingest_exe: &Path) -> anyhow::Result<VersusRepor
         waveform_encoding: WaveformEncodingChoice::Lpc1,
         endpoints: 8,
         drain: a.drain,
+        commit_interval: None,
+        reorder_window: None,
         report: None,
     };
     let server = a
