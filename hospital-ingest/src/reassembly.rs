@@ -10,7 +10,7 @@
 //! Deduplication against stored frames is the store's job (it knows every stored seq); a frame
 //! below the delivered high-water mark that fills no open gap is stale and is not stored again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,6 +133,9 @@ impl<T> Default for StreamState<T> {
 /// Reassembly of every stream (see the module documentation).
 pub struct Reassembler<T> {
     streams: HashMap<StreamKey, StreamState<T>>,
+    /// The streams holding frames: deadlines and timeouts look only at these, not at every
+    /// stream of every connected vehicle (the writer asks on each batch).
+    holding: HashSet<StreamKey>,
     limits: Limits,
     dropped_gaps: u64,
 }
@@ -147,6 +150,7 @@ impl<T> Reassembler<T> {
         };
         Self {
             streams: HashMap::new(),
+            holding: HashSet::new(),
             limits,
             dropped_gaps: 0,
         }
@@ -164,19 +168,33 @@ impl<T> Reassembler<T> {
 
     /// Frames held for reordering, all streams.
     pub fn held(&self) -> usize {
-        self.streams.values().map(|s| s.held.len()).sum()
+        self.holding
+            .iter()
+            .filter_map(|k| self.streams.get(k))
+            .map(|s| s.held.len())
+            .sum()
     }
 
     /// Streams holding frames for reordering.
     pub fn holding(&self) -> impl Iterator<Item = &StreamKey> {
-        self.streams
-            .iter()
-            .filter(|(_, s)| !s.held.is_empty())
-            .map(|(k, _)| k)
+        self.holding.iter()
+    }
+
+    /// Keeps `holding` in step with whether `key` holds frames.
+    fn note_holding(&mut self, key: &StreamKey) {
+        let holds = self.streams.get(key).is_some_and(|s| !s.held.is_empty());
+        if holds {
+            if !self.holding.contains(key) {
+                self.holding.insert(key.clone());
+            }
+        } else {
+            self.holding.remove(key);
+        }
     }
 
     /// Drops a stream's state (its data has expired and it was not declared since).
     pub fn forget(&mut self, key: &StreamKey) {
+        self.holding.remove(key);
         self.streams.remove(key);
     }
 
@@ -206,13 +224,15 @@ impl<T> Reassembler<T> {
                 st.missing.remove(&s);
             }
         }
+        self.holding.remove(&key);
         self.streams.insert(key, st);
     }
 
     /// When `on_timeout` next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.streams
-            .values()
+        self.holding
+            .iter()
+            .filter_map(|k| self.streams.get(k))
             .filter_map(|s| s.held.values().map(|h| h.since).min())
             .min()
             .map(|t| t + self.limits.reorder_window)
@@ -220,6 +240,20 @@ impl<T> Reassembler<T> {
 
     /// A frame the store has not seen. `end_ns` is the capture time just after its last sample.
     pub fn on_frame(
+        &mut self,
+        key: &StreamKey,
+        seq: u64,
+        capture_ns: i64,
+        end_ns: i64,
+        item: T,
+        now: Instant,
+    ) -> (Arrival<T>, Vec<Output<T>>) {
+        let result = self.take_frame(key, seq, capture_ns, end_ns, item, now);
+        self.note_holding(key);
+        result
+    }
+
+    fn take_frame(
         &mut self,
         key: &StreamKey,
         seq: u64,
@@ -303,12 +337,20 @@ impl<T> Reassembler<T> {
     pub fn on_timeout(&mut self, now: Instant) -> Vec<Output<T>> {
         let mut out = Vec::new();
         let limits = self.limits;
-        for (key, st) in self.streams.iter_mut() {
+        let mut released = Vec::new();
+        for key in &self.holding {
+            let Some(st) = self.streams.get_mut(key) else {
+                continue;
+            };
             let oldest = st.held.values().map(|h| h.since).min();
             let expired = oldest.is_some_and(|t| now >= t + limits.reorder_window);
             if expired {
                 self.dropped_gaps += Self::release_held(key, st, limits.max_gaps, &mut out);
+                released.push(key.clone());
             }
+        }
+        for key in released {
+            self.note_holding(&key);
         }
         out
     }
@@ -469,6 +511,47 @@ mod tests {
         assert_eq!(feed(&mut r, 1, now).1, vec!["1 late", "closed 1..3"]);
         assert_eq!(r.open_gaps(&key()), 0);
         assert_eq!(feed(&mut r, 5, now).1, vec!["5"]);
+    }
+
+    #[test]
+    fn only_streams_holding_frames_are_tracked_for_deadlines() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        let stream = |id: u32| StreamKey {
+            stream_id: id,
+            ..key()
+        };
+        for id in 0..100 {
+            r.on_frame(&stream(id), 0, 0, 40, 0, now);
+        }
+        assert_eq!(r.holding().count(), 0);
+        let later = now + Duration::from_millis(7);
+        r.on_frame(&stream(7), 2, 80, 120, 2, later);
+        r.on_frame(&stream(8), 3, 120, 160, 3, now + Duration::from_millis(9));
+        let mut holding: Vec<u32> = r.holding().map(|k| k.stream_id).collect();
+        holding.sort_unstable();
+        assert_eq!(holding, vec![7, 8]);
+        assert_eq!(r.held(), 2);
+        assert_eq!(r.next_deadline(), Some(later + WINDOW));
+        // Stream 7's gap fills: only stream 8 still waits.
+        r.on_frame(&stream(7), 1, 40, 80, 1, later);
+        assert_eq!(
+            r.holding().map(|k| k.stream_id).collect::<Vec<_>>(),
+            vec![8]
+        );
+        assert_eq!(
+            r.next_deadline(),
+            Some(now + Duration::from_millis(9) + WINDOW)
+        );
+        // Its window ends: the gap is announced and nothing is held any more.
+        let out = trace(r.on_timeout(now + Duration::from_millis(9) + WINDOW));
+        assert_eq!(out, vec!["gap 1..3 @40..120", "3"]);
+        assert_eq!(r.holding().count(), 0);
+        assert_eq!(r.next_deadline(), None);
+        r.on_frame(&stream(9), 5, 200, 240, 5, now);
+        r.forget(&stream(9));
+        assert_eq!(r.holding().count(), 0);
+        assert_eq!(r.held(), 0);
     }
 
     #[test]
