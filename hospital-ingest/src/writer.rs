@@ -184,7 +184,13 @@ struct Writer {
     sessions: SessionQuota,
     /// Vehicles with frames in the batch being committed (released from reordering or new).
     unstored: HashSet<Arc<str>>,
+    /// When each vehicle's last-seen time was last stored (UTC ns): stored again only
+    /// [`LAST_SEEN_RESOLUTION_NS`] later, not on every batch (a store write each).
+    last_seen_stored: HashMap<Arc<str>, i64>,
 }
+
+/// How stale a vehicle's stored last-seen time may be.
+const LAST_SEEN_RESOLUTION_NS: i64 = 1_000_000_000;
 
 fn stream_ref(key: &StreamKey, kind: i32) -> StreamRef {
     StreamRef {
@@ -264,6 +270,7 @@ impl Writer {
             publishes,
             sessions,
             unstored: HashSet::new(),
+            last_seen_stored: HashMap::new(),
         })
     }
 
@@ -513,14 +520,22 @@ impl Writer {
         }
         let expired = self.reassembler.on_timeout(now);
         self.publish(&mut batch, expired, &mut after)?;
-        for v in &touched {
-            batch.touch_vehicle(v, now_ns)?;
+        let mut seen_now = Vec::new();
+        for v in touched {
+            let stored = self.last_seen_stored.get(&v);
+            if stored.is_none_or(|&t| now_ns.saturating_sub(t) >= LAST_SEEN_RESOLUTION_NS) {
+                batch.touch_vehicle(&v, now_ns)?;
+                seen_now.push(v);
+            }
         }
         metrics::gauge!("relay_ingest_reorder_held_frames").set(self.reassembler.held() as f64);
         let started = Instant::now();
         let appended = batch.commit()?;
         metrics::histogram!("relay_ingest_store_commit_seconds")
             .record(started.elapsed().as_secs_f64());
+        for v in seen_now {
+            self.last_seen_stored.insert(v, now_ns);
+        }
         // Durable now: acknowledge, answer, publish.
         for (tx, stream, seq) in after.acks {
             if tx.try_send((stream, seq)).is_err() {
@@ -542,8 +557,12 @@ impl Writer {
     }
 
     fn sweep(&mut self, retention: &RetentionPolicy) {
+        let now_ns = crate::now_utc_ns();
+        // Vehicles that went quiet are stored at once when they return.
+        self.last_seen_stored
+            .retain(|_, t| now_ns.saturating_sub(*t) < LAST_SEEN_RESOLUTION_NS);
         let max_age_ns = i64::try_from(retention.max_age.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff = crate::now_utc_ns().saturating_sub(max_age_ns);
+        let cutoff = now_ns.saturating_sub(max_age_ns);
         match self.store.enforce_retention(
             cutoff,
             retention.max_bytes,
