@@ -134,6 +134,10 @@ pub struct BlastReport {
     pub send_errors: u64,
     /// Added latency (subscriber arrival minus send), by class: ecg, vitals, location.
     pub latency: HashMap<String, (u64, Percentiles)>,
+    /// The ingest's part of it: subscriber arrival minus the ingest's receipt of the whole
+    /// frame (the record's `received_time_ns`; same machine, same clock), by class. The rest
+    /// is the blaster's write and the QUIC transfer.
+    pub latency_after_receipt: HashMap<String, (u64, Percentiles)>,
     /// Seconds from the first frame sent to the last.
     pub measured_seconds: f64,
     /// The ingest's CPU time (user + system) over the measured time.
@@ -177,6 +181,12 @@ impl BlastReport {
                 "  {class:<9} added latency p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.1} ({frames} frames)\n",
                 l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
             ));
+            if let Some((_, l)) = self.latency_after_receipt.get(class) {
+                out.push_str(&format!(
+                    "  {:<9} of it after the ingest's receipt p50 {:.2} ms, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.1}\n",
+                    "", l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+                ));
+            }
         }
         out
     }
@@ -491,6 +501,8 @@ struct Seen {
     streams: HashMap<(String, u32), SeqSet>,
     duplicates: u64,
     latency: HashMap<u32, Histogram<u64>>,
+    /// Arrival minus the ingest's receipt, by stream id.
+    after_receipt: HashMap<u32, Histogram<u64>>,
 }
 
 async fn watch(
@@ -523,6 +535,10 @@ async fn watch(
         }
         let us = (now_ns.saturating_sub(frame.capture_time_ns) / 1000).max(1) as u64;
         if let Some(h) = s.latency.get_mut(&r.stream_id) {
+            let _ = h.record(us.min(h.high()));
+        }
+        let us = (now_ns.saturating_sub(d.received_time_ns) / 1000).max(1) as u64;
+        if let Some(h) = s.after_receipt.get_mut(&r.stream_id) {
             let _ = h.record(us.min(h.high()));
         }
     }
@@ -632,12 +648,14 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         .and_then(tokio::process::Child::id)
         .context("the ingest has no process id")?;
 
-    let mut latency = HashMap::new();
+    let (mut latency, mut after_receipt) = (HashMap::new(), HashMap::new());
     for stream in [ECG, VITALS, GPS] {
         latency.insert(stream, histogram()?);
+        after_receipt.insert(stream, histogram()?);
     }
     let seen = Arc::new(std::sync::Mutex::new(Seen {
         latency,
+        after_receipt,
         ..Seen::default()
     }));
     let watcher_stop = CancellationToken::new();
@@ -754,21 +772,29 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         d.abort();
     }
     let frames_acknowledged = acknowledged(&fleet, &per_vehicle);
-    let (frames_missing, frames_received, duplicates, latency, by_ack) = {
-        let s = seen.lock().unwrap_or_else(|p| p.into_inner());
-        let (missing, received) = missing(&s, &per_vehicle);
-        let by_ack = missing_by_ack(&s, &fleet, &per_vehicle);
-        let latency: HashMap<u32, (u64, Percentiles)> = s
-            .latency
-            .iter()
-            .map(|(k, h)| (*k, (h.len(), percentiles(h))))
-            .collect();
-        (missing, received, s.duplicates, latency, by_ack)
-    };
     let class = |stream: u32| match stream {
         ECG => "ecg",
         VITALS => "vitals",
         _ => "location",
+    };
+    let by_class = |histograms: &HashMap<u32, Histogram<u64>>| {
+        histograms
+            .iter()
+            .map(|(k, h)| (class(*k).to_owned(), (h.len(), percentiles(h))))
+            .collect::<HashMap<_, _>>()
+    };
+    let (frames_missing, frames_received, duplicates, latency, latency_after_receipt, by_ack) = {
+        let s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (missing, received) = missing(&s, &per_vehicle);
+        let by_ack = missing_by_ack(&s, &fleet, &per_vehicle);
+        (
+            missing,
+            received,
+            s.duplicates,
+            by_class(&s.latency),
+            by_class(&s.after_receipt),
+            by_ack,
+        )
     };
     let report = BlastReport {
         waveform_encoding: format!("{:?}", a.waveform_encoding).to_lowercase(),
@@ -783,10 +809,8 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
         frames_acknowledged,
         duplicates,
         send_errors: sent.errors.load(Ordering::Relaxed),
-        latency: latency
-            .into_iter()
-            .map(|(k, v)| (class(k).to_owned(), v))
-            .collect(),
+        latency,
+        latency_after_receipt,
         measured_seconds: measured,
         ingest_cpu_seconds,
         ingest_cpu_share,
