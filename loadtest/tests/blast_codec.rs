@@ -61,6 +61,13 @@ async fn a_short_blast_sees_every_frame_once_at_the_subscriber() {
         .map(|c| r["latency"][c][0].as_u64().unwrap())
         .sum();
     assert_eq!(classes, sent, "every frame's latency is measured once: {r}");
+    for c in ["ecg", "vitals", "location"] {
+        let (all, ingest) = (&r["latency"][c], &r["latency_after_receipt"][c]);
+        assert_eq!(all[0], ingest[0], "{r}");
+        // The ingest's part is a part: it cannot exceed the whole.
+        let max = |l: &serde_json::Value| l[1]["max_ms"].as_f64().unwrap();
+        assert!(max(ingest) > 0.0 && max(ingest) <= max(all) + 0.01, "{r}");
+    }
     assert!(r["ingest_peak_rss_bytes"].as_u64().unwrap() > 0, "{r}");
 }
 
