@@ -166,6 +166,13 @@ impl<T> Reassembler<T> {
         self.streams.get(key).map_or(0, |s| s.announced.len())
     }
 
+    /// Whether `seq` lies above everything delivered on `key` (held frames count as not
+    /// delivered). Every stored frame was delivered or restored below that mark, so where this
+    /// reassembler sees every frame the log takes, such a frame is not stored.
+    pub fn above_delivered(&self, key: &StreamKey, seq: u64) -> bool {
+        self.streams.get(key).is_none_or(|s| seq >= s.next_seq)
+    }
+
     /// Frames held for reordering, all streams.
     pub fn held(&self) -> usize {
         self.holding
@@ -552,6 +559,28 @@ mod tests {
         r.forget(&stream(9));
         assert_eq!(r.holding().count(), 0);
         assert_eq!(r.held(), 0);
+    }
+
+    #[test]
+    fn above_delivered_means_never_delivered() {
+        let mut r = r(WINDOW, 16);
+        let now = Instant::now();
+        assert!(r.above_delivered(&key(), 0), "a stream not seen yet");
+        feed(&mut r, 0, now);
+        feed(&mut r, 2, now);
+        assert!(!r.above_delivered(&key(), 0));
+        assert!(r.above_delivered(&key(), 1));
+        assert!(r.above_delivered(&key(), 2), "held, not delivered");
+        r.on_timeout(now + WINDOW);
+        assert!(
+            !r.above_delivered(&key(), 1),
+            "in the announced gap: may come late"
+        );
+        assert!(!r.above_delivered(&key(), 2));
+        assert!(r.above_delivered(&key(), 3));
+        r.restore(key(), 10, [(4, 6)], 400);
+        assert!(!r.above_delivered(&key(), 9));
+        assert!(r.above_delivered(&key(), 10));
     }
 
     #[test]

@@ -179,7 +179,8 @@ struct Writer {
     limits: Limits,
     meta: HashMap<StreamKey, StreamMeta>,
     bus: broadcast::Sender<Arc<LogEntry>>,
-    /// Whether the writer publishes what it commits (else the store does, in log order).
+    /// Whether the writer publishes what it commits (else the store does, in log order). It
+    /// does exactly when it is the log's only writer.
     publishes: bool,
     sessions: SessionQuota,
     /// Vehicles with frames in the batch being committed (released from reordering or new).
@@ -487,7 +488,10 @@ impl Writer {
                         stream_id: key.stream_id,
                         seq,
                     };
-                    if batch.contains(stored)? {
+                    // Above the delivered mark, a frame is new without asking the store, when
+                    // this writer is the log's only one (it saw every stored frame).
+                    let surely_new = self.publishes && self.reassembler.above_delivered(&key, seq);
+                    if !surely_new && batch.contains(stored)? {
                         metrics::counter!("relay_ingest_frames_duplicate_total").increment(1);
                         after.acks.push((ack, key.stream_id, seq));
                         continue;
