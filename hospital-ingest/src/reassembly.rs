@@ -9,6 +9,8 @@
 //!
 //! Deduplication against stored frames is the store's job (it knows every stored seq); a frame
 //! below the delivered high-water mark that fills no open gap is stale and is not stored again.
+//! A frame above the mark was never delivered, so a writer that is the log's only one need not
+//! ask the store about it ([`Reassembler::above_delivered`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
