@@ -6,10 +6,16 @@
 //! committed state; one writer and many concurrent readers, which is exactly our shape (one
 //! writer thread, one reader per subscriber). The ingest acknowledges a frame only after the
 //! transaction holding it has committed with `Durability::Immediate` (fsync).
+//!
+//! The dedup and per-vehicle indexes are derived from the log and written a partition of
+//! vehicles per commit ([`deferred`]); `indexed_below` in META tells from where a reopen
+//! rebuilds what they lack.
+
+mod deferred;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -20,6 +26,7 @@ use super::{
     StoredStream, record_scope,
 };
 use crate::reassembly::StreamKey;
+use deferred::{Deferred, Delta, Flush, FlushScope};
 
 /// cursor -> encoded SubscribeResponse (with its cursor set).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -33,7 +40,8 @@ const STREAM_DECLARED: TableDefinition<(&str, u64, u32), i64> =
 /// vehicle -> last time anything was received, UTC ns.
 const VEHICLES: TableDefinition<&str, i64> = TableDefinition::new("vehicles");
 /// counters: "next_cursor", "log_bytes", "vehicle_index" (1 once the two tables below exist
-/// for every record).
+/// for every record), "indexed_below" (every record below this cursor is in SEEN,
+/// VEHICLE_LOG and VEHICLE_BYTES; records from it on may be, each at most once).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (vehicle, cursor) -> encoded length: each vehicle's records, oldest first.
 const VEHICLE_LOG: TableDefinition<(&str, u64), u64> = TableDefinition::new("vehicle_log");
@@ -50,6 +58,14 @@ pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// The embedded store: cheap to clone, one writer, any number of readers.
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Index entries of committed records not in the index tables yet.
+    deferred: Arc<Mutex<Deferred>>,
+}
+
+/// The waiting index entries; a panic elsewhere while holding them leaves them usable (every
+/// change to them is a single insert or swap).
+fn lock(deferred: &Mutex<Deferred>) -> MutexGuard<'_, Deferred> {
+    deferred.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl EmbeddedStore {
@@ -97,9 +113,20 @@ impl EmbeddedStore {
                 }
                 meta.insert("vehicle_index", 1)?;
             }
+            // Index what the last run committed to the log but not yet to the indexes. A
+            // store from before deferred indexing has it all.
+            let next = meta.get("next_cursor")?.map_or(1, |v| v.value());
+            let below = meta.get("indexed_below")?.map_or(next, |v| v.value());
+            if below < next {
+                index_from(&txn, below)?;
+            }
+            meta.insert("indexed_below", next)?;
         }
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            deferred: Arc::default(),
+        })
     }
 
     /// Overwrites the log record at `cursor` with bytes that do not decode, as a damaged disk
@@ -113,6 +140,121 @@ impl EmbeddedStore {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Indexes the log records from `from` on that the index tables lack.
+fn index_from(txn: &redb::WriteTransaction, from: u64) -> Result<(), StoreError> {
+    let log = txn.open_table(LOG)?;
+    let mut seen = txn.open_table(SEEN)?;
+    let mut index = txn.open_table(VEHICLE_LOG)?;
+    let mut totals = txn.open_table(VEHICLE_BYTES)?;
+    for item in log.range(from..)? {
+        let (k, v) = item?;
+        let cursor = k.value();
+        let Ok(msg) = SubscribeResponse::decode(v.value()) else {
+            continue; // corrupt: retention deletes it globally, oldest first
+        };
+        if let Some(Record::Data(d)) = &msg.record
+            && let (Some(s), Some(f)) = (&d.stream, &d.frame)
+        {
+            seen.insert(
+                (s.vehicle_id.as_str(), s.session_id, s.stream_id, f.seq),
+                cursor,
+            )?;
+        }
+        // Its partition may have been written: count its bytes once.
+        if let Some((vehicle, _)) = record_scope(&msg)
+            && index.get((vehicle, cursor))?.is_none()
+        {
+            let len = v.value().len() as u64;
+            index.insert((vehicle, cursor), len)?;
+            let before = totals.get(vehicle)?.map_or(0, |b| b.value());
+            totals.insert(vehicle, before + len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes waiting index entries to the index tables.
+fn write_index(txn: &redb::WriteTransaction, deltas: &[Arc<Delta>]) -> Result<(), StoreError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut seen = txn.open_table(SEEN)?;
+    for delta in deltas {
+        for (vehicle, frames) in &delta.frames {
+            for (&(session, stream_id, seq), &cursor) in frames {
+                seen.insert((&**vehicle, session, stream_id, seq), cursor)?;
+            }
+        }
+    }
+    let mut by_vehicle = txn.open_table(VEHICLE_LOG)?;
+    let mut added: HashMap<&str, u64> = HashMap::new();
+    for delta in deltas {
+        for (vehicle, records) in &delta.records {
+            for &(cursor, len) in records {
+                by_vehicle.insert((&**vehicle, cursor), len)?;
+                *added.entry(vehicle).or_default() += len;
+            }
+        }
+    }
+    let mut totals = txn.open_table(VEHICLE_BYTES)?;
+    for (vehicle, len) in added {
+        let before = totals.get(vehicle)?.map_or(0, |b| b.value());
+        totals.insert(vehicle, before + len)?;
+    }
+    Ok(())
+}
+
+/// Two ascending runs of (seq, cursor), from the index table and from the entries still
+/// waiting, as one; a seq in both comes once.
+fn merge_ascending<E>(
+    table: impl Iterator<Item = Result<(u64, u64), E>>,
+    waiting: impl Iterator<Item = (u64, u64)>,
+) -> impl Iterator<Item = Result<(u64, u64), E>> {
+    let mut table = table.peekable();
+    let mut waiting = waiting.peekable();
+    std::iter::from_fn(move || {
+        // Some(None): an error comes next from the table.
+        let head = match table.peek() {
+            None => None,
+            Some(Ok((seq, _))) => Some(Some(*seq)),
+            Some(Err(_)) => Some(None),
+        };
+        match (head, waiting.peek().map(|w| w.0)) {
+            (Some(Some(t)), Some(w)) if w < t => waiting.next().map(Ok),
+            (Some(Some(t)), Some(w)) if w == t => {
+                waiting.next();
+                table.next()
+            }
+            (Some(_), _) => table.next(),
+            (None, _) => waiting.next().map(Ok),
+        }
+    })
+}
+
+/// Adds a stored seq to what a restarted reassembler resumes: past the end it extends the
+/// stream (a hole before it if it skips seqs), inside a hole it fills that seq.
+fn note_stored(s: &mut StoredStream, seq: u64, cursor: u64, max_holes: usize) {
+    if seq >= s.next_seq {
+        if seq > s.next_seq {
+            s.holes.push_back((s.next_seq, seq));
+        }
+        s.next_seq = seq + 1;
+        s.last_cursor = cursor;
+    } else if let Some(i) = s.holes.iter().position(|&(a, b)| a <= seq && seq < b) {
+        let (a, b) = s.holes[i];
+        s.holes.remove(i);
+        if seq + 1 < b {
+            s.holes.insert(i, (seq + 1, b));
+        }
+        if a < seq {
+            s.holes.insert(i, (a, seq));
+        }
+    }
+    while s.holes.len() > max_holes {
+        s.holes.pop_front();
     }
 }
 
@@ -135,11 +277,17 @@ impl LogStore for EmbeddedStore {
             log_bytes,
             appended: Vec::new(),
             encoded: Vec::new(),
-            seen: HashMap::new(),
+            fresh: Delta::default(),
+            deferred: self.deferred.clone(),
         }))
     }
 
     fn stored(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
+        // Waiting entries first: one leaving them is in the table by then.
+        let frame = (r.session, r.stream_id, r.seq);
+        if lock(&self.deferred).cursor_of(r.vehicle, frame).is_some() {
+            return Ok(true);
+        }
         let txn = self.db.begin_read()?;
         let seen = txn.open_table(SEEN)?;
         Ok(seen
@@ -235,6 +383,7 @@ impl LogStore for EmbeddedStore {
     /// the dedup index without holding every seq in memory: the high-water mark, the holes
     /// between stored seqs (the newest `max_holes` of them) and the cursor of the highest.
     fn stored_streams(&self, max_holes: usize) -> Result<Vec<StoredStream>, StoreError> {
+        let waiting = lock(&self.deferred).all_frames();
         let txn = self.db.begin_read()?;
         let t = txn.open_table(SEEN)?;
         let mut out: Vec<StoredStream> = Vec::new();
@@ -260,15 +409,32 @@ impl LogStore for EmbeddedStore {
                 });
             }
             if let Some(s) = out.last_mut() {
-                if seq > s.next_seq {
-                    s.holes.push_back((s.next_seq, seq));
-                    if s.holes.len() > max_holes {
-                        s.holes.pop_front();
-                    }
-                }
-                s.next_seq = seq + 1;
-                s.last_cursor = v.value();
+                note_stored(s, seq, v.value(), max_holes);
             }
+        }
+        // `out` is in key order, as the table; so is `waiting`.
+        for ((vehicle, (session, stream_id, seq)), cursor) in waiting {
+            let key = StreamKey {
+                vehicle,
+                session,
+                stream_id,
+            };
+            let i = match out.binary_search_by(|s| s.key.cmp(&key)) {
+                Ok(i) => i,
+                Err(i) => {
+                    out.insert(
+                        i,
+                        StoredStream {
+                            key,
+                            next_seq: seq,
+                            holes: VecDeque::new(),
+                            last_cursor: 0,
+                        },
+                    );
+                    i
+                }
+            };
+            note_stored(&mut out[i], seq, cursor, max_holes);
         }
         Ok(out)
     }
@@ -283,10 +449,19 @@ impl LogStore for EmbeddedStore {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<History, StoreError> {
+        let waiting = lock(&self.deferred).frames_of_stream(stream);
         let txn = self.db.begin_read()?;
         let seen = txn.open_table(SEEN)?;
         let log = txn.open_table(LOG)?;
         let (v, s, id) = (&*stream.vehicle, stream.session, stream.stream_id);
+        // Stored (seq, cursor) from `seq` on: the table's and the waiting entries.
+        let stored_from = |seq: u64| -> Result<_, StoreError> {
+            let table = seen
+                .range((v, s, id, seq)..=(v, s, id, u64::MAX))?
+                .map(|item| item.map(|(k, c)| (k.value().3, c.value())));
+            let waiting = waiting.range(seq..).map(|(&q, &c)| (q, c));
+            Ok(merge_ascending(table, waiting))
+        };
         let data_at = |cursor: u64| -> Result<Option<DataRecord>, StoreError> {
             let Some(bytes) = log.get(cursor)? else {
                 return Ok(None); // deleted by retention
@@ -301,10 +476,10 @@ impl LogStore for EmbeddedStore {
         let capture = super::capture_ns;
         // The first stored seq at or after `seq`, with its record.
         let first_from = |seq: u64| -> Result<Option<(u64, DataRecord)>, StoreError> {
-            for item in seen.range((v, s, id, seq)..=(v, s, id, u64::MAX))? {
-                let (k, c) = item?;
-                if let Some(d) = data_at(c.value())? {
-                    return Ok(Some((k.value().3, d)));
+            for item in stored_from(seq)? {
+                let (seq, cursor) = item?;
+                if let Some(d) = data_at(cursor)? {
+                    return Ok(Some((seq, d)));
                 }
             }
             Ok(None)
@@ -320,18 +495,18 @@ impl LogStore for EmbeddedStore {
             }
         }
         // From the last stored frame before `lo`: it may be in progress at `from_ns`.
-        let start = match seen.range((v, s, id, 0)..(v, s, id, lo))?.next_back() {
-            Some(item) => item?.0.value().3,
-            None => lo,
+        let in_table = match seen.range((v, s, id, 0)..(v, s, id, lo))?.next_back() {
+            Some(item) => Some(item?.0.value().3),
+            None => None,
         };
-        let frames = seen
-            .range((v, s, id, start)..=(v, s, id, u64::MAX))?
-            .filter_map(|item| {
-                let frame = item
-                    .map_err(StoreError::from)
-                    .and_then(|(k, c)| Ok(data_at(c.value())?.map(|d| (k.value().3, d))));
-                frame.transpose()
-            });
+        let waiting_before = waiting.range(..lo).next_back().map(|(&q, _)| q);
+        let start = in_table.max(waiting_before).unwrap_or(lo);
+        let frames = stored_from(start)?.filter_map(|item| {
+            let frame = item
+                .map_err(StoreError::from)
+                .and_then(|(seq, cursor)| Ok(data_at(cursor)?.map(|d| (seq, d))));
+            frame.transpose()
+        });
         super::history_from(frames, from_ns, to_ns, max_records, max_bytes)
     }
 
@@ -373,120 +548,36 @@ impl LogStore for EmbeddedStore {
         max_deletes: usize,
     ) -> Result<RetentionOutcome, StoreError> {
         let txn = self.db.begin_write()?;
-        let mut out = RetentionOutcome::default();
-        {
-            let mut meta = txn.open_table(META)?;
-            let mut log = Deleter {
-                log: txn.open_table(LOG)?,
-                seen: txn.open_table(SEEN)?,
-                index: txn.open_table(VEHICLE_LOG)?,
-                totals: txn.open_table(VEHICLE_BYTES)?,
-                bytes: meta.get("log_bytes")?.map_or(0, |v| v.value()),
-            };
-            let mut over_quota = Vec::new();
-            for item in log.totals.iter()? {
-                let (k, v) = item?;
-                if v.value() > max_bytes_per_vehicle {
-                    over_quota.push(k.value().to_owned());
-                }
+        // Deletes go through the index: all of it first.
+        let flush = lock(&self.deferred).start(FlushScope::All);
+        let outcome = write_index(&txn, &flush.deltas)
+            .and_then(|()| {
+                let mut meta = txn.open_table(META)?;
+                let next = meta.get("next_cursor")?.map_or(1, |v| v.value());
+                meta.insert("indexed_below", next)?;
+                Ok(())
+            })
+            .and_then(|()| {
+                retain(
+                    &txn,
+                    min_received_ns,
+                    max_bytes,
+                    max_bytes_per_vehicle,
+                    max_deletes,
+                )
+            })
+            .and_then(|out| Ok(txn.commit().map(|()| out)?));
+        let mut deferred = lock(&self.deferred);
+        match outcome {
+            Ok(out) => {
+                deferred.finish(flush, Delta::default());
+                Ok(out)
             }
-            for vehicle in over_quota {
-                let v = vehicle.as_str();
-                let before = out.deleted_over_quota;
-                while out.deleted < max_deletes as u64
-                    && log.totals.get(v)?.map_or(0, |b| b.value()) > max_bytes_per_vehicle
-                {
-                    let oldest = match log.index.range((v, 0)..=(v, u64::MAX))?.next() {
-                        Some(entry) => {
-                            let (k, len) = entry?;
-                            Some((k.value().1, len.value()))
-                        }
-                        None => None,
-                    };
-                    let Some((cursor, len)) = oldest else { break };
-                    if !log.delete(cursor)? {
-                        // Indexed but gone (a corrupt record retention already removed).
-                        log.index.remove((v, cursor))?;
-                        log.subtract(v, len)?;
-                    }
-                    out.deleted += 1;
-                    out.deleted_over_quota += 1;
-                }
-                if out.deleted_over_quota > before {
-                    out.vehicles_over_quota.push(vehicle);
-                }
-            }
-            while out.deleted < max_deletes as u64 {
-                let Some((k, v)) = log.log.first()? else {
-                    break;
-                };
-                let cursor = k.value();
-                let msg = SubscribeResponse::decode(v.value()).ok();
-                drop((k, v));
-                let received = match msg.as_ref().and_then(|m| m.record.as_ref()) {
-                    Some(Record::Data(d)) => d.received_time_ns,
-                    _ => i64::MIN,
-                };
-                let too_old = received < min_received_ns;
-                if !too_old && log.bytes <= max_bytes {
-                    break;
-                }
-                log.delete(cursor)?;
-                out.deleted += 1;
-            }
-            meta.insert("log_bytes", log.bytes)?;
-            out.bytes_left = log.bytes;
-            let Deleter { seen, .. } = log;
-
-            let mut declared = txn.open_table(STREAM_DECLARED)?;
-            let mut streams = txn.open_table(STREAMS)?;
-            let mut stale = Vec::new();
-            for item in declared.iter()? {
-                let (k, v) = item?;
-                let (vehicle, session, stream_id) = k.value();
-                if v.value() >= min_received_ns {
-                    continue;
-                }
-                let has_data = seen
-                    .range(
-                        (vehicle, session, stream_id, 0)..=(vehicle, session, stream_id, u64::MAX),
-                    )?
-                    .next()
-                    .is_some();
-                if !has_data {
-                    stale.push(StreamKey {
-                        vehicle: vehicle.into(),
-                        session,
-                        stream_id,
-                    });
-                }
-            }
-            for key in &stale {
-                declared.remove((&*key.vehicle, key.session, key.stream_id))?;
-                streams.remove((&*key.vehicle, key.session, key.stream_id))?;
-            }
-            out.pruned_streams = stale;
-
-            // Vehicles silent for the whole retention window and without streams left.
-            let mut vehicles = txn.open_table(VEHICLES)?;
-            let mut silent = Vec::new();
-            for item in vehicles.iter()? {
-                let (k, v) = item?;
-                let id = k.value();
-                let has_streams = streams
-                    .range((id, 0, 0)..=(id, u64::MAX, u32::MAX))?
-                    .next()
-                    .is_some();
-                if v.value() < min_received_ns && !has_streams {
-                    silent.push(id.to_owned());
-                }
-            }
-            for id in silent {
-                vehicles.remove(id.as_str())?;
+            Err(e) => {
+                deferred.abort(flush);
+                Err(e)
             }
         }
-        txn.commit()?;
-        Ok(out)
     }
 
     /// Records in the log.
@@ -494,6 +585,127 @@ impl LogStore for EmbeddedStore {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(LOG)?.len()?)
     }
+}
+
+/// [`LogStore::enforce_retention`] within `txn`, with the index complete.
+fn retain(
+    txn: &redb::WriteTransaction,
+    min_received_ns: i64,
+    max_bytes: u64,
+    max_bytes_per_vehicle: u64,
+    max_deletes: usize,
+) -> Result<RetentionOutcome, StoreError> {
+    let mut out = RetentionOutcome::default();
+    {
+        let mut meta = txn.open_table(META)?;
+        let mut log = Deleter {
+            log: txn.open_table(LOG)?,
+            seen: txn.open_table(SEEN)?,
+            index: txn.open_table(VEHICLE_LOG)?,
+            totals: txn.open_table(VEHICLE_BYTES)?,
+            bytes: meta.get("log_bytes")?.map_or(0, |v| v.value()),
+        };
+        let mut over_quota = Vec::new();
+        for item in log.totals.iter()? {
+            let (k, v) = item?;
+            if v.value() > max_bytes_per_vehicle {
+                over_quota.push(k.value().to_owned());
+            }
+        }
+        for vehicle in over_quota {
+            let v = vehicle.as_str();
+            let before = out.deleted_over_quota;
+            while out.deleted < max_deletes as u64
+                && log.totals.get(v)?.map_or(0, |b| b.value()) > max_bytes_per_vehicle
+            {
+                let oldest = match log.index.range((v, 0)..=(v, u64::MAX))?.next() {
+                    Some(entry) => {
+                        let (k, len) = entry?;
+                        Some((k.value().1, len.value()))
+                    }
+                    None => None,
+                };
+                let Some((cursor, len)) = oldest else { break };
+                if !log.delete(cursor)? {
+                    // Indexed but gone (a corrupt record retention already removed).
+                    log.index.remove((v, cursor))?;
+                    log.subtract(v, len)?;
+                }
+                out.deleted += 1;
+                out.deleted_over_quota += 1;
+            }
+            if out.deleted_over_quota > before {
+                out.vehicles_over_quota.push(vehicle);
+            }
+        }
+        while out.deleted < max_deletes as u64 {
+            let Some((k, v)) = log.log.first()? else {
+                break;
+            };
+            let cursor = k.value();
+            let msg = SubscribeResponse::decode(v.value()).ok();
+            drop((k, v));
+            let received = match msg.as_ref().and_then(|m| m.record.as_ref()) {
+                Some(Record::Data(d)) => d.received_time_ns,
+                _ => i64::MIN,
+            };
+            let too_old = received < min_received_ns;
+            if !too_old && log.bytes <= max_bytes {
+                break;
+            }
+            log.delete(cursor)?;
+            out.deleted += 1;
+        }
+        meta.insert("log_bytes", log.bytes)?;
+        out.bytes_left = log.bytes;
+        let Deleter { seen, .. } = log;
+
+        let mut declared = txn.open_table(STREAM_DECLARED)?;
+        let mut streams = txn.open_table(STREAMS)?;
+        let mut stale = Vec::new();
+        for item in declared.iter()? {
+            let (k, v) = item?;
+            let (vehicle, session, stream_id) = k.value();
+            if v.value() >= min_received_ns {
+                continue;
+            }
+            let has_data = seen
+                .range((vehicle, session, stream_id, 0)..=(vehicle, session, stream_id, u64::MAX))?
+                .next()
+                .is_some();
+            if !has_data {
+                stale.push(StreamKey {
+                    vehicle: vehicle.into(),
+                    session,
+                    stream_id,
+                });
+            }
+        }
+        for key in &stale {
+            declared.remove((&*key.vehicle, key.session, key.stream_id))?;
+            streams.remove((&*key.vehicle, key.session, key.stream_id))?;
+        }
+        out.pruned_streams = stale;
+
+        // Vehicles silent for the whole retention window and without streams left.
+        let mut vehicles = txn.open_table(VEHICLES)?;
+        let mut silent = Vec::new();
+        for item in vehicles.iter()? {
+            let (k, v) = item?;
+            let id = k.value();
+            let has_streams = streams
+                .range((id, 0, 0)..=(id, u64::MAX, u32::MAX))?
+                .next()
+                .is_some();
+            if v.value() < min_received_ns && !has_streams {
+                silent.push(id.to_owned());
+            }
+        }
+        for id in silent {
+            vehicles.remove(id.as_str())?;
+        }
+    }
+    Ok(out)
 }
 
 /// The tables a deleted record must leave, in one retention transaction.
@@ -553,16 +765,15 @@ struct EmbeddedBatch {
     next_cursor: u64,
     log_bytes: u64,
     appended: Vec<LogEntry>,
-    /// The encoded records of `appended`, inserted at commit: each table is opened once a
-    /// batch instead of four times a record (opening one looks it up in redb's table tree).
+    /// The encoded records of `appended`, inserted at commit: the log table is opened once a
+    /// batch instead of once a record (opening one looks it up in redb's table tree).
     encoded: Vec<Vec<u8>>,
-    /// Frames appended in this batch and their cursors, inserted into SEEN at commit;
-    /// `contains` looks here first.
-    seen: HashMap<Arc<str>, HashMap<FrameOfVehicle, u64>>,
+    /// Index entries of `appended`: they wait in `deferred` once committed; `contains`
+    /// looks here first.
+    fresh: Delta,
+    /// The store's waiting index entries.
+    deferred: Arc<Mutex<Deferred>>,
 }
-
-/// A frame of one vehicle: (session, stream, seq).
-type FrameOfVehicle = (u64, u32, u64);
 
 impl std::fmt::Debug for EmbeddedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -575,10 +786,9 @@ impl std::fmt::Debug for EmbeddedBatch {
 impl StoreBatch for EmbeddedBatch {
     /// Whether this frame is stored (in this transaction or before).
     fn contains(&self, r: SeqRef<'_>) -> Result<bool, StoreError> {
-        if self
-            .seen
-            .get(r.vehicle)
-            .is_some_and(|s| s.contains_key(&(r.session, r.stream_id, r.seq)))
+        let frame = (r.session, r.stream_id, r.seq);
+        if self.fresh.cursor_of(r.vehicle, frame).is_some()
+            || lock(&self.deferred).cursor_of(r.vehicle, frame).is_some()
         {
             return Ok(true);
         }
@@ -600,18 +810,22 @@ impl StoreBatch for EmbeddedBatch {
         self.next_cursor += 1;
         message.cursor = cursor;
         let bytes = message.encode_to_vec();
-        self.log_bytes += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        self.log_bytes += len;
         self.encoded.push(bytes);
-        if let Some(r) = seq {
-            let owner = if r.vehicle == &**vehicle {
+        let owned = |id: &str| {
+            if id == &**vehicle {
                 vehicle.clone()
             } else {
-                Arc::from(r.vehicle)
-            };
-            self.seen
-                .entry(owner)
-                .or_default()
-                .insert((r.session, r.stream_id, r.seq), cursor);
+                Arc::from(id)
+            }
+        };
+        if let Some(r) = seq {
+            let frame = (r.session, r.stream_id, r.seq);
+            self.fresh.add_frame(&owned(r.vehicle), frame, cursor);
+        }
+        if let Some((owner, _)) = record_scope(&message) {
+            self.fresh.add_record(&owned(owner), cursor, len);
         }
         self.appended.push(LogEntry {
             cursor,
@@ -679,8 +893,29 @@ impl StoreBatch for EmbeddedBatch {
         Ok(())
     }
 
-    /// Commits durably and returns what was appended, in cursor order.
+    /// Commits durably and returns what was appended, in cursor order: the log, and the
+    /// index entries of one partition's turn.
     fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
+        let batch = *self;
+        let flush = lock(&batch.deferred).start(FlushScope::Next);
+        let written = batch.write(&flush).and_then(|()| Ok(batch.txn.commit()?));
+        let mut deferred = lock(&batch.deferred);
+        match written {
+            Ok(()) => {
+                deferred.finish(flush, batch.fresh);
+                Ok(batch.appended)
+            }
+            Err(e) => {
+                deferred.abort(flush);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl EmbeddedBatch {
+    /// Everything but the commit itself.
+    fn write(&self, flush: &Flush) -> Result<(), StoreError> {
         {
             // Cursors ascend: the log's B-tree grows at its end.
             let mut log = self.txn.open_table(LOG)?;
@@ -688,37 +923,17 @@ impl StoreBatch for EmbeddedBatch {
                 log.insert(entry.cursor, bytes.as_slice())?;
             }
         }
-        {
-            let mut by_vehicle = self.txn.open_table(VEHICLE_LOG)?;
-            let mut added: HashMap<&str, u64> = HashMap::new();
-            for (entry, bytes) in self.appended.iter().zip(&self.encoded) {
-                if let Some((owner, _)) = record_scope(&entry.message) {
-                    let len = bytes.len() as u64;
-                    by_vehicle.insert((owner, entry.cursor), len)?;
-                    *added.entry(owner).or_default() += len;
-                }
-            }
-            let mut totals = self.txn.open_table(VEHICLE_BYTES)?;
-            for (owner, len) in added {
-                let before = totals.get(owner)?.map_or(0, |b| b.value());
-                totals.insert(owner, before + len)?;
-            }
-        }
-        {
-            let mut seen = self.txn.open_table(SEEN)?;
-            for (vehicle, frames) in &self.seen {
-                for (&(session, stream_id, seq), &cursor) in frames {
-                    seen.insert((&**vehicle, session, stream_id, seq), cursor)?;
-                }
-            }
-        }
-        {
-            let mut meta = self.txn.open_table(META)?;
-            meta.insert("next_cursor", self.next_cursor)?;
-            meta.insert("log_bytes", self.log_bytes)?;
-        }
-        self.txn.commit()?;
-        Ok(self.appended)
+        write_index(&self.txn, &flush.deltas)?;
+        let indexed_below = [flush.others_lowest, self.fresh.lowest]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.next_cursor);
+        let mut meta = self.txn.open_table(META)?;
+        meta.insert("next_cursor", self.next_cursor)?;
+        meta.insert("log_bytes", self.log_bytes)?;
+        meta.insert("indexed_below", indexed_below)?;
+        Ok(())
     }
 }
 
@@ -767,6 +982,170 @@ mod tests {
         assert_eq!(r.vehicles_over_quota, vec!["amb-1".to_owned()]);
         assert!(seqs_of(&store, "amb-1").len() <= 5);
         assert_eq!(seqs_of(&store, "amb-2"), vec![0, 1]);
+    }
+
+    /// Appends frames `seqs` of stream 0 of each vehicle (captured every 40 ms), one commit.
+    fn append_frames(store: &Store, vehicles: &[Arc<str>], seqs: &[u64]) {
+        let mut b = store.begin().unwrap();
+        for v in vehicles {
+            for &seq in seqs {
+                let mut msg = crate::store::suite::data(v, seq, 7);
+                if let Some(Record::Data(d)) = msg.record.as_mut()
+                    && let Some(f) = d.frame.as_mut()
+                {
+                    f.capture_time_ns = seq as i64 * 40;
+                }
+                let r = SeqRef {
+                    vehicle: v,
+                    session: 1,
+                    stream_id: 0,
+                    seq,
+                };
+                b.append(v, 2, msg, Some(r)).unwrap();
+            }
+        }
+        b.commit().unwrap();
+    }
+
+    /// Everything readers can ask about the vehicles' frames.
+    fn answers(store: &Store, vehicles: &[Arc<str>]) -> Vec<String> {
+        let mut out = vec![format!("{:?}", store.stored_streams(16).unwrap())];
+        let b = store.begin().unwrap();
+        for v in vehicles {
+            let key = StreamKey {
+                vehicle: v.clone(),
+                session: 1,
+                stream_id: 0,
+            };
+            out.push(format!(
+                "{:?}",
+                store.history(&key, 0, i64::MAX, 1000, usize::MAX)
+            ));
+            // From the middle of the stream, where the start is searched for.
+            out.push(format!(
+                "{:?}",
+                store.history(&key, 130, 450, 1000, usize::MAX)
+            ));
+            for seq in 0..20 {
+                let r = SeqRef {
+                    vehicle: v,
+                    session: 1,
+                    stream_id: 0,
+                    seq,
+                };
+                out.push(format!("{seq}:{:?}/{:?}", store.stored(r), b.contains(r)));
+            }
+        }
+        out
+    }
+
+    /// (frames in SEEN, per-vehicle bytes in VEHICLE_BYTES, the same counted from the log).
+    type Tables = (u64, Vec<(String, u64)>, Vec<(String, u64)>);
+
+    fn tables(embedded: &EmbeddedStore) -> Tables {
+        let txn = embedded.db.begin_read().unwrap();
+        let seen = txn.open_table(SEEN).unwrap().len().unwrap();
+        let totals = txn.open_table(VEHICLE_BYTES).unwrap();
+        let totals: Vec<(String, u64)> = totals
+            .iter()
+            .unwrap()
+            .map(|i| i.unwrap())
+            .map(|(k, v)| (k.value().to_owned(), v.value()))
+            .collect();
+        let mut counted: std::collections::BTreeMap<String, u64> = Default::default();
+        for item in txn.open_table(LOG).unwrap().iter().unwrap() {
+            let (_, v) = item.unwrap();
+            let msg = SubscribeResponse::decode(v.value()).unwrap();
+            if let Some((vehicle, _)) = record_scope(&msg) {
+                *counted.entry(vehicle.to_owned()).or_default() += v.value().len() as u64;
+            }
+        }
+        (seen, totals, counted.into_iter().collect())
+    }
+
+    #[test]
+    fn waiting_index_entries_answer_as_the_tables_do_and_a_reopen_writes_them_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let embedded = EmbeddedStore::open(&path).unwrap();
+        let store = Store::new(embedded.clone());
+        let vehicles: Vec<Arc<str>> = (0..20).map(|i| format!("amb-{i}").into()).collect();
+        // In the tables: 0..10 without 3, 4 and 7.
+        append_frames(&store, &vehicles, &[0, 1, 2, 5, 6, 8, 9]);
+        store
+            .enforce_retention(i64::MIN, u64::MAX, u64::MAX, 0)
+            .unwrap();
+        assert_eq!(
+            tables(&embedded).0,
+            20 * 7,
+            "retention writes every waiting entry"
+        );
+        // Waiting: a gap fill, the next frames and a new hole, in two commits.
+        append_frames(&store, &vehicles, &[3, 10, 11]);
+        append_frames(&store, &vehicles, &[13, 14]);
+        // And a vehicle none of whose frames is in the table yet.
+        let late: Arc<str> = "amb-late".into();
+        append_frames(
+            &store,
+            std::slice::from_ref(&late),
+            &(0..20).collect::<Vec<_>>(),
+        );
+        let mut all = vehicles.clone();
+        all.push(late);
+        let vehicles = all;
+        let (in_table, totals, counted) = tables(&embedded);
+        assert!(
+            in_table < 20 * 12,
+            "at most two of the vehicles' partitions had their turn: {in_table} in the table"
+        );
+        assert_ne!(totals, counted, "so their bytes wait too");
+        let waiting = answers(&store, &vehicles);
+        assert!(
+            waiting
+                .iter()
+                .any(|a| a.contains("holes: [(4, 5), (7, 8), (12, 13)]"))
+        );
+
+        // Once written, the answers are the same.
+        store
+            .enforce_retention(i64::MIN, u64::MAX, u64::MAX, 0)
+            .unwrap();
+        let (in_table, totals, counted) = tables(&embedded);
+        assert_eq!(in_table, 20 * 12 + 20);
+        assert_eq!(totals, counted);
+        assert_eq!(answers(&store, &vehicles), waiting);
+
+        // Entries still waiting at a crash are written by the next open, bytes counted once
+        // (some partitions had their turn before the crash), and by no later one again.
+        append_frames(&store, &vehicles, &[4, 15]);
+        append_frames(&store, &vehicles, &[16]);
+        let before = answers(&store, &vehicles);
+        drop((store, embedded));
+        for _ in 0..2 {
+            let embedded = EmbeddedStore::open(&path).unwrap();
+            let (in_table, totals, counted) = tables(&embedded);
+            assert_eq!(in_table, 20 * 15 + 20);
+            assert_eq!(totals, counted);
+            assert_eq!(answers(&Store::new(embedded), &vehicles), before);
+        }
+    }
+
+    #[test]
+    fn waiting_entries_stay_bounded_by_a_round_of_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let store = Store::new(embedded.clone());
+        let vehicles: Vec<Arc<str>> = (0..200).map(|i| format!("amb-{i}").into()).collect();
+        for round in 0..3 * deferred::PARTITIONS as u64 {
+            append_frames(&store, &vehicles, &[round]);
+            let waiting = lock(&embedded.deferred).waiting_frames();
+            assert!(
+                waiting <= deferred::PARTITIONS * vehicles.len(),
+                "{waiting} waiting after commit {round}"
+            );
+        }
+        let (in_table, ..) = tables(&embedded);
+        assert!(in_table > 0, "partitions had their turns");
     }
 
     /// The shared store suite against this backend: each case with its own file, reopened by
