@@ -22,6 +22,11 @@ use crate::reassembly::StreamKey;
 /// Partitions of vehicles; a commit writes one partition's waiting entries to the index.
 pub(super) const PARTITIONS: usize = 64;
 
+/// While no more entries than this wait, a commit writes them all: with few vehicles batching
+/// saves little, and entries held for rounds of commits made the ED view's live latency tail
+/// longer (measured in the browser test; why was not found).
+pub(super) const FEW_WAITING: usize = 512;
+
 /// A frame of one vehicle: (session, stream, seq).
 pub(super) type FrameOfVehicle = (u64, u32, u64);
 
@@ -34,6 +39,8 @@ pub(super) struct Delta {
     pub records: HashMap<Arc<str>, Vec<(u64, u64)>>,
     /// The lowest cursor any entry refers to.
     pub lowest: Option<u64>,
+    /// Entries held (frames and records).
+    pub entries: usize,
 }
 
 impl Delta {
@@ -44,6 +51,7 @@ impl Delta {
     /// A stored frame of `vehicle` at `cursor`.
     pub fn add_frame(&mut self, vehicle: &Arc<str>, frame: FrameOfVehicle, cursor: u64) {
         self.note_cursor(cursor);
+        self.entries += 1;
         match self.frames.get_mut(&**vehicle) {
             Some(f) => {
                 f.insert(frame, cursor);
@@ -58,6 +66,7 @@ impl Delta {
     /// A record of `vehicle` at `cursor`, `len` bytes encoded.
     pub fn add_record(&mut self, vehicle: &Arc<str>, cursor: u64, len: u64) {
         self.note_cursor(cursor);
+        self.entries += 1;
         match self.records.get_mut(&**vehicle) {
             Some(r) => r.push((cursor, len)),
             None => {
@@ -86,6 +95,7 @@ impl Delta {
         if let Some(l) = newer.lowest {
             self.note_cursor(l);
         }
+        self.entries += newer.entries;
     }
 }
 
@@ -107,8 +117,11 @@ struct Part {
 /// Which partitions a commit writes to the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FlushScope {
-    /// The next one in turn.
-    Next,
+    /// The next ones in turn that hold entries, until they hold at least this many (the
+    /// entries the commit adds). Empty partitions are passed over, so with few vehicles the
+    /// index is written a little at every commit rather than in rare large lumps (which
+    /// stalled commits); with many, one partition a commit holds about that many.
+    Next(usize),
     /// All (before retention, which deletes through the index).
     All,
 }
@@ -194,10 +207,34 @@ impl Deferred {
     /// until [`Deferred::finish`].
     pub fn start(&mut self, scope: FlushScope) -> Flush {
         let parts: Vec<usize> = match scope {
-            FlushScope::Next => {
-                let p = self.turn;
-                self.turn = (self.turn + 1) % PARTITIONS;
-                vec![p]
+            FlushScope::Next(at_least) => {
+                let held = |part: &Part| {
+                    part.filling.entries + part.flushing.as_ref().map_or(0, |d| d.entries)
+                };
+                let waiting: usize = self.parts.iter().map(held).sum();
+                let at_least = if waiting <= FEW_WAITING {
+                    usize::MAX
+                } else {
+                    at_least
+                };
+                let mut parts = Vec::new();
+                let mut taken = 0;
+                // The turn moves at least one partition a commit: each is written at least
+                // once every PARTITIONS commits.
+                for _ in 0..PARTITIONS {
+                    let p = self.turn;
+                    self.turn = (self.turn + 1) % PARTITIONS;
+                    let n = held(&self.parts[p]);
+                    if n == 0 {
+                        continue;
+                    }
+                    parts.push(p);
+                    taken += n;
+                    if taken >= at_least {
+                        break;
+                    }
+                }
+                parts
             }
             FlushScope::All => (0..PARTITIONS).collect(),
         };
@@ -242,6 +279,7 @@ impl Deferred {
             if let Some(&lowest) = frames.values().min() {
                 part.note_cursor(lowest);
             }
+            part.entries += frames.len();
             part.frames.entry(vehicle).or_default().extend(frames);
         }
         for (vehicle, records) in committed.records {
@@ -249,6 +287,7 @@ impl Deferred {
             if let Some(&(lowest, _)) = records.first() {
                 part.note_cursor(lowest);
             }
+            part.entries += records.len();
             part.records.entry(vehicle).or_default().extend(records);
         }
     }
@@ -304,7 +343,7 @@ mod tests {
         batch.add_record(&a, 10, 100);
         batch.add_frame(&b, (1, 0, 3), 11);
         batch.add_record(&b, 11, 100);
-        let f = d.start(FlushScope::Next);
+        let f = d.start(FlushScope::Next(0));
         assert!(f.deltas.is_empty(), "nothing waited yet");
         d.finish(f, batch);
         assert_eq!(d.cursor_of(&a, (1, 0, 7)), Some(10));
@@ -316,7 +355,7 @@ mod tests {
         // One round of turns writes each vehicle's entries exactly once.
         let mut written = Vec::new();
         for _ in 0..PARTITIONS {
-            let f = d.start(FlushScope::Next);
+            let f = d.start(FlushScope::Next(0));
             for delta in &f.deltas {
                 written.extend(delta.frames.keys().cloned());
                 // While the commit runs, readers still find them.
@@ -342,22 +381,80 @@ mod tests {
         let mut d = Deferred::default();
         let mut batch = Delta::default();
         batch.add_frame(&a, (1, 0, 1), 5);
-        batch.add_frame(&b, (1, 0, 1), 6);
-        let f = d.start(FlushScope::Next);
+        // Enough of b's that not all is written at once.
+        let n = FEW_WAITING as u64;
+        for seq in 1..=n {
+            batch.add_frame(&b, (1, 0, seq), 5 + seq);
+        }
+        let f = d.start(FlushScope::Next(0));
         d.finish(f, batch);
         let f = d.start(FlushScope::All);
         assert_eq!(f.deltas.len(), 2);
         assert_eq!(f.others_lowest, None, "all taken");
         d.abort(f);
-        assert_eq!(d.waiting_frames(), 2);
+        assert_eq!(d.waiting_frames(), 1 + FEW_WAITING);
         assert_eq!(d.cursor_of(&b, (1, 0, 1)), Some(6));
         // Taking only a's partition leaves b's lowest cursor as the bound.
         d.turn = partition_of(&a);
-        let f = d.start(FlushScope::Next);
+        let f = d.start(FlushScope::Next(0));
         assert_eq!(f.others_lowest, Some(6));
         d.finish(f, Delta::default());
         assert_eq!(d.cursor_of(&a, (1, 0, 1)), None);
-        assert_eq!(d.all_frames().len(), 1);
+        assert_eq!(d.all_frames().len(), FEW_WAITING);
+    }
+
+    /// Adds committed entries without writing any.
+    fn commit_entries(d: &mut Deferred, batch: Delta) {
+        let nothing = Flush {
+            parts: Vec::new(),
+            deltas: Vec::new(),
+            others_lowest: None,
+        };
+        d.finish(nothing, batch);
+    }
+
+    #[test]
+    fn a_commit_passes_over_empty_partitions_and_takes_about_what_it_adds() {
+        let (a, b) = two_vehicles();
+        let mut d = Deferred::default();
+        let mut batch = Delta::default();
+        for seq in 0..3 {
+            batch.add_frame(&a, (1, 0, seq), seq);
+            batch.add_frame(&b, (1, 0, seq), 100_000 + seq);
+        }
+        commit_entries(&mut d, batch);
+        // Few entries wait: a commit writes them all.
+        let f = d.start(FlushScope::Next(1));
+        assert_eq!(f.parts.len(), 2);
+        d.finish(f, Delta::default());
+        assert_eq!(d.waiting_frames(), 0);
+
+        let many = FEW_WAITING as u64;
+        let mut batch = Delta::default();
+        for seq in 0..many {
+            batch.add_frame(&a, (1, 0, seq), seq);
+            batch.add_frame(&b, (1, 0, seq), 100_000 + seq);
+        }
+        commit_entries(&mut d, batch);
+        // Many: the first partition holding entries, however far the turn has to go.
+        let f = d.start(FlushScope::Next(1));
+        assert_eq!(f.parts.len(), 1);
+        assert_eq!(f.deltas[0].entries, FEW_WAITING);
+        d.finish(f, Delta::default());
+        assert_eq!(d.waiting_frames(), FEW_WAITING);
+        // Adding more than one partition holds: as many partitions as it takes.
+        let mut batch = Delta::default();
+        for seq in many..2 * many {
+            batch.add_frame(&a, (1, 0, seq), seq);
+        }
+        commit_entries(&mut d, batch);
+        let f = d.start(FlushScope::Next(3 * FEW_WAITING));
+        assert_eq!(f.parts.len(), 2, "both partitions holding entries");
+        d.finish(f, Delta::default());
+        assert_eq!(d.waiting_frames(), 0);
+        // Nothing waiting: nothing taken.
+        let f = d.start(FlushScope::Next(5));
+        assert!(f.parts.is_empty() && f.deltas.is_empty());
     }
 
     #[test]
@@ -369,7 +466,7 @@ mod tests {
         batch.add_frame(&a, (1, 1, 9), 2);
         batch.add_frame(&a, (1, 0, 30), 3);
         batch.add_frame(&a, (1, 0, 4), 4);
-        let f = d.start(FlushScope::Next);
+        let f = d.start(FlushScope::Next(0));
         d.finish(f, batch);
         let keys: Vec<_> = d.all_frames().into_iter().map(|(k, _)| k).collect();
         let mut sorted = keys.clone();
