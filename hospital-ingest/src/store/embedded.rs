@@ -897,7 +897,12 @@ impl StoreBatch for EmbeddedBatch {
     /// index entries of one partition's turn.
     fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
         let batch = *self;
-        let flush = lock(&batch.deferred).start(FlushScope::Next(batch.fresh.entries));
+        let scope = if batch.fresh.vehicles() <= deferred::FEW_VEHICLES {
+            FlushScope::All
+        } else {
+            FlushScope::Next(batch.fresh.entries)
+        };
+        let flush = lock(&batch.deferred).start(scope);
         let written = batch.write(&flush).and_then(|()| Ok(batch.txn.commit()?));
         let mut deferred = lock(&batch.deferred);
         match written {
@@ -1083,15 +1088,12 @@ mod tests {
         // Waiting: a gap fill, the next frames and a new hole, in two commits.
         append_frames(&store, &vehicles, &[3, 10, 11]);
         append_frames(&store, &vehicles, &[13, 14]);
-        // And a vehicle none of whose frames is in the table yet.
-        let late: Arc<str> = "amb-late".into();
-        append_frames(
-            &store,
-            std::slice::from_ref(&late),
-            &(0..20).collect::<Vec<_>>(),
-        );
+        // And vehicles none of whose frames is in the table yet (more than a few, or their
+        // commit would write every waiting entry).
+        let late: Vec<Arc<str>> = (0..5).map(|i| format!("amb-late-{i}").into()).collect();
+        append_frames(&store, &late, &(0..20).collect::<Vec<_>>());
         let mut all = vehicles.clone();
-        all.push(late);
+        all.extend(late);
         let vehicles = all;
         let (in_table, totals, counted) = tables(&embedded);
         assert!(
@@ -1111,7 +1113,7 @@ mod tests {
             .enforce_retention(i64::MIN, u64::MAX, u64::MAX, 0)
             .unwrap();
         let (in_table, totals, counted) = tables(&embedded);
-        assert_eq!(in_table, 200 * 12 + 20);
+        assert_eq!(in_table, 200 * 12 + 100);
         assert_eq!(totals, counted);
         assert_eq!(answers(&store, &vehicles), waiting);
 
@@ -1124,10 +1126,29 @@ mod tests {
         for _ in 0..2 {
             let embedded = EmbeddedStore::open(&path).unwrap();
             let (in_table, totals, counted) = tables(&embedded);
-            assert_eq!(in_table, 200 * 15 + 20);
+            assert_eq!(in_table, 200 * 15 + 100);
             assert_eq!(totals, counted);
             assert_eq!(answers(&Store::new(embedded), &vehicles), before);
         }
+    }
+
+    #[test]
+    fn a_commit_from_few_vehicles_writes_every_waiting_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let embedded = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let store = Store::new(embedded.clone());
+        let many: Vec<Arc<str>> = (0..50).map(|i| format!("amb-{i}").into()).collect();
+        append_frames(&store, &many, &[0, 1]);
+        append_frames(&store, &many, &[2]);
+        assert!(
+            tables(&embedded).0 < 150,
+            "a commit from many vehicles writes a part"
+        );
+        append_frames(&store, &many[..deferred::FEW_VEHICLES], &[3]);
+        assert_eq!(tables(&embedded).0, 150, "all that waited");
+        // Its own entries wait for the next commit, as every commit's do.
+        let waiting = lock(&embedded.deferred).waiting_frames();
+        assert_eq!(waiting, deferred::FEW_VEHICLES);
     }
 
     #[test]

@@ -22,10 +22,12 @@ use crate::reassembly::StreamKey;
 /// Partitions of vehicles; a commit writes one partition's waiting entries to the index.
 pub(super) const PARTITIONS: usize = 64;
 
-/// While no more entries than this wait, a commit writes them all: with few vehicles batching
-/// saves little, and entries held for rounds of commits made the ED view's live latency tail
-/// longer (measured in the browser test; why was not found).
-pub(super) const FEW_WAITING: usize = 512;
+/// A commit holding frames of no more vehicles than this writes every waiting entry: with few
+/// vehicles batching saves little, and entries held for rounds of commits made the ED view's
+/// live latency tail longer (measured in the browser test; why was not found). It counts the
+/// commit's own vehicles, which follow the load, not what waits (which a commit writing
+/// everything would keep low for ever).
+pub(super) const FEW_VEHICLES: usize = 4;
 
 /// A frame of one vehicle: (session, stream, seq).
 pub(super) type FrameOfVehicle = (u64, u32, u64);
@@ -78,6 +80,11 @@ impl Delta {
     /// Cursor of a frame, if this delta holds it.
     pub fn cursor_of(&self, vehicle: &str, frame: FrameOfVehicle) -> Option<u64> {
         self.frames.get(vehicle)?.get(&frame).copied()
+    }
+
+    /// Vehicles with entries here.
+    pub fn vehicles(&self) -> usize {
+        self.frames.len().max(self.records.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -211,12 +218,6 @@ impl Deferred {
                 let held = |part: &Part| {
                     part.filling.entries + part.flushing.as_ref().map_or(0, |d| d.entries)
                 };
-                let waiting: usize = self.parts.iter().map(held).sum();
-                let at_least = if waiting <= FEW_WAITING {
-                    usize::MAX
-                } else {
-                    at_least
-                };
                 let mut parts = Vec::new();
                 let mut taken = 0;
                 // The turn moves at least one partition a commit: each is written at least
@@ -316,6 +317,9 @@ impl Deferred {
 mod tests {
     use super::*;
 
+    /// Entries in a test partition.
+    const MANY: usize = 512;
+
     fn key(v: &Arc<str>, stream_id: u32) -> StreamKey {
         StreamKey {
             vehicle: v.clone(),
@@ -382,7 +386,7 @@ mod tests {
         let mut batch = Delta::default();
         batch.add_frame(&a, (1, 0, 1), 5);
         // Enough of b's that not all is written at once.
-        let n = FEW_WAITING as u64;
+        let n = MANY as u64;
         for seq in 1..=n {
             batch.add_frame(&b, (1, 0, seq), 5 + seq);
         }
@@ -392,7 +396,7 @@ mod tests {
         assert_eq!(f.deltas.len(), 2);
         assert_eq!(f.others_lowest, None, "all taken");
         d.abort(f);
-        assert_eq!(d.waiting_frames(), 1 + FEW_WAITING);
+        assert_eq!(d.waiting_frames(), 1 + MANY);
         assert_eq!(d.cursor_of(&b, (1, 0, 1)), Some(6));
         // Taking only a's partition leaves b's lowest cursor as the bound.
         d.turn = partition_of(&a);
@@ -400,7 +404,7 @@ mod tests {
         assert_eq!(f.others_lowest, Some(6));
         d.finish(f, Delta::default());
         assert_eq!(d.cursor_of(&a, (1, 0, 1)), None);
-        assert_eq!(d.all_frames().len(), FEW_WAITING);
+        assert_eq!(d.all_frames().len(), MANY);
     }
 
     /// Adds committed entries without writing any.
@@ -423,13 +427,11 @@ mod tests {
             batch.add_frame(&b, (1, 0, seq), 100_000 + seq);
         }
         commit_entries(&mut d, batch);
-        // Few entries wait: a commit writes them all.
-        let f = d.start(FlushScope::Next(1));
-        assert_eq!(f.parts.len(), 2);
+        let f = d.start(FlushScope::All);
         d.finish(f, Delta::default());
         assert_eq!(d.waiting_frames(), 0);
 
-        let many = FEW_WAITING as u64;
+        let many = MANY as u64;
         let mut batch = Delta::default();
         for seq in 0..many {
             batch.add_frame(&a, (1, 0, seq), seq);
@@ -439,16 +441,16 @@ mod tests {
         // Many: the first partition holding entries, however far the turn has to go.
         let f = d.start(FlushScope::Next(1));
         assert_eq!(f.parts.len(), 1);
-        assert_eq!(f.deltas[0].entries, FEW_WAITING);
+        assert_eq!(f.deltas[0].entries, MANY);
         d.finish(f, Delta::default());
-        assert_eq!(d.waiting_frames(), FEW_WAITING);
+        assert_eq!(d.waiting_frames(), MANY);
         // Adding more than one partition holds: as many partitions as it takes.
         let mut batch = Delta::default();
         for seq in many..2 * many {
             batch.add_frame(&a, (1, 0, seq), seq);
         }
         commit_entries(&mut d, batch);
-        let f = d.start(FlushScope::Next(3 * FEW_WAITING));
+        let f = d.start(FlushScope::Next(3 * MANY));
         assert_eq!(f.parts.len(), 2, "both partitions holding entries");
         d.finish(f, Delta::default());
         assert_eq!(d.waiting_frames(), 0);
