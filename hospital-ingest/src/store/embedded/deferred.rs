@@ -4,9 +4,10 @@
 //! the dedup and per-vehicle indexes are keyed by vehicle first, so writing them with every
 //! commit rewrote (copy-on-write, checksummed, fsynced) one B-tree leaf of each index per
 //! frame. Instead the vehicles are split into [`PARTITIONS`]; each commit writes the log and
-//! the index entries of one partition only, in turn, so a vehicle's entries reach the index
-//! once every [`PARTITIONS`] commits, many to a leaf. Until then they live here, where
-//! readers look as well as in the tables. The log itself is committed before any
+//! the waiting index entries of the next partitions in turn (see [`FlushScope`]), so a
+//! vehicle's entries reach the index at most [`PARTITIONS`] commits later, many to a leaf. A
+//! commit from few vehicles writes everything ([`FEW_VEHICLES`]). Until then the entries live
+//! here, where readers look as well as in the tables. The log itself is committed before any
 //! acknowledgement as before; the index is derived from it, and on open whatever the tables
 //! lack is rebuilt from the log (see `indexed_below` in the embedded store).
 //!
@@ -87,10 +88,6 @@ impl Delta {
         self.frames.len().max(self.records.len())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.lowest.is_none()
-    }
-
     /// Adds `newer`'s entries (of records committed after this delta's).
     fn absorb(&mut self, newer: Delta) {
         for (vehicle, frames) in newer.frames {
@@ -125,9 +122,8 @@ struct Part {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FlushScope {
     /// The next ones in turn that hold entries, until they hold at least this many (the
-    /// entries the commit adds). Empty partitions are passed over, so with few vehicles the
-    /// index is written a little at every commit rather than in rare large lumps (which
-    /// stalled commits); with many, one partition a commit holds about that many.
+    /// entries the commit adds), so the index keeps pace with the log. Empty partitions are
+    /// passed over; with many vehicles, one partition a commit holds about that many.
     Next(usize),
     /// All (before retention, which deletes through the index).
     All,
@@ -213,11 +209,10 @@ impl Deferred {
     /// Takes the partitions `scope` names for writing to the index; readers still see them
     /// until [`Deferred::finish`].
     pub fn start(&mut self, scope: FlushScope) -> Flush {
+        // `finish` and `abort` both clear `flushing`, so only `filling` holds entries here.
+        let held = |part: &Part| part.filling.entries;
         let parts: Vec<usize> = match scope {
             FlushScope::Next(at_least) => {
-                let held = |part: &Part| {
-                    part.filling.entries + part.flushing.as_ref().map_or(0, |d| d.entries)
-                };
                 let mut parts = Vec::new();
                 let mut taken = 0;
                 // The turn moves at least one partition a commit: each is written at least
@@ -237,23 +232,16 @@ impl Deferred {
                 }
                 parts
             }
-            FlushScope::All => (0..PARTITIONS).collect(),
+            FlushScope::All => (0..PARTITIONS)
+                .filter(|&p| held(&self.parts[p]) > 0)
+                .collect(),
         };
-        let mut deltas = Vec::new();
+        let mut deltas = Vec::with_capacity(parts.len());
         for &p in &parts {
             let part = &mut self.parts[p];
-            let mut taken = std::mem::take(&mut part.filling);
-            // A failed flush put nothing back in `flushing`; a leftover is taken along.
-            if let Some(old) = part.flushing.take() {
-                let mut merged = Arc::unwrap_or_clone(old);
-                merged.absorb(taken);
-                taken = merged;
-            }
-            let taken = Arc::new(taken);
+            let taken = Arc::new(std::mem::take(&mut part.filling));
             part.flushing = Some(taken.clone());
-            if !taken.is_empty() {
-                deltas.push(taken);
-            }
+            deltas.push(taken);
         }
         let others_lowest = self
             .parts
