@@ -145,6 +145,11 @@ impl Health {
         self.connected = false;
     }
 
+    /// When anything was last heard on this bearer's connection.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
+    }
+
     /// Whether a connection is established.
     pub fn is_connected(&self) -> bool {
         self.connected

@@ -178,7 +178,8 @@ pub struct BearerCounters {
     pub frames_acked: u64,
     /// Copies sent because another bearer's copy was overdue or lost with its connection.
     pub frames_recovered: u64,
-    /// Times this bearer stopped being up while it carried frames.
+    /// Times this bearer stopped being up while it carried frames, or after frames it
+    /// carried went overdue and nothing was heard from it since.
     pub failovers: u64,
 }
 
@@ -200,12 +201,22 @@ struct Bearer {
     in_flight_bytes: usize,
     budget: Option<BudgetState>,
     last_state: LinkState,
+    /// When copies on this bearer last went overdue. Their frames may be recovered and
+    /// acknowledged elsewhere before the bearer leaves Up, emptying `in_flight`; a bearer
+    /// not heard from since then still failed over.
+    overdue_since: Option<Instant>,
     counters: BearerCounters,
 }
 
 impl Bearer {
     fn oldest_outstanding(&self) -> Option<Instant> {
         self.in_flight.first().map(|(t, _)| *t)
+    }
+
+    /// Frames it carried went overdue and nothing was heard from it since.
+    fn stranded(&self) -> bool {
+        self.overdue_since
+            .is_some_and(|t| self.health.last_heard().is_none_or(|heard| heard <= t))
     }
 
     fn state(&self, now: Instant) -> LinkState {
@@ -261,6 +272,7 @@ impl Scheduler {
                     used: 0,
                 }),
                 last_state: LinkState::Down,
+                overdue_since: None,
                 counters: BearerCounters::default(),
             })
             .collect();
@@ -571,6 +583,7 @@ impl Scheduler {
                 let Some(e) = self.entries.get_mut(&id) else {
                     continue;
                 };
+                self.bearers[bi].overdue_since = Some(now);
                 for c in e.copies.iter_mut().filter(|c| c.bearer == bi) {
                     c.overdue = true;
                 }
@@ -586,8 +599,14 @@ impl Scheduler {
             .iter_mut()
             .map(|b| {
                 let s = b.state(now);
-                if b.last_state == LinkState::Up && s != LinkState::Up && !b.in_flight.is_empty() {
+                if b.last_state == LinkState::Up
+                    && s != LinkState::Up
+                    && (!b.in_flight.is_empty() || b.stranded())
+                {
                     b.counters.failovers += 1;
+                }
+                if s != LinkState::Up {
+                    b.overdue_since = None;
                 }
                 b.last_state = s;
                 s
@@ -939,6 +958,59 @@ mod tests {
         // Nothing left to do: the frame is gone from both bearers.
         assert!(s.poll(t1 + ms(500)).is_empty());
         assert_eq!(s.in_flight_bytes(0) + s.in_flight_bytes(1), 0);
+    }
+
+    /// Frames of a bearer that went silent, recovered and acknowledged elsewhere before it
+    /// left Up: still a failover. A bearer heard from after that is not one.
+    #[test]
+    fn failover_is_counted_when_recovery_empties_the_silent_bearer_first() {
+        let heard = |s: &mut Scheduler, rx_datagrams: u64, now: Instant| {
+            let sample = PathSample {
+                rtt: ms(40),
+                cwnd: 1 << 20,
+                rx_datagrams,
+                ..PathSample::default()
+            };
+            s.on_path(0, sample, now);
+        };
+        for heard_late in [false, true] {
+            let t0 = Instant::now();
+            let mut s = with_rtts(Policy::Fastest, &[40, 80], t0);
+            s.insert(id(0, 0), ECG, frame(100), t0);
+            assert_eq!(sends(&s.poll(t0)), vec![(0, id(0, 0), Lane::Live)]);
+            // Something (an earlier frame's ack, a keep-alive) arrives just after the send,
+            // so the bearer stays Up for a while after its copy is overdue.
+            heard(&mut s, 2, t0 + ms(30));
+            let ld = s
+                .health(0)
+                .map(Health::loss_detection_time)
+                .unwrap_or_default();
+            let t1 = t0 + ld + ms(1);
+            assert_eq!(sends(&s.poll(t1)), vec![(1, id(0, 0), Lane::Live)]);
+            assert_eq!(s.state(0, t1), LinkState::Up);
+            s.on_ack(1, &[(0, 0, 1)], t1 + ms(20));
+            assert_eq!(s.in_flight_bytes(0), 0, "recovery emptied bearer 0");
+            assert_eq!(s.state(0, t1 + ms(20)), LinkState::Up);
+            if heard_late {
+                heard(&mut s, 3, t1 + ms(25));
+            }
+            let mut left_up = false;
+            for step in 0..400u64 {
+                let now = t1 + ms(30 + 10 * step);
+                s.poll(now);
+                if s.state(0, now) != LinkState::Up {
+                    left_up = true;
+                    break;
+                }
+            }
+            assert!(left_up, "a silent bearer leaves Up");
+            let expected = u64::from(!heard_late);
+            assert_eq!(
+                s.counters(0).failovers,
+                expected,
+                "heard late: {heard_late}"
+            );
+        }
     }
 
     #[test]
