@@ -343,6 +343,11 @@ pub struct Quic {
     /// memory one vehicle connection can occupy with unread frames.
     #[arg(long = "quic-connection-receive-window-bytes")]
     pub connection_receive_window_bytes: u32,
+    /// Receive buffer asked of the kernel for the QUIC socket: what packets can wait while
+    /// the ingest is busy before the kernel drops them. Linux grants at most
+    /// `net.core.rmem_max` (see deploy/sysctl); the granted size is logged and exported.
+    #[arg(long = "quic-socket-receive-buffer-bytes")]
+    pub socket_receive_buffer_bytes: usize,
 }
 
 /// The gRPC API for emergency departments.
@@ -667,6 +672,7 @@ impl Default for Quic {
             handshake_timeout: Duration::from_secs(3),
             max_new_sessions_per_hour: 60,
             connection_receive_window_bytes: 4 * 1024 * 1024,
+            socket_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -729,6 +735,13 @@ impl ServiceConfig for IngestConfig {
     /// Checks every bound; the error names the key and the value.
     fn validate(&self) -> Result<(), ConfigError> {
         let q = &self.quic;
+        if !(64 * 1024..=256 * 1024 * 1024).contains(&q.socket_receive_buffer_bytes) {
+            return invalid(
+                "quic.socket_receive_buffer_bytes",
+                &q.socket_receive_buffer_bytes,
+                "must be in 64 KiB..=256 MiB",
+            );
+        }
         if !(1024..=16 * 1024 * 1024).contains(&q.max_frame_bytes) {
             return invalid(
                 "quic.max_frame_bytes",

@@ -299,9 +299,22 @@ impl Ingest {
         .context("opening the audit log")?;
         let server_config =
             tls::quic_server_config(&cfg).context("building QUIC TLS configuration")?;
-        let endpoint = quinn::Endpoint::server(server_config, cfg.quic.listen)
+        let bound = quic::socket::bind(cfg.quic.listen, cfg.quic.socket_receive_buffer_bytes)
             .with_context(|| format!("binding QUIC {}", cfg.quic.listen))?;
+        report_receive_buffer(&cfg.quic, &bound);
+        let drops_inode = bound.inode;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            bound.socket,
+            runtime,
+        )
+        .with_context(|| format!("starting QUIC on {}", cfg.quic.listen))?;
         let quic_addr = endpoint.local_addr()?;
+        if let Some(inode) = drops_inode {
+            tokio::spawn(export_receive_drops(inode, stop.clone()));
+        }
         // One detector for vehicles and ED clients.
         let watch = detect::Watch::new(cfg.detect.thresholds(), audit.clone());
         // On a JetStream log, each vehicle's commands go to the node that owns it.
@@ -542,6 +555,43 @@ impl TlsReloader {
 }
 
 /// The access policy `grpc.access_policy` names, if any.
+/// Logs and exports the QUIC socket's receive buffer; warns when the kernel granted less
+/// than asked (Linux reports twice the effective request, capped at `net.core.rmem_max`).
+fn report_receive_buffer(q: &config::Quic, bound: &quic::socket::BoundSocket) {
+    let (asked, granted) = (q.socket_receive_buffer_bytes, bound.receive_buffer_bytes);
+    ::metrics::gauge!("relay_ingest_quic_socket_receive_buffer_bytes").set(granted as f64);
+    if granted < asked {
+        tracing::warn!(
+            asked,
+            granted,
+            "the kernel granted the QUIC socket a smaller receive buffer than configured; \
+             raise net.core.rmem_max (deploy/sysctl/90-hospital-ingest.conf)"
+        );
+    } else {
+        tracing::info!(asked, granted, "QUIC socket receive buffer");
+    }
+}
+
+/// How often the kernel's drop count of the QUIC socket is read.
+const RECEIVE_DROPS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Exports the datagrams the kernel dropped at the QUIC socket (a full receive buffer: the
+/// ingest fell behind its packets), until `stop`.
+async fn export_receive_drops(inode: u64, stop: CancellationToken) {
+    let proc_net = std::path::Path::new("/proc/net");
+    let mut tick = tokio::time::interval(RECEIVE_DROPS_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Blocking reads of a small procfs table: well under a millisecond.
+        if let Some(drops) = quic::socket::receive_drops(proc_net, inode) {
+            ::metrics::counter!("relay_ingest_quic_socket_receive_drops_total").absolute(drops);
+        }
+    }
+}
+
 fn load_policy(g: &config::Grpc) -> anyhow::Result<Option<access::AccessPolicy>> {
     let Some(path) = &g.access_policy else {
         tracing::warn!("no grpc.access_policy: no client may read patient data");

@@ -64,6 +64,15 @@ pub fn describe() {
         "relay_ingest_cluster_forward_failures_total",
         "Commands (Hellos, frames) this node could not hand to the vehicle's owner node; the agent re-sends"
     );
+    describe_gauge!(
+        "relay_ingest_quic_socket_receive_buffer_bytes",
+        Unit::Bytes,
+        "Receive buffer the kernel granted the QUIC socket (Linux reports twice the effective request)"
+    );
+    describe_counter!(
+        "relay_ingest_quic_socket_receive_drops_total",
+        "Datagrams the kernel dropped at the QUIC socket, mostly for a full receive buffer: the ingest fell behind its packets (Linux)"
+    );
     describe_counter!(
         "relay_ingest_connections_total",
         "Vehicle connections accepted (certificate verified)"

@@ -435,6 +435,26 @@ async fn connect_vehicle(
     ))
 }
 
+/// Receive buffer of each blaster socket: as large as the ingest's, so acknowledgements are
+/// not dropped by the kernel on the blaster's side when the machine is busy (the ingest
+/// would only send them again, and the run would measure the blaster).
+const BLASTER_RECEIVE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A client endpoint on loopback with [`BLASTER_RECEIVE_BUFFER_BYTES`].
+fn blaster_endpoint() -> anyhow::Result<quinn::Endpoint> {
+    let bound = hospital_ingest::quic::socket::bind(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        BLASTER_RECEIVE_BUFFER_BYTES,
+    )?;
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        bound.socket,
+        runtime,
+    )?)
+}
+
 /// Writes one frame on its own stream.
 async fn write_frame(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<()> {
     let mut s = conn.open_uni().await?;
@@ -663,8 +683,8 @@ pub async fn run(a: BlastArgs, ingest_exe: &Path) -> anyhow::Result<BlastReport>
     let watcher = tokio::spawn(watch(subscription, seen.clone(), watcher_stop.clone()));
 
     let endpoints = (0..a.endpoints)
-        .map(|_| quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|_| blaster_endpoint())
+        .collect::<anyhow::Result<Vec<_>>>()
         .context("opening UDP sockets")?;
     let connect_started = Instant::now();
     let gate = Arc::new(Semaphore::new(CONCURRENT_CONNECTS));

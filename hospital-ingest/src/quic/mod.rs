@@ -10,6 +10,7 @@ pub mod clock;
 pub mod handshake;
 pub mod registry;
 mod session;
+pub mod socket;
 pub mod validate;
 
 use std::net::IpAddr;
