@@ -554,13 +554,18 @@ impl TlsReloader {
     }
 }
 
-/// The access policy `grpc.access_policy` names, if any.
 /// Logs and exports the QUIC socket's receive buffer; warns when the kernel granted less
-/// than asked (Linux reports twice the effective request, capped at `net.core.rmem_max`).
+/// than asked (Linux caps the request at `net.core.rmem_max`, then books and reports twice
+/// what it granted).
 fn report_receive_buffer(q: &config::Quic, bound: &quic::socket::BoundSocket) {
     let (asked, granted) = (q.socket_receive_buffer_bytes, bound.receive_buffer_bytes);
     ::metrics::gauge!("relay_ingest_quic_socket_receive_buffer_bytes").set(granted as f64);
-    if granted < asked {
+    let effective = if cfg!(target_os = "linux") {
+        granted / 2
+    } else {
+        granted
+    };
+    if effective < asked {
         tracing::warn!(
             asked,
             granted,
@@ -592,6 +597,7 @@ async fn export_receive_drops(inode: u64, stop: CancellationToken) {
     }
 }
 
+/// The access policy `grpc.access_policy` names, if any.
 fn load_policy(g: &config::Grpc) -> anyhow::Result<Option<access::AccessPolicy>> {
     let Some(path) = &g.access_policy else {
         tracing::warn!("no grpc.access_policy: no client may read patient data");

@@ -105,6 +105,17 @@ async fn metrics_endpoints_answer_in_prometheus_text_format() {
             );
         }
     }
+    // The QUIC socket's receive buffer as the kernel granted it, and the kernel's drop count
+    // of that socket (read from /proc/net/udp at start and every 5 s).
+    let (_, body) = http_get(ingest.metrics_addr.unwrap(), "/metrics").await;
+    let buffer = metric_value(&body, "relay_ingest_quic_socket_receive_buffer_bytes");
+    assert!(buffer >= 64.0 * 1024.0, "receive buffer {buffer}");
+    if cfg!(target_os = "linux") {
+        assert!(
+            body.contains("# TYPE relay_ingest_quic_socket_receive_drops_total counter"),
+            "drops counter missing from\n{body}"
+        );
+    }
     agent.shutdown().await.unwrap();
     ingest.shutdown().await.unwrap();
 }
