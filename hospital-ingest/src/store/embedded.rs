@@ -894,7 +894,8 @@ impl StoreBatch for EmbeddedBatch {
     }
 
     /// Commits durably and returns what was appended, in cursor order: the log, and the
-    /// index entries of one partition's turn.
+    /// waiting index entries of the partitions whose turn it is (all of them for a commit
+    /// from few vehicles).
     fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
         let batch = *self;
         let scope = if batch.fresh.vehicles() <= deferred::FEW_VEHICLES {

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use crate::reassembly::StreamKey;
 
-/// Partitions of vehicles; a commit writes one partition's waiting entries to the index.
+/// Partitions of vehicles; a commit writes the waiting entries of the next ones in turn to
+/// the index.
 pub(super) const PARTITIONS: usize = 64;
 
 /// A commit holding frames of no more vehicles than this writes every waiting entry: with few
