@@ -448,6 +448,13 @@ impl Scheduler {
         if b.generation != generation {
             return;
         }
+        // Judged here, as `update_states` would: its copies are dropped next, and it may
+        // reconnect before the next poll.
+        if b.last_state == LinkState::Up && (!b.in_flight.is_empty() || b.stranded()) {
+            b.counters.failovers += 1;
+        }
+        b.last_state = LinkState::Down;
+        b.overdue_since = None;
         b.health.on_disconnected();
         self.drop_copies_of(bearer);
     }
@@ -1009,6 +1016,40 @@ mod tests {
                 s.counters(0).failovers,
                 expected,
                 "heard late: {heard_late}"
+            );
+        }
+    }
+
+    /// A connection that ends while it carries frames is a failover, counted once; one that
+    /// ends idle is not, nor is the reconnect.
+    #[test]
+    fn failover_is_counted_when_a_carrying_connection_ends() {
+        for carrying in [true, false] {
+            let t0 = Instant::now();
+            let mut s = with_rtts(Policy::Fastest, &[40, 80], t0);
+            if carrying {
+                s.insert(id(0, 0), ECG, frame(100), t0);
+                assert_eq!(sends(&s.poll(t0)), vec![(0, id(0, 0), Lane::Live)]);
+            } else {
+                assert!(s.poll(t0).is_empty());
+            }
+            let t1 = t0 + ms(10);
+            s.on_disconnected(0, 1);
+            let resent = sends(&s.poll(t1));
+            // Reconnected before anything else is judged: still counted once.
+            s.on_connected(0, 2, t1 + ms(1));
+            for step in 0..20u64 {
+                s.poll(t1 + ms(2 + 10 * step));
+            }
+            if carrying {
+                assert_eq!(resent, vec![(1, id(0, 0), Lane::Live)]);
+            } else {
+                assert!(resent.is_empty());
+            }
+            assert_eq!(
+                s.counters(0).failovers,
+                u64::from(carrying),
+                "carrying: {carrying}"
             );
         }
     }
