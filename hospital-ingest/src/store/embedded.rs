@@ -894,14 +894,14 @@ impl StoreBatch for EmbeddedBatch {
     }
 
     /// Commits durably and returns what was appended, in cursor order: the log, and the
-    /// waiting index entries of the partitions whose turn it is (all of them for a commit
-    /// from few vehicles).
+    /// waiting index entries of the next partition in turn that holds any (all of them for
+    /// a commit from few vehicles).
     fn commit(self: Box<Self>) -> Result<Vec<LogEntry>, StoreError> {
         let batch = *self;
         let scope = if batch.fresh.vehicles() <= deferred::FEW_VEHICLES {
             FlushScope::All
         } else {
-            FlushScope::Next(batch.fresh.entries)
+            FlushScope::Next
         };
         let flush = lock(&batch.deferred).start(scope);
         let written = batch.write(&flush).and_then(|()| Ok(batch.txn.commit()?));
