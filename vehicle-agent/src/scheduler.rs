@@ -223,6 +223,20 @@ impl Bearer {
         self.health.state(now, self.oldest_outstanding())
     }
 
+    /// Records its state `s`; leaving Up while it carried frames, or stranded, is a failover.
+    fn set_state(&mut self, s: LinkState) {
+        if self.last_state == LinkState::Up
+            && s != LinkState::Up
+            && (!self.in_flight.is_empty() || self.stranded())
+        {
+            self.counters.failovers += 1;
+        }
+        if s != LinkState::Up {
+            self.overdue_since = None;
+        }
+        self.last_state = s;
+    }
+
     fn over_budget(&mut self, len: usize, now: Instant) -> bool {
         let Some(b) = self.budget.as_mut() else {
             return false;
@@ -448,13 +462,8 @@ impl Scheduler {
         if b.generation != generation {
             return;
         }
-        // Judged here, as `update_states` would: its copies are dropped next, and it may
-        // reconnect before the next poll.
-        if b.last_state == LinkState::Up && (!b.in_flight.is_empty() || b.stranded()) {
-            b.counters.failovers += 1;
-        }
-        b.last_state = LinkState::Down;
-        b.overdue_since = None;
+        // Judged now, before its copies are dropped: it may reconnect before the next poll.
+        b.set_state(LinkState::Down);
         b.health.on_disconnected();
         self.drop_copies_of(bearer);
     }
@@ -606,16 +615,7 @@ impl Scheduler {
             .iter_mut()
             .map(|b| {
                 let s = b.state(now);
-                if b.last_state == LinkState::Up
-                    && s != LinkState::Up
-                    && (!b.in_flight.is_empty() || b.stranded())
-                {
-                    b.counters.failovers += 1;
-                }
-                if s != LinkState::Up {
-                    b.overdue_since = None;
-                }
-                b.last_state = s;
+                b.set_state(s);
                 s
             })
             .collect()

@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use crate::reassembly::StreamKey;
 
-/// Partitions of vehicles; a commit writes the waiting entries of the next ones in turn to
-/// the index.
+/// Partitions of vehicles; a commit writes the waiting entries of the next one in turn that
+/// holds any to the index.
 pub(super) const PARTITIONS: usize = 64;
 
 /// A commit holding frames of no more vehicles than this writes every waiting entry: with few
@@ -122,12 +122,9 @@ struct Part {
 /// Which partitions a commit writes to the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FlushScope {
-    /// The next one in turn that holds entries (empty ones are passed over). Only one: a
-    /// partition then holds up to [`PARTITIONS`] commits' entries of its few vehicles, many
-    /// to a leaf. Taking more until they held what the commit added drained the partitions
-    /// down to about one commit's entries, spread over as many vehicles as a commit holds:
-    /// the leaf per frame that deferral exists to avoid (simulated with 100 vehicles: 15.7
-    /// vehicles written a commit, against 1.6 with one partition).
+    /// The next one in turn that holds entries (empty ones are passed over). Only one, so a
+    /// partition gathers up to [`PARTITIONS`] commits' entries of its few vehicles, many to
+    /// a leaf; taking more per commit drains them to a leaf per frame again.
     Next,
     /// All (before retention, which deletes through the index).
     All,
